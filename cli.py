@@ -1,0 +1,118 @@
+"""Command-line flags from config dataclasses, and the one-line error contract.
+
+Every stage script declares one dataclass; each field carries a one-line help text in its metadata.
+`run(main, Config)` builds the parser from it, validates (the dataclass' `__post_init__` raises
+ValueError), calls `main(cfg)`, and turns a `UserError` into one line on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import types
+import typing
+from typing import Any, Callable, Literal, Sequence
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad flag, missing folder, corrupt file): one line, no traceback."""
+
+
+def arg(default: Any, help: str) -> Any:
+    """A dataclass field with its --help text."""
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def parse_bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("true", "1", "yes", "y", "on"):
+        return True
+    if low in ("false", "0", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+
+
+def parse_int(text: str) -> int:
+    # int() already accepts "4_096"; this also accepts "1e6"-style integers written as floats.
+    try:
+        return int(text)
+    except ValueError:
+        value = float(text)
+        if value != int(value):
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
+        return int(value)
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], True
+    return tp, False
+
+
+def _add_field(parser: argparse.ArgumentParser, name: str, tp: Any, default: Any, help: str) -> None:
+    tp, optional = _unwrap_optional(tp)
+    kwargs: dict[str, Any] = {"default": default, "help": f"{help} (default: {default!r})"}
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        kwargs["choices"] = list(typing.get_args(tp))
+        kwargs["type"] = type(kwargs["choices"][0])
+    elif origin is list:
+        (inner,) = typing.get_args(tp)
+        kwargs["type"] = parse_int if inner is int else inner
+        kwargs["action"] = "append"
+        kwargs["default"] = None  # argparse would append to the default list otherwise
+    elif tp is bool:
+        kwargs["type"] = parse_bool
+        kwargs["metavar"] = "True|False"
+    elif tp is int:
+        kwargs["type"] = parse_int
+    elif tp is float:
+        kwargs["type"] = float
+    else:
+        kwargs["type"] = str
+    parser.add_argument(f"--{name}", **kwargs)
+
+
+def build_parser(cls: type, description: str, ignored: Sequence[str] = ()) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        _add_field(parser, f.name, hints[f.name], default, f.metadata.get("help", ""))
+    for name in ignored:
+        parser.add_argument(f"--{name}", default=None, help="accepted for a shared command line; ignored by this stage")
+    return parser
+
+
+def parse_config(cls: type, argv: Sequence[str] | None = None, description: str = "",
+                 ignored: Sequence[str] = ()) -> Any:
+    """Parse argv into `cls`; flags in `ignored` are accepted and reported once."""
+    parser = build_parser(cls, description or (cls.__doc__ or ""), ignored)
+    ns = vars(parser.parse_args(argv))
+    given_ignored = [n for n in ignored if ns.pop(n) is not None]
+    if given_ignored:
+        print("ignored by this stage: " + ", ".join(f"--{n}" for n in given_ignored))
+    for f in dataclasses.fields(cls):
+        if ns[f.name] is None and f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            ns[f.name] = f.default_factory()  # type: ignore[misc]
+    try:
+        return cls(**ns)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def run(main: Callable[[Any], Any], cls: type, argv: Sequence[str] | None = None, description: str = "",
+        ignored: Sequence[str] = ()) -> None:
+    """The entry point of every script: parse, run, and end user mistakes in one line with exit 2."""
+    try:
+        main(parse_config(cls, argv, description, ignored))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: finished work is kept; rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,174 @@
+"""Prepare a dataset once: choose or train the tokenizer, tokenize into shards, write meta.json.
+
+    python -m data.prepare --dataset synthetic
+    python -m data.prepare --dataset path/to/corpus --tokenizer bpe:8192
+    python -m data.fineweb --num_shards 8            (the same, for FineWeb-edu)
+
+Each dataset gets its own folder under --data_dir, named after its source and tokenizer. Rerunning skips
+what is finished (a complete folder returns at once; an interrupted one resumes after its last shard).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal, NamedTuple, Optional
+
+import cli
+from cli import UserError, arg
+from data import sources
+from data.tokenizer import BPETokenizer, TiktokenTokenizer, Tokenizer, load_tokenizer, parse_tokenizer_name, train_bpe
+from data.writer import ShardPlan, write_shards
+from experiment import write_json_atomic
+
+META_FILE = "meta.json"
+
+
+@dataclass
+class PrepareConfig:
+    """Tokenize a corpus into shards (shard 0 = validation)."""
+
+    dataset: str = arg("fineweb-edu", "fineweb-edu, synthetic, or the path of a .txt/.jsonl/.parquet file or folder")
+    tokenizer: str = arg("", "gpt2, bpe:<vocab size> (trained on the corpus), or a tokenizer.json; "
+                             "empty: gpt2 for fineweb-edu, bpe:4096 otherwise")
+    data_dir: str = arg("data_cache", "where prepared datasets live, one folder each")
+    subset: str = arg("sample-10BT", "FineWeb-edu subset (sample-10BT, sample-100BT, sample-350BT, default, CC-MAIN-...)")
+    num_shards: Optional[int] = arg(None, "training shards to write (FineWeb-edu; default 8); local and "
+                                          "synthetic corpora are always tokenized whole")
+    shard_size: int = arg(100_000_000, "tokens per training shard")
+    val_tokens: int = arg(10_000_000, "tokens in the validation shard (FineWeb-edu)")
+    val_fraction: float = arg(0.05, "fraction of documents in the validation shard (local and synthetic corpora)")
+    workers: int = arg(os.cpu_count() or 1, "tokenizer worker processes")
+    synthetic_mb: float = arg(4.0, "size of the synthetic corpus in MB of text")
+    seed: int = arg(0, "seed of the synthetic corpus")
+    txt_sample_by: Literal["document", "paragraph", "line"] = arg(
+        "paragraph", "how a .txt file splits into documents")
+    bpe_train_docs: int = arg(100_000, "documents used to train a BPE tokenizer")
+
+    def __post_init__(self) -> None:
+        for name in ("shard_size", "val_tokens", "workers", "bpe_train_docs"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
+        if self.num_shards is not None and self.num_shards <= 0:
+            raise ValueError(f"--num_shards must be positive, got {self.num_shards}")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"--val_fraction must lie strictly between 0 and 1, got {self.val_fraction}")
+        if self.synthetic_mb <= 0:
+            raise ValueError(f"--synthetic_mb must be positive, got {self.synthetic_mb}")
+        if not self.tokenizer:
+            self.tokenizer = "gpt2" if self.dataset == "fineweb-edu" else "bpe:4096"
+        parse_tokenizer_name(self.tokenizer)  # an unknown name fails here, before any work
+
+
+class PreparedData(NamedTuple):
+    folder: Path
+    tokenizer: Tokenizer
+    meta: dict
+
+
+def _tok_tag(name: str) -> str:
+    kind, value = parse_tokenizer_name(name)
+    return f"bpe{value}" if kind == "bpe" else Path(str(value)).stem if kind == "file" else str(value)
+
+
+def _params(cfg: PrepareConfig) -> dict:
+    """The settings that determine the shards' content (a folder is reused only if they match)."""
+    keep = ["dataset", "tokenizer", "shard_size"]
+    keep += {"fineweb-edu": ["subset", "val_tokens", "bpe_train_docs"],
+             "synthetic": ["synthetic_mb", "seed", "val_fraction"]}.get(cfg.dataset,
+                                                                       ["val_fraction", "txt_sample_by", "bpe_train_docs"])
+    return {k: v for k, v in asdict(cfg).items() if k in keep}
+
+
+def _get_tokenizer(name: str, folder: Path, texts) -> Tokenizer:
+    """Load a named tokenizer, or train a BPE on `texts()` once and keep it in the dataset folder."""
+    kind, value = parse_tokenizer_name(name)
+    if kind == "tiktoken":
+        return TiktokenTokenizer.from_name(str(value))
+    if kind == "file":
+        tok = BPETokenizer.from_file(str(value))
+    elif (folder / "tokenizer.json").exists():
+        return BPETokenizer.from_file(folder / "tokenizer.json")
+    else:
+        print(f"training a byte-level BPE tokenizer ({value} tokens) on the corpus")
+        tok = train_bpe(texts(), int(value))
+    tok.save(folder)
+    return tok
+
+
+def prepare_dataset(cfg: PrepareConfig) -> PreparedData:
+    """Make sure the dataset's shards exist (resuming if interrupted) and return where they are."""
+    tag = _tok_tag(cfg.tokenizer)
+    if cfg.dataset == "fineweb-edu":
+        name, files = f"fineweb-edu_{cfg.subset}_{tag}", None
+    elif cfg.dataset == "synthetic":
+        name, files = f"synthetic_seed{cfg.seed}_{cfg.synthetic_mb:g}mb_{tag}", None
+    else:
+        files = sources.local_files(cfg.dataset)
+        name = f"local_{Path(cfg.dataset).resolve().stem}_{sources.local_key(files)}_{tag}"
+    folder = Path(cfg.data_dir) / name
+    params = _params(cfg)
+    meta_path = folder / META_FILE
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("params") != params:
+            raise UserError(f"{folder} was prepared with other settings ({meta.get('params')}); "
+                            "delete it or choose another --data_dir")
+        if meta.get("complete") and (cfg.num_shards is None or cfg.dataset != "fineweb-edu"
+                                     or meta["train_shards"] >= cfg.num_shards):
+            return PreparedData(folder, load_tokenizer(meta["tokenizer"], folder), meta)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(meta_path, {"params": params, "complete": False})
+
+    labelled, num_shards = False, None
+    if cfg.dataset == "fineweb-edu":
+        ds = sources.open_fineweb(cfg.subset)
+        num_shards = cfg.num_shards or 8
+        texts = lambda: (row["text"] for row in itertools.islice(ds, cfg.bpe_train_docs))  # noqa: E731
+        records = lambda skip: ((row["text"], None) for row in ds.skip(skip))  # noqa: E731
+        plan, total = ShardPlan(cfg.dataset, cfg.shard_size, val_tokens=cfg.val_tokens, num_shards=num_shards), None
+    else:
+        if cfg.dataset == "synthetic":
+            docs = sources.write_synthetic(folder, cfg.synthetic_mb, cfg.seed)
+            labelled, texts, prefix = True, lambda: (t for t, _ in docs), "synthetic"
+            records = lambda skip: itertools.islice(docs, skip, None)  # noqa: E731
+            total = len(docs)
+        else:
+            ds = sources.open_local(files, Path(cfg.data_dir) / ".hf_cache", cfg.txt_sample_by)
+            texts = lambda: (t for t in ds.select(range(min(len(ds), cfg.bpe_train_docs)))["text"])  # noqa: E731
+            records = lambda skip: ((row["text"], None) for row in ds.select(range(skip, len(ds))))  # noqa: E731
+            total, prefix = len(ds), "local"
+        if total < 2:
+            raise UserError(f"{cfg.dataset} has {total} document(s); a validation and a training split need at least 2")
+        val_docs = max(1, min(total - 1, round(cfg.val_fraction * total)))
+        plan = ShardPlan(prefix, cfg.shard_size, val_docs=val_docs)
+
+    tok = _get_tokenizer(cfg.tokenizer, folder, texts)
+    shards = write_shards(records, tok, folder, plan, workers=cfg.workers, labelled=labelled, total_docs=total,
+                          source_name=cfg.dataset)
+    n_train = len(shards) - 1
+    if n_train < 1:
+        raise UserError(f"{cfg.dataset} filled only the validation shard; it is too small to train on")
+    if num_shards is not None and n_train < num_shards:
+        raise UserError(f"{cfg.dataset} ({cfg.subset}) ran out after {n_train} training shard(s) of "
+                        f"{cfg.shard_size:,} tokens, {num_shards} asked for; the shards written are complete")
+    meta = {"params": params, "complete": True, "source": cfg.dataset, "tokenizer": tok.spec(),
+            "n_vocab": tok.n_vocab, "vocab_size": tok.vocab_size, "labels": labelled,
+            "train_shards": n_train, "shards": shards,
+            "val_tokens": shards[0]["n_tokens"], "train_tokens": sum(s["n_tokens"] for s in shards[1:])}
+    if labelled:
+        meta.update(concepts="concepts.json", facts="facts.jsonl", corpus="corpus.jsonl")
+    write_json_atomic(meta_path, meta)
+    print(f"prepared {folder}: {meta['train_tokens']:,} training and {meta['val_tokens']:,} validation tokens "
+          f"in {n_train} + 1 shard(s), vocabulary {tok.n_vocab:,} (+[MASK], [PAD]; embedding {tok.vocab_size:,})")
+    return PreparedData(folder, tok, meta)
+
+
+def main(cfg: PrepareConfig) -> PreparedData:
+    return prepare_dataset(cfg)
+
+
+if __name__ == "__main__":
+    cli.run(main, PrepareConfig)
