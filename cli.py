@@ -116,3 +116,9 @@ def run(main: Callable[[Any], Any], cls: type, argv: Sequence[str] | None = None
     except KeyboardInterrupt:
         print("interrupted: finished work is kept; rerun the same command to resume", file=sys.stderr)
         sys.exit(130)
+
+
+def given_flags(argv: Sequence[str] | None = None) -> set[str]:
+    """The names of the flags that appear on the command line (to tell a typed value from a default)."""
+    argv = sys.argv[1:] if argv is None else argv
+    return {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}

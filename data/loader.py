@@ -23,6 +23,7 @@ from data.shards import read_shard
 class Batch(NamedTuple):
     tokens: torch.Tensor  # (B, T) int64 token ids
     labels: torch.Tensor | None  # (B, T) int64 concept ids (synthetic corpus), else None
+    index: np.ndarray  # (B,) global slot (training) or window index (sequential): what seeds the noise
 
 
 class ShardLoader:
@@ -47,9 +48,10 @@ class ShardLoader:
         per_shard = np.array([len(t) // seq_len for t in self.tokens], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(per_shard)])
         self.n_windows = int(self._starts[-1])
-        if self.n_windows < world_size * batch_size:
+        needed = world_size * batch_size if split == "train" else 1
+        if self.n_windows < needed:
             raise UserError(f"the {split} split of {folder} holds {self.n_windows} window(s) of {seq_len} tokens, "
-                            f"fewer than one batch needs ({world_size} rank(s) × {batch_size}); "
+                            f"fewer than one batch needs ({needed}); "
                             "use a shorter sequence length, a smaller batch or more data")
         self._perm_cache: dict[int, np.ndarray] = {}
 
@@ -58,27 +60,32 @@ class ShardLoader:
             self._perm_cache = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)}
         return self._perm_cache[epoch]
 
-    def _gather(self, windows: np.ndarray) -> Batch:
+    def _gather(self, windows: np.ndarray, index: np.ndarray) -> Batch:
         shard = np.searchsorted(self._starts, windows, side="right") - 1
         offset = (windows - self._starts[shard]) * self.seq_len
         take = lambda arrays: torch.from_numpy(np.stack(  # noqa: E731
             [arrays[s][o:o + self.seq_len].astype(np.int64) for s, o in zip(shard, offset)]))
-        return Batch(take(self.tokens), take(self.labels) if self.labels is not None else None)
+        return Batch(take(self.tokens), take(self.labels) if self.labels is not None else None, index)
+
+    def slots(self, micro_batch: int) -> np.ndarray:
+        """The global slots (positions in the endless shuffled stream) of this rank's sequences."""
+        return micro_batch * self.world_size * self.batch_size + self.rank * self.batch_size + np.arange(self.batch_size)
 
     def window_ids(self, micro_batch: int) -> np.ndarray:
         """Which windows rank `self.rank` reads at global micro-batch `micro_batch`."""
-        per_step = self.world_size * self.batch_size
-        slots = micro_batch * per_step + self.rank * self.batch_size + np.arange(self.batch_size)
-        epochs, pos = np.divmod(slots, self.n_windows)
+        epochs, pos = np.divmod(self.slots(micro_batch), self.n_windows)
         return np.array([self._order(int(e))[p] for e, p in zip(epochs, pos)], dtype=np.int64)
 
     def batch(self, micro_batch: int) -> Batch:
         """The (B, T) batch of this rank at global micro-batch `micro_batch` (= step·grad_acc + micro)."""
-        return self._gather(self.window_ids(micro_batch))
+        return self._gather(self.window_ids(micro_batch), self.slots(micro_batch))
+
+    def n_sequential(self, max_tokens: int | None = None) -> int:
+        """How many windows `sequential(max_tokens)` reads over all ranks."""
+        return self.n_windows if max_tokens is None else min(self.n_windows, max(1, max_tokens // self.seq_len))
 
     def sequential(self, max_tokens: int | None = None) -> Iterator[Batch]:
         """The split in order (validation): the first `max_tokens` tokens, this rank's share, in batches."""
-        n = self.n_windows if max_tokens is None else min(self.n_windows, max(1, max_tokens // self.seq_len))
-        mine = np.arange(self.rank, n, self.world_size)
+        mine = np.arange(self.rank, self.n_sequential(max_tokens), self.world_size)
         for i in range(0, len(mine), self.batch_size):
-            yield self._gather(mine[i:i + self.batch_size])
+            yield self._gather(mine[i:i + self.batch_size], mine[i:i + self.batch_size])

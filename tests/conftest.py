@@ -38,3 +38,24 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> N
     assert len(errors) == 1, proc.stderr
     for needle in needles:
         assert needle.lower() in errors[0].lower(), errors[0]
+
+
+def tiny_train_config(tmp_path, data_dir, **overrides):
+    """A tiny diffusion run on the (0.3 MB) synthetic corpus, on the CPU."""
+    from train_diffusion import TrainConfig
+
+    kw = dict(dataset="synthetic", synthetic_mb=0.3, data_dir=str(data_dir), experiments_dir=str(tmp_path / "exp"),
+              device="cpu", num_layers=2, num_heads=2, model_dim=64, train_seq_len=128, val_seq_len=128,
+              batch_size=8, grad_acc_steps=1, train_steps=300, val_loss_every=0, val_tokens=16_384, save_every=0,
+              log_every=50, muon_lr=0.02, embed_lr=0.3, head_lr=0.02)
+    kw.update(overrides)
+    return TrainConfig(**kw)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(synthetic_data, tmp_path_factory):
+    """A tiny model trained on the synthetic corpus (shared by the tests of every later stage)."""
+    from train_diffusion import main
+
+    cfg = tiny_train_config(tmp_path_factory.mktemp("run"), synthetic_data.folder.parent)
+    return main(cfg)

@@ -1,0 +1,164 @@
+"""The masked-diffusion transformer: a bidirectional pre-norm transformer that predicts clean tokens.
+
+RMSNorm (no weights), rotary positions, QK-norm, ReLU² MLP, zero-initialised output projections and
+head (so an untrained model predicts the uniform distribution), soft-capped logits. There is no time
+conditioning (MDLM shows it is unnecessary), so every MLP is an ordinary function of its input: the
+transcoders of later stages rely on that. Logits cover the text vocabulary only: [MASK], [PAD] and the
+padding rows of the embedding can never be predicted.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.attention import AttnImpl, DocMask, attend, document_ids
+from model.rotary import Rotary
+
+
+@dataclass
+class ModelConfig:
+    n_vocab: int  # text ids 0..n_vocab-1 (BOS included); the only ids the model predicts
+    vocab_size: int  # embedding rows: text ids, [MASK], [PAD], rounded up to a multiple of 64
+    mask_id: int
+    pad_id: int
+    bos_id: int
+    num_layers: int = 12
+    num_heads: int = 6
+    model_dim: int = 384
+    mlp_ratio: float = 4.0
+    logit_softcap: float = 15.0
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "num_heads", "model_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
+        if self.model_dim % self.num_heads:
+            raise ValueError(f"--model_dim {self.model_dim} is not divisible by --num_heads {self.num_heads}")
+        if (self.model_dim // self.num_heads) % 2:
+            raise ValueError(f"the head dimension {self.model_dim // self.num_heads} must be even (rotary embeddings)")
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"--mlp_ratio must be positive, got {self.mlp_ratio}")
+        if not self.n_vocab <= self.mask_id < self.vocab_size or not self.n_vocab <= self.pad_id < self.vocab_size:
+            raise ValueError("[MASK] and [PAD] must lie outside the text vocabulary and inside the embedding")
+
+    @property
+    def mlp_dim(self) -> int:
+        return int(self.mlp_ratio * self.model_dim)
+
+
+def norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def zero_linear(d_in: int, d_out: int) -> nn.Linear:
+    layer = nn.Linear(d_in, d_out, bias=False)
+    nn.init.zeros_(layer.weight)
+    return layer
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d, self.h = cfg.model_dim, cfg.num_heads
+        self.q, self.k, self.v = (nn.Linear(d, d, bias=False) for _ in range(3))
+        self.out = zero_linear(d, d)
+        self.rotary = Rotary(d // self.h)
+
+    def forward(self, x: torch.Tensor, mask: DocMask) -> torch.Tensor:
+        B, T, D = x.shape  # x: (B, T, D), already normalised
+        split = lambda t: t.view(B, T, self.h, D // self.h).transpose(1, 2)  # noqa: E731  (B, H, T, Dh)
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        q, k = self.rotary(norm(q)), self.rotary(norm(k))  # QK-norm, then positions
+        y = attend(q, k, v, mask)  # (B, H, T, Dh)
+        return self.out(y.transpose(1, 2).reshape(B, T, D))
+
+
+class MLP(nn.Module):
+    """ReLU² MLP. Its input is the normalised residual stream, its output is added back: the pair a
+    transcoder learns to imitate (forward hooks on this module see exactly that pair)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(cfg.model_dim, cfg.mlp_dim, bias=False)
+        self.proj = zero_linear(cfg.mlp_dim, cfg.model_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.relu(self.fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, mask: DocMask) -> torch.Tensor:
+        x = x + self.attn(norm(x), mask)
+        return x + self.mlp(norm(x))
+
+
+class ModelOutput(NamedTuple):
+    logits: torch.Tensor  # (B, T, n_vocab), or (N, n_vocab) at the selected positions
+    hidden: torch.Tensor  # (B, T, D) final normalised residual stream
+
+
+class DiffusionLM(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.model_dim)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.head = zero_linear(cfg.model_dim, cfg.vocab_size)
+
+    def forward(self, tokens: torch.Tensor, select: torch.Tensor | None = None,
+                attn_impl: AttnImpl | None = None) -> ModelOutput:
+        """tokens: (B, T) with [MASK] at noised positions. `select` (B, T) bool restricts the (costly)
+        vocabulary projection to those positions, e.g. the masked ones during training."""
+        impl = attn_impl or ("flex" if tokens.is_cuda else "sdpa")
+        mask = DocMask(document_ids(tokens, self.cfg.bos_id), impl)
+        x = norm(self.embed(tokens))  # (B, T, D)
+        for block in self.blocks:
+            x = block(x, mask)
+        x = norm(x)
+        return ModelOutput(self.logits(x if select is None else x[select]), x)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """(..., D) → (..., n_vocab), soft-capped; ids ≥ n_vocab ([MASK], [PAD], padding) are never logits."""
+        z = self.head(h)[..., :self.cfg.n_vocab].float()
+        c = self.cfg.logit_softcap
+        return c * torch.tanh(z / c)
+
+    def n_params(self, matmul_only: bool = False) -> int:
+        """Parameter count; `matmul_only` excludes the embedding table (a lookup, not a matmul)."""
+        return sum(p.numel() for n, p in self.named_parameters() if not (matmul_only and n.startswith("embed")))
+
+    def save(self, path: str | os.PathLike, extra: dict | None = None) -> None:
+        from experiment import save_checkpoint
+
+        save_checkpoint(path, {"model": self.state_dict(), "model_config": asdict(self.cfg), **(extra or {})})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu",
+             expected: ModelConfig | None = None) -> "DiffusionLM":
+        """Rebuild from a checkpoint (strictly: every weight present and of the right shape)."""
+        from cli import UserError
+        from experiment import load_checkpoint
+
+        state = load_checkpoint(path, device)
+        cfg = ModelConfig(**state["model_config"]) if "model_config" in state else expected
+        if cfg is None:
+            raise UserError(f"{path} does not say which model shape it holds")
+        if expected is not None and asdict(cfg) != asdict(expected):
+            diff = {k: (v, asdict(cfg)[k]) for k, v in asdict(expected).items() if asdict(cfg)[k] != v}
+            raise UserError(f"{path} holds a model of another shape (expected vs found: {diff})")
+        model = cls(cfg).to(device)
+        try:
+            model.load_state_dict(state["model"], strict=True)
+        except RuntimeError as e:
+            raise UserError(f"{path} does not match the model: {str(e).splitlines()[0][:200]}") from None
+        return model

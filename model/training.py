@@ -1,0 +1,305 @@
+"""The diffusion training loop behind train_diffusion.py: data, model, optimizers, DDP, validation,
+checkpoints, resume, metrics and the loss plot."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as torch_dist
+from tqdm import tqdm
+
+from cli import UserError
+from data.loader import ShardLoader
+from data.prepare import PrepareConfig, prepare_dataset
+from experiment import (CONFIG_FILE, LOSS_PLOT, METADATA_FILE, RunLog, atomic_path, checkpoint_name,
+                        list_checkpoints, load_checkpoint, metadata, new_run_folder, read_json, read_metrics,
+                        resolve_device, save_checkpoint, truncate_metrics, write_json_atomic)
+from model.attention import FLEX_BLOCK
+from model.diffusion import DiffusionLM, ModelConfig
+from model.objective import diffusion_loss, train_noise, val_noise
+from model.optim import build_optimizers, lr_factor, set_lr
+
+VAL_SEED = 1234  # validation noise is the same for every run, whatever its --seed, so runs compare
+# Flags a resumed run must keep: they fix the model, the data or the order of batches.
+RESUME_FIXED = ("dataset", "tokenizer", "synthetic_mb", "num_layers", "num_heads", "model_dim", "mlp_ratio",
+                "train_seq_len", "batch_size", "grad_acc_steps", "seed")
+
+
+class TrainingDiverged(UserError):
+    pass
+
+
+@dataclasses.dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch_dist.barrier()
+
+    def all_sum(self, x: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            torch_dist.all_reduce(x)
+        return x
+
+
+def setup_distributed(cfg) -> tuple[Dist, torch.device]:
+    """Under torchrun: one process per device, NCCL on CUDA and gloo on the CPU. Otherwise one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist(), resolve_device(cfg.cuda, cfg.device)
+    dist = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    wants_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
+    device = torch.device("cpu") if wants_cpu else torch.device(f"cuda:{dist.local_rank}")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch_dist.init_process_group("gloo" if wants_cpu else "nccl")
+    return dist, device
+
+
+def find_resume(resume: str, experiments_dir: str) -> tuple[Path, Path]:
+    """`latest` (the newest run with a checkpoint), a run folder (its newest checkpoint) or a checkpoint file."""
+    if resume == "latest":
+        runs = sorted(p for p in Path(experiments_dir).glob("*") if (p / CONFIG_FILE).exists() and list_checkpoints(p))
+        if not runs:
+            raise UserError(f"--resume latest: no run under {experiments_dir}/ has a checkpoint")
+        return runs[-1], list_checkpoints(runs[-1])[-1]
+    path = Path(resume)
+    if path.is_dir():
+        if not (path / CONFIG_FILE).exists() or not list_checkpoints(path):
+            raise UserError(f"--resume {path}: not a run folder with a checkpoint")
+        return path, list_checkpoints(path)[-1]
+    if path.is_file() and (path.parent / CONFIG_FILE).exists():
+        return path.parent, path
+    raise UserError(f"--resume {resume}: no such run folder or checkpoint")
+
+
+def merge_resume_config(cfg, saved: dict, given: set[str] | None):
+    """The saved run's flags, with the ones typed now on top; fixed flags must not change."""
+    given = set(asdict(cfg)) if given is None else given
+    current = asdict(cfg)
+    for name in RESUME_FIXED:
+        if name in given and current[name] != saved.get(name):
+            raise UserError(f"--resume: --{name} {current[name]} differs from the run's {saved.get(name)}; "
+                            "a resumed run keeps its model, data and batch shape")
+    merged = {k: (current[k] if k in given else saved.get(k, current[k])) for k in current}
+    merged["resume"] = cfg.resume
+    return type(cfg)(**merged)
+
+
+def plot_losses(folder: Path) -> None:
+    """loss.png: training loss and validation NELBO (nats/token) against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(folder)
+    train = [(r["step"], r["loss"]) for r in records if r.get("event") == "train"]
+    val = [(r["step"], r["val_nelbo"]) for r in records if r.get("event") == "val"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss (NELBO estimate)", alpha=0.6)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation NELBO")
+    ax.set_xlabel("step")
+    ax.set_ylabel("nats per token")
+    ax.set_title(folder.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(folder / LOSS_PLOT) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def evaluate(model: DiffusionLM, loader: ShardLoader, max_tokens: int, device: torch.device, autocast,
+             dist: Dist) -> dict:
+    """NELBO on fixed validation tokens with a fixed grid of t and fixed masks (low variance)."""
+    n_total = loader.n_sequential(max_tokens)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    for batch in loader.sequential(max_tokens):
+        t, u = val_noise(batch.index, n_total, VAL_SEED, loader.seq_len)
+        with autocast:
+            terms = diffusion_loss(model, batch.tokens.to(device), t.to(device), u.to(device))
+        sums += torch.stack([x.double() for x in terms])
+    sums = dist.all_sum(sums)
+    nelbo = float(sums[0] / sums[2])
+    return {"val_nelbo": nelbo, "val_bits_per_token": nelbo / math.log(2), "val_ppl_bound": math.exp(min(nelbo, 700)),
+            "val_tokens": int(sums[2])}
+
+
+def train(cfg, given: set[str] | None = None) -> Path | None:
+    """Run (or resume) a training run; returns its folder (on rank 0)."""
+    dist, device = setup_distributed(cfg)
+    try:
+        return _train(cfg, given, dist, device)
+    finally:
+        if dist.world > 1 and torch_dist.is_initialized():
+            torch_dist.destroy_process_group()
+
+
+def _train(cfg, given, dist: Dist, device: torch.device) -> Path | None:
+    state, folder = None, None
+    if cfg.resume:
+        folder, ckpt = find_resume(cfg.resume, cfg.experiments_dir)
+        cfg = merge_resume_config(cfg, read_json(folder / CONFIG_FILE)["train"], given)
+        state = load_checkpoint(ckpt, device)
+    if cfg.grad_acc_steps % dist.world:
+        raise UserError(f"--grad_acc_steps {cfg.grad_acc_steps} must be divisible by the {dist.world} processes")
+    if device.type == "cuda" and (cfg.train_seq_len % FLEX_BLOCK or cfg.val_seq_len % FLEX_BLOCK):
+        raise UserError(f"on CUDA the sequence lengths must be multiples of {FLEX_BLOCK} (FlexAttention blocks); "
+                        f"got --train_seq_len {cfg.train_seq_len}, --val_seq_len {cfg.val_seq_len}")
+    acc = cfg.grad_acc_steps // dist.world  # micro-batches per process per step
+    per_step = cfg.grad_acc_steps * cfg.batch_size  # sequences per optimizer step, all processes together
+    tokens_per_step = per_step * cfg.train_seq_len
+
+    # Data: rank 0 prepares (or finds) the shards, the others then open them.
+    shards_needed = max(1, math.ceil(cfg.train_steps * tokens_per_step / 100_000_000))
+    prep = PrepareConfig(dataset=cfg.dataset, tokenizer=cfg.tokenizer, data_dir=cfg.data_dir,
+                         synthetic_mb=cfg.synthetic_mb,
+                         num_shards=shards_needed if cfg.dataset == "fineweb-edu" else None)
+    if dist.main:
+        data = prepare_dataset(prep)
+    dist.barrier()
+    if not dist.main:
+        data = prepare_dataset(prep)
+    tok = data.tokenizer
+    mcfg = ModelConfig(n_vocab=tok.n_vocab, vocab_size=tok.vocab_size, mask_id=tok.mask_id, pad_id=tok.pad_id,
+                       bos_id=tok.bos_id, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
+                       model_dim=cfg.model_dim, mlp_ratio=cfg.mlp_ratio)
+    train_loader = ShardLoader(data.folder, "train", cfg.train_seq_len, cfg.batch_size, cfg.seed, dist.rank, dist.world)
+    val_loader = ShardLoader(data.folder, "val", cfg.val_seq_len, cfg.batch_size, 0, dist.rank, dist.world)
+
+    torch.manual_seed(cfg.seed)
+    model = DiffusionLM(mcfg).to(device)
+    optimizers = build_optimizers(model, cfg.muon_lr, cfg.embed_lr, cfg.head_lr)
+    start = 0
+    if state is not None:
+        if state.get("model_config") != asdict(mcfg):
+            raise UserError(f"the checkpoint in {folder} holds another model shape than this configuration")
+        model.load_state_dict(state["model"], strict=True)
+        for opt, sd in zip(optimizers, state["optimizers"], strict=True):
+            opt.load_state_dict(sd)
+        start = int(state["step"])
+
+    log = RunLog(None, enabled=dist.main)
+    if dist.main:
+        if folder is None:
+            folder = new_run_folder(cfg.model_name, cfg.experiments_dir)
+            write_json_atomic(folder / CONFIG_FILE, {"train": asdict(cfg), "model": asdict(mcfg), "tokenizer": tok.spec(),
+                                                     "data": {"folder": str(data.folder), "params": data.meta["params"]}})
+            write_json_atomic(folder / METADATA_FILE, metadata({"world_size": dist.world, "device": str(device)}))
+            tok.save(folder)
+        else:
+            meta = read_json(folder / METADATA_FILE)
+            meta.setdefault("resumes", []).append({"from_step": start, **metadata({"world_size": dist.world})})
+            write_json_atomic(folder / METADATA_FILE, meta)
+            truncate_metrics(folder, start)
+        log.folder = folder
+    log(f"run folder: {folder}" + (f" (resumed at step {start})" if start else ""))
+    log(f"model: {model.n_params():,} parameters ({model.n_params(matmul_only=True):,} in matmuls), "
+        f"{cfg.num_layers} layers, d={cfg.model_dim}, {cfg.num_heads} heads; device {device}, {dist.world} process(es)")
+    log(f"data: {data.folder} ({data.meta['train_tokens']:,} training tokens); {tokens_per_step:,} tokens per step "
+        f"= {cfg.grad_acc_steps} micro-batches × {cfg.batch_size} sequences × {cfg.train_seq_len} tokens")
+
+    use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
+    if use_compile:
+        for block in model.blocks:
+            block.compile()
+    net: Any = model
+    if dist.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
+    wandb = _wandb(cfg, folder) if dist.main and cfg.wandb else None
+
+    def save(step: int) -> None:
+        if dist.main and cfg.save_model:
+            model.save(folder / checkpoint_name(step), {
+                "step": step, "optimizers": [o.state_dict() for o in optimizers], "config": asdict(cfg),
+                "data_position": {"micro_batch": step * acc, "sequences_consumed": step * per_step},
+                "rng": {"torch": torch.get_rng_state()}})
+
+    def validate(step: int) -> None:
+        result = evaluate(model, val_loader, cfg.val_tokens, device, autocast, dist)
+        log(f"step {step}: val NELBO {result['val_nelbo']:.4f} nats/token = {result['val_bits_per_token']:.4f} "
+            f"bits/token, perplexity bound {result['val_ppl_bound']:.2f} ({result['val_tokens']:,} tokens)")
+        log.metrics({"event": "val", "step": step, **result})
+        if wandb:
+            wandb.log(result, step=step)
+        if dist.main:
+            plot_losses(folder)
+
+    if start == 0 and cfg.val_loss_every:
+        validate(0)
+    bar = tqdm(total=cfg.train_steps, initial=start, unit="step", disable=not dist.main, dynamic_ncols=True)
+    train_seconds, tokens_since = 0.0, 0  # since the last log line; validation time excluded
+    for step in range(start, cfg.train_steps):
+        t_step = time.perf_counter()
+        factor = lr_factor(step, cfg.train_steps, cfg.cooldown_frac)
+        set_lr(optimizers, factor)
+        sums = torch.zeros(3, dtype=torch.float64, device=device)
+        for micro in range(acc):
+            batch = train_loader.batch(step * acc + micro)
+            t, u = train_noise(batch.index, step, per_step, cfg.seed, cfg.train_seq_len)
+            tokens = batch.tokens.to(device, non_blocking=True)
+            sync = net.no_sync() if dist.world > 1 and micro < acc - 1 else contextlib.nullcontext()
+            with sync:
+                with autocast:
+                    terms = diffusion_loss(net, tokens, t.to(device), u.to(device))
+                (terms.weighted_ce / (cfg.batch_size * cfg.train_seq_len * acc)).backward()
+            sums += torch.stack([x.detach().double() for x in terms])
+        loss = float(dist.all_sum(sums)[0] / sums[2])
+        if not math.isfinite(loss):
+            kept = list_checkpoints(folder) if folder else []
+            raise TrainingDiverged(f"the loss became {loss} at step {step + 1}; stopped. Last good checkpoint: "
+                                   f"{kept[-1] if kept else 'none saved yet'}. Try lower learning rates.")
+        for opt in optimizers:
+            opt.step()
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        tokens_since += tokens_per_step
+        train_seconds += time.perf_counter() - t_step  # the loss.item() above synchronised the device
+        done = step + 1
+        bar.update(1)
+        if done % cfg.log_every == 0 or done == cfg.train_steps:
+            tps = tokens_since / train_seconds
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
+            record = {"event": "train", "step": done, "loss": loss, "lr_factor": factor, "tokens_per_s": tps,
+                      "tokens": done * tokens_per_step}
+            log.metrics(record)
+            if wandb:
+                wandb.log(record, step=done)
+            train_seconds, tokens_since = 0.0, 0
+        if (cfg.val_loss_every and done % cfg.val_loss_every == 0) or done == cfg.train_steps:
+            validate(done)
+        if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.train_steps:
+            save(done)
+    bar.close()
+    if dist.main:
+        log(f"done: {cfg.train_steps} steps; files in {folder}")
+    return folder
+
+
+def _wandb(cfg, folder: Path):
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("--wandb True needs the wandb package: pip install wandb") from None
+    return wandb.init(project="diffusion-interp", name=folder.name, config=asdict(cfg), dir=str(folder))
