@@ -35,7 +35,8 @@ class DocMask:
 
             B, T = doc.shape
             self.dense = None
-            self.block = create_block_mask(same_doc, B, None, T, T, device=doc.device)
+            # _compile builds the block mask without materialising (B, T, T) on the GPU
+            self.block = create_block_mask(same_doc, B, None, T, T, device=doc.device, _compile=doc.is_cuda)
 
 
 _compiled_flex = None

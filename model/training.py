@@ -143,6 +143,23 @@ def evaluate(model: DiffusionLM, loader: ShardLoader, max_tokens: int, device: t
             "val_tokens": int(sums[2])}
 
 
+def accumulate_gradients(net, micro_batches, acc: int, device: torch.device, autocast, dist: Dist) -> torch.Tensor:
+    """Backward over `acc` micro-batches of (tokens, t, u); DDP synchronises on the last one only.
+
+    The gradient is that of Σ(CE/t) / (positions of the step, all processes together), so it does not
+    depend on how the step's sequences are split over processes and micro-batches. Returns the summed
+    (weighted CE, masked, maskable) over all processes, for reporting."""
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    for micro, (tokens, t, u) in enumerate(micro_batches):
+        sync = net.no_sync() if dist.world > 1 and micro < acc - 1 else contextlib.nullcontext()
+        with sync:
+            with autocast:
+                terms = diffusion_loss(net, tokens.to(device, non_blocking=True), t.to(device), u.to(device))
+            (terms.weighted_ce / (tokens.numel() * acc)).backward()
+        sums += torch.stack([x.detach().double() for x in terms])
+    return dist.all_sum(sums)
+
+
 def train(cfg, given: set[str] | None = None) -> Path | None:
     """Run (or resume) a training run; returns its folder (on rank 0)."""
     dist, device = setup_distributed(cfg)
@@ -234,7 +251,7 @@ def _train(cfg, given, dist: Dist, device: torch.device) -> Path | None:
             model.save(folder / checkpoint_name(step), {
                 "step": step, "optimizers": [o.state_dict() for o in optimizers], "config": asdict(cfg),
                 "data_position": {"micro_batch": step * acc, "sequences_consumed": step * per_step},
-                "rng": {"torch": torch.get_rng_state()}})
+                "rng": {"torch": torch.get_rng_state()}, "loss_since_log": interval.cpu()})
 
     def validate(step: int) -> None:
         result = evaluate(model, val_loader, cfg.val_tokens, device, autocast, dist)
@@ -250,22 +267,22 @@ def _train(cfg, given, dist: Dist, device: torch.device) -> Path | None:
         validate(0)
     bar = tqdm(total=cfg.train_steps, initial=start, unit="step", disable=not dist.main, dynamic_ncols=True)
     train_seconds, tokens_since = 0.0, 0  # since the last log line; validation time excluded
+    interval = torch.zeros(3, dtype=torch.float64, device=device)  # loss terms since the last log line
+    if state is not None and "loss_since_log" in state:  # so a resumed curve equals the uninterrupted one
+        interval += state["loss_since_log"].to(device)
     for step in range(start, cfg.train_steps):
         t_step = time.perf_counter()
         factor = lr_factor(step, cfg.train_steps, cfg.cooldown_frac)
         set_lr(optimizers, factor)
-        sums = torch.zeros(3, dtype=torch.float64, device=device)
-        for micro in range(acc):
-            batch = train_loader.batch(step * acc + micro)
-            t, u = train_noise(batch.index, step, per_step, cfg.seed, cfg.train_seq_len)
-            tokens = batch.tokens.to(device, non_blocking=True)
-            sync = net.no_sync() if dist.world > 1 and micro < acc - 1 else contextlib.nullcontext()
-            with sync:
-                with autocast:
-                    terms = diffusion_loss(net, tokens, t.to(device), u.to(device))
-                (terms.weighted_ce / (cfg.batch_size * cfg.train_seq_len * acc)).backward()
-            sums += torch.stack([x.detach().double() for x in terms])
-        loss = float(dist.all_sum(sums)[0] / sums[2])
+
+        def micro_batches():
+            for micro in range(acc):
+                batch = train_loader.batch(step * acc + micro)
+                yield batch.tokens, *train_noise(batch.index, step, per_step, cfg.seed, cfg.train_seq_len)
+
+        sums = accumulate_gradients(net, micro_batches(), acc, device, autocast, dist)
+        loss = float(sums[0] / sums[2])
+        interval += sums
         if not math.isfinite(loss):
             kept = list_checkpoints(folder) if folder else []
             raise TrainingDiverged(f"the loss became {loss} at step {step + 1}; stopped. Last good checkpoint: "
@@ -280,9 +297,11 @@ def _train(cfg, given, dist: Dist, device: torch.device) -> Path | None:
         bar.update(1)
         if done % cfg.log_every == 0 or done == cfg.train_steps:
             tps = tokens_since / train_seconds
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
-            record = {"event": "train", "step": done, "loss": loss, "lr_factor": factor, "tokens_per_s": tps,
+            mean_loss = float(interval[0] / interval[2])  # over the steps since the last log line
+            bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
+            record = {"event": "train", "step": done, "loss": mean_loss, "lr_factor": factor, "tokens_per_s": tps,
                       "tokens": done * tokens_per_step}
+            interval.zero_()
             log.metrics(record)
             if wandb:
                 wandb.log(record, step=done)
