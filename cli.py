@@ -68,6 +68,8 @@ def _add_field(parser: argparse.ArgumentParser, name: str, tp: Any, default: Any
     elif tp is bool:
         kwargs["type"] = parse_bool
         kwargs["metavar"] = "True|False"
+        kwargs["nargs"] = "?"  # "--quiet" alone means True; "--save_model False" also parses
+        kwargs["const"] = True
     elif tp is int:
         kwargs["type"] = parse_int
     elif tp is float:

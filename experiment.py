@@ -207,3 +207,30 @@ def resolve_device(cuda: int | None = None, device: str | None = None) -> "Any":
         have = ", ".join(f"cuda:{i}" for i in range(count)) or "none (this machine has no usable CUDA GPU)"
         raise UserError(f"device {name} does not exist; CUDA devices here: {have}; use --device cpu to run on the CPU")
     return torch.device(name)
+
+
+# ---- later stages: rebuild a trained run from its folder ----------------------------------------------
+
+SHAPE_FLAGS = ("num_layers", "num_heads", "model_dim")
+
+
+def check_shape_flags(model_config: dict, given: dict) -> None:
+    """Later stages read shapes from config.json; a shape flag typed anyway must agree with it."""
+    for name in SHAPE_FLAGS:
+        if given.get(name) is not None and given[name] != model_config[name]:
+            raise UserError(f"--{name} {given[name]} disagrees with the run's config.json ({name}={model_config[name]}); "
+                            "shape flags are optional after training, drop it or fix it")
+
+
+def load_run(train_folder: str | os.PathLike, checkpoint: str, device: Any, shape_flags: dict | None = None):
+    """(config, model, tokenizer, checkpoint path) of a trained run; the model loads strictly."""
+    from data.tokenizer import load_tokenizer
+    from model.diffusion import DiffusionLM, ModelConfig
+
+    folder = resolve_run_folder(train_folder)
+    config = read_json(folder / CONFIG_FILE)
+    check_shape_flags(config["model"], shape_flags or {})
+    path = resolve_checkpoint(folder, checkpoint)
+    model = DiffusionLM.load(path, device, expected=ModelConfig(**config["model"]))
+    model.eval()
+    return config, model, load_tokenizer(config["tokenizer"], folder), path

@@ -57,5 +57,6 @@ def tiny_run(synthetic_data, tmp_path_factory):
     """A tiny model trained on the synthetic corpus (shared by the tests of every later stage)."""
     from train_diffusion import main
 
-    cfg = tiny_train_config(tmp_path_factory.mktemp("run"), synthetic_data.folder.parent)
+    cfg = tiny_train_config(tmp_path_factory.mktemp("run"), synthetic_data.folder.parent, model_dim=128, num_heads=4,
+                            batch_size=16, train_steps=400, save_every=200)
     return main(cfg)

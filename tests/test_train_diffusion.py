@@ -33,11 +33,11 @@ def test_reference_command_line_parses():
 
 
 def test_tiny_model_learns_the_synthetic_corpus(tiny_run, synthetic_data):
-    """Validation NELBO after 300 tiny steps vs the corpus's unigram entropy (README quotes both)."""
+    """Validation NELBO after 400 tiny steps vs the corpus's unigram entropy (README quotes both)."""
     val = [r for r in read_metrics(tiny_run) if r["event"] == "val"]
     entropy = unigram_entropy(synthetic_data)
     assert 4.5 < entropy < 5.2  # the 0.3 MB corpus: 4.85 nats/token
-    assert val[-1]["val_nelbo"] < entropy - 2.0, (val[-1], entropy)  # measured: 1.9 nats/token
+    assert val[-1]["val_nelbo"] < entropy - 2.5, (val[-1], entropy)  # measured: 1.5 nats/token
     assert val[-1]["val_bits_per_token"] == pytest.approx(val[-1]["val_nelbo"] / math.log(2))
     assert val[-1]["val_ppl_bound"] == pytest.approx(math.exp(val[-1]["val_nelbo"]))
 
@@ -45,14 +45,14 @@ def test_tiny_model_learns_the_synthetic_corpus(tiny_run, synthetic_data):
 def test_run_folder_contract(tiny_run):
     names = {p.name for p in tiny_run.iterdir()}
     assert {"config.json", "metadata.json", "tokenizer.json", "metrics.jsonl", "log.txt", "loss.png",
-            "state_step000300.pt"} <= names
+            "state_step000200.pt", "state_step000400.pt"} <= names
     config = json.loads((tiny_run / "config.json").read_text())
     assert config["model"]["num_layers"] == 2 and config["tokenizer"]["kind"] == "bpe"
     assert json.loads((tiny_run / "metadata.json").read_text())["torch"] == torch.__version__
-    state = torch.load(tiny_run / "state_step000300.pt", map_location="cpu", weights_only=True)
-    assert state["step"] == 300 and len(state["optimizers"]) == 2 and "data_position" in state
-    model = DiffusionLM.load(tiny_run / "state_step000300.pt", "cpu")  # strict load
-    assert model.cfg.model_dim == 64
+    state = torch.load(tiny_run / "state_step000400.pt", map_location="cpu", weights_only=True)
+    assert state["step"] == 400 and len(state["optimizers"]) == 2 and "data_position" in state
+    model = DiffusionLM.load(tiny_run / "state_step000400.pt", "cpu")  # strict load
+    assert model.cfg.model_dim == 128
     losses = [r["loss"] for r in read_metrics(tiny_run) if r["event"] == "train"]
     assert losses[-1] < 0.6 * losses[0]
 
