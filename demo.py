@@ -1,6 +1,6 @@
 """The whole pipeline on the built-in synthetic corpus at a tiny size, on the CPU (`make demo`).
 
-The stages run in order as they exist: data preparation, then diffusion training.
+The stages run in order as they exist: data preparation, diffusion training, generation.
 """
 from __future__ import annotations
 
@@ -13,11 +13,15 @@ from data.loader import ShardLoader
 from data.prepare import PrepareConfig, prepare_dataset
 from data.shards import read_shard
 from experiment import read_metrics
+from generate import GenerateConfig, main as generate_main
 
 DEMO_DATA = dict(dataset="synthetic", synthetic_mb=4.0)
 DEMO_MODEL = dict(num_layers=4, num_heads=4, model_dim=128, train_seq_len=256, val_seq_len=256, batch_size=8,
                   grad_acc_steps=1, train_steps=800, val_loss_every=200, val_tokens=65_536, save_every=400,
                   log_every=50, head_lr=0.02, device="cpu", model_name="demo")
+
+
+DEMO_PROMPTS = ["The capital of France is", "The month after March is", "Scientists classify the"]
 
 
 def show_data(prepared) -> None:
@@ -59,6 +63,26 @@ def main() -> None:
     print(f"validation NELBO {val[0]['val_nelbo']:.3f} -> {val[-1]['val_nelbo']:.3f} nats/token "
           f"(untrained: ln V = {math.log(prepared.tokenizer.n_vocab):.3f}; unigram entropy of the corpus: "
           f"{unigram_entropy(prepared):.3f}); loss curve: {run / 'loss.png'}")
+
+    print("\n== stage 2: generate.py")
+    generate_main(GenerateConfig(train_folder=str(run), device="cpu", prompt=DEMO_PROMPTS[:1], gen_length=8,
+                                 num_generate_steps=8))
+    generate_main(GenerateConfig(train_folder=str(run), device="cpu", prompt=DEMO_PROMPTS[1:], gen_length=16,
+                                 num_generate_steps=16, quiet=True))
+    show_fact_accuracy(run, prepared)
+
+
+def show_fact_accuracy(run, prepared) -> None:
+    from experiment import load_run
+    from model.fact_eval import fact_accuracy
+
+    _, model, tok, _ = load_run(run, "latest", "cpu")
+    facts = [json.loads(line) for line in (prepared.folder / prepared.meta["facts"]).read_text().splitlines()]
+    result = fact_accuracy(model, tok, facts)
+    print("\nfact completion (greedy, one token per step):")
+    for name, part in result["by_phrasing"].items():
+        print(f"  {name:8s} phrasing: {part['accuracy']:.1%} of {part['n']} facts (chance {part['chance']:.1%}); "
+              f"mean over relations {part['macro_accuracy']:.1%} (chance {part['macro_chance']:.1%})")
 
 
 if __name__ == "__main__":
