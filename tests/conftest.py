@@ -60,3 +60,21 @@ def tiny_run(synthetic_data, tmp_path_factory):
     cfg = tiny_train_config(tmp_path_factory.mktemp("run"), synthetic_data.folder.parent, model_dim=128, num_heads=4,
                             batch_size=16, train_steps=400, save_every=200)
     return main(cfg)
+
+
+def tiny_transcoder_config(train_folder, **overrides):
+    from train_transcoders import TranscoderTrainConfig
+
+    kw = dict(train_folder=str(train_folder), device="cpu", train_seq_len=128, batch_size=8, grad_acc_steps=1,
+              train_steps=400, expansion_factor=4, k=8, val_loss_every=0, val_tokens=8192, save_every=0, log_every=50,
+              dead_tokens=50_000)
+    kw.update(overrides)
+    return TranscoderTrainConfig(**kw)
+
+
+@pytest.fixture(scope="session")
+def tiny_transcoders(tiny_run):
+    """Transcoders for both MLPs of the session's tiny model (shared by the later stages' tests)."""
+    from train_transcoders import main
+
+    return main(tiny_transcoder_config(tiny_run))

@@ -1,0 +1,174 @@
+"""A TopK sparse transcoder: predicts an MLP's output from its input through k active latents.
+
+    pre  = ReLU(W_enc x + b_enc)                 (N, M)
+    z    = the k largest entries of pre, the rest 0
+    ŷ    = z W_dec + b_dec (+ x W_skipᵀ)         decoder rows unit-norm
+
+Parameters are named as in EleutherAI sparsify's `SparseCoder` (`encoder.weight`, `encoder.bias`,
+`W_dec`, `b_dec`, `W_skip`), and `save`/`load` use its on-disk layout (`cfg.json` + `sae.safetensors`),
+so `sparsify.SparseCoder.load_from_disk` reads these files and computes the same outputs (tested).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae.safetensors"
+
+
+@dataclass
+class TranscoderConfig:
+    d_in: int
+    num_latents: int
+    k: int
+    skip_connection: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 < self.k <= self.num_latents:
+            raise ValueError(f"--k {self.k} must lie in [1, number of latents = {self.num_latents}]")
+
+    def sparsify_dict(self) -> dict:
+        """cfg.json as sparsify writes it (its SparseCoderConfig fields plus d_in)."""
+        return {"activation": "topk", "expansion_factor": max(1, self.num_latents // self.d_in),
+                "normalize_decoder": True, "num_latents": self.num_latents, "k": self.k, "multi_topk": False,
+                "skip_connection": self.skip_connection, "transcode": True, "d_in": self.d_in}
+
+
+class Encoded(NamedTuple):
+    acts: torch.Tensor  # (N, k) values of the active latents (≥ 0)
+    indices: torch.Tensor  # (N, k) which latents
+    pre_acts: torch.Tensor  # (N, M) ReLU pre-activations (for AuxK)
+
+
+class TranscoderLoss(NamedTuple):
+    output: torch.Tensor  # (N, D) the prediction ŷ
+    encoded: Encoded
+    sse: torch.Tensor  # Σ ||y − ŷ||²
+    total_variance: torch.Tensor  # Σ ||y − mean(y)||² over the batch
+    auxk: torch.Tensor  # AuxK loss, already divided by the total variance
+
+    @property
+    def fvu(self) -> torch.Tensor:
+        return self.sse / self.total_variance
+
+
+def fraction_of_variance_unexplained(y: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor:
+    """Σ||y − ŷ||² / Σ||y − mean(y)||²: 0 for a perfect prediction, 1 for predicting the mean."""
+    return (y - y_hat).pow(2).sum() / (y - y.mean(0)).pow(2).sum()
+
+
+class Transcoder(nn.Module):
+    def __init__(self, cfg: TranscoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = nn.Linear(cfg.d_in, cfg.num_latents)
+        nn.init.zeros_(self.encoder.bias)
+        # tied initialisation: encoder rows = decoder rows (unit norm), which keeps early latents alive
+        self.W_dec = nn.Parameter(F.normalize(torch.randn(cfg.num_latents, cfg.d_in), dim=1))  # (M, D)
+        with torch.no_grad():
+            self.encoder.weight.copy_(self.W_dec)
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+        self.W_skip = nn.Parameter(torch.zeros(cfg.d_in, cfg.d_in)) if cfg.skip_connection else None
+
+    def encode(self, x: torch.Tensor) -> Encoded:
+        pre = F.relu(self.encoder(x))  # (N, M)
+        acts, indices = pre.topk(self.cfg.k, dim=-1, sorted=False)
+        return Encoded(acts, indices, pre)
+
+    def decode(self, acts: torch.Tensor, indices: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """Σ_j acts_j · W_dec[indices_j] + b_dec, a gather of k rows per token (no dense (N, M) product)."""
+        y = F.embedding_bag(indices, self.W_dec, per_sample_weights=acts.to(self.W_dec.dtype), mode="sum")
+        y = y + self.b_dec
+        if self.W_skip is not None and x is not None:
+            y = y + x @ self.W_skip.T
+        return y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        enc = self.encode(x)
+        return self.decode(enc.acts, enc.indices, x)
+
+    def dense_latents(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, M) latent activations with zeros outside the top k (the reference the fast path is tested on)."""
+        enc = self.encode(x)
+        return torch.zeros_like(enc.pre_acts).scatter(-1, enc.indices, enc.acts)
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor, dead: torch.Tensor | None = None) -> TranscoderLoss:
+        """Reconstruction terms, and AuxK: the top dead latents must predict what the live ones missed."""
+        enc = self.encode(x)
+        y_hat = self.decode(enc.acts, enc.indices, x)
+        err = y - y_hat
+        total_variance = (y - y.mean(0)).pow(2).sum()
+        auxk = y.new_zeros(())
+        if dead is not None and (n_dead := int(dead.sum())) > 0:
+            k_aux = min(self.cfg.d_in // 2, n_dead)
+            scale = min(n_dead / (self.cfg.d_in // 2), 1.0)  # weaker while few latents are dead
+            aux_acts, aux_idx = enc.pre_acts.masked_fill(~dead, float("-inf")).topk(k_aux, dim=-1, sorted=False)
+            aux_acts = aux_acts.clamp_min(0)  # a dead latent below zero contributes nothing
+            err_hat = F.embedding_bag(aux_idx, self.W_dec, per_sample_weights=aux_acts, mode="sum")
+            auxk = scale * (err_hat - err.detach()).pow(2).sum() / total_variance
+        return TranscoderLoss(y_hat, enc, err.pow(2).sum(), total_variance, auxk)
+
+    @torch.no_grad()
+    def scaled(self, scale: float) -> "Transcoder":
+        """A copy whose outputs are `scale` times larger: encoder, decoder bias and skip scale, decoder rows
+        stay unit-norm (TopK picks the same latents, since every pre-activation scales alike)."""
+        out = Transcoder(self.cfg).to(self.W_dec.device)
+        out.load_state_dict(self.state_dict())
+        for p in (out.encoder.weight, out.encoder.bias, out.b_dec, *([out.W_skip] if out.W_skip is not None else [])):
+            p.mul_(scale)
+        return out
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+
+    @torch.no_grad()
+    def remove_parallel_gradient(self) -> None:
+        """Project out the part of each decoder row's gradient along the row (the norm is fixed anyway)."""
+        if self.W_dec.grad is not None:
+            g, w = self.W_dec.grad, self.W_dec
+            g.sub_((g * w).sum(dim=1, keepdim=True) * w)
+
+    def save(self, folder: str | os.PathLike) -> None:
+        """sparsify's layout: cfg.json + sae.safetensors (written atomically, weights first)."""
+        from safetensors.torch import save_file
+
+        from experiment import atomic_path, write_json_atomic
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().float().contiguous().cpu() for k, v in self.state_dict().items()}
+        with atomic_path(folder / WEIGHTS_FILE) as tmp:
+            save_file(tensors, str(tmp))
+        write_json_atomic(folder / CFG_FILE, self.cfg.sparsify_dict())
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike, device: torch.device | str = "cpu") -> "Transcoder":
+        from safetensors.torch import load_file
+
+        from cli import UserError
+
+        folder = Path(folder)
+        try:
+            raw = json.loads((folder / CFG_FILE).read_text())
+            cfg = TranscoderConfig(raw["d_in"], raw["num_latents"] or raw["d_in"] * raw["expansion_factor"], raw["k"],
+                                   raw.get("skip_connection", False))
+            tc = cls(cfg)
+            tc.load_state_dict(load_file(str(folder / WEIGHTS_FILE)), strict=True)
+        except FileNotFoundError as e:
+            raise UserError(f"transcoder files missing in {folder}: {e.filename}") from None
+        except Exception as e:  # bad JSON, missing keys, safetensors errors, shape mismatches
+            raise UserError(f"{folder} does not hold a valid transcoder: {type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200] if str(e) else ''}") from None
+        return tc.to(device)
+
+    def config_dict(self) -> dict:
+        return asdict(self.cfg)
