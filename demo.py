@@ -1,6 +1,6 @@
 """The whole pipeline on the built-in synthetic corpus at a tiny size, on the CPU (`make demo`).
 
-The stages run in order as they exist: data preparation, diffusion training, generation.
+The stages run in order as they exist: data preparation, diffusion training, generation, transcoders.
 """
 from __future__ import annotations
 
@@ -21,6 +21,9 @@ DEMO_MODEL = dict(num_layers=4, num_heads=4, model_dim=128, train_seq_len=256, v
                   log_every=50, head_lr=0.02, device="cpu", model_name="demo")
 
 
+DEMO_TRANSCODERS = dict(device="cpu", train_seq_len=256, batch_size=8, grad_acc_steps=1, train_steps=300,
+                        expansion_factor=8, k=8, val_loss_every=100, val_tokens=16_384, save_every=150,
+                        dead_tokens=100_000, log_every=50)
 DEMO_PROMPTS = ["The capital of France is", "The month after March is", "Scientists classify the"]
 
 
@@ -70,6 +73,17 @@ def main() -> None:
     generate_main(GenerateConfig(train_folder=str(run), device="cpu", prompt=DEMO_PROMPTS[1:], gen_length=16,
                                  num_generate_steps=16, quiet=True))
     show_fact_accuracy(run, prepared)
+
+    print("\n== stage 3: train_transcoders.py")
+    from train_transcoders import TranscoderTrainConfig, main as train_transcoders
+
+    out = train_transcoders(TranscoderTrainConfig(train_folder=str(run), **DEMO_TRANSCODERS))
+    summary = json.loads((out / "metrics.json").read_text())
+    print(f"base NELBO {summary['base_nelbo']:.3f}; with every MLP replaced by its transcoder {summary['all_nelbo']:.3f}")
+    for layer, m in summary["layers"].items():
+        print(f"  layer {layer}: FVU {m['fvu']:.3f}, L0 {m['l0']:.1f}, dead {m['dead_fraction']:.1%}, "
+              f"NELBO with this MLP replaced {m['spliced_nelbo']:.3f}")
+    print(f"plots: {out / 'transcoders.png'}")
 
 
 def show_fact_accuracy(run, prepared) -> None:

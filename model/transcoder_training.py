@@ -109,6 +109,38 @@ def _all_reduce_grads(transcoders: torch.nn.ModuleDict, dist: Dist) -> None:
             p.grad.div_(dist.world)
 
 
+def train_step(model, transcoders: torch.nn.ModuleDict, layers: list[int], micro_batches, acc: int,
+               scales: dict[int, float], dead: dict[int, torch.Tensor], cfg, optimizer, dist: Dist, autocast,
+               device) -> list[float]:
+    """One optimizer step of every layer's transcoder over `acc` micro-batches of (tokens, t, u); updates
+    the dead-latent counters; returns each layer's training FVU."""
+    fired = {layer: torch.zeros(len(dead[layer]), dtype=torch.bool, device=device) for layer in layers}
+    sums = torch.zeros(len(layers), 2, dtype=torch.float64, device=device)  # SSE, total variance
+    n_tokens = torch.zeros((), dtype=torch.long, device=device)
+    for tokens, t, u in micro_batches:
+        pairs = LayerPairs(model, layers, tokens.to(device), t.to(device), u.to(device), autocast)
+        n_tokens += pairs.n_tokens
+        for i, layer in enumerate(layers):
+            x, y = pairs.pairs[layer]
+            with autocast:
+                out = transcoders[str(layer)].loss(x, y / scales[layer], dead[layer] > cfg.dead_tokens)
+            ((out.fvu + cfg.auxk_alpha * out.auxk) / acc).backward()
+            fired[layer][out.encoded.indices[out.encoded.acts > 0]] = True
+            sums[i] += torch.stack([out.sse.detach().double(), out.total_variance.detach().double()])
+    _all_reduce_grads(transcoders, dist)
+    dist.all_sum(sums)
+    dist.all_sum(n_tokens)
+    for layer in layers:
+        update_dead(dead[layer], dist.all_sum(fired[layer].long()) > 0, n_tokens)
+    for tc in transcoders.values():
+        tc.remove_parallel_gradient()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    for tc in transcoders.values():
+        tc.normalize_decoder()
+    return (sums[:, 0] / sums[:, 1]).tolist()
+
+
 @torch.no_grad()
 def evaluate(model, transcoders: dict[int, Transcoder], layers, loader: ShardLoader, cfg, device, autocast,
              dist: Dist, dead: dict[int, torch.Tensor]) -> dict:
@@ -309,34 +341,14 @@ def _train(cfg, dist: Dist, device: torch.device) -> Path:
     for step in range(start, cfg.train_steps):
         t0 = time.perf_counter()
         optimizer.param_groups[0]["lr"] = lr * lr_factor(step, cfg.train_steps, 0.2)
-        fired = {layer: torch.zeros(num_latents, dtype=torch.bool, device=device) for layer in layers}
-        sums = torch.zeros(len(layers), 2, dtype=torch.float64, device=device)  # SSE, total variance
-        n_tokens = torch.zeros((), dtype=torch.long, device=device)
-        for micro in range(acc):
-            batch = train_loader.batch(step * acc + micro)
-            t, u = noise_for(cfg, batch, step, per_step, cfg.train_seq_len)
-            pairs = LayerPairs(model, layers, batch.tokens.to(device), t.to(device), u.to(device), autocast)
-            n_tokens += pairs.n_tokens
-            for i, layer in enumerate(layers):
-                x, y = pairs.pairs[layer]
-                dead_mask = dead[layer] > cfg.dead_tokens
-                with autocast:
-                    out = transcoders[str(layer)].loss(x, y / scales[layer], dead_mask)
-                ((out.fvu + cfg.auxk_alpha * out.auxk) / acc).backward()
-                fired[layer][out.encoded.indices[out.encoded.acts > 0]] = True
-                sums[i] += torch.stack([out.sse.detach().double(), out.total_variance.detach().double()])
-        _all_reduce_grads(transcoders, dist)
-        dist.all_sum(sums)
-        dist.all_sum(n_tokens)
-        for layer in layers:
-            update_dead(dead[layer], dist.all_sum(fired[layer].long()) > 0, n_tokens)
-        for tc in transcoders.values():
-            tc.remove_parallel_gradient()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        for tc in transcoders.values():
-            tc.normalize_decoder()
-        fvu = (sums[:, 0] / sums[:, 1]).tolist()
+
+        def micro_batches():
+            for micro in range(acc):
+                batch = train_loader.batch(step * acc + micro)
+                yield batch.tokens, *noise_for(cfg, batch, step, per_step, cfg.train_seq_len)
+
+        fvu = train_step(model, transcoders, layers, micro_batches(), acc, scales, dead, cfg, optimizer, dist,
+                         autocast, device)
         if not all(math.isfinite(v) for v in fvu):
             raise UserError(f"transcoder training diverged at step {step + 1} (FVU {fvu}); lower --lr")
         seconds += time.perf_counter() - t0

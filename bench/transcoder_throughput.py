@@ -1,0 +1,85 @@
+"""Transcoder training throughput: every layer's transcoder trained from one frozen base forward pass.
+
+    python bench/transcoder_throughput.py      # CUDA: 12 layers, d=384, expansion 32, k 32, T=4096, B=8; CPU: tiny
+
+Prints tokens/s (tokens of base-model input per second, all layers together) and peak memory. Random
+weights and tokens: the compute is the same as for a trained model.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from model.diffusion import DiffusionLM, ModelConfig  # noqa: E402
+from model.objective import train_noise  # noqa: E402
+from model.training import Dist  # noqa: E402
+from model.transcoder import Transcoder, TranscoderConfig  # noqa: E402
+from model.transcoder_training import LayerPairs, train_step  # noqa: E402
+
+
+def main() -> None:
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--num_layers", type=int, default=12 if cuda else 2)
+    p.add_argument("--model_dim", type=int, default=384 if cuda else 64)
+    p.add_argument("--num_heads", type=int, default=6 if cuda else 2)
+    p.add_argument("--seq_len", type=int, default=4096 if cuda else 256)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--expansion_factor", type=int, default=32 if cuda else 8)
+    p.add_argument("--k", type=int, default=32 if cuda else 8)
+    p.add_argument("--n_vocab", type=int, default=50257 if cuda else 1317)
+    p.add_argument("--steps", type=int, default=20 if cuda else 5)
+    p.add_argument("--warmup", type=int, default=3 if cuda else 1)
+    args = p.parse_args()
+    device = torch.device("cuda:0" if cuda else "cpu")
+    n = args.n_vocab
+    mc = ModelConfig(n_vocab=n, vocab_size=(n + 2 + 63) // 64 * 64, mask_id=n, pad_id=n + 1, bos_id=n - 1,
+                     num_layers=args.num_layers, num_heads=args.num_heads, model_dim=args.model_dim)
+    torch.manual_seed(0)
+    model = DiffusionLM(mc).to(device).eval().requires_grad_(False)
+    for prm in model.parameters():
+        torch.nn.init.normal_(prm, std=0.02)
+    layers = list(range(args.num_layers))
+    tcfg = TranscoderConfig(args.model_dim, args.expansion_factor * args.model_dim, args.k)
+    transcoders = torch.nn.ModuleDict({str(i): Transcoder(tcfg) for i in layers}).to(device)
+    optimizer = torch.optim.Adam(transcoders.parameters(), lr=1e-4)
+    dead = {i: torch.zeros(tcfg.num_latents, dtype=torch.long, device=device) for i in layers}
+    cfg = SimpleNamespace(dead_tokens=10_000_000, auxk_alpha=1 / 32)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    B, T = args.batch_size, args.seq_len
+
+    def batches(step):
+        tokens = torch.randint(0, n - 1, (B, T))
+        tokens[:, 0] = mc.bos_id
+        yield tokens, *train_noise(step * B + torch.arange(B).numpy(), step, B, 0, T)
+
+    first = LayerPairs(model, layers, *(v.to(device) for v in next(batches(0))), autocast)
+    scales = {i: float(y.pow(2).mean()) ** 0.5 for i, (x, y) in first.pairs.items()}  # as training does
+    print(f"device {torch.cuda.get_device_name() if cuda else 'cpu'}; {args.num_layers} layers, d={args.model_dim}, "
+          f"{tcfg.num_latents} latents, k={args.k}; {B}×{T} tokens per step", flush=True)
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+        fvu = train_step(model, transcoders, layers, batches(step), 1, scales, dead, cfg, optimizer, Dist(),
+                         autocast, device)
+    if cuda:
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    print(f"tokens/s: {args.steps * B * T / dt:,.0f}   step: {dt / args.steps * 1e3:.0f} ms   peak memory: {peak:.2f} GiB"
+          f"   mean FVU {sum(fvu) / len(fvu):.3f}")
+
+
+if __name__ == "__main__":
+    main()
