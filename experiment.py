@@ -30,6 +30,9 @@ CHECKPOINT_RE = re.compile(r"^state_step(\d{6,})\.pt$")
 
 # ---- atomic writes ---------------------------------------------------------------------------------
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling of `path`; it replaces `path` only if the block finishes.
@@ -40,6 +43,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield tmp
+        if tmp.exists():  # some writers (safetensors) create files readable by the owner only
+            os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -108,7 +113,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
         torch.save(state, tmp)
 
 
-def load_checkpoint(path: str | os.PathLike, device: Any = "cpu") -> dict:
+def load_checkpoint(path: str | os.PathLike, device: Any = "cpu", require_model: bool = True) -> dict:
     """Load tensors only (`weights_only=True`: a checkpoint never runs code) onto `device`."""
     import torch
 
@@ -118,7 +123,7 @@ def load_checkpoint(path: str | os.PathLike, device: Any = "cpu") -> dict:
         raise UserError(f"checkpoint {path} does not exist") from None
     except Exception as e:  # unpickling errors, truncated zips, refused globals
         raise UserError(f"cannot load checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:160]}") from None
-    if not isinstance(state, dict) or "model" not in state:
+    if not isinstance(state, dict) or (require_model and "model" not in state):
         raise UserError(f"{path} is not a checkpoint of this project (no 'model' entry)")
     return state
 

@@ -78,3 +78,20 @@ def tiny_transcoders(tiny_run):
     from train_transcoders import main
 
     return main(tiny_transcoder_config(tiny_run))
+
+
+def tiny_topk_config(train_folder, **overrides):
+    from get_topk_activations import TopKConfig
+
+    kw = dict(train_folder=str(train_folder), device="cpu", train_seq_len=128, batch_size=8, train_steps=6,
+              grad_acc_steps=1, top_k=10, context_before=8, context_after=4, n_quantile=6, n_random=6)
+    kw.update(overrides)
+    return TopKConfig(**kw)
+
+
+@pytest.fixture(scope="session")
+def tiny_topk(tiny_transcoders, tiny_run):
+    """The top-k stage on the session's tiny model and transcoders (6 batches of 8 × 128 tokens)."""
+    from get_topk_activations import main
+
+    return main(tiny_topk_config(tiny_run))

@@ -1,0 +1,1 @@
+"""Interpretability: top-k collection, feature statistics, feature pages (more arrive with later stages)."""

@@ -1,0 +1,101 @@
+"""Writing and reading the top-k stage's output: per layer, feature statistics (features.jsonl), every
+example with its context (contexts.jsonl), the raw arrays (arrays.safetensors).
+
+Readable without this project: JSON lines and safetensors. Each example records its split: examples
+alternate "explain" (shown to the explainer) and "score" (held out for scoring) within each category,
+so both halves span the activation range.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from experiment import atomic_path
+from interp.scan import CATEGORIES, HIST_BINS, LayerState, ScanSettings
+
+FEATURES_FILE = "features.jsonl"
+CONTEXTS_FILE = "contexts.jsonl"
+ARRAYS_FILE = "arrays.safetensors"
+N_TOP_TOKENS = 10
+
+
+def layer_name(layer: int) -> str:
+    return f"layer_{layer:02d}"
+
+
+def vocab_pieces(tok) -> list[str]:
+    """The text of every token id on its own (byte pieces of a character decode to U+FFFD)."""
+    return [tok.decode([i]) for i in range(tok.n_vocab)]
+
+
+def split_of(slot: int) -> str:
+    return "explain" if slot % 2 == 0 else "score"
+
+
+def feature_stats(st: LayerState, n_tokens: int, vocab: int, pieces: list[str]) -> list[dict]:
+    fired = st.fire_count.cpu()
+    top_max = st.top.values[:, 0].clamp_min(0).cpu()
+    tok_ids, tok_counts = (x.cpu() for x in st.tokens.top_per_group(st.top.n_groups, vocab, N_TOP_TOKENS))
+    hist, act_sum, masked = st.hist.cpu(), st.act_sum.cpu(), st.masked_count.cpu()
+    out = []
+    for f in range(st.top.n_groups):
+        n = int(fired[f])
+        out.append({
+            "feature": f, "dead": n == 0, "fire_count": n, "frequency": n / n_tokens,
+            "mean_activation": float(act_sum[f] / n) if n else 0.0, "max_activation": float(top_max[f]),
+            "masked_fraction": float(masked[f] / n) if n else None,
+            "histogram": {"bin_edges_max": float(top_max[f]), "bins": HIST_BINS, "counts": hist[f].tolist()},
+            "top_tokens": [[pieces[int(i)] if 0 <= int(i) < len(pieces) else f"<{int(i)}>", int(c)]
+                           for i, c in zip(tok_ids[f], tok_counts[f]) if i >= 0],
+        })
+    return out
+
+
+def feature_examples(st: LayerState, s: ScanSettings, pieces: list[str]) -> Iterator[dict]:
+    """Per feature: its examples by category, each trimmed to the window actually inside the document."""
+    cpu = {name: {c: getattr(st, name)[c].cpu() for c in CATEGORIES}
+           for name in ("chosen", "win_tokens", "win_acts", "t", "masked")}
+    for f in range(st.top.n_groups):
+        record = {"feature": f}
+        for c in CATEGORIES:
+            items = []
+            for slot, pos in enumerate(cpu["chosen"][c][f].tolist()):
+                if pos < 0:
+                    continue
+                toks, acts = cpu["win_tokens"][c][f, slot], cpu["win_acts"][c][f, slot]
+                keep = toks >= 0
+                ids = toks[keep].tolist()
+                center = int(keep[:s.context_before].sum())
+                a = [round(float(x), 5) for x in acts[keep]]
+                items.append({"position": pos, "split": split_of(slot), "center": center, "activation": a[center],
+                              "t": round(float(cpu["t"][c][f, slot]), 5), "masked": bool(cpu["masked"][c][f, slot]),
+                              "tokens": ids, "pieces": [pieces[i] if i < len(pieces) else "" for i in ids], "acts": a})
+            record[c] = items
+        yield record
+
+
+def write_jsonl(path: Path, records) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for r in records:
+                fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def write_arrays(path: Path, st: LayerState) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {"top_values": st.top.values.clamp_min(0), "fire_count": st.fire_count, "act_sum": st.act_sum,
+               "masked_count": st.masked_count, "histogram": st.hist}
+    for c in CATEGORIES:
+        tensors.update({f"{c}_position": st.chosen[c], f"{c}_window_tokens": st.win_tokens[c],
+                        f"{c}_window_acts": st.win_acts[c], f"{c}_t": st.t[c], f"{c}_masked": st.masked[c]})
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]

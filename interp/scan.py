@@ -1,0 +1,264 @@
+"""Two passes over the scanned tokens that find, for every feature of every layer, its examples.
+
+Pass 1 (streaming, on the device): the exact top-k activations per feature; a uniform random sample
+of each feature's firings (random priorities through the same top-k merge); firing counts, activation
+sums, firings at masked positions, exact (feature, token) counts; and, for a fixed random pool of
+positions, which features fire anywhere in their context windows.
+Between passes: per feature, a sample of activating examples spread over the activation quantiles
+(from the uniform sample, excluding the top-k) and non-activating contexts (pool windows in which the
+feature never fires).
+Pass 2 (the same batches and noise again): every chosen example's context window, its token ids and
+the feature's activation at each of them, the noise level t and whether the centre was masked; and
+each feature's activation histogram (bins over (0, max]).
+
+The batches and their noise depend only on (seed, batch index), so both passes and a resumed scan see
+the same data. The state is saved every `checkpoint_every` batches.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from data.loader import ShardLoader
+from experiment import load_checkpoint, save_checkpoint
+from interp.topk import PairCounter, TopKBuffer
+from interp.windows import document_bounds, window_columns
+from model.diffusion import DiffusionLM
+from model.hooks import capture_mlps
+from model.objective import apply_noise, train_noise
+from model.transcoder import Transcoder
+
+CATEGORIES = ("top", "quantile", "random")
+HIST_BINS = 20
+
+
+@dataclass
+class ScanSettings:
+    n_batches: int
+    top_k: int = 50
+    context_before: int = 20
+    context_after: int = 10
+    n_quantile: int = 20  # activating examples spread over quantiles (half explain, half score)
+    n_random: int = 20  # non-activating contexts (half explain, half score)
+    sample_size: int = 200  # uniform sample of firings the quantile examples are drawn from
+    pool_size: int = 0  # random positions for non-activating contexts (0: max(256, 8 × n_random))
+    mask_ratio: str = "random"
+    seed: int = 0
+    checkpoint_every: int = 200
+
+    @property
+    def width(self) -> int:
+        return self.context_before + 1 + self.context_after
+
+
+def _generator(device, *parts: int) -> torch.Generator:
+    seed = 0
+    for p in parts:
+        seed = (seed * 1_000_003 + int(p)) % (2**62)
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+class Batch:
+    """One scanned batch through the base model: tokens, noise, MLP inputs, document bounds."""
+
+    def __init__(self, model: DiffusionLM, loader: ShardLoader, index: int, s: ScanSettings, layers: list[int],
+                 device, autocast) -> None:
+        mc = model.cfg
+        batch = loader.batch(index)
+        B, T = batch.tokens.shape
+        t, u = train_noise(batch.index, index, B, s.seed + 2, T)
+        if s.mask_ratio != "random":
+            t = torch.full_like(t, float(s.mask_ratio))
+        self.tokens, self.t = batch.tokens.to(device), t.to(device)
+        noised = apply_noise(self.tokens, self.t, u.to(device), mc.mask_id, mc.bos_id, mc.pad_id)
+        with torch.no_grad(), capture_mlps(model, layers) as seen, autocast:
+            model(noised.inputs, select=torch.zeros_like(noised.mask))
+        self.x = {layer: seen[layer][0].reshape(B * T, -1) for layer in layers}
+        self.masked = noised.mask.reshape(-1)
+        self.first, self.last = document_bounds(self.tokens, mc.bos_id)
+        self.B, self.T, self.N = B, T, B * T
+        self.base = index * self.N  # global position of this batch's first token
+
+    def windows(self, local: torch.Tensor, s: ScanSettings) -> torch.Tensor:
+        """Flat in-batch indices (E, C) of the context windows around `local` positions, -1 outside."""
+        row, col = local // self.T, local % self.T
+        cols, _ = window_columns(col, self.first[row, col], self.last[row, col], s.context_before, s.context_after)
+        return torch.where(cols >= 0, row[:, None] * self.T + cols, torch.full_like(cols, -1))
+
+
+class LayerState:
+    def __init__(self, num_latents: int, s: ScanSettings, pool: int, device) -> None:
+        M = num_latents
+        self.top = TopKBuffer(M, s.top_k, device)
+        self.sample = TopKBuffer(M, s.sample_size, device)
+        self.fire_count = torch.zeros(M, dtype=torch.long, device=device)
+        self.act_sum = torch.zeros(M, dtype=torch.float64, device=device)
+        self.masked_count = torch.zeros(M, dtype=torch.long, device=device)
+        self.tokens = PairCounter(device)
+        self.pool_has = torch.zeros(pool, M, dtype=torch.bool, device=device)
+        # filled between the passes / in pass 2
+        self.chosen: dict[str, torch.Tensor] = {}  # category → (M, n) global positions, -1 for none
+        self.win_tokens: dict[str, torch.Tensor] = {}  # category → (M, n, C) token ids, -1 outside
+        self.win_acts: dict[str, torch.Tensor] = {}  # category → (M, n, C) activations
+        self.t: dict[str, torch.Tensor] = {}  # category → (M, n) noise level of the pass
+        self.masked: dict[str, torch.Tensor] = {}  # category → (M, n) whether the centre was masked
+        self.hist = torch.zeros(M, HIST_BINS, dtype=torch.long, device=device)
+
+    def state_dict(self) -> dict:
+        out = {"top": self.top.state_dict(), "sample": self.sample.state_dict(), "fire_count": self.fire_count.cpu(),
+               "act_sum": self.act_sum.cpu(), "masked_count": self.masked_count.cpu(),
+               "tokens": self.tokens.state_dict(), "pool_has": self.pool_has.cpu(), "hist": self.hist.cpu()}
+        for name in ("chosen", "win_tokens", "win_acts", "t", "masked"):
+            out[name] = {k: v.cpu() for k, v in getattr(self, name).items()}
+        return out
+
+    def load_state_dict(self, state: dict, device) -> None:
+        self.top.load_state_dict(state["top"])
+        self.sample.load_state_dict(state["sample"])
+        for name in ("fire_count", "act_sum", "masked_count", "pool_has", "hist"):
+            setattr(self, name, state[name].to(device))
+        self.tokens.load_state_dict(state["tokens"])
+        for name in ("chosen", "win_tokens", "win_acts", "t", "masked"):
+            setattr(self, name, {k: v.to(device) for k, v in state[name].items()})
+
+
+def _active(tc: Transcoder, x: torch.Tensor, autocast):
+    """Sparse (feature, activation, in-batch position) of every firing, and the encoding itself."""
+    with torch.no_grad(), autocast:
+        enc = tc.encode(x.float())
+    acts, idx = enc.acts.float(), enc.indices
+    on = acts > 0
+    pos = torch.arange(len(x), device=x.device)[:, None].expand_as(idx)
+    return idx[on], acts[on], pos[on], (acts, idx)
+
+
+def _window_feature_acts(codes, flat: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """Activation of `features` (E,) at window positions `flat` (E, C) (0 outside the window)."""
+    acts, idx = codes
+    safe = flat.clamp_min(0)
+    hit = idx[safe] == features[:, None, None]  # (E, C, k)
+    out = (acts[safe] * hit).sum(-1)
+    return torch.where(flat >= 0, out, torch.zeros_like(out))
+
+
+def choose_examples(st: LayerState, s: ScanSettings, pool_pos: torch.Tensor, gen: torch.Generator) -> None:
+    """Between the passes: quantile-spread activating examples and non-activating contexts."""
+    M = st.top.n_groups
+    st.chosen["top"] = st.top.ids.clone()
+    # activating examples spread over quantiles: from the uniform sample, minus the top-k positions
+    ids, acts = st.sample.ids, st.sample.payload
+    usable = ids >= 0
+    for lo in range(0, M, 1024):  # chunks keep the (features, sample, k) comparison small
+        hi = min(M, lo + 1024)
+        usable[lo:hi] &= ~(ids[lo:hi, :, None] == st.top.ids[lo:hi, None, :]).any(-1)
+    key = torch.where(usable, acts, torch.full_like(acts, float("-inf")))
+    order = torch.argsort(key, dim=1, descending=True)
+    count = usable.sum(1)  # (M,)
+    q = s.n_quantile
+    spread = ((torch.arange(q, device=ids.device) + 0.5) / q * count[:, None]).long()
+    ranks = torch.where(count[:, None] >= q, spread, torch.arange(q, device=ids.device).expand(M, q))
+    picked = ids.gather(1, order.gather(1, ranks.clamp_max(ids.shape[1] - 1)))
+    st.chosen["quantile"] = torch.where(torch.arange(q, device=ids.device) < count[:, None], picked,
+                                        torch.full_like(picked, -1))
+    # non-activating contexts: pool windows where the feature fires nowhere
+    prio = torch.rand(st.pool_has.shape, generator=gen, device=st.pool_has.device)
+    prio = prio.masked_fill(st.pool_has, float("-inf"))
+    n = min(s.n_random, len(pool_pos))
+    best = prio.topk(n, dim=0)  # (n, M)
+    chosen = torch.where(torch.isinf(best.values), torch.full_like(best.indices, -1), pool_pos[best.indices])
+    st.chosen["random"] = torch.cat([chosen.T, torch.full((M, s.n_random - n), -1, dtype=torch.long,
+                                                          device=chosen.device)], dim=1)
+
+
+def scan(model: DiffusionLM, transcoders: dict[int, Transcoder], loader: ShardLoader, s: ScanSettings, device,
+         state_path: Path, autocast=None) -> tuple[dict[int, LayerState], int]:
+    """Run (or resume) both passes; returns the per-layer states and the number of tokens scanned."""
+    autocast = autocast or contextlib.nullcontext()
+    layers = sorted(transcoders)
+    V = model.cfg.vocab_size
+    n_total = s.n_batches * loader.batch_size * loader.seq_len
+    pool_n = min(s.pool_size or max(256, 8 * s.n_random), n_total)
+    pool_pos = torch.randperm(n_total, generator=_generator("cpu", s.seed, 7))[:pool_n].sort().values.to(device)
+    states = {layer: LayerState(transcoders[layer].cfg.num_latents, s, pool_n, device) for layer in layers}
+    phase, start = 1, 0
+    if state_path.exists():
+        saved = load_checkpoint(state_path, device, require_model=False)
+        phase, start = saved["phase"], saved["next_batch"]
+        for layer in layers:
+            states[layer].load_state_dict(saved["layers"][str(layer)], device)
+        print(f"resuming the scan: pass {phase}, batch {start}")
+
+    def checkpoint(phase_: int, next_batch: int) -> None:
+        save_checkpoint(state_path, {"phase": phase_, "next_batch": next_batch,
+                                     "layers": {str(k): v.state_dict() for k, v in states.items()}})
+
+    def run_pass(phase_: int, begin: int, body: Callable[[Batch, int], None]) -> None:
+        for b in tqdm(range(begin, s.n_batches), desc=f"pass {phase_}/2", unit="batch", dynamic_ncols=True):
+            body(Batch(model, loader, b, s, layers, device, autocast), b)
+            if (b + 1) % s.checkpoint_every == 0 and b + 1 < s.n_batches:
+                checkpoint(phase_, b + 1)
+
+    def pass1(batch: Batch, b: int) -> None:
+        in_pool = (pool_pos >= batch.base) & (pool_pos < batch.base + batch.N)
+        pool_idx = torch.nonzero(in_pool)[:, 0]
+        pool_win = batch.windows(pool_pos[pool_idx] - batch.base, s)  # (P_b, C)
+        tok_flat = batch.tokens.reshape(-1)
+        for layer in layers:
+            st = states[layer]
+            f, a, pos, codes = _active(transcoders[layer], batch.x[layer], autocast)
+            st.top.merge(f, a, batch.base + pos)
+            prio = torch.rand(len(f), generator=_generator(device, s.seed, b, layer), device=device)
+            st.sample.merge(f, prio, batch.base + pos, payload=a)
+            st.fire_count += torch.bincount(f, minlength=st.top.n_groups)
+            st.act_sum.index_add_(0, f, a.double())
+            st.masked_count += torch.bincount(f[batch.masked[pos]], minlength=st.top.n_groups)
+            st.tokens.add(f * V + tok_flat[pos])
+            if len(pool_idx):
+                acts, idx = codes
+                safe = pool_win.clamp_min(0)
+                fires = (acts[safe] > 0) & (pool_win >= 0)[..., None]  # (P_b, C, k)
+                rows = pool_idx[:, None, None].expand_as(fires)
+                st.pool_has[rows[fires], idx[safe][fires]] = True
+
+    def pass2(batch: Batch, b: int) -> None:
+        for layer in layers:
+            st = states[layer]
+            f, a, pos, codes = _active(transcoders[layer], batch.x[layer], autocast)
+            top_max = st.top.values[:, 0].clamp_min(1e-12)
+            bins = (a / top_max[f] * HIST_BINS).long().clamp(0, HIST_BINS - 1)
+            st.hist.index_put_((f, bins), torch.ones_like(f), accumulate=True)
+            for cat in CATEGORIES:
+                chosen = st.chosen[cat]
+                here = (chosen >= batch.base) & (chosen < batch.base + batch.N)
+                feat, slot = torch.nonzero(here, as_tuple=True)
+                if not len(feat):
+                    continue
+                local = chosen[feat, slot] - batch.base
+                flat = batch.windows(local, s)
+                tok_flat = batch.tokens.reshape(-1)
+                st.win_tokens[cat][feat, slot] = torch.where(flat >= 0, tok_flat[flat.clamp_min(0)],
+                                                             torch.full_like(flat, -1)).int()
+                st.win_acts[cat][feat, slot] = _window_feature_acts(codes, flat, feat)
+                st.t[cat][feat, slot] = batch.t[local // batch.T]
+                st.masked[cat][feat, slot] = batch.masked[local]
+
+    if phase == 1:
+        run_pass(1, start, pass1)
+        for layer in layers:
+            st = states[layer]
+            choose_examples(st, s, pool_pos, _generator(device, s.seed, 11, layer))
+            for cat in CATEGORIES:
+                shape = st.chosen[cat].shape
+                st.win_tokens[cat] = torch.full((*shape, s.width), -1, dtype=torch.int32, device=device)
+                st.win_acts[cat] = torch.zeros((*shape, s.width), device=device)
+                st.t[cat] = torch.full(shape, float("nan"), device=device)
+                st.masked[cat] = torch.zeros(shape, dtype=torch.bool, device=device)
+        phase, start = 2, 0
+        checkpoint(2, 0)
+    run_pass(2, start, pass2)
+    return states, n_total

@@ -1,0 +1,209 @@
+import collections
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import cli
+from get_topk_activations import IGNORED, TopKConfig, main
+from interp.scan import Batch, ScanSettings
+from interp.topk import PairCounter, TopKBuffer
+from interp.windows import document_bounds, window_columns
+from model.transcoder import Transcoder
+from tests.conftest import assert_one_line_error, run_cli, tiny_topk_config
+
+REFERENCE = ("--train_folder experiments/X --checkpoint_name state_step020000.pt --train_seq_len 4_096 --train_steps "
+             "1_000 --grad_acc_steps 8 --num_layers 12 --num_heads 6 --model_dim 384 --save_model True --cuda 1 "
+             "--val_loss_every 1_000 --save_every 2_000").split()
+
+
+def test_streaming_topk_equals_brute_force():
+    g = torch.Generator().manual_seed(0)
+    G, K = 37, 5
+    buf = TopKBuffer(G, K)
+    groups, values, ids = [], [], []
+    for batch in range(6):
+        n = int(torch.randint(0, 400, (1,), generator=g))
+        gr = torch.randint(0, G, (n,), generator=g)
+        va = torch.randn(n, generator=g)
+        idx = torch.arange(n) + 10_000 * batch
+        buf.merge(gr, va, idx, payload=va * 2)
+        groups.append(gr), values.append(va), ids.append(idx)
+    groups, values, ids = torch.cat(groups), torch.cat(values), torch.cat(ids)
+    for grp in range(G):
+        mine = values[groups == grp]
+        best = mine.topk(min(K, len(mine)))
+        n = len(best.values)
+        torch.testing.assert_close(buf.values[grp, :n], best.values)
+        assert buf.ids[grp, :n].tolist() == ids[groups == grp][best.indices].tolist()
+        torch.testing.assert_close(buf.payload[grp, :n], best.values * 2)
+        assert (buf.ids[grp, n:] == -1).all()
+
+
+def test_pair_counter_is_exact():
+    g = torch.Generator().manual_seed(1)
+    counter, truth = PairCounter(), collections.Counter()
+    for _ in range(5):
+        keys = torch.randint(0, 60, (300,), generator=g)
+        counter.add(keys)
+        truth.update(keys.tolist())
+    assert dict(zip(counter.keys.tolist(), counter.counts.tolist())) == dict(truth)
+    items, counts = counter.top_per_group(6, 10, 3)  # keys = group * 10 + item
+    for grp in range(6):
+        expected = sorted(((c, k % 10) for k, c in truth.items() if k // 10 == grp), key=lambda x: -x[0])[:3]
+        assert counts[grp].tolist() == [c for c, _ in expected]
+
+
+def test_windows_stop_at_documents_and_edges():
+    BOS = 0
+    tokens = torch.tensor([[5, 6, 0, 7, 8, 9, 0, 4],
+                           [0, 1, 2, 3, 4, 5, 6, 7]])
+    first, last = document_bounds(tokens, BOS)
+    assert first[0].tolist() == [0, 0, 2, 3, 3, 3, 6, 7] and last[0].tolist() == [1, 1, 2, 5, 5, 5, 6, 7]
+    assert first[1].tolist() == [0] + [1] * 7 and last[1].tolist() == [0] + [7] * 7
+    col = torch.tensor([4, 0, 7])
+    rows = torch.tensor([0, 0, 1])
+    cols, center = window_columns(col, first[rows, col], last[rows, col], 2, 2)
+    assert cols.tolist() == [[-1, 3, 4, 5, -1], [-1, -1, 0, 1, -1], [5, 6, 7, -1, -1]]
+    assert center.tolist() == [2, 2, 2]
+
+
+def _all_latents(tiny_run, tiny_transcoders, cfg, layer):
+    """Brute force: every scanned token's dense latents for one layer, in scan order."""
+    from data.loader import ShardLoader
+    from experiment import load_run
+
+    config, model, _, _ = load_run(tiny_run, "latest", "cpu")
+    tc = Transcoder.load(tiny_transcoders / f"layer_{layer:02d}")
+    loader = ShardLoader(config["data"]["folder"], "train", cfg.train_seq_len, cfg.batch_size, cfg.seed)
+    s = ScanSettings(n_batches=cfg.train_steps, seed=cfg.seed, mask_ratio=cfg.mask_ratio)
+    batches = [Batch(model, loader, b, s, [layer], "cpu", torch.autocast("cpu", enabled=False)) for b in range(s.n_batches)]
+    with torch.no_grad():
+        dense = torch.cat([tc.dense_latents(b.x[layer]) for b in batches])
+    return dense, batches
+
+
+def test_topk_equals_brute_force_on_the_tiny_model(tiny_topk, tiny_run, tiny_transcoders):
+    cfg = tiny_topk_config(tiny_run)
+    dense, batches = _all_latents(tiny_run, tiny_transcoders, cfg, layer=1)
+    arrays = load_file(str(tiny_topk / "layer_01" / "arrays.safetensors"))
+    best = dense.T.topk(cfg.top_k, dim=1)  # (M, K)
+    fired = best.values > 0
+    torch.testing.assert_close(arrays["top_values"][fired], best.values[fired])
+    assert torch.equal(arrays["top_position"][fired], best.indices[fired])
+    assert (arrays["top_position"][~fired] == -1).all()
+    assert torch.equal(arrays["fire_count"], (dense > 0).sum(0))
+    stats = [json.loads(line) for line in open(tiny_topk / "layer_01" / "features.jsonl")]
+    assert [s["dead"] for s in stats] == ((dense > 0).sum(0) == 0).tolist()
+    tokens = torch.cat([b.tokens.reshape(-1) for b in batches])
+    masked = torch.cat([b.masked for b in batches])
+    for s in stats[:40]:
+        f = s["feature"]
+        on = dense[:, f] > 0
+        assert s["mean_activation"] == pytest.approx(float(dense[on, f].mean()) if on.any() else 0.0, rel=1e-5)
+        if on.any():
+            assert s["masked_fraction"] == pytest.approx(float(masked[on].float().mean()))
+            top_token, count = collections.Counter(tokens[on].tolist()).most_common(1)[0]
+            assert s["top_tokens"][0][1] == count
+            assert sum(s["histogram"]["counts"]) == int(on.sum())
+
+
+def test_examples_windows_masks_and_halves(tiny_topk, tiny_run, tiny_transcoders):
+    cfg = tiny_topk_config(tiny_run)
+    dense, batches = _all_latents(tiny_run, tiny_transcoders, cfg, layer=0)
+    tokens = torch.cat([b.tokens.reshape(-1) for b in batches])
+    masked = torch.cat([b.masked for b in batches])
+    t_of = torch.cat([b.t.repeat_interleave(b.T) for b in batches])
+    N, T = batches[0].N, batches[0].T
+    bos = json.loads((tiny_run / "config.json").read_text())["model"]["bos_id"]
+    records = [json.loads(line) for line in open(tiny_topk / "layer_00" / "contexts.jsonl")]
+    checked = 0
+    for r in records:
+        f = r["feature"]
+        splits = collections.defaultdict(set)
+        for cat in ("top", "quantile", "random"):
+            for ex in r[cat]:
+                pos, c = ex["position"], ex["center"]
+                assert ex["tokens"][c] == tokens[pos] and ex["masked"] == bool(masked[pos])
+                assert ex["t"] == pytest.approx(float(t_of[pos]), abs=1e-5)
+                assert ex["acts"][c] == pytest.approx(float(dense[pos, f]), abs=1e-4)
+                start = pos - c  # the window is contiguous, inside one row and one document
+                assert (start // T) == ((start + len(ex["tokens"]) - 1) // T) == pos // T and start // N == pos // N
+                assert tokens[start:start + len(ex["tokens"])].tolist() == ex["tokens"]
+                assert bos not in ex["tokens"] or ex["tokens"] == [bos] or ex["tokens"][c] == bos
+                if len(ex["tokens"]) < cfg.context_before + 1 + cfg.context_after:  # clipped: at a boundary
+                    left, right = start - 1, start + len(ex["tokens"])
+                    assert (c < cfg.context_before and (start % T == 0 or tokens[start - 1] == bos or
+                                                        tokens[start] == bos)) or \
+                        (len(ex["tokens"]) - 1 - c < cfg.context_after and (right % T == 0 or tokens[right] == bos))
+                if cat == "random":
+                    assert max(ex["acts"]) == 0 and float(dense[pos, f]) == 0
+                else:
+                    assert ex["activation"] > 0
+                splits[ex["split"]].add(pos)
+                checked += 1
+        assert not splits["explain"] & splits["score"]
+        quant = [ex["activation"] for ex in r["quantile"]]
+        assert quant == sorted(quant, reverse=True)
+        if r["top"] and r["quantile"]:
+            assert min(ex["activation"] for ex in r["top"]) >= max(quant) - 1e-6
+    assert checked > 1000
+
+
+def test_pages_show_highlighted_tokens(tiny_topk):
+    page = (tiny_topk / "layer_00" / "index.html").read_text()
+    assert 'class="tok center' in page and "rgba(255,136,0,1.000)" in page  # the top token, full strength
+    assert '<script src="features.js">' in page and (tiny_topk / "layer_00" / "chunks" / "chunk_0000.js").exists()
+    root = (tiny_topk / "index.html").read_text()
+    assert 'href="layer_00/index.html"' in root and 'href="layer_01/index.html"' in root
+    index = json.loads((tiny_topk / "index.json").read_text())
+    assert index["complete"] and index["n_tokens"] == 6 * 8 * 128 and index["layers"] == [0, 1]
+
+
+def test_interrupted_scan_resumes_to_identical_output(tiny_run, tiny_transcoders, tmp_path, monkeypatch):
+    import interp.scan as scan_mod
+
+    runs = []
+    for name in ("a", "b"):
+        dst = tmp_path / name
+        shutil.copytree(tiny_run, dst, ignore=shutil.ignore_patterns("topk"))
+        runs.append(dst)
+    kw = dict(checkpoint_every=2, train_steps=5)
+    a = main(tiny_topk_config(runs[0], **kw))
+    real, saves = scan_mod.save_checkpoint, []
+
+    def save_then_die(path, state):
+        real(path, state)
+        saves.append(state["phase"])
+        if state["phase"] == 2 and state["next_batch"] == 2:
+            raise KeyboardInterrupt  # killed in the middle of the second pass
+
+    monkeypatch.setattr(scan_mod, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        main(tiny_topk_config(runs[1], **kw))
+    monkeypatch.setattr(scan_mod, "save_checkpoint", real)
+    assert saves == [1, 1, 2, 2]
+    b = main(tiny_topk_config(runs[1], **kw))
+    for layer in ("layer_00", "layer_01"):
+        for name in ("features.jsonl", "contexts.jsonl"):
+            assert (a / layer / name).read_text() == (b / layer / name).read_text()
+    assert not (b / "scan_state.pt").exists()
+
+
+def test_reference_command_line_parses(capsys):
+    cfg = cli.parse_config(TopKConfig, REFERENCE, ignored=IGNORED)
+    assert (cfg.train_steps, cfg.grad_acc_steps, cfg.train_seq_len, cfg.top_k) == (1000, 8, 4096, 50)
+    assert capsys.readouterr().out.strip() == "ignored by this stage: --save_model, --val_loss_every, --save_every"
+
+
+def test_bad_inputs(tiny_run, tmp_path):
+    fresh = tmp_path / "run"
+    shutil.copytree(tiny_run, fresh, ignore=shutil.ignore_patterns("transcoders", "topk"))
+    assert_one_line_error(run_cli(["get_topk_activations.py", "--train_folder", str(fresh), "--device", "cpu"]),
+                          "no transcoders")
+    assert_one_line_error(run_cli(["get_topk_activations.py", "--train_folder", str(tiny_run), "--device", "cpu",
+                                   "--checkpoint_name", "state_step000007.pt"]), "does not exist; available")
+    assert_one_line_error(run_cli(["get_topk_activations.py", "--train_folder", str(tmp_path / "nowhere")]),
+                          "does not exist")
