@@ -1,6 +1,7 @@
 """The whole pipeline on the built-in synthetic corpus at a tiny size, on the CPU (`make demo`).
 
-The stages run in order as they exist: data preparation, diffusion training, generation, transcoders.
+The stages run in order as they exist: data preparation, diffusion training, generation, transcoders,
+top-k activations.
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ DEMO_MODEL = dict(num_layers=4, num_heads=4, model_dim=128, train_seq_len=256, v
 DEMO_TRANSCODERS = dict(device="cpu", train_seq_len=256, batch_size=8, grad_acc_steps=1, train_steps=300,
                         expansion_factor=8, k=8, val_loss_every=100, val_tokens=16_384, save_every=150,
                         dead_tokens=100_000, log_every=50)
+DEMO_TOPK = dict(device="cpu", train_seq_len=256, batch_size=8, train_steps=40, grad_acc_steps=1, top_k=20,
+                 n_quantile=10, n_random=10)
 DEMO_PROMPTS = ["The capital of France is", "The month after March is", "Scientists classify the"]
 
 
@@ -84,6 +87,12 @@ def main() -> None:
         print(f"  layer {layer}: FVU {m['fvu']:.3f}, L0 {m['l0']:.1f}, dead {m['dead_fraction']:.1%}, "
               f"NELBO with this MLP replaced {m['spliced_nelbo']:.3f}")
     print(f"plots: {out / 'transcoders.png'}")
+
+    print("\n== stage 4: get_topk_activations.py")
+    from get_topk_activations import TopKConfig, main as get_topk
+
+    topk = get_topk(TopKConfig(train_folder=str(run), **DEMO_TOPK))
+    print(f"open the feature browser in a browser: {(topk / 'index.html').resolve()}")
 
 
 def show_fact_accuracy(run, prepared) -> None:

@@ -139,7 +139,7 @@ def write_layer_pages(folder: Path, layer: int, stats: list[dict], examples: lis
 <option value="frequency">by frequency</option><option value="max_activation">by max activation</option></select>
 <div id="items"></div></div>
 <div id="detail">{initial}</div>
-<script>list(); {f"sel.f = {first['feature']}; list();" if first else ""}</script>
+<script>list(); {f"pick({first['feature']});" if first else ""}</script>
 </body></html>
 """
     write_text_atomic(folder / "index.html", page)

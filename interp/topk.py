@@ -1,8 +1,9 @@
 """Exact streaming top-k per group (e.g. per feature) from sparse (group, value, id) triplets.
 
 A buffer holds, for each of G groups, its K best (value, id) pairs so far (value -inf, id -1 where
-empty). `merge` folds a batch of triplets in: one stable sort by value, one stable sort by group, and
-each group keeps its first K. The result equals a brute-force top-k over everything seen (tested);
+empty). `merge` folds a batch of triplets in: entries that do not beat their group's K-th value are
+dropped at once; the rest and their groups' current rows get one stable sort by value, one stable
+sort by group, and each group keeps its first K. The result equals a brute-force top-k over everything seen (tested);
 ties are broken by arrival order, deterministically.
 """
 from __future__ import annotations
@@ -22,25 +23,37 @@ class TopKBuffer:
     def merge(self, groups: torch.Tensor, values: torch.Tensor, ids: torch.Tensor,
               payload: torch.Tensor | None = None) -> None:
         """Fold in triplets (E,) each: group index, value, id (ids must be ≥ 0), and an optional payload."""
-        filled = self.ids >= 0
-        all_groups = torch.cat([torch.arange(self.n_groups, device=groups.device)[:, None].expand_as(self.ids)[filled],
-                                groups])
-        all_values = torch.cat([self.values[filled], values.float()])
-        all_ids = torch.cat([self.ids[filled], ids])
-        all_payload = torch.cat([self.payload[filled], values.float() if payload is None else payload.float()])
+        values = values.float()
+        payload = values if payload is None else payload.float()
+        # only entries that beat their group's current K-th value can enter; only their groups change
+        enter = values > self.values[groups, -1]
+        groups, values, ids, payload = groups[enter], values[enter], ids[enter], payload[enter]
+        if not len(groups):
+            return
+        touched = torch.unique(groups)
+        row_of = torch.full((self.n_groups,), -1, dtype=torch.long, device=groups.device)
+        row_of[touched] = torch.arange(len(touched), device=groups.device)
+        old_v, old_i, old_p = self.values[touched], self.ids[touched], self.payload[touched]  # (U, K)
+        filled = old_i >= 0
+        all_rows = torch.cat([torch.arange(len(touched), device=groups.device)[:, None].expand_as(old_i)[filled],
+                              row_of[groups]])
+        all_values = torch.cat([old_v[filled], values])
+        all_ids = torch.cat([old_i[filled], ids])
+        all_payload = torch.cat([old_p[filled], payload])
         order = torch.argsort(all_values, descending=True, stable=True)
-        order = order[torch.argsort(all_groups[order], stable=True)]
-        g = all_groups[order]
-        counts = torch.bincount(g, minlength=self.n_groups)
+        order = order[torch.argsort(all_rows[order], stable=True)]
+        r = all_rows[order]
+        counts = torch.bincount(r, minlength=len(touched))
         starts = torch.cumsum(counts, 0) - counts
-        rank = torch.arange(len(g), device=g.device) - starts[g]
+        rank = torch.arange(len(r), device=r.device) - starts[r]
         keep = rank < self.k
-        self.values.fill_(float("-inf"))
-        self.ids.fill_(-1)
-        self.payload.zero_()
-        self.values[g[keep], rank[keep]] = all_values[order][keep]
-        self.ids[g[keep], rank[keep]] = all_ids[order][keep]
-        self.payload[g[keep], rank[keep]] = all_payload[order][keep]
+        new_v = torch.full_like(old_v, float("-inf"))
+        new_i = torch.full_like(old_i, -1)
+        new_p = torch.zeros_like(old_p)
+        new_v[r[keep], rank[keep]] = all_values[order][keep]
+        new_i[r[keep], rank[keep]] = all_ids[order][keep]
+        new_p[r[keep], rank[keep]] = all_payload[order][keep]
+        self.values[touched], self.ids[touched], self.payload[touched] = new_v, new_i, new_p
 
     def state_dict(self) -> dict:
         return {"values": self.values.cpu(), "ids": self.ids.cpu(), "payload": self.payload.cpu()}

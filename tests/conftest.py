@@ -95,3 +95,34 @@ def tiny_topk(tiny_transcoders, tiny_run):
     from get_topk_activations import main
 
     return main(tiny_topk_config(tiny_run))
+
+
+@pytest.fixture(scope="session")
+def tiny_llms(tmp_path_factory):
+    """A randomly initialised tiny T5 and tiny GPT-2 with a `tokenizers`-trained tokenizer, saved with
+    save_pretrained: they load through exactly the code path flan-t5-xxl would."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
+
+    texts = ["yes no Yes No", "Excerpt marked words feature fires text language model hidden describe",
+             "The capital of France is Paris. The month after March is April."] * 20
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "</s>", "<unk>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    out = {}
+    torch.manual_seed(0)
+    t5 = tmp_path_factory.mktemp("tiny_t5")
+    T5ForConditionalGeneration(T5Config(vocab_size=len(fast), d_model=32, d_ff=64, d_kv=8, num_layers=2,
+                                        num_decoder_layers=2, num_heads=4, decoder_start_token_id=fast.pad_token_id,
+                                        pad_token_id=fast.pad_token_id, eos_token_id=fast.eos_token_id)).save_pretrained(t5)
+    fast.save_pretrained(t5)
+    out["t5"] = t5
+    gpt = tmp_path_factory.mktemp("tiny_gpt2")
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(fast), n_embd=32, n_layer=2, n_head=2, n_positions=256,
+                               bos_token_id=fast.eos_token_id, eos_token_id=fast.eos_token_id)).save_pretrained(gpt)
+    fast.save_pretrained(gpt)
+    out["gpt2"] = gpt
+    return out

@@ -1,0 +1,63 @@
+"""Stage 5: an LLM describes every feature, and every description is scored on held-out contexts.
+
+    python get_activation_descriptions.py --train_folder experiments/X --checkpoint_name state_step020000.pt \\
+        --train_seq_len 4_096 --train_steps 1_000 --grad_acc_steps 8 --num_layers 12 --num_heads 6 --model_dim 384 \\
+        --save_model True --cuda 1 --val_loss_every 1_000 --save_every 2_000
+    python get_activation_descriptions.py --train_folder experiments/X --checkpoint_name latest --explainer tokens --device cpu
+
+Reads experiments/X/topk/<checkpoint stem>/ and appends to experiments/X/descriptions/<checkpoint stem>/.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import cli
+from cli import arg
+
+IGNORED = ("train_seq_len", "train_steps", "grad_acc_steps", "num_layers", "num_heads", "model_dim", "save_model",
+           "val_loss_every", "save_every")
+
+
+@dataclass
+class DescriptionsConfig:
+    """Describe every live feature with an LLM (or the `tokens` baseline) and score each description."""
+
+    train_folder: str = arg("", "the base run's folder (experiments/<run>)")
+    checkpoint_name: str = arg("latest", "the base checkpoint whose features to describe, or 'latest'")
+    explainer: str = arg("google/flan-t5-xxl", "a Hugging Face model id or local folder (seq2seq or causal), "
+                                               "or 'tokens' (the model-free baseline)")
+    judge: str = arg("", "the model that scores (default: the explainer's model; none for 'tokens')")
+    scorers: str = arg("detection,fuzzing,simulation", "comma-separated scorers")
+    n_examples: int = arg(10, "explain-half contexts shown per feature (fewer if the prompt does not fit)")
+    max_new_tokens: int = arg(30, "longest description, in tokens")
+    batch_size: int = arg(32, "prompts per forward pass")
+    dtype: str = arg("auto", "explainer weights: auto (bf16 on CUDA, fp32 on the CPU), bfloat16, float32, float16")
+    load_in_8bit: bool = arg(False, "load the explainer in 8 bits (bitsandbytes, CUDA)")
+    trust_remote_code: bool = arg(False, "allow model repositories to run their own code")
+    layers: str = arg("all", "comma-separated layers, or all")
+    features: str = arg("", "comma-separated feature indices (default: every live feature)")
+    max_features_per_layer: int = arg(0, "describe at most this many live features per layer (0: all)")
+    seed: int = arg(0, "seed of the retry sampling and of the fuzzing marks")
+    overwrite: bool = arg(False, "start this explainer's descriptions over")
+    cuda: Optional[int] = arg(None, "CUDA device index")
+    device: Optional[str] = arg(None, "cpu, cuda or cuda:N")
+
+    def __post_init__(self) -> None:
+        if not self.train_folder:
+            raise ValueError("--train_folder is required (experiments/<run>)")
+        for name in ("n_examples", "max_new_tokens", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
+        if self.max_features_per_layer < 0:
+            raise ValueError("--max_features_per_layer must be 0 (all) or positive")
+
+
+def main(cfg: DescriptionsConfig):
+    from interp.descriptions_stage import run_descriptions
+
+    return run_descriptions(cfg)
+
+
+if __name__ == "__main__":
+    cli.run(main, DescriptionsConfig, description=DescriptionsConfig.__doc__, ignored=IGNORED)

@@ -1,0 +1,238 @@
+"""get_activation_descriptions.py's work: describe every live feature, score every description on
+held-out contexts, append one JSON line per feature the moment it is done.
+
+descriptions.jsonl holds the records of every explainer that was run (each line names its
+explainer); a rerun skips the (explainer, layer, feature) triples already there, and --overwrite drops
+only the current explainer's lines.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from pathlib import Path
+from typing import Callable
+
+from tqdm import tqdm
+
+from cli import UserError
+from experiment import atomic_path, resolve_checkpoint, resolve_device, resolve_run_folder, write_json_atomic
+from interp.describe import clean, explain_examples, fit_prompt, tokens_description
+from interp.feature_store import CONTEXTS_FILE, FEATURES_FILE, layer_name, read_jsonl
+from interp.scoring import judge_scores, score_sets, simulation
+from interp.topk_stage import INDEX_FILE, TOPK_DIR
+
+DESCRIPTIONS_DIR = "descriptions"
+RECORDS_FILE = "descriptions.jsonl"
+SUMMARY_FILE = "summary.json"
+PLOT_FILE = "scores.png"
+SCORERS = ("detection", "fuzzing", "simulation")
+TOKENS = "tokens"
+
+
+def read_records(path: Path) -> list[dict]:
+    """Finished records; a line cut short by a kill is dropped (and the file rewritten without it)."""
+    if not path.exists():
+        return []
+    good, lines = [], path.read_text(encoding="utf-8").splitlines()
+    for line in lines:
+        try:
+            good.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    if len(good) != len([x for x in lines if x.strip()]):
+        _rewrite(path, good)
+    return good
+
+
+def _rewrite(path: Path, records: list[dict]) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+
+
+def append_record(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def batched(fn: Callable[[list[str]], list], size: int) -> Callable[[list[str]], list]:
+    def run(prompts: list[str]) -> list:
+        out = []
+        for i in range(0, len(prompts), size):
+            out += fn(prompts[i:i + size])
+        return out
+    return run
+
+
+def parse_features(spec: str) -> set[int] | None:
+    if not spec:
+        return None
+    try:
+        return {int(x) for x in spec.split(",") if x.strip()}
+    except ValueError:
+        raise UserError(f"--features {spec!r}: give comma-separated feature indices") from None
+
+
+def describe_batch(items: list[tuple[dict, dict]], explainer, cfg) -> list[dict]:
+    """Descriptions for (stats, contexts) pairs: one batched generation, one batched retry with sampling
+    for the empty or echoed answers, failures recorded as such."""
+    if explainer is None:  # the tokens baseline
+        return [{"description": tokens_description(s, r), "raw": [], "failure": None,
+                 "prompt_examples": [e["position"] for e in explain_examples(r, cfg.n_examples)]} for s, r in items]
+    prompts, shown = [], []
+    budget = explainer.max_prompt_tokens - 8
+    for stats, record in items:
+        prompt, examples = fit_prompt(explain_examples(record, cfg.n_examples), stats, explainer.count_tokens, budget)
+        prompts.append(prompt)
+        shown.append([e["position"] for e in examples])
+    gen = batched(lambda ps: explainer.generate(ps, cfg.max_new_tokens), cfg.batch_size)
+    raws = gen(prompts)
+    results = []
+    for prompt, raw, pos in zip(prompts, raws, shown):
+        desc, why = clean(raw, prompt)
+        results.append({"description": desc, "raw": [raw], "failure": why, "prompt_examples": pos})
+    retry = [i for i, r in enumerate(results) if r["failure"]]
+    if retry:
+        again = batched(lambda ps: explainer.generate(ps, cfg.max_new_tokens, sample=True, seed=cfg.seed),
+                        cfg.batch_size)([prompts[i] for i in retry])
+        for i, raw in zip(retry, again):
+            desc, why = clean(raw, prompts[i])
+            results[i].update(description=desc, failure=why, retried=True)
+            results[i]["raw"].append(raw)
+    return results
+
+
+def summarise(records: list[dict]) -> dict:
+    """Per explainer and layer: counts, failures, and each score's mean and median."""
+    out: dict = {}
+    for r in records:
+        layer = out.setdefault(r["explainer"], {}).setdefault(str(r["layer"]), {"n": 0, "failures": 0, "scores": {}})
+        layer["n"] += 1
+        layer["failures"] += r["failure"] is not None
+        for name, key in (("detection", "auroc"), ("fuzzing", "balanced_accuracy"), ("simulation", "correlation")):
+            value = (r.get("scores", {}).get(name) or {}).get(key)
+            if value is not None:
+                layer["scores"].setdefault(f"{name}_{key}", []).append(value)
+    for per_layer in out.values():
+        for layer in per_layer.values():
+            layer["scores"] = {k: {"mean": statistics.fmean(v), "median": statistics.median(v), "n": len(v)}
+                               for k, v in layer["scores"].items()}
+    return out
+
+
+def plot_scores(records: list[dict], path: Path) -> None:
+    """Box plots of each score per layer, one box per explainer side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    explainers = sorted({r["explainer"] for r in records})
+    layers = sorted({r["layer"] for r in records})
+    metrics = [("detection", "auroc", "detection AUROC"), ("fuzzing", "balanced_accuracy", "fuzzing balanced acc."),
+               ("simulation", "correlation", "simulation correlation")]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    width = 0.8 / max(1, len(explainers))
+    for ax, (name, key, title) in zip(axes, metrics):
+        for j, ex in enumerate(explainers):
+            data = [[(r.get("scores", {}).get(name) or {}).get(key) for r in records
+                     if r["explainer"] == ex and r["layer"] == layer] for layer in layers]
+            data = [[v for v in d if v is not None] or [float("nan")] for d in data]
+            pos = [i + (j - (len(explainers) - 1) / 2) * width for i in range(len(layers))]
+            bp = ax.boxplot(data, positions=pos, widths=width * 0.9, patch_artist=True, showfliers=False)
+            for patch in bp["boxes"]:
+                patch.set_facecolor(f"C{j}")
+            ax.plot([], [], color=f"C{j}", lw=6, label=ex)
+        ax.set_xticks(range(len(layers)), [f"layer {x}" for x in layers])
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize="small")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def run_descriptions(cfg, explainer_factory=None) -> Path:
+    """`explainer_factory(name, device)` builds the LLM wrapper (tests pass a scripted one)."""
+    from model.explainer import Explainer
+
+    folder = resolve_run_folder(cfg.train_folder)
+    ckpt = resolve_checkpoint(folder, cfg.checkpoint_name)
+    topk_dir = folder / TOPK_DIR / ckpt.stem
+    if not (topk_dir / INDEX_FILE).exists():
+        raise UserError(f"no finished top-k output in {topk_dir}: run get_topk_activations.py for this checkpoint first")
+    index = json.loads((topk_dir / INDEX_FILE).read_text())
+    layers = index["layers"] if cfg.layers == "all" else sorted({int(x) for x in cfg.layers.split(",")})
+    missing = [x for x in layers if x not in index["layers"]]
+    if missing:
+        raise UserError(f"layer(s) {missing} have no top-k output (have {index['layers']})")
+    wanted = parse_features(cfg.features)
+    scorers = [s.strip() for s in cfg.scorers.split(",") if s.strip()]
+    unknown = [s for s in scorers if s not in SCORERS]
+    if unknown:
+        raise UserError(f"--scorers: unknown {unknown}; choose from {', '.join(SCORERS)}")
+
+    device = resolve_device(cfg.cuda, cfg.device)
+    make = explainer_factory or (lambda name: Explainer(name, device, cfg.dtype, cfg.load_in_8bit, cfg.trust_remote_code))
+    explainer = None if cfg.explainer == TOKENS else make(cfg.explainer)
+    judge_name = cfg.judge or (None if cfg.explainer == TOKENS else cfg.explainer)
+    judge = None
+    if judge_name and any(s in scorers for s in ("detection", "fuzzing")):
+        judge = explainer if judge_name == cfg.explainer and explainer is not None else make(judge_name)
+    tag = cfg.explainer if explainer is None else explainer.name
+
+    out_dir = folder / DESCRIPTIONS_DIR / ckpt.stem
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / RECORDS_FILE
+    records = read_records(path)
+    if cfg.overwrite:
+        records = [r for r in records if r["explainer"] != tag]
+        _rewrite(path, records)
+    done = {(r["layer"], r["feature"]) for r in records if r["explainer"] == tag}
+
+    todo = []
+    for layer in layers:
+        ldir = topk_dir / layer_name(layer)
+        stats = read_jsonl(ldir / FEATURES_FILE)
+        live = [s for s in stats if not s["dead"] and (wanted is None or s["feature"] in wanted)]
+        if cfg.max_features_per_layer:
+            live = live[:cfg.max_features_per_layer]
+        keep = {s["feature"] for s in live} - {f for (lay, f) in done if lay == layer}
+        if keep:
+            contexts = {r["feature"]: r for r in read_jsonl(ldir / CONTEXTS_FILE) if r["feature"] in keep}
+            todo += [(layer, s, contexts[s["feature"]]) for s in live if s["feature"] in keep]
+    judged = judge_name or "none: detection and fuzzing are not scored"
+    print(f"describing {len(todo)} features with {tag} (judge: {judged}); {len(done)} already done; writing {path}")
+    judge_fn = batched(judge.yes_probability, cfg.batch_size) if judge is not None else None
+    bar = tqdm(total=len(todo), unit="feature", dynamic_ncols=True)
+    for i in range(0, len(todo), cfg.batch_size):
+        chunk = todo[i:i + cfg.batch_size]
+        described = describe_batch([(s, r) for _, s, r in chunk], explainer, cfg)
+        for (layer, stats, record), d in zip(chunk, described):
+            pos, neg = score_sets(record)
+            scores: dict = {}
+            if d["description"] is not None:
+                if judge_fn is not None:
+                    js = judge_scores(d["description"], record, judge_fn, cfg.seed + stats["feature"])
+                    scores.update({k: v for k, v in js.items() if k in scorers})
+                if "simulation" in scorers:
+                    scores["simulation"] = simulation(d["description"], pos + neg)
+            rec = {"explainer": tag, "judge": judge_name if judge_fn is not None else None, "layer": layer,
+                   "feature": stats["feature"], **d, "scores": scores,
+                   "score_contexts": {"activating": [e["position"] for e in pos],
+                                      "non_activating": [e["position"] for e in neg]}}
+            append_record(path, rec)
+            records.append(rec)
+            bar.update(1)
+    bar.close()
+    summary = summarise(records)
+    write_json_atomic(out_dir / SUMMARY_FILE, {"checkpoint": ckpt.name, "explainers": summary})
+    plot_scores(records, out_dir / PLOT_FILE)
+    for layer, s in sorted(summary.get(tag, {}).items(), key=lambda kv: int(kv[0])):
+        parts = [f"{k} {v['mean']:.3f}" for k, v in s["scores"].items()]
+        print(f"layer {layer}: {s['n']} features, {s['failures']} failures; mean " + (", ".join(parts) or "no scores"))
+    print(f"descriptions: {path}; summary: {out_dir / SUMMARY_FILE}; plot: {out_dir / PLOT_FILE}")
+    return out_dir

@@ -1,0 +1,116 @@
+"""Scoring a description on the held-out "score" half of a feature's examples.
+
+- detection: a judge reads the description and one context and gives P(yes: the feature fires here);
+  AUROC of activating against non-activating contexts, and balanced accuracy at 0.5.
+- fuzzing: activating contexts with the right tokens marked against the same contexts with as many
+  wrong tokens marked; the judge says whether the marks fit the description; balanced accuracy (and AUROC).
+- simulation (no LLM): predict activation 1 at tokens matching the words the description quotes
+  (its content words when it quotes none), 0 elsewhere; Pearson correlation with the true activations.
+"""
+from __future__ import annotations
+
+import random
+import re
+from typing import Callable, Sequence
+
+from interp.describe import mark, plain
+
+STOPWORDS = set("""a an the of in on at to for and or is are was were be by with as from that this these those it its
+fires fire firing feature features word words token tokens mostly positions position visible masked typical context
+on about which when where what often""".split())
+
+
+def auroc(positive: Sequence[float], negative: Sequence[float]) -> float | None:
+    """P(a random positive scores above a random negative), ties counting one half (Mann–Whitney)."""
+    if not positive or not negative:
+        return None
+    wins = sum((p > n) + 0.5 * (p == n) for p in positive for n in negative)
+    return wins / (len(positive) * len(negative))
+
+
+def balanced_accuracy(positive: Sequence[float], negative: Sequence[float], threshold: float = 0.5) -> float | None:
+    if not positive or not negative:
+        return None
+    tpr = sum(p >= threshold for p in positive) / len(positive)
+    tnr = sum(n < threshold for n in negative) / len(negative)
+    return (tpr + tnr) / 2
+
+
+def detection_prompt(description: str, example: dict) -> str:
+    return (f'A hidden feature of a language model is described as: "{description}".\n'
+            f'Text: "{plain(example).strip()}"\n'
+            "Does this feature fire anywhere in the text? Answer yes or no.")
+
+
+def fuzzing_prompt(description: str, marked_text: str) -> str:
+    return (f'A hidden feature of a language model is described as: "{description}".\n'
+            f'In the text below some words are marked <<like this>>.\nText: "{marked_text.strip()}"\n'
+            "Are the marked words exactly the ones this feature fires on? Answer yes or no.")
+
+
+def wrongly_marked(example: dict, rng: random.Random) -> str:
+    """The example with as many tokens marked as are active, all of them at inactive positions."""
+    active = {i for i, a in enumerate(example["acts"]) if a > 0}
+    others = [i for i, p in enumerate(example["pieces"]) if i not in active and p.strip()]
+    chosen = set(rng.sample(others, min(len(others), max(1, len(active)))))
+    return mark(example, chosen)
+
+
+def score_sets(record: dict) -> tuple[list[dict], list[dict]]:
+    """(activating, non-activating) held-out contexts: the "score" half only."""
+    pos = [e for e in record["top"] + record["quantile"] if e["split"] == "score"]
+    neg = [e for e in record["random"] if e["split"] == "score"]
+    return pos, neg
+
+
+def quoted_words(description: str) -> set[str]:
+    """The words a description quotes; inside a quoted passage with <<marks>>, only the marked words."""
+    words: set[str] = set()
+    for group in re.findall(r'"([^"]+)"|“([^”]+)”', description):
+        part = "".join(group)
+        marked = re.findall(r"<<([^>]+)>>", part)
+        for chunk in marked or [part]:
+            words.update(re.findall(r"\w+", chunk.lower()))
+    words.update(w for chunk in re.findall(r"<<([^>]+)>>", description) for w in re.findall(r"\w+", chunk.lower()))
+    if not words:
+        words = {w for w in re.findall(r"\w+", description.lower()) if w not in STOPWORDS and len(w) > 2}
+    return words
+
+
+def simulation(description: str, contexts: list[dict]) -> dict:
+    words = quoted_words(description)
+    pred, true = [], []
+    for ex in contexts:
+        for piece, act in zip(ex["pieces"], ex["acts"]):
+            token_words = re.findall(r"\w+", piece.lower())
+            pred.append(1.0 if token_words and all(w in words for w in token_words) else 0.0)
+            true.append(float(act))
+    return {"correlation": pearson(pred, true), "n_tokens": len(true), "words": sorted(words)[:20]}
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
+    n = len(x)
+    if n < 2:
+        return None
+    mx, my = sum(x) / n, sum(y) / n
+    sxx = sum((a - mx) ** 2 for a in x)
+    syy = sum((b - my) ** 2 for b in y)
+    if sxx == 0 or syy == 0:
+        return None  # a constant prediction (no word matched) or constant activations: undefined
+    return sum((a - mx) * (b - my) for a, b in zip(x, y)) / (sxx * syy) ** 0.5
+
+
+def judge_scores(description: str, record: dict, judge: Callable[[list[str]], list[float]], seed: int) -> dict:
+    """Detection and fuzzing with `judge` (prompts → P(yes)); both computed from one batched call."""
+    pos, neg = score_sets(record)
+    rng = random.Random(seed)
+    prompts = [detection_prompt(description, e) for e in pos + neg]
+    prompts += [fuzzing_prompt(description, mark(e)) for e in pos]
+    prompts += [fuzzing_prompt(description, wrongly_marked(e, rng)) for e in pos]
+    probs = judge(prompts) if prompts else []
+    d_pos, d_neg = probs[:len(pos)], probs[len(pos):len(pos) + len(neg)]
+    f_right, f_wrong = probs[len(pos) + len(neg):len(pos) * 2 + len(neg)], probs[len(pos) * 2 + len(neg):]
+    return {"detection": {"auroc": auroc(d_pos, d_neg), "balanced_accuracy": balanced_accuracy(d_pos, d_neg),
+                          "n_activating": len(d_pos), "n_non_activating": len(d_neg)},
+            "fuzzing": {"balanced_accuracy": balanced_accuracy(f_right, f_wrong), "auroc": auroc(f_right, f_wrong),
+                        "n": len(f_right)}}

@@ -1,0 +1,123 @@
+"""The explainer/judge LLM: any seq2seq (T5 family) or causal LM that `transformers` can load.
+
+Loaded with `from_pretrained` from the hub or a local folder (remote code only when asked); bf16 on
+CUDA (Flan-T5 in fp16 overflows and writes garbage), fp32 on the CPU. Two operations, both batched:
+`generate` (greedy, deterministic; or seeded sampling for a retry) and `yes_probability` (one forward
+step: P("yes") / (P("yes") + P("no")) for the next token, no free text). Causal models see their chat
+template when they have one.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from cli import UserError
+
+
+def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise UserError(f"--dtype {dtype!r}: use auto, bfloat16, float32 or float16")
+    return table[dtype]
+
+
+class Explainer:
+    def __init__(self, name: str, device: torch.device, dtype: str = "auto", load_in_8bit: bool = False,
+                 trust_remote_code: bool = False, max_prompt_tokens: int | None = None) -> None:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+        is_path = name.startswith((".", "/", "~")) or name.count("/") > 1  # a hub id is "org/name" or "name"
+        if is_path and not Path(name).expanduser().exists():
+            raise UserError(f"explainer path {name} does not exist")
+        name = str(Path(name).expanduser()) if is_path else name
+        try:
+            config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+        except OSError as e:
+            raise UserError(f"cannot load the explainer {name!r}: {str(e).splitlines()[0][:200]} (a hub id needs the "
+                            "network or a cached copy; a local folder needs config.json)") from None
+        except ValueError as e:
+            raise UserError(f"cannot load the explainer {name!r}: {str(e).splitlines()[0][:200]}") from None
+        self.kind = "seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal"
+        self.device = device
+        kwargs = {"trust_remote_code": trust_remote_code, "dtype": _resolve_dtype(dtype, device)}
+        if load_in_8bit:
+            if device.type != "cuda":
+                raise UserError("--load_in_8bit needs a CUDA device")
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+            kwargs["device_map"] = {"": device.index or 0}
+        loader = AutoModelForSeq2SeqLM if self.kind == "seq2seq" else AutoModelForCausalLM
+        try:
+            self.model = loader.from_pretrained(name, **kwargs)
+        except ValueError as e:  # e.g. a config that is neither seq2seq nor causal
+            raise UserError(f"{name!r} is neither a seq2seq nor a causal language model: "
+                            f"{str(e).splitlines()[0][:160]}") from None
+        if not load_in_8bit:
+            self.model.to(device)
+        self.model.eval()
+        self.tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        if self.tok.pad_token is None:
+            self.tok.pad_token = self.tok.eos_token
+        self.tok.padding_side = "left" if self.kind == "causal" else "right"
+        limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+        if self.kind == "seq2seq":
+            limit = 512  # T5 has relative positions; Flan-T5 was trained on 512-token inputs
+        self.max_prompt_tokens = max_prompt_tokens or min(limit or 2048, 4096)
+        self.name = name
+        self._yes = self._answer_ids(("yes", "Yes"))
+        self._no = self._answer_ids(("no", "No"))
+
+    def _answer_ids(self, words: tuple[str, ...]) -> list[int]:
+        ids = set()
+        for w in words:
+            for variant in (w, " " + w):
+                pieces = self.tok(variant, add_special_tokens=False).input_ids
+                if pieces:
+                    ids.add(pieces[0])
+        return sorted(ids)
+
+    def _format(self, prompt: str) -> str:
+        if self.kind == "causal" and getattr(self.tok, "chat_template", None):
+            return self.tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                add_generation_prompt=True)
+        return prompt
+
+    def count_tokens(self, prompt: str) -> int:
+        return len(self.tok(self._format(prompt), add_special_tokens=True).input_ids)
+
+    def _encode(self, prompts: list[str]):
+        return self.tok([self._format(p) for p in prompts], return_tensors="pt", padding=True, truncation=True,
+                        max_length=self.max_prompt_tokens, add_special_tokens=self.kind == "seq2seq").to(self.device)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], max_new_tokens: int, sample: bool = False, seed: int = 0) -> list[str]:
+        batch = self._encode(prompts)
+        kwargs = {"max_new_tokens": max_new_tokens, "pad_token_id": self.tok.pad_token_id}
+        if sample:
+            torch.manual_seed(seed)
+            kwargs.update(do_sample=True, temperature=0.8, top_p=0.95)
+        else:
+            kwargs.update(do_sample=False, num_beams=1)
+        out = self.model.generate(**batch, **kwargs)
+        if self.kind == "causal":
+            out = out[:, batch["input_ids"].shape[1]:]
+        return self.tok.batch_decode(out, skip_special_tokens=True)
+
+    @torch.no_grad()
+    def yes_probability(self, prompts: list[str]) -> list[float]:
+        """P(yes) / (P(yes) + P(no)) for the first answer token: one forward step, no free text."""
+        batch = self._encode(prompts)
+        if self.kind == "seq2seq":
+            start = torch.full((len(prompts), 1), self.model.config.decoder_start_token_id, device=self.device)
+            logits = self.model(**batch, decoder_input_ids=start).logits[:, -1]
+        else:  # left padding: the last column is every prompt's end; positions count real tokens only
+            positions = (batch["attention_mask"].cumsum(-1) - 1).clamp_min(0)
+            logits = self.model(**batch, position_ids=positions).logits[:, -1]
+        probs = torch.softmax(logits.float(), dim=-1)
+        yes, no = probs[:, self._yes].sum(-1), probs[:, self._no].sum(-1)
+        return (yes / (yes + no).clamp_min(1e-30)).tolist()

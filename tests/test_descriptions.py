@@ -1,0 +1,254 @@
+import json
+import shutil
+
+import pytest
+import torch
+
+import cli
+from get_activation_descriptions import IGNORED, DescriptionsConfig, main
+from interp.describe import clean, explain_examples, explain_prompt, fit_prompt, mark
+from interp.descriptions_stage import RECORDS_FILE, run_descriptions
+from interp.feature_store import read_jsonl
+from interp.scoring import auroc, balanced_accuracy, judge_scores, quoted_words, score_sets, simulation
+from model.explainer import Explainer
+from tests.conftest import assert_one_line_error, run_cli
+
+REFERENCE = ("--train_folder experiments/X --checkpoint_name state_step020000.pt --train_seq_len 4_096 --train_steps "
+             "1_000 --grad_acc_steps 8 --num_layers 12 --num_heads 6 --model_dim 384 --save_model True --cuda 1 "
+             "--val_loss_every 1_000 --save_every 2_000").split()
+
+
+def _example(pieces, acts, split="score", position=0, masked=False):
+    return {"pieces": pieces, "acts": acts, "split": split, "position": position, "masked": masked,
+            "center": max(range(len(acts)), key=lambda i: acts[i]), "activation": max(acts), "t": 0.5,
+            "tokens": list(range(len(pieces)))}
+
+
+def _record(n=6):
+    words = [" The", " capital", " of", " France", " is", " Paris", "."]
+    top = [_example(words, [0, 0, 0, 0, 0, 3.0 - i * 0.1, 0], "explain" if i % 2 == 0 else "score", position=100 + i)
+           for i in range(n)]
+    quant = [_example(words, [0, 0, 0, 0.5, 0, 1.0, 0], "explain" if i % 2 == 0 else "score", position=200 + i)
+             for i in range(4)]
+    rand = [_example([" A", " cat", " is", " a", " mammal", "."], [0.0] * 6, "explain" if i % 2 == 0 else "score",
+                     position=300 + i) for i in range(6)]
+    return {"feature": 7, "top": top, "quantile": quant, "random": rand}
+
+
+STATS = {"feature": 7, "masked_fraction": 0.8, "fire_count": 10, "top_tokens": [[" Paris", 8], [" France", 2]]}
+
+
+def test_prompt_shows_only_the_explain_half_with_marks():
+    record = _record()
+    examples = explain_examples(record, 10)
+    assert all(e["split"] == "explain" for e in examples) and len(examples) == 5
+    prompt = explain_prompt(examples, STATS)
+    assert prompt.count("Excerpt") == 5 and " <<Paris>>" in prompt and "hidden from the model (masked)" in prompt
+    assert mark(record["quantile"][0]) == " The capital of <<France>> is <<Paris>>."
+
+
+def test_fit_prompt_drops_whole_examples():
+    examples = explain_examples(_record(), 10)
+    count = lambda p: len(p.split())  # noqa: E731
+    full = count(explain_prompt(examples, STATS))
+    prompt, kept = fit_prompt(examples, STATS, count, full - 5)
+    assert len(kept) == 4 and count(prompt) <= full - 5
+    for e in kept:
+        assert mark(e) in prompt  # every example shown is shown whole
+    _, one = fit_prompt(examples, STATS, count, 3)
+    assert len(one) == 1
+
+
+@pytest.mark.parametrize("raw,expected", [
+    ("  Names of capital cities.\nmore", ("Names of capital cities.", None)), ("Description: months", ("months", None)),
+    ("", (None, "empty")), ("  ...  ", (None, "empty")), ("Excerpt 1: The capital", (None, "echo")),
+    ("the capital of <<France>>", (None, "echo")), ("The capital of France is", (None, "echo")),
+])
+def test_cleaning(raw, expected):
+    assert clean(raw, explain_prompt(explain_examples(_record(), 10), STATS)) == expected
+
+
+def test_scorer_arithmetic_with_oracle_and_constant_judges():
+    record = _record()
+    pos, neg = score_sets(record)
+    assert {e["split"] for e in pos + neg} == {"score"} and len(pos) == 5 and len(neg) == 3
+
+    def oracle(prompts):  # knows the truth: the feature fires on " Paris"
+        out = []
+        for p in prompts:
+            if "marked words" in p:
+                out.append(1.0 if "<<Paris>>" in p else 0.0)
+            else:
+                out.append(1.0 if "Paris" in p.split("Text:")[1] else 0.0)
+        return out
+
+    good = judge_scores("the word Paris", record, oracle, seed=0)
+    assert good["detection"]["auroc"] == 1.0 and good["detection"]["balanced_accuracy"] == 1.0
+    assert good["fuzzing"]["balanced_accuracy"] == 1.0
+    flat = judge_scores("anything", record, lambda ps: [0.7] * len(ps), seed=0)
+    assert flat["detection"]["auroc"] == 0.5 and flat["fuzzing"]["auroc"] == 0.5
+    assert flat["detection"]["balanced_accuracy"] == 0.5
+    assert auroc([0.9, 0.8], [0.1, 0.85]) == 0.75 and balanced_accuracy([0.9], [0.2, 0.6]) == 0.75
+
+
+def test_simulation_uses_quoted_words():
+    record = _record()
+    pos, neg = score_sets(record)
+    right = simulation('fires on "Paris"', pos + neg)
+    wrong = simulation('fires on "cat"', pos + neg)
+    assert right["correlation"] > 0.8 and wrong["correlation"] < 0
+    assert simulation("nothing quoted matches here", pos + neg)["correlation"] is None
+    assert quoted_words('on "a" and typical context: "x <<Paris>> y"') == {"a", "paris"}
+
+
+class Scripted:
+    """An explainer whose answers are scripted: (greedy answers, sampled answers) per call, in order."""
+
+    name = "scripted"
+    max_prompt_tokens = 10_000
+
+    def __init__(self, answer, retry_answer="a retried description", die_after=None):
+        self.answer, self.retry_answer, self.die_after, self.calls, self.prompts = answer, retry_answer, die_after, 0, []
+
+    def count_tokens(self, prompt):
+        return len(prompt.split())
+
+    def generate(self, prompts, max_new_tokens, sample=False, seed=0):
+        self.calls += 1
+        if self.die_after is not None and self.calls > self.die_after:
+            raise KeyboardInterrupt
+        self.prompts += prompts
+        return [(self.retry_answer if sample else self.answer(p)) for p in prompts]
+
+    def yes_probability(self, prompts):
+        return [1.0 if "<<" not in p and "Text:" in p else 0.5 for p in prompts]
+
+
+def _cfg(run, **kw):
+    return DescriptionsConfig(train_folder=str(run), explainer="scripted", device="cpu", batch_size=4,
+                              max_features_per_layer=6, layers="0", **kw)
+
+
+@pytest.fixture()
+def run_copy(tiny_topk, tiny_run, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(tiny_run, dst, ignore=shutil.ignore_patterns("descriptions"))
+    return dst
+
+
+def test_retry_and_failure_recording(run_copy):
+    answers = iter(["", "Feature 1 meaning", "", "Excerpt 1: copy", "fine", "fine 2"] * 3)
+    ex = Scripted(lambda p: next(answers), retry_answer="")  # the retry fails too
+    out = run_descriptions(_cfg(run_copy), explainer_factory=lambda name: ex)
+    records = read_jsonl(out / RECORDS_FILE)
+    assert len(records) == 6
+    failed = [r for r in records if r["failure"]]
+    assert {r["failure"] for r in failed} == {"empty"}  # the retry's empty answer is what failed last
+    for r in failed:
+        assert r["description"] is None and r["retried"] and len(r["raw"]) == 2 and r["scores"] == {}
+    ok = [r for r in records if not r["failure"]]
+    assert ok and all(r["description"] and "retried" not in r for r in ok if r["raw"][0].strip())
+
+
+def test_retry_that_succeeds_is_kept(run_copy):
+    ex = Scripted(lambda p: "", retry_answer="capital cities")
+    out = run_descriptions(_cfg(run_copy), explainer_factory=lambda name: ex)
+    for r in read_jsonl(out / RECORDS_FILE):
+        assert r["description"] == "capital cities" and r["retried"] and r["raw"] == ["", "capital cities"]
+        assert r["scores"]["detection"]["auroc"] is not None and r["judge"] == "scripted"
+
+
+def test_held_out_split_is_respected(run_copy, tiny_topk):
+    ex = Scripted(lambda p: "something")
+    out = run_descriptions(_cfg(run_copy), explainer_factory=lambda name: ex)
+    contexts = {r["feature"]: r for r in read_jsonl(tiny_topk / "layer_00" / "contexts.jsonl")}
+    for r in read_jsonl(out / RECORDS_FILE):
+        c = contexts[r["feature"]]
+        split = {e["position"]: e["split"] for cat in ("top", "quantile", "random") for e in c[cat]}
+        assert r["prompt_examples"] and all(split[p] == "explain" for p in r["prompt_examples"])
+        held = r["score_contexts"]["activating"] + r["score_contexts"]["non_activating"]
+        assert held and all(split[p] == "score" for p in held)
+        assert not set(held) & set(r["prompt_examples"])
+
+
+def test_interrupted_run_loses_and_redoes_nothing(run_copy):
+    dying = Scripted(lambda p: "desc", die_after=1)  # dies in the second batch of four
+    with pytest.raises(KeyboardInterrupt):
+        run_descriptions(_cfg(run_copy), explainer_factory=lambda name: dying)
+    path = run_copy / "descriptions" / "state_step000400" / RECORDS_FILE
+    first = read_jsonl(path)
+    assert len(first) == 4
+    with open(path, "a") as fh:
+        fh.write('{"explainer": "scripted", "layer": 0, "feat')  # a line cut short by a kill
+    again = Scripted(lambda p: "desc")
+    run_descriptions(_cfg(run_copy), explainer_factory=lambda name: again)
+    records = read_jsonl(path)
+    assert len(records) == 6 and records[:4] == first
+    assert len({(r["layer"], r["feature"]) for r in records}) == 6
+    assert len(again.prompts) == 2  # only the two unfinished features were described
+    run_descriptions(_cfg(run_copy, overwrite=True), explainer_factory=lambda name: Scripted(lambda p: "new"))
+    assert [r["description"] for r in read_jsonl(path)] == ["new"] * 6
+
+
+def test_tiny_t5_and_gpt2_load_batch_and_judge(tiny_llms):
+    for kind, folder in (("seq2seq", tiny_llms["t5"]), ("causal", tiny_llms["gpt2"])):
+        ex = Explainer(str(folder), torch.device("cpu"))
+        assert ex.kind == kind and ex.model.dtype == torch.float32 and ex._yes and ex._no
+        prompts = ["The capital of France is", "Excerpt 1: the month after March is April and so on", "yes"]
+        together = ex.generate(prompts, 6)
+        assert together == [ex.generate([p], 6)[0] for p in prompts]  # batching changes nothing
+        probs = ex.yes_probability(prompts)
+        assert all(0 <= p <= 1 for p in probs)
+        assert probs == pytest.approx([ex.yes_probability([p])[0] for p in prompts], abs=1e-5)
+
+
+def test_tiny_t5_end_to_end(run_copy, tiny_llms):
+    cfg = DescriptionsConfig(train_folder=str(run_copy), explainer=str(tiny_llms["t5"]), device="cpu",
+                             max_features_per_layer=3, n_examples=3, max_new_tokens=8, batch_size=8)
+    out = main(cfg)
+    records = read_jsonl(out / RECORDS_FILE)
+    assert len(records) == 6 and {r["layer"] for r in records} == {0, 1}
+    for r in records:
+        assert r["raw"] and r["explainer"] == str(tiny_llms["t5"])
+        assert (r["failure"] is None) == (r["description"] is not None)
+        if r["description"]:
+            assert 0 <= r["scores"]["detection"]["auroc"] <= 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert str(tiny_llms["t5"]) in summary["explainers"] and (out / "scores.png").exists()
+
+
+def test_tokens_explainer_end_to_end(run_copy):
+    proc = run_cli(["get_activation_descriptions.py", "--train_folder", str(run_copy), "--explainer", "tokens",
+                    "--device", "cpu", "--train_steps", "1_000", "--save_model", "True"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ignored by this stage: --train_steps, --save_model" in proc.stdout
+    out = run_copy / "descriptions" / "state_step000400"
+    records = read_jsonl(out / RECORDS_FILE)
+    index = json.loads((run_copy / "topk" / "state_step000400" / "index.json").read_text())
+    assert len(records) == sum(v["live"] for v in index["summary"].values())  # every live feature
+    assert all(r["description"].startswith("fires on") and r["failure"] is None for r in records)
+    assert all(set(r["scores"]) == {"simulation"} and r["judge"] is None for r in records)
+    corr = [r["scores"]["simulation"]["correlation"] for r in records if r["scores"]["simulation"]["correlation"]]
+    assert sum(corr) / len(corr) > 0.1  # the baseline's quoted tokens do predict activations
+
+
+def test_reference_command_line_parses(capsys):
+    cfg = cli.parse_config(DescriptionsConfig, REFERENCE, ignored=IGNORED)
+    assert cfg.explainer == "google/flan-t5-xxl" and cfg.cuda == 1
+    assert "--train_seq_len" in capsys.readouterr().out
+
+
+def test_bad_inputs(tiny_run, run_copy, tmp_path):
+    fresh = tmp_path / "fresh"
+    shutil.copytree(tiny_run, fresh, ignore=shutil.ignore_patterns("topk", "descriptions"))
+    base = ["get_activation_descriptions.py", "--device", "cpu"]
+    assert_one_line_error(run_cli(base + ["--train_folder", str(fresh), "--explainer", "tokens"]), "no finished top-k")
+    assert_one_line_error(run_cli(base + ["--train_folder", str(run_copy), "--explainer", str(tmp_path / "nope")]),
+                          "does not exist")
+    vit = tmp_path / "vit"
+    vit.mkdir()
+    from transformers import ViTConfig
+
+    ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(vit)
+    assert_one_line_error(run_cli(base + ["--train_folder", str(run_copy), "--explainer", str(vit)]),
+                          "neither a seq2seq nor a causal")
