@@ -1,7 +1,7 @@
 """The whole pipeline on the built-in synthetic corpus at a tiny size, on the CPU (`make demo`).
 
 The stages run in order as they exist: data preparation, diffusion training, generation, transcoders,
-top-k activations.
+top-k activations, feature descriptions (with the model-free `tokens` explainer: no LLM is needed).
 """
 from __future__ import annotations
 
@@ -93,6 +93,13 @@ def main() -> None:
 
     topk = get_topk(TopKConfig(train_folder=str(run), **DEMO_TOPK))
     print(f"open the feature browser in a browser: {(topk / 'index.html').resolve()}")
+
+    print("\n== stage 5: get_activation_descriptions.py (explainer: tokens)")
+    from get_activation_descriptions import DescriptionsConfig, main as describe
+
+    desc = describe(DescriptionsConfig(train_folder=str(run), explainer="tokens", device="cpu"))
+    first = json.loads((desc / "descriptions.jsonl").read_text().splitlines()[0])
+    print(f"for example, layer {first['layer']} feature {first['feature']}: {first['description']}")
 
 
 def show_fact_accuracy(run, prepared) -> None:

@@ -30,6 +30,7 @@ class DescriptionsConfig:
     judge: str = arg("", "the model that scores (default: the explainer's model; none for 'tokens')")
     scorers: str = arg("detection,fuzzing,simulation", "comma-separated scorers")
     n_examples: int = arg(10, "explain-half contexts shown per feature (fewer if the prompt does not fit)")
+    n_score: int = arg(10, "held-out contexts scored per feature: this many activating and as many non-activating")
     max_new_tokens: int = arg(30, "longest description, in tokens")
     batch_size: int = arg(32, "prompts per forward pass")
     dtype: str = arg("auto", "explainer weights: auto (bf16 on CUDA, fp32 on the CPU), bfloat16, float32, float16")
@@ -46,7 +47,7 @@ class DescriptionsConfig:
     def __post_init__(self) -> None:
         if not self.train_folder:
             raise ValueError("--train_folder is required (experiments/<run>)")
-        for name in ("n_examples", "max_new_tokens", "batch_size"):
+        for name in ("n_examples", "n_score", "max_new_tokens", "batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
         if self.max_features_per_layer < 0:

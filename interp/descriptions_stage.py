@@ -58,10 +58,14 @@ def append_record(path: Path, record: dict) -> None:
 
 
 def batched(fn: Callable[[list[str]], list], size: int) -> Callable[[list[str]], list]:
+    """`fn` over batches of `size`, the prompts sorted by length first (little padding), results in order."""
     def run(prompts: list[str]) -> list:
-        out = []
-        for i in range(0, len(prompts), size):
-            out += fn(prompts[i:i + size])
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        out: list = [None] * len(prompts)
+        for i in range(0, len(order), size):
+            chunk = order[i:i + size]
+            for j, value in zip(chunk, fn([prompts[j] for j in chunk])):
+                out[j] = value
         return out
     return run
 
@@ -212,11 +216,11 @@ def run_descriptions(cfg, explainer_factory=None) -> Path:
         chunk = todo[i:i + cfg.batch_size]
         described = describe_batch([(s, r) for _, s, r in chunk], explainer, cfg)
         for (layer, stats, record), d in zip(chunk, described):
-            pos, neg = score_sets(record)
+            pos, neg = score_sets(record, cfg.n_score)
             scores: dict = {}
             if d["description"] is not None:
                 if judge_fn is not None:
-                    js = judge_scores(d["description"], record, judge_fn, cfg.seed + stats["feature"])
+                    js = judge_scores(d["description"], record, judge_fn, cfg.seed + stats["feature"], cfg.n_score)
                     scores.update({k: v for k, v in js.items() if k in scorers})
                 if "simulation" in scorers:
                     scores["simulation"] = simulation(d["description"], pos + neg)

@@ -56,11 +56,14 @@ def wrongly_marked(example: dict, rng: random.Random) -> str:
     return mark(example, chosen)
 
 
-def score_sets(record: dict) -> tuple[list[dict], list[dict]]:
-    """(activating, non-activating) held-out contexts: the "score" half only."""
-    pos = [e for e in record["top"] + record["quantile"] if e["split"] == "score"]
+def score_sets(record: dict, n: int | None = None) -> tuple[list[dict], list[dict]]:
+    """(activating, non-activating) held-out contexts: the "score" half only, at most n of each; the
+    activating ones alternate between the top examples and those spread over the activation range."""
+    top = [e for e in record["top"] if e["split"] == "score"]
+    spread = [e for e in record["quantile"] if e["split"] == "score"]
+    pos = [e for pair in zip(top, spread) for e in pair] + top[len(spread):] + spread[len(top):]
     neg = [e for e in record["random"] if e["split"] == "score"]
-    return pos, neg
+    return (pos, neg) if n is None else (pos[:n], neg[:n])
 
 
 def quoted_words(description: str) -> set[str]:
@@ -100,9 +103,10 @@ def pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
     return sum((a - mx) * (b - my) for a, b in zip(x, y)) / (sxx * syy) ** 0.5
 
 
-def judge_scores(description: str, record: dict, judge: Callable[[list[str]], list[float]], seed: int) -> dict:
+def judge_scores(description: str, record: dict, judge: Callable[[list[str]], list[float]], seed: int,
+                 n: int | None = None) -> dict:
     """Detection and fuzzing with `judge` (prompts → P(yes)); both computed from one batched call."""
-    pos, neg = score_sets(record)
+    pos, neg = score_sets(record, n)
     rng = random.Random(seed)
     prompts = [detection_prompt(description, e) for e in pos + neg]
     prompts += [fuzzing_prompt(description, mark(e)) for e in pos]

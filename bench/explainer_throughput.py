@@ -1,0 +1,74 @@
+"""Explainer throughput: descriptions/s and detection judgements/s for a model of Flan-T5-XXL's shape.
+
+    python bench/explainer_throughput.py                 # CUDA: random weights, Flan-T5-XXL's exact shape, bf16
+    python bench/explainer_throughput.py --tiny          # a tiny T5 (CPU check of the script)
+
+No weights are downloaded: a randomly initialised T5 of the same shape does the same compute. Each
+description is a batched greedy generation of exactly --new_tokens tokens (EOS suppressed) from
+--prompt_tokens-token prompts; a judgement is one encoder pass over --judge_tokens tokens plus one
+decoder step (model.explainer.Explainer.yes_probability's work).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from transformers import T5Config, T5ForConditionalGeneration
+
+XXL = dict(vocab_size=32128, d_model=4096, d_ff=10240, d_kv=64, num_layers=24, num_decoder_layers=24, num_heads=64,
+           feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+TINY = dict(vocab_size=512, d_model=64, d_ff=128, d_kv=16, num_layers=2, num_decoder_layers=2, num_heads=4,
+            feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--judge_batch_size", type=int, default=256)
+    p.add_argument("--prompt_tokens", type=int, default=512)
+    p.add_argument("--new_tokens", type=int, default=20)
+    p.add_argument("--judge_tokens", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=3)
+    args = p.parse_args()
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda:0" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    shape = TINY if args.tiny or not cuda else XXL
+    with torch.device(device):
+        model = T5ForConditionalGeneration(T5Config(**shape, decoder_start_token_id=0, pad_token_id=0,
+                                                    eos_token_id=1)).to(dtype).eval()
+    V = shape["vocab_size"]
+    B, J = (args.batch_size, args.judge_batch_size) if cuda else (8, 16)
+    print(f"device {torch.cuda.get_device_name() if cuda else 'cpu'}; T5 d_model={shape['d_model']}, "
+          f"{shape['num_layers']}+{shape['num_decoder_layers']} layers, {dtype}", flush=True)
+
+    def timed(fn):
+        fn()  # warm-up
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(args.rounds):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / args.rounds
+
+    prompts = torch.randint(2, V, (B, args.prompt_tokens), device=device)
+    mask = torch.ones_like(prompts)
+    gen = lambda: model.generate(input_ids=prompts, attention_mask=mask, max_new_tokens=args.new_tokens,  # noqa: E731
+                                 min_new_tokens=args.new_tokens, do_sample=False, num_beams=1)
+    with torch.no_grad():
+        dt = timed(gen)
+        print(f"descriptions/s: {B / dt:,.1f} (batch {B}, {args.prompt_tokens}-token prompts, {args.new_tokens} new tokens)")
+        judge_in = torch.randint(2, V, (J, args.judge_tokens), device=device)
+        start = torch.zeros((J, 1), dtype=torch.long, device=device)
+        dt = timed(lambda: model(input_ids=judge_in, attention_mask=torch.ones_like(judge_in), decoder_input_ids=start))
+        print(f"judgements/s: {J / dt:,.1f} (batch {J}, {args.judge_tokens}-token inputs, one decoder step)")
+    if cuda:
+        print(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+
+
+if __name__ == "__main__":
+    main()
