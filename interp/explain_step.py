@@ -49,17 +49,24 @@ def total_prompt(committed: str, context: str, layer_texts: list[str]) -> str:
             f"{lines}In one sentence, explain how the model arrived at its output.")
 
 
-def compose_layer(cited: list[dict]) -> str:
-    """The deterministic per-layer description: the cited features' descriptions with their shares."""
+def short(description: str, limit: int = 80) -> str:
+    """The head of a description (before its first ';'), at most `limit` characters."""
+    head = description.split(";")[0].strip()
+    return head if len(head) <= limit else head[:limit - 1].rstrip() + "…"
+
+
+def compose_layer(cited: list[dict], n: int = 3) -> str:
+    """The deterministic per-layer description: the strongest cited features, shortened, with shares."""
     if not cited:
         return "no feature pushed for the committed tokens"
-    return "; ".join(f"{c['description']} ({c['share']:.0%})" for c in cited)
+    return "; ".join(f"{short(c['description'])} ({c['share']:.0%})" for c in cited[:n])
 
 
 def compose_total(layer_texts: list[str], pushes: list[float], committed: str) -> str:
     order = sorted(range(len(pushes)), key=lambda i: -pushes[i])
     lead = ", ".join(f"layer {i} ({pushes[i] / max(1e-12, sum(pushes)):.0%})" for i in order[:2] if pushes[i] > 0)
-    return f'"{committed}" was pushed mostly by {lead or "no layer"}; strongest: {layer_texts[order[0]]}'
+    strongest = layer_texts[order[0]].split("; ")[0] if layer_texts else ""
+    return f'"{committed}" was pushed mostly by {lead or "no layer"}; strongest feature: {strongest}'
 
 
 def grounded(atts: list[dict[int, LayerAttribution]], cited_by_layer: dict[int, list[dict]],
@@ -72,7 +79,7 @@ def grounded(atts: list[dict[int, LayerAttribution]], cited_by_layer: dict[int, 
             mags = att.features.abs()
             known = sum(float(mags[f]) for (lay, f) in descriptions if lay == layer and f < len(mags))
             described += known
-            undescribed += float(mags.sum()) - known
+            undescribed += max(0.0, float(mags.sum()) - known)  # rounding can leave a tiny negative
             error += abs(att.error)
             other += abs(att.other)
     total = described + undescribed + error + other or 1.0

@@ -126,3 +126,11 @@ def tiny_llms(tmp_path_factory):
     fast.save_pretrained(gpt)
     out["gpt2"] = gpt
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_descriptions(tiny_topk, tiny_run):
+    """The `tokens` baseline's descriptions of every live feature of the session's tiny model."""
+    from get_activation_descriptions import DescriptionsConfig, main
+
+    return main(DescriptionsConfig(train_folder=str(tiny_run), explainer="tokens", device="cpu"))

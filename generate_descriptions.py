@@ -1,0 +1,45 @@
+"""Stage 6: explain each generation step by step, layer by layer, with scores.
+
+    python generate_descriptions.py --train_folder experiments/X --checkpoint_name state_step020000.pt --cuda 1 \\
+        --num_layers 12 --num_heads 6 --model_dim 384 --max_seq_len 4_096
+    python generate_descriptions.py --train_folder experiments/X --checkpoint_name latest --explainer tokens \\
+        --device cpu --prompt "The capital of France is"
+
+Needs the checkpoint's transcoders (train_transcoders.py) and the explainer's feature descriptions
+(get_activation_descriptions.py). Writes experiments/X/explanations/<stamp>/explanations.json and report.html.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cli
+from cli import arg
+from generate import GenerateConfig
+
+
+@dataclass
+class ExplainConfig(GenerateConfig):
+    """Generate step by step and explain every step through the transcoder features of every layer."""
+
+    explainer: str = arg("google/flan-t5-xxl", "whose feature descriptions to use and who writes the step "
+                                               "descriptions and ratings; 'tokens': composed, no ratings")
+    features_per_layer: int = arg(10, "features cited per layer and step")
+    max_new_tokens: int = arg(40, "longest LLM-written description")
+    dtype: str = arg("auto", "explainer weights: auto, bfloat16, float32, float16")
+    load_in_8bit: bool = arg(False, "load the explainer in 8 bits (CUDA)")
+    trust_remote_code: bool = arg(False, "allow model repositories to run their own code")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.features_per_layer <= 0 or self.max_new_tokens <= 0:
+            raise ValueError("--features_per_layer and --max_new_tokens must be positive")
+
+
+def main(cfg: ExplainConfig):
+    from interp.explain_stage import run_explanations
+
+    return run_explanations(cfg)
+
+
+if __name__ == "__main__":
+    cli.run(main, ExplainConfig, description=ExplainConfig.__doc__)

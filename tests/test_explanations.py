@@ -1,0 +1,144 @@
+import json
+import shutil
+
+import pytest
+import torch
+
+import cli
+from experiment import load_run
+from generate_descriptions import ExplainConfig, main
+from interp.attribution import attribute_tokens, replacement, token_logprobs
+from interp.explain_stage import run_explanations
+from interp.explain_step import parse_rating
+from model.transcoder import Transcoder
+from tests.conftest import assert_one_line_error, run_cli
+
+REFERENCE = ("--train_folder experiments/X --checkpoint_name state_step020000.pt --cuda 1 --num_layers 12 --num_heads 6 "
+             "--model_dim 384 --max_seq_len 4_096").split()
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_run, tiny_transcoders):
+    config, model, tok, _ = load_run(tiny_run, "latest", "cpu")
+    tcs = {layer: Transcoder.load(tiny_transcoders / f"layer_{layer:02d}") for layer in (0, 1)}
+    ids = [tok.bos_id] + tok.encode("The capital of France is") + [model.cfg.mask_id] * 3 + tok.encode(" and more")
+    return model, tcs, tok, torch.tensor([ids])
+
+
+def test_replacement_forward_is_exact(loaded):
+    model, tcs, _, x = loaded
+    with torch.no_grad():
+        base = model(x).logits
+        with replacement(model, tcs, x):
+            replaced = model(x).logits
+    torch.testing.assert_close(replaced, base, atol=1e-4, rtol=1e-4)
+    with torch.no_grad(), replacement(model, tcs, x, scale={(1, int(torch.arange(512)[0])): 0.0}):
+        assert model(x).logits.shape == base.shape
+
+
+def test_attributions_predict_small_ablations(loaded):
+    model, tcs, tok, x = loaded
+    pos = 7  # the first masked position
+    target = int(model(x).logits[0, pos].argmax())
+    att = attribute_tokens(model, tcs, x, [pos], [target])[0]
+    base = float(token_logprobs(model, x, [pos], [target], tcs)[0])
+    predicted, actual = [], []
+    eps = 0.01
+    for layer in (0, 1):
+        for f in att[layer].features.abs().topk(6).indices.tolist():
+            changed = float(token_logprobs(model, x, [pos], [target], tcs, scale={(layer, f): 1 - eps})[0])
+            predicted.append(-eps * float(att[layer].features[f]))
+            actual.append(changed - base)
+    pred, act = torch.tensor(predicted), torch.tensor(actual)
+    assert torch.corrcoef(torch.stack([pred, act]))[0, 1] > 0.95, (predicted, actual)
+    close = ((pred - act).abs() <= 0.2 * pred.abs() + 1e-6).float().mean()
+    assert close >= 0.75, (predicted, actual)  # TopK can switch latents, so not every one is exactly linear
+
+
+@pytest.mark.parametrize("raw,value", [("7", 7), ("I would say 8/10.", 8), ("Rating: 10", 10), ("0", None),
+                                        ("eleven", None), ("", None), (None, None), ("3.5", None), ("12 then 4", 4)])
+def test_rating_parsing(raw, value):
+    assert parse_rating(raw) == value
+
+
+def test_tokens_explainer_end_to_end(tiny_descriptions, tiny_run, tmp_path):
+    out = tmp_path / "x.json"
+    proc = run_cli(["generate_descriptions.py", "--train_folder", str(tiny_run), "--checkpoint_name", "latest",
+                    "--explainer", "tokens", "--device", "cpu", "--prompt", "The capital of France is",
+                    "--gen_length", "4", "--num_generate_steps", "4", "--output", str(out)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    i = lines.index("input: The capital of France is")
+    assert lines[i + 1] == "iteration: 1" and lines[i + 2].startswith("        continuation=The capital of France is")
+    assert lines[i + 3].startswith("        per layer description=['") and lines[i + 4].startswith("        total description=")
+    assert lines[i + 5] == "        models output score=unavailable (no LLM explainer)"
+    assert lines[i + 6] == "        models mechanistic interpretability score=unavailable (no LLM explainer)"
+    data = json.loads(out.read_text())
+    steps = data["prompts"][0]["steps"]
+    assert len(steps) == 4 and all(s["output_score"] is None and s["interpretation_score"] is None for s in steps)
+    for s in steps:
+        g = s["grounded"]
+        assert abs(g["described_feature_share"] + g["undescribed_feature_share"] + g["error_share"] + g["bias_share"] - 1) < 1e-6
+        assert len(s["per_layer_description"]) == 2 and s["committed"][0]["prob"] > 0
+        assert s["tokens"][0]["layers"]["0"]
+    report = out.with_name("x_report.html").read_text()
+    assert 'class="new"' in report and "The capital of France is" in report and "const DATA" in report
+
+
+class Scripted:
+    name = "scripted"
+
+    def __init__(self):
+        self.prompts = []
+
+    def generate(self, prompts, max_new_tokens, sample=False, seed=0):
+        self.prompts += prompts
+        return ["8" if "Answer with one number" in p else "it recalls the capital" for p in prompts]
+
+
+def test_llm_ratings_are_parsed_and_kept(tiny_descriptions, tiny_run, tmp_path):
+    # reuse the tokens baseline's descriptions under the scripted explainer's name
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    path = run / "descriptions" / "state_step000400" / "descriptions.jsonl"
+    lines = [dict(json.loads(line), explainer="scripted") for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    cfg = ExplainConfig(train_folder=str(run), explainer="scripted", device="cpu", prompt=["Scientists classify the"],
+                        gen_length=3, num_generate_steps=3, output=str(tmp_path / "e.json"))
+    ex = Scripted()
+    run_explanations(cfg, explainer_factory=lambda name: ex)
+    steps = json.loads((tmp_path / "e.json").read_text())["prompts"][0]["steps"]
+    assert all(s["output_score"] == 8 and s["interpretation_score"] == 8 for s in steps)
+    assert all(s["raw_ratings"]["output_score"] == "8" for s in steps)
+    assert all(s["per_layer_description"] == ["it recalls the capital"] * 2 for s in steps)
+    assert sum("Rate" in p for p in ex.prompts) == 2 * len(steps)
+
+
+def test_tiny_t5_end_to_end(tiny_topk, tiny_run, tiny_llms, tmp_path):
+    from get_activation_descriptions import DescriptionsConfig, main as describe
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("descriptions", "explanations"))
+    t5 = str(tiny_llms["t5"])
+    describe(DescriptionsConfig(train_folder=str(run), explainer=t5, device="cpu", max_features_per_layer=40,
+                                n_examples=2, max_new_tokens=6, scorers="simulation"))
+    out = main(ExplainConfig(train_folder=str(run), explainer=t5, device="cpu", prompt=["The month after March is"],
+                             gen_length=2, num_generate_steps=2, max_new_tokens=6, features_per_layer=3))
+    steps = json.loads(out.read_text())["prompts"][0]["steps"]
+    for s in steps:
+        assert set(s["raw_ratings"]) == {"output_score", "interpretation_score", "total_description"}
+        for key in ("output_score", "interpretation_score"):  # a random model's answer: parsed or null, never made up
+            assert s[key] == parse_rating(s["raw_ratings"][key])
+    assert (out.parent / "report.html").exists()
+
+
+def test_reference_command_line_parses():
+    cfg = cli.parse_config(ExplainConfig, REFERENCE)
+    assert (cfg.checkpoint_name, cfg.cuda, cfg.max_seq_len, cfg.features_per_layer) == ("state_step020000.pt", 1, 4096, 10)
+
+
+def test_no_descriptions_yet(tiny_run, tiny_transcoders, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("descriptions", "explanations"))
+    assert_one_line_error(run_cli(["generate_descriptions.py", "--train_folder", str(run), "--explainer", "tokens",
+                                   "--device", "cpu"]), "no descriptions by 'tokens'")
