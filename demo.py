@@ -1,7 +1,8 @@
 """The whole pipeline on the built-in synthetic corpus at a tiny size, on the CPU (`make demo`).
 
 The stages run in order as they exist: data preparation, diffusion training, generation, transcoders,
-top-k activations, feature descriptions (with the model-free `tokens` explainer: no LLM is needed).
+top-k activations, feature descriptions (with the model-free `tokens` explainer: no LLM is needed),
+and the step-by-step explanation of a few prompts.
 """
 from __future__ import annotations
 
@@ -100,6 +101,15 @@ def main() -> None:
     desc = describe(DescriptionsConfig(train_folder=str(run), explainer="tokens", device="cpu"))
     first = json.loads((desc / "descriptions.jsonl").read_text().splitlines()[0])
     print(f"for example, layer {first['layer']} feature {first['feature']}: {first['description']}")
+
+    print("\n== stage 6: generate_descriptions.py (explainer: tokens)")
+    from generate_descriptions import ExplainConfig, main as explain
+
+    out = explain(ExplainConfig(train_folder=str(run), explainer="tokens", device="cpu", prompt=DEMO_PROMPTS[:2],
+                                gen_length=4, num_generate_steps=4, features_per_layer=5))
+    print("\npages to open in a browser:")
+    print(f"  feature browser:    {(topk / 'index.html').resolve()}")
+    print(f"  explanation report: {(out.parent / 'report.html').resolve()}")
 
 
 def show_fact_accuracy(run, prepared) -> None:
