@@ -25,6 +25,19 @@ def arg(default: Any, help: str) -> Any:
     return dataclasses.field(default=default, metadata={"help": help})
 
 
+def require_positive(cfg: Any, *names: str) -> None:
+    """For a config's __post_init__: every named field must be > 0 (ValueError naming the flag)."""
+    for name in names:
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"--{name} must be positive, got {getattr(cfg, name)}")
+
+
+def require_non_negative(cfg: Any, *names: str) -> None:
+    for name in names:
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"--{name} must be 0 or positive, got {getattr(cfg, name)}")
+
+
 def parse_bool(text: str) -> bool:
     low = text.strip().lower()
     if low in ("true", "1", "yes", "y", "on"):

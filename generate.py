@@ -7,7 +7,6 @@
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -49,8 +48,7 @@ class GenerateConfig:
     def __post_init__(self) -> None:
         if not self.train_folder:
             raise ValueError("--train_folder is required (experiments/<run>)")
-        if self.batch_size <= 0:
-            raise ValueError(f"--batch_size must be positive, got {self.batch_size}")
+        cli.require_positive(self, "batch_size")
         self.sampler()  # validates the sampling flags
 
     def sampler(self):

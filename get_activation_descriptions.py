@@ -47,11 +47,8 @@ class DescriptionsConfig:
     def __post_init__(self) -> None:
         if not self.train_folder:
             raise ValueError("--train_folder is required (experiments/<run>)")
-        for name in ("n_examples", "n_score", "max_new_tokens", "batch_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
-        if self.max_features_per_layer < 0:
-            raise ValueError("--max_features_per_layer must be 0 (all) or positive")
+        cli.require_positive(self, "n_examples", "n_score", "max_new_tokens", "batch_size")
+        cli.require_non_negative(self, "max_features_per_layer")
 
 
 def main(cfg: DescriptionsConfig):

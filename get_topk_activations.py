@@ -48,12 +48,9 @@ class TopKConfig:
     def __post_init__(self) -> None:
         if not self.train_folder:
             raise ValueError("--train_folder is required (experiments/<run>)")
-        for name in ("train_seq_len", "train_steps", "grad_acc_steps", "batch_size", "top_k", "checkpoint_every"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
-        for name in ("context_before", "context_after", "n_quantile", "n_random"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name} must be 0 or positive, got {getattr(self, name)}")
+        cli.require_positive(self, "train_seq_len", "train_steps", "grad_acc_steps", "batch_size", "top_k",
+                             "checkpoint_every")
+        cli.require_non_negative(self, "context_before", "context_after", "n_quantile", "n_random")
         if self.mask_ratio != "random":
             try:
                 ok = 0 <= float(self.mask_ratio) <= 1

@@ -51,14 +51,9 @@ class TrainConfig:
     wandb: bool = arg(False, "also log to Weights & Biases (needs the wandb package)")
 
     def __post_init__(self) -> None:
-        positive = ("train_seq_len", "val_seq_len", "batch_size", "grad_acc_steps", "train_steps", "num_layers",
-                    "num_heads", "model_dim", "val_tokens", "log_every")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
-        for name in ("val_loss_every", "save_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name} must be 0 or positive, got {getattr(self, name)}")
+        cli.require_positive(self, "train_seq_len", "val_seq_len", "batch_size", "grad_acc_steps", "train_steps",
+                             "num_layers", "num_heads", "model_dim", "val_tokens", "log_every")
+        cli.require_non_negative(self, "val_loss_every", "save_every")
         if self.model_dim % self.num_heads:
             raise ValueError(f"--model_dim {self.model_dim} is not divisible by --num_heads {self.num_heads}")
         if (self.model_dim // self.num_heads) % 2:

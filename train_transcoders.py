@@ -53,13 +53,9 @@ class TranscoderTrainConfig:
     def __post_init__(self) -> None:
         if not self.train_folder:
             raise ValueError("--train_folder is required (experiments/<run>)")
-        for name in ("train_seq_len", "batch_size", "grad_acc_steps", "train_steps", "expansion_factor", "k",
-                     "dead_tokens", "val_tokens", "log_every"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
-        for name in ("val_loss_every", "save_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name} must be 0 or positive, got {getattr(self, name)}")
+        cli.require_positive(self, "train_seq_len", "batch_size", "grad_acc_steps", "train_steps", "expansion_factor",
+                             "k", "dead_tokens", "val_tokens", "log_every")
+        cli.require_non_negative(self, "val_loss_every", "save_every")
         if self.lr is not None and self.lr <= 0 or self.auxk_alpha < 0:
             raise ValueError("--lr must be positive and --auxk_alpha non-negative")
         if self.mask_ratio != "random":

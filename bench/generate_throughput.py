@@ -17,31 +17,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model.diffusion import DiffusionLM, ModelConfig  # noqa: E402
+from bench.common import CUDA as cuda, device_name, random_model, shape_args  # noqa: E402
 from model.sampler import SamplerConfig, generate  # noqa: E402
 
 
 def main() -> None:
-    cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--num_layers", type=int, default=12 if cuda else 2)
-    p.add_argument("--model_dim", type=int, default=384 if cuda else 64)
-    p.add_argument("--num_heads", type=int, default=6 if cuda else 2)
-    p.add_argument("--n_vocab", type=int, default=50257 if cuda else 1317)
+    shape_args(p)
     p.add_argument("--gen_length", type=int, default=256 if cuda else 64)
     p.add_argument("--steps", default="16,64,256" if cuda else "16,64")
     p.add_argument("--batch_sizes", default="1,32" if cuda else "1,8")
     args = p.parse_args()
-    device = torch.device("cuda:0" if cuda else "cpu")
-    n = args.n_vocab
-    cfg = ModelConfig(n_vocab=n, vocab_size=(n + 2 + 63) // 64 * 64, mask_id=n, pad_id=n + 1, bos_id=n - 1,
-                      num_layers=args.num_layers, num_heads=args.num_heads, model_dim=args.model_dim)
-    torch.manual_seed(0)
-    model = DiffusionLM(cfg).to(device).eval()
-    for prm in model.parameters():  # non-zero projections, so the work is not trivially sparse
-        torch.nn.init.normal_(prm, std=0.02)
+    model = random_model(args)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
-    print(f"device {torch.cuda.get_device_name() if cuda else 'cpu'}; {args.num_layers} layers, d={args.model_dim}; "
+    print(f"device {device_name()}; {args.num_layers} layers, d={args.model_dim}; "
           f"{args.gen_length} tokens after a 32-token prompt")
     for B in (int(b) for b in args.batch_sizes.split(",")):
         prompts = [list(range(1, 33))] * B

@@ -20,10 +20,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import CUDA as cuda, DEVICE as device, device_name, random_model, shape_args  # noqa: E402
 from data.loader import ShardLoader  # noqa: E402
 from data.shards import write_shard  # noqa: E402
 from interp.scan import ScanSettings, scan  # noqa: E402
-from model.diffusion import DiffusionLM, ModelConfig  # noqa: E402
 from model.transcoder import Transcoder, TranscoderConfig  # noqa: E402
 
 
@@ -40,26 +40,12 @@ def fake_dataset(folder: Path, n_tokens: int, n_vocab: int, bos: int, vocab_size
 
 
 def main() -> None:
-    cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--num_layers", type=int, default=12 if cuda else 2)
-    p.add_argument("--model_dim", type=int, default=384 if cuda else 64)
-    p.add_argument("--num_heads", type=int, default=6 if cuda else 2)
-    p.add_argument("--seq_len", type=int, default=4096 if cuda else 256)
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--expansion_factor", type=int, default=32 if cuda else 8)
-    p.add_argument("--k", type=int, default=32 if cuda else 8)
-    p.add_argument("--n_vocab", type=int, default=50257 if cuda else 1317)
+    shape_args(p, transcoder=True)
     p.add_argument("--batches", type=int, default=20 if cuda else 4)
     args = p.parse_args()
-    device = torch.device("cuda:0" if cuda else "cpu")
-    n = args.n_vocab
-    mc = ModelConfig(n_vocab=n, vocab_size=(n + 2 + 63) // 64 * 64, mask_id=n, pad_id=n + 1, bos_id=n - 1,
-                     num_layers=args.num_layers, num_heads=args.num_heads, model_dim=args.model_dim)
-    torch.manual_seed(0)
-    model = DiffusionLM(mc).to(device).eval().requires_grad_(False)
-    for prm in model.parameters():
-        torch.nn.init.normal_(prm, std=0.02)
+    model = random_model(args)
+    mc, n = model.cfg, args.n_vocab
     tcfg = TranscoderConfig(args.model_dim, args.expansion_factor * args.model_dim, args.k)
     transcoders = {i: Transcoder(tcfg).to(device) for i in range(args.num_layers)}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
@@ -67,7 +53,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         fake_dataset(Path(tmp), n_tokens + args.seq_len * args.batch_size, n, mc.bos_id, mc.vocab_size)
         loader = ShardLoader(tmp, "train", args.seq_len, args.batch_size)
-        print(f"device {torch.cuda.get_device_name() if cuda else 'cpu'}; {args.num_layers} layers, d={args.model_dim}, "
+        print(f"device {device_name()}; {args.num_layers} layers, d={args.model_dim}, "
               f"{tcfg.num_latents} features per layer, k={args.k}; {args.batches} batches of "
               f"{args.batch_size}×{args.seq_len}", flush=True)
         s = ScanSettings(n_batches=1, checkpoint_every=10**9)

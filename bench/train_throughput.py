@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model.diffusion import DiffusionLM, ModelConfig  # noqa: E402
+from bench.common import CUDA as cuda, DEVICE as device, device_name, random_model, shape_args  # noqa: E402
 from model.objective import train_noise  # noqa: E402
 from model.optim import build_optimizers  # noqa: E402
 from model.training import Dist, accumulate_gradients  # noqa: E402
@@ -27,28 +27,17 @@ PEAK_FLOPS = 989e12
 
 
 def main() -> None:
-    cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--num_layers", type=int, default=12 if cuda else 2)
-    p.add_argument("--model_dim", type=int, default=384 if cuda else 64)
-    p.add_argument("--num_heads", type=int, default=6 if cuda else 2)
-    p.add_argument("--seq_len", type=int, default=4096 if cuda else 256)
-    p.add_argument("--batch_size", type=int, default=8)
+    shape_args(p)
     p.add_argument("--grad_acc_steps", type=int, default=1)
-    p.add_argument("--n_vocab", type=int, default=50257, help="text vocabulary (gpt2: 50257)")
     p.add_argument("--doc_len", type=int, default=1000, help="mean document length (BOS spacing)")
     p.add_argument("--steps", type=int, default=30 if cuda else 10)
     p.add_argument("--warmup", type=int, default=5 if cuda else 2)
     p.add_argument("--compile", type=int, default=int(cuda))
     args = p.parse_args()
 
-    device = torch.device("cuda:0" if cuda else "cpu")
-    vocab_size = (args.n_vocab + 2 + 63) // 64 * 64
-    cfg = ModelConfig(n_vocab=args.n_vocab, vocab_size=vocab_size, mask_id=args.n_vocab, pad_id=args.n_vocab + 1,
-                      bos_id=args.n_vocab - 1, num_layers=args.num_layers, num_heads=args.num_heads,
-                      model_dim=args.model_dim)
-    torch.manual_seed(0)
-    model = DiffusionLM(cfg).to(device)
+    model = random_model(args, frozen=False)  # the real initialisation: it trains
+    cfg = model.cfg
     if args.compile:
         for block in model.blocks:
             block.compile()
@@ -67,7 +56,7 @@ def main() -> None:
 
     n_matmul = model.n_params(matmul_only=True)
     flops_per_token = 6 * n_matmul + 12 * args.num_layers * args.model_dim * T
-    print(f"device {torch.cuda.get_device_name() if cuda else 'cpu'}; {args.num_layers} layers, d={args.model_dim}, "
+    print(f"device {device_name()}; {args.num_layers} layers, d={args.model_dim}, "
           f"{args.num_heads} heads, T={T}, {B} sequences × {acc} micro-batches; {n_matmul / 1e6:.1f}M matmul params; "
           f"compile={bool(args.compile)}", flush=True)
     tokens_per_step = B * T * acc

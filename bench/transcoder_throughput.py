@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model.diffusion import DiffusionLM, ModelConfig  # noqa: E402
+from bench.common import CUDA as cuda, DEVICE as device, device_name, random_model, shape_args  # noqa: E402
 from model.objective import train_noise  # noqa: E402
 from model.training import Dist  # noqa: E402
 from model.transcoder import Transcoder, TranscoderConfig  # noqa: E402
@@ -26,27 +26,13 @@ from model.transcoder_training import LayerPairs, train_step  # noqa: E402
 
 
 def main() -> None:
-    cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--num_layers", type=int, default=12 if cuda else 2)
-    p.add_argument("--model_dim", type=int, default=384 if cuda else 64)
-    p.add_argument("--num_heads", type=int, default=6 if cuda else 2)
-    p.add_argument("--seq_len", type=int, default=4096 if cuda else 256)
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--expansion_factor", type=int, default=32 if cuda else 8)
-    p.add_argument("--k", type=int, default=32 if cuda else 8)
-    p.add_argument("--n_vocab", type=int, default=50257 if cuda else 1317)
+    shape_args(p, transcoder=True)
     p.add_argument("--steps", type=int, default=20 if cuda else 5)
     p.add_argument("--warmup", type=int, default=3 if cuda else 1)
     args = p.parse_args()
-    device = torch.device("cuda:0" if cuda else "cpu")
-    n = args.n_vocab
-    mc = ModelConfig(n_vocab=n, vocab_size=(n + 2 + 63) // 64 * 64, mask_id=n, pad_id=n + 1, bos_id=n - 1,
-                     num_layers=args.num_layers, num_heads=args.num_heads, model_dim=args.model_dim)
-    torch.manual_seed(0)
-    model = DiffusionLM(mc).to(device).eval().requires_grad_(False)
-    for prm in model.parameters():
-        torch.nn.init.normal_(prm, std=0.02)
+    model = random_model(args)
+    mc, n = model.cfg, args.n_vocab
     layers = list(range(args.num_layers))
     tcfg = TranscoderConfig(args.model_dim, args.expansion_factor * args.model_dim, args.k)
     transcoders = torch.nn.ModuleDict({str(i): Transcoder(tcfg) for i in layers}).to(device)
@@ -63,7 +49,7 @@ def main() -> None:
 
     first = LayerPairs(model, layers, *(v.to(device) for v in next(batches(0))), autocast)
     scales = {i: float(y.pow(2).mean()) ** 0.5 for i, (x, y) in first.pairs.items()}  # as training does
-    print(f"device {torch.cuda.get_device_name() if cuda else 'cpu'}; {args.num_layers} layers, d={args.model_dim}, "
+    print(f"device {device_name()}; {args.num_layers} layers, d={args.model_dim}, "
           f"{tcfg.num_latents} latents, k={args.k}; {B}×{T} tokens per step", flush=True)
     for step in range(args.warmup + args.steps):
         if step == args.warmup:

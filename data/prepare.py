@@ -48,15 +48,11 @@ class PrepareConfig:
     bpe_train_docs: int = arg(100_000, "documents used to train a BPE tokenizer")
 
     def __post_init__(self) -> None:
-        for name in ("shard_size", "val_tokens", "workers", "bpe_train_docs"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
+        cli.require_positive(self, "shard_size", "val_tokens", "workers", "bpe_train_docs", "synthetic_mb")
         if self.num_shards is not None and self.num_shards <= 0:
             raise ValueError(f"--num_shards must be positive, got {self.num_shards}")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"--val_fraction must lie strictly between 0 and 1, got {self.val_fraction}")
-        if self.synthetic_mb <= 0:
-            raise ValueError(f"--synthetic_mb must be positive, got {self.synthetic_mb}")
         if not self.tokenizer:
             self.tokenizer = "gpt2" if self.dataset == "fineweb-edu" else "bpe:4096"
         parse_tokenizer_name(self.tokenizer)  # an unknown name fails here, before any work

@@ -3,7 +3,6 @@ transcoder features of every layer, describe each step, score it, print, write J
 from __future__ import annotations
 
 import datetime
-import json
 from pathlib import Path
 
 import torch

@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-import torch
 
 from experiment import atomic_path
 from interp.scan import CATEGORIES, HIST_BINS, LayerState, ScanSettings

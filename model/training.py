@@ -20,7 +20,7 @@ from data.loader import ShardLoader
 from data.prepare import PrepareConfig, prepare_dataset
 from experiment import (CONFIG_FILE, LOSS_PLOT, METADATA_FILE, RunLog, atomic_path, checkpoint_name,
                         list_checkpoints, load_checkpoint, metadata, new_run_folder, read_json, read_metrics,
-                        resolve_device, save_checkpoint, truncate_metrics, write_json_atomic)
+                        resolve_device, truncate_metrics, write_json_atomic)
 from model.attention import FLEX_BLOCK
 from model.diffusion import DiffusionLM, ModelConfig
 from model.objective import diffusion_loss, train_noise, val_noise

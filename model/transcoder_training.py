@@ -205,7 +205,7 @@ def plot(out_dir: Path) -> None:
         a.plot(steps, [r["layers"][layer]["fvu"] for r in vals], marker="o", label=f"layer {layer}")
         b.plot(steps, [r["layers"][layer]["dead_fraction"] for r in vals], marker="o", label=f"layer {layer}")
     a.set(xlabel="step", ylabel="FVU (validation)", yscale="log", title="fraction of variance unexplained")
-    b.set(xlabel="step", ylabel="dead fraction", title=f"latents silent for > dead_tokens", ylim=(-0.02, 1.02))
+    b.set(xlabel="step", ylabel="dead fraction", title="latents silent for > dead_tokens", ylim=(-0.02, 1.02))
     for ax in (a, b):
         ax.grid(alpha=0.3)
     a.legend(fontsize="small", ncol=2)

@@ -134,7 +134,7 @@ def test_examples_windows_masks_and_halves(tiny_topk, tiny_run, tiny_transcoders
                 assert tokens[start:start + len(ex["tokens"])].tolist() == ex["tokens"]
                 assert bos not in ex["tokens"] or ex["tokens"] == [bos] or ex["tokens"][c] == bos
                 if len(ex["tokens"]) < cfg.context_before + 1 + cfg.context_after:  # clipped: at a boundary
-                    left, right = start - 1, start + len(ex["tokens"])
+                    right = start + len(ex["tokens"])
                     assert (c < cfg.context_before and (start % T == 0 or tokens[start - 1] == bos or
                                                         tokens[start] == bos)) or \
                         (len(ex["tokens"]) - 1 - c < cfg.context_after and (right % T == 0 or tokens[right] == bos))

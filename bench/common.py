@@ -1,0 +1,49 @@
+"""What the benchmark scripts share: the shape flags (the reference shape on CUDA, a tiny one on the
+CPU), the model config for a vocabulary size, a randomly initialised model."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from model.diffusion import DiffusionLM, ModelConfig  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda:0" if CUDA else "cpu")
+
+
+def shape_args(p: argparse.ArgumentParser, transcoder: bool = False) -> None:
+    p.add_argument("--num_layers", type=int, default=12 if CUDA else 2)
+    p.add_argument("--model_dim", type=int, default=384 if CUDA else 64)
+    p.add_argument("--num_heads", type=int, default=6 if CUDA else 2)
+    p.add_argument("--seq_len", type=int, default=4096 if CUDA else 256)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--n_vocab", type=int, default=50257 if CUDA else 1317, help="text vocabulary (gpt2: 50257)")
+    if transcoder:
+        p.add_argument("--expansion_factor", type=int, default=32 if CUDA else 8)
+        p.add_argument("--k", type=int, default=32 if CUDA else 8)
+
+
+def model_config(args) -> ModelConfig:
+    n = args.n_vocab
+    return ModelConfig(n_vocab=n, vocab_size=(n + 2 + 63) // 64 * 64, mask_id=n, pad_id=n + 1, bos_id=n - 1,
+                       num_layers=args.num_layers, num_heads=args.num_heads, model_dim=args.model_dim)
+
+
+def random_model(args, frozen: bool = True) -> DiffusionLM:
+    """Random weights everywhere (no zero-initialised projections), so the work is not trivially sparse."""
+    torch.manual_seed(0)
+    model = DiffusionLM(model_config(args)).to(DEVICE)
+    if frozen:
+        model.eval().requires_grad_(False)
+        for prm in model.parameters():
+            torch.nn.init.normal_(prm, std=0.02)
+    return model
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if CUDA else "cpu"
