@@ -298,14 +298,21 @@ def _train(cfg, dist: Dist, device: torch.device) -> Path:
             shutil.rmtree(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out_dir / CONFIG_FILE, {**settings, "base_run": str(folder), "d_in": mc.model_dim})
-    if state is None:
-        first = train_loader.batch(0)
-        pairs = LayerPairs(model, layers, first.tokens.to(device), *(v.to(device) for v in noise_for(
-            cfg, first, 0, per_step, cfg.train_seq_len)), autocast)
-        for layer, (x, y) in pairs.pairs.items():
-            scales[layer] = float(dist.all_sum(y.pow(2).mean().reshape(1))[0] / dist.world) ** 0.5
+    if state is None:  # scales and decoder biases from the first step's targets, all processes together
+        sums = {layer: torch.zeros(mc.model_dim + 2, dtype=torch.float64, device=device) for layer in layers}
+        for micro in range(acc):
+            batch = train_loader.batch(micro)
+            pairs = LayerPairs(model, layers, batch.tokens.to(device), *(v.to(device) for v in noise_for(
+                cfg, batch, 0, per_step, cfg.train_seq_len)), autocast)
+            for layer, (x, y) in pairs.pairs.items():  # Σy, Σ‖y‖², count
+                sums[layer] += torch.cat([y.double().sum(0), y.double().pow(2).sum().reshape(1),
+                                          torch.tensor([len(y)], dtype=torch.float64, device=device)])
+        for layer in layers:
+            total = dist.all_sum(sums[layer])
+            n = float(total[-1])
+            scales[layer] = (float(total[-2]) / (n * mc.model_dim)) ** 0.5
             with torch.no_grad():  # start the decoder bias at the mean target
-                transcoders[str(layer)].b_dec.copy_(dist.all_sum(y.mean(0) / scales[layer]) / dist.world)
+                transcoders[str(layer)].b_dec.copy_((total[:-2] / n / scales[layer]).float())
     log.folder = out_dir if dist.main else None
     tokens_per_step = per_step * cfg.train_seq_len
     log(f"transcoders for {ckpt} layers {layers}: {num_latents} latents (×{cfg.expansion_factor}), k={cfg.k}, "
