@@ -107,6 +107,11 @@ def main() -> None:
 
     out = explain(ExplainConfig(train_folder=str(run), explainer="tokens", device="cpu", prompt=DEMO_PROMPTS[:2],
                                 gen_length=4, num_generate_steps=4, features_per_layer=5))
+    print("\n== the ground-truth benchmark (python -m interp.ground_truth)")
+    from interp.ground_truth import GroundTruthConfig, run_ground_truth
+
+    run_ground_truth(GroundTruthConfig(train_folder=str(run), device="cpu"))
+
     print("\npages to open in a browser:")
     print(f"  feature browser:    {(topk / 'index.html').resolve()}")
     print(f"  explanation report: {(out.parent / 'report.html').resolve()}")
