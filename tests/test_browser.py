@@ -1,0 +1,55 @@
+"""The static pages in a real browser: headless Chromium loads them from disk, runs their scripts and
+renders them; no console errors, the highlighted tokens and the timeline are in the rendered page,
+and a screenshot is saved (tests/artifacts/, git-ignored)."""
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from generate_descriptions import ExplainConfig, main as explain
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+# skipped on a developer's machine without Chromium; in CI (.ci/run installs it) a missing browser fails
+pytestmark = pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"),
+                                reason="Chromium is not installed (.ci/run installs it)")
+
+
+def browse(page: Path, tmp_path: Path, screenshot: str | None = None) -> tuple[str, str]:
+    """(rendered DOM, browser log) of a page opened from disk."""
+    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+             "--enable-logging=stderr", "--v=0", "--virtual-time-budget=5000", "--window-size=1300,900"]
+    dom = subprocess.run([*flags, "--dump-dom", page.resolve().as_uri()], capture_output=True, text=True, timeout=120)
+    if screenshot:
+        ARTIFACTS.mkdir(exist_ok=True)
+        shot = subprocess.run([*flags, f"--screenshot={ARTIFACTS / screenshot}", page.resolve().as_uri()],
+                              capture_output=True, text=True, timeout=120)
+        assert shot.returncode == 0 and (ARTIFACTS / screenshot).stat().st_size > 10_000
+    return dom.stdout, dom.stderr
+
+
+def console_errors(log: str) -> list[str]:
+    return [line for line in log.splitlines() if "CONSOLE" in line and re.search(r"Uncaught|Error", line)]
+
+
+def test_feature_browser_renders(tiny_topk, tmp_path):
+    dom, log = browse(tiny_topk / "layer_01" / "index.html", tmp_path, "feature_browser.png")
+    assert not console_errors(log), console_errors(log)
+    assert "firing frequency" in dom and "Top activations" in dom  # the detail pane was rendered by the script
+    assert dom.count('class="tok center') >= 5 and "rgba(255,136,0,1.000)" in dom
+    assert dom.count('class="feat') > 50  # the feature list
+    root, log = browse(tiny_topk / "index.html", tmp_path)
+    assert not console_errors(log) and 'href="layer_00/index.html"' in root
+
+
+def test_explanation_report_renders(tiny_descriptions, tiny_run, tmp_path):
+    out = explain(ExplainConfig(train_folder=str(tiny_run), explainer="tokens", device="cpu",
+                                prompt=["The capital of France is"], gen_length=4, num_generate_steps=4,
+                                output=str(tmp_path / "e.json")))
+    dom, log = browse(out.with_name("e_report.html"), tmp_path, "explanation_report.png")
+    assert not console_errors(log), console_errors(log)
+    assert dom.count("<tr>") >= 5 and 'class="new"' in dom and "was pushed mostly by" in dom
