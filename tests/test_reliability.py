@@ -109,7 +109,7 @@ class Evil:
 
 
 @pytest.fixture(scope="module")
-def broken_run(tiny_run, tmp_path_factory):
+def broken_run(tiny_run, tiny_descriptions, tmp_path_factory):
     """A copy of the tiny run with extra broken checkpoints: truncated, garbage, tampered pickle."""
     run = tmp_path_factory.mktemp("broken") / "run"
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("explanations", "ground_truth.json"))
