@@ -57,8 +57,23 @@ def unigram_entropy(prepared) -> float:
     return float(-(p * np.log(p)).sum())
 
 
+LARGE = {"model": dict(num_layers=6, num_heads=6, model_dim=192, batch_size=16, train_steps=1500, val_loss_every=500,
+                       save_every=500, model_name="demo_large"),
+         "transcoders": dict(expansion_factor=8, k=16, train_steps=600, val_loss_every=200, save_every=300),
+         "topk": dict(train_steps=60)}
+
+
 def main() -> None:
+    import argparse
+
     from train_diffusion import TrainConfig, main as train
+
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--large", action="store_true", help="a larger CPU configuration (6 layers, d=192; ~20 minutes)")
+    if p.parse_args().large:
+        DEMO_MODEL.update(LARGE["model"])
+        DEMO_TRANSCODERS.update(LARGE["transcoders"])
+        DEMO_TOPK.update(LARGE["topk"])
 
     print("== stage 0: data")
     prepared = prepare_dataset(PrepareConfig(**DEMO_DATA))

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -130,7 +131,7 @@ def main(cfg: GenerateConfig) -> list[dict]:
     for rec in records:
         print_record(rec, tok, cfg.quiet)
     if cfg.output:
-        write_json_atomic(cfg.output, {"checkpoint": str(path), "sampler": cli.dataclasses.asdict(cfg.sampler()),
+        write_json_atomic(cfg.output, {"checkpoint": str(path), "sampler": dataclasses.asdict(cfg.sampler()),
                                        "mask_shown_as": MASK_SHOWN, "generations": records})
         if not cfg.quiet:
             print(f"wrote {cfg.output}")
