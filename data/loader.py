@@ -28,7 +28,9 @@ class Batch(NamedTuple):
 
 class ShardLoader:
     def __init__(self, folder: str | Path, split: str, seq_len: int, batch_size: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1) -> None:
+                 rank: int = 0, world_size: int = 1, files: list[str] | None = None) -> None:
+        """`files` restricts the split to these shards (a run keeps reading the shards it started with,
+        even after more were prepared into the same folder)."""
         folder = Path(folder)
         meta_path = folder / "meta.json"
         if not meta_path.exists():
@@ -42,7 +44,11 @@ class ShardLoader:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.rank, self.world_size = rank, world_size
-        files = [s["file"] for s in meta["shards"] if s["split"] == split]
+        available = [s["file"] for s in meta["shards"] if s["split"] == split]
+        missing = [f for f in files or [] if f not in available]
+        if missing:
+            raise UserError(f"{folder} no longer holds the shard(s) {missing} this run was trained on")
+        files = files or available
         self.tokens = [read_shard(folder / f) for f in files]
         self.labels = [read_shard(folder / f.replace(".bin", ".labels.bin")) for f in files] if meta.get("labels") else None
         per_shard = np.array([len(t) // seq_len for t in self.tokens], dtype=np.int64)

@@ -140,10 +140,10 @@ def write_shards(records: Callable[[int], Iterable[Record]], tok: Tokenizer, out
     def flush() -> None:
         nonlocal buf, lab, n_buf, first_doc, n_docs
         index = len(shards)
-        write_shard(out_dir / shard_name(plan.prefix, index), np.concatenate(buf), tok.vocab_size, first_doc, n_docs)
-        if labelled:
+        if labelled:  # labels first: a token shard on disk always has its labels beside it
             write_shard(out_dir / shard_name(plan.prefix, index, labels=True), np.concatenate(lab), 2**16,
                         first_doc, n_docs)
+        write_shard(out_dir / shard_name(plan.prefix, index), np.concatenate(buf), tok.vocab_size, first_doc, n_docs)
         shards.append({"file": shard_name(plan.prefix, index), "split": "val" if index == 0 else "train",
                        "n_tokens": n_buf, "first_doc": first_doc, "n_docs": n_docs})
         buf, lab, first_doc, n_buf, n_docs = [], [], first_doc + n_docs, 0, 0

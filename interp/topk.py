@@ -14,17 +14,18 @@ import torch
 class TopKBuffer:
     """Per group, the K largest values seen, their ids, and an optional float payload carried along."""
 
-    def __init__(self, n_groups: int, k: int, device: torch.device | str = "cpu") -> None:
+    def __init__(self, n_groups: int, k: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
         self.n_groups, self.k = n_groups, k
-        self.values = torch.full((n_groups, k), float("-inf"), device=device)
+        self.values = torch.full((n_groups, k), float("-inf"), device=device, dtype=dtype)
         self.ids = torch.full((n_groups, k), -1, dtype=torch.long, device=device)
         self.payload = torch.zeros((n_groups, k), device=device)
 
     def merge(self, groups: torch.Tensor, values: torch.Tensor, ids: torch.Tensor,
               payload: torch.Tensor | None = None) -> None:
         """Fold in triplets (E,) each: group index, value, id (ids must be ≥ 0), and an optional payload."""
-        values = values.float()
-        payload = values if payload is None else payload.float()
+        values = values.to(self.values.dtype)
+        payload = values.float() if payload is None else payload.float()
         # only entries that beat their group's current K-th value can enter; only their groups change
         enter = values > self.values[groups, -1]
         groups, values, ids, payload = groups[enter], values[enter], ids[enter], payload[enter]
@@ -82,8 +83,8 @@ class PairCounter:
         """For keys = group × divisor + item: the n most frequent items per group, (G, n) items (-1 when
         fewer) and counts."""
         groups, items = self.keys // divisor, self.keys % divisor
-        buf = TopKBuffer(n_groups, n, self.keys.device)
-        buf.merge(groups, self.counts.float(), items)
+        buf = TopKBuffer(n_groups, n, self.keys.device, torch.float64)  # counts stay exact past 2**24
+        buf.merge(groups, self.counts.double(), items)
         return buf.ids, buf.values.clamp_min(0).long()
 
     def state_dict(self) -> dict:

@@ -72,7 +72,8 @@ def run_topk(cfg) -> Path:
 
     tok = load_tokenizer(tok_dir_cfg["tokenizer"], folder)
     data = open_data(run_cfg)
-    loader = ShardLoader(data.folder, "train", cfg.train_seq_len, cfg.batch_size, cfg.seed)
+    loader = ShardLoader(data.folder, "train", cfg.train_seq_len, cfg.batch_size, cfg.seed,
+                         files=run_cfg["data"].get("train_files"))
     n_batches = cfg.train_steps * cfg.grad_acc_steps
     print(f"scanning {n_batches:,} batches × {cfg.batch_size} × {cfg.train_seq_len} = "
           f"{n_batches * cfg.batch_size * cfg.train_seq_len:,} tokens through layers {layers} "

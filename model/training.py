@@ -199,7 +199,11 @@ def _train(cfg, given, dist: Dist, device: torch.device) -> Path | None:
     mcfg = ModelConfig(n_vocab=tok.n_vocab, vocab_size=tok.vocab_size, mask_id=tok.mask_id, pad_id=tok.pad_id,
                        bos_id=tok.bos_id, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
                        model_dim=cfg.model_dim, mlp_ratio=cfg.mlp_ratio)
-    train_loader = ShardLoader(data.folder, "train", cfg.train_seq_len, cfg.batch_size, cfg.seed, dist.rank, dist.world)
+    train_files = [s["file"] for s in data.meta["shards"] if s["split"] == "train"]
+    if folder is not None:  # resuming: the shards the run started with, even if more were prepared since
+        train_files = read_json(folder / CONFIG_FILE)["data"].get("train_files", train_files)
+    train_loader = ShardLoader(data.folder, "train", cfg.train_seq_len, cfg.batch_size, cfg.seed, dist.rank, dist.world,
+                               files=train_files)
     val_loader = ShardLoader(data.folder, "val", cfg.val_seq_len, cfg.batch_size, 0, dist.rank, dist.world)
 
     torch.manual_seed(cfg.seed)
@@ -219,7 +223,8 @@ def _train(cfg, given, dist: Dist, device: torch.device) -> Path | None:
         if folder is None:
             folder = new_run_folder(cfg.model_name, cfg.experiments_dir)
             write_json_atomic(folder / CONFIG_FILE, {"train": asdict(cfg), "model": asdict(mcfg), "tokenizer": tok.spec(),
-                                                     "data": {"folder": str(data.folder), "params": data.meta["params"]}})
+                                                     "data": {"folder": str(data.folder), "params": data.meta["params"],
+                                                              "train_files": train_files}})
             write_json_atomic(folder / METADATA_FILE, metadata({"world_size": dist.world, "device": str(device)}))
             tok.save(folder)
         else:

@@ -112,7 +112,7 @@ class Transcoder(nn.Module):
             scale = min(n_dead / (self.cfg.d_in // 2), 1.0)  # weaker while few latents are dead
             aux_acts, aux_idx = enc.pre_acts.masked_fill(~dead, float("-inf")).topk(k_aux, dim=-1, sorted=False)
             aux_acts = aux_acts.clamp_min(0)  # a dead latent below zero contributes nothing
-            err_hat = F.embedding_bag(aux_idx, self.W_dec, per_sample_weights=aux_acts, mode="sum")
+            err_hat = F.embedding_bag(aux_idx, self.W_dec, per_sample_weights=aux_acts.to(self.W_dec.dtype), mode="sum")
             auxk = scale * (err_hat - err.detach()).pow(2).sum() / total_variance
         return TranscoderLoss(y_hat, enc, err.pow(2).sum(), total_variance, auxk)
 

@@ -266,7 +266,8 @@ def _train(cfg, dist: Dist, device: torch.device) -> Path:
         raise UserError(f"--resume: nothing to resume in {out_dir}")
 
     data = open_data(run_cfg)
-    train_loader = ShardLoader(data.folder, "train", cfg.train_seq_len, cfg.batch_size, cfg.seed, dist.rank, dist.world)
+    train_loader = ShardLoader(data.folder, "train", cfg.train_seq_len, cfg.batch_size, cfg.seed, dist.rank, dist.world,
+                               files=run_cfg["data"].get("train_files"))
     val_loader = ShardLoader(data.folder, "val", cfg.val_seq_len or cfg.train_seq_len, cfg.batch_size, 0, dist.rank,
                              dist.world)
     torch.manual_seed(cfg.seed)
@@ -298,6 +299,7 @@ def _train(cfg, dist: Dist, device: torch.device) -> Path:
             shutil.rmtree(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out_dir / CONFIG_FILE, {**settings, "base_run": str(folder), "d_in": mc.model_dim})
+        truncate_metrics(out_dir, -1)  # a start that died before its first checkpoint left stale lines
     if state is None:  # scales and decoder biases from the first step's targets, all processes together
         sums = {layer: torch.zeros(mc.model_dim + 2, dtype=torch.float64, device=device) for layer in layers}
         for micro in range(acc):
@@ -311,6 +313,9 @@ def _train(cfg, dist: Dist, device: torch.device) -> Path:
             total = dist.all_sum(sums[layer])
             n = float(total[-1])
             scales[layer] = (float(total[-2]) / (n * mc.model_dim)) ** 0.5
+            if not scales[layer] > 0:
+                raise UserError(f"the MLP of layer {layer} outputs only zeros on the first batch (an untrained "
+                                "checkpoint?): there is nothing to transcode")
             with torch.no_grad():  # start the decoder bias at the mean target
                 transcoders[str(layer)].b_dec.copy_((total[:-2] / n / scales[layer]).float())
     log.folder = out_dir if dist.main else None

@@ -58,6 +58,14 @@ def test_validation_reads_the_validation_shard_only(synthetic_data):
     assert len(halves[0]) + len(halves[1]) == len(rows)
 
 
+def test_a_run_keeps_its_shards(synthetic_data):
+    folder, _, meta = synthetic_data
+    train = [s["file"] for s in meta["shards"] if s["split"] == "train"]
+    assert ShardLoader(folder, "train", 64, 2, files=train).n_windows == ShardLoader(folder, "train", 64, 2).n_windows
+    with pytest.raises(UserError, match="no longer holds"):
+        ShardLoader(folder, "train", 64, 2, files=["synthetic_train_000099.bin"])
+
+
 def test_loader_errors(synthetic_data, tmp_path):
     with pytest.raises(UserError, match="not a prepared dataset"):
         ShardLoader(tmp_path, "train", 64, 1)

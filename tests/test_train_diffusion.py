@@ -48,6 +48,7 @@ def test_run_folder_contract(tiny_run):
             "state_step000200.pt", "state_step000400.pt"} <= names
     config = json.loads((tiny_run / "config.json").read_text())
     assert config["model"]["num_layers"] == 2 and config["tokenizer"]["kind"] == "bpe"
+    assert config["data"]["train_files"] == ["synthetic_train_000001.bin"]  # the shards this run reads, for good
     assert json.loads((tiny_run / "metadata.json").read_text())["torch"] == torch.__version__
     state = torch.load(tiny_run / "state_step000400.pt", map_location="cpu", weights_only=True)
     assert state["step"] == 400 and len(state["optimizers"]) == 2 and "data_position" in state

@@ -77,6 +77,15 @@ def test_decoder_rows_stay_unit_norm():
     assert float(out.auxk) > 0
 
 
+def test_auxk_under_bf16_autocast():
+    """On CUDA the loss runs under bf16 autocast; the CPU's bf16 autocast exercises the same dtype mix."""
+    tc = random_transcoder()
+    dead = torch.ones(64, dtype=torch.bool)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = tc.loss(torch.randn(40, 16), torch.randn(40, 16), dead)
+    assert torch.isfinite(out.auxk) and float(out.auxk) > 0
+
+
 def test_dead_latent_counting():
     counter = torch.tensor([0, 5, 100, 100])
     update_dead(counter, torch.tensor([True, False, True, False]), 10)
