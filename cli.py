@@ -38,6 +38,18 @@ def require_non_negative(cfg: Any, *names: str) -> None:
             raise ValueError(f"--{name} must be 0 or positive, got {getattr(cfg, name)}")
 
 
+def check_mask_ratio(value: str) -> None:
+    """'random' (the training noise process) or a fixed t in [0, 1]."""
+    if value == "random":
+        return
+    try:
+        t = float(value)
+    except ValueError:
+        raise ValueError(f"--mask_ratio must be 'random' or a number in [0, 1], got {value!r}") from None
+    if not 0 <= t <= 1:
+        raise ValueError(f"--mask_ratio must lie in [0, 1], got {t}")
+
+
 def parse_bool(text: str) -> bool:
     low = text.strip().lower()
     if low in ("true", "1", "yes", "y", "on"):

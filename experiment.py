@@ -6,6 +6,7 @@ constants here and nowhere else.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import json
 import os
@@ -15,9 +16,9 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
-from cli import UserError
+from cli import UserError, arg
 
 RUNS_DIR = "experiments"
 CONFIG_FILE = "config.json"
@@ -239,3 +240,31 @@ def load_run(train_folder: str | os.PathLike, checkpoint: str, device: Any, shap
     model = DiffusionLM.load(path, device, expected=ModelConfig(**config["model"]))
     model.eval()
     return config, model, load_tokenizer(config["tokenizer"], folder), path
+
+
+# ---- flags every later stage shares -------------------------------------------------------------------
+
+@dataclasses.dataclass
+class RunFlags:
+    """Which trained run and checkpoint a later stage works on, and on which device."""
+
+    train_folder: str = arg("", "the run folder (experiments/<run>)")
+    checkpoint_name: str = arg("latest", "checkpoint in the run folder, or 'latest'")
+    cuda: Optional[int] = arg(None, "CUDA device index")
+    device: Optional[str] = arg(None, "cpu, cuda or cuda:N")
+
+    def __post_init__(self) -> None:
+        if not self.train_folder:
+            raise ValueError("--train_folder is required (experiments/<run>)")
+
+
+@dataclasses.dataclass
+class ShapeFlags:
+    """Shape flags after training: optional, and checked against the run's config.json."""
+
+    num_layers: Optional[int] = arg(None, "optional; must match the run's config.json")
+    num_heads: Optional[int] = arg(None, "optional; must match the run's config.json")
+    model_dim: Optional[int] = arg(None, "optional; must match the run's config.json")
+
+    def shape_flags(self) -> dict:
+        return {name: getattr(self, name) for name in SHAPE_FLAGS}

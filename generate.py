@@ -14,6 +14,7 @@ from typing import Literal, Optional
 
 import cli
 from cli import UserError, arg
+from experiment import RunFlags, ShapeFlags
 
 EXAMPLE_PROMPTS = ["The capital of France is", "Once upon a time,", "The chemical symbol for oxygen is",
                    "Photosynthesis is the process by which"]
@@ -21,11 +22,9 @@ MASK_SHOWN = " _"  # how a still-masked position is printed
 
 
 @dataclass
-class GenerateConfig:
+class GenerateConfig(ShapeFlags, RunFlags):
     """Generate continuations step by step and show every intermediate state."""
 
-    train_folder: str = arg("", "the run folder (experiments/<run>)")
-    checkpoint_name: str = arg("latest", "checkpoint file in the run folder, or 'latest'")
     prompt: list[str] = arg([], "a prompt (repeat the flag for several)")
     prompts_file: str = arg("", "a text file with one prompt per line")
     gen_length: int = arg(32, "tokens to generate after each prompt")
@@ -40,15 +39,9 @@ class GenerateConfig:
     max_seq_len: Optional[int] = arg(None, "longest prompt + continuation allowed (default: the run's train_seq_len)")
     output: str = arg("", "write every state as JSON here")
     quiet: bool = arg(False, "print only the final texts")
-    num_layers: Optional[int] = arg(None, "optional; must match the run's config.json")
-    num_heads: Optional[int] = arg(None, "optional; must match the run's config.json")
-    model_dim: Optional[int] = arg(None, "optional; must match the run's config.json")
-    cuda: Optional[int] = arg(None, "CUDA device index")
-    device: Optional[str] = arg(None, "cpu, cuda or cuda:N")
 
     def __post_init__(self) -> None:
-        if not self.train_folder:
-            raise ValueError("--train_folder is required (experiments/<run>)")
+        RunFlags.__post_init__(self)
         cli.require_positive(self, "batch_size")
         self.sampler()  # validates the sampling flags
 
@@ -116,8 +109,7 @@ def main(cfg: GenerateConfig) -> list[dict]:
     from experiment import load_run, resolve_device, write_json_atomic
 
     device = resolve_device(cfg.cuda, cfg.device)
-    config, model, tok, path = load_run(cfg.train_folder, cfg.checkpoint_name, device,
-                                        {"num_layers": cfg.num_layers, "num_heads": cfg.num_heads, "model_dim": cfg.model_dim})
+    config, model, tok, path = load_run(cfg.train_folder, cfg.checkpoint_name, device, cfg.shape_flags())
     prompts = read_prompts(cfg)
     limit = cfg.max_seq_len or config["train"]["train_seq_len"]
     for p in prompts:

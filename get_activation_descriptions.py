@@ -10,21 +10,19 @@ Reads experiments/X/topk/<checkpoint stem>/ and appends to experiments/X/descrip
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import cli
 from cli import arg
+from experiment import RunFlags
 
 IGNORED = ("train_seq_len", "train_steps", "grad_acc_steps", "num_layers", "num_heads", "model_dim", "save_model",
            "val_loss_every", "save_every")
 
 
 @dataclass
-class DescriptionsConfig:
+class DescriptionsConfig(RunFlags):
     """Describe every live feature with an LLM (or the `tokens` baseline) and score each description."""
 
-    train_folder: str = arg("", "the base run's folder (experiments/<run>)")
-    checkpoint_name: str = arg("latest", "the base checkpoint whose features to describe, or 'latest'")
     explainer: str = arg("google/flan-t5-xxl", "a Hugging Face model id or local folder (seq2seq or causal), "
                                                "or 'tokens' (the model-free baseline)")
     judge: str = arg("", "the model that scores (default: the explainer's model; none for 'tokens')")
@@ -41,12 +39,9 @@ class DescriptionsConfig:
     max_features_per_layer: int = arg(0, "describe at most this many live features per layer (0: all)")
     seed: int = arg(0, "seed of the retry sampling and of the fuzzing marks")
     overwrite: bool = arg(False, "start this explainer's descriptions over")
-    cuda: Optional[int] = arg(None, "CUDA device index")
-    device: Optional[str] = arg(None, "cpu, cuda or cuda:N")
 
     def __post_init__(self) -> None:
-        if not self.train_folder:
-            raise ValueError("--train_folder is required (experiments/<run>)")
+        RunFlags.__post_init__(self)
         cli.require_positive(self, "n_examples", "n_score", "max_new_tokens", "batch_size")
         cli.require_non_negative(self, "max_features_per_layer")
 

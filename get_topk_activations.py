@@ -11,20 +11,18 @@ experiments/X/topk/<checkpoint stem>/.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import cli
 from cli import arg
+from experiment import RunFlags, ShapeFlags
 
 IGNORED = ("save_model", "val_loss_every", "save_every")
 
 
 @dataclass
-class TopKConfig:
+class TopKConfig(ShapeFlags, RunFlags):
     """Collect each feature's top-activating contexts, statistics and scoring samples."""
 
-    train_folder: str = arg("", "the base run's folder (experiments/<run>)")
-    checkpoint_name: str = arg("latest", "the base checkpoint whose transcoders to read, or 'latest'")
     train_seq_len: int = arg(4096, "tokens per scanned sequence")
     train_steps: int = arg(1000, "scan train_steps × grad_acc_steps batches")
     grad_acc_steps: int = arg(8, "see --train_steps")
@@ -39,25 +37,13 @@ class TopKConfig:
     seed: int = arg(0, "seed for the data order, the noise and the samples")
     checkpoint_every: int = arg(200, "save the scan's state every N batches (an interrupted scan resumes)")
     overwrite: bool = arg(False, "replace an existing finished output")
-    num_layers: Optional[int] = arg(None, "optional; must match the base run's config.json")
-    num_heads: Optional[int] = arg(None, "optional; must match the base run's config.json")
-    model_dim: Optional[int] = arg(None, "optional; must match the base run's config.json")
-    cuda: Optional[int] = arg(None, "CUDA device index")
-    device: Optional[str] = arg(None, "cpu, cuda or cuda:N")
 
     def __post_init__(self) -> None:
-        if not self.train_folder:
-            raise ValueError("--train_folder is required (experiments/<run>)")
+        RunFlags.__post_init__(self)
         cli.require_positive(self, "train_seq_len", "train_steps", "grad_acc_steps", "batch_size", "top_k",
                              "checkpoint_every")
         cli.require_non_negative(self, "context_before", "context_after", "n_quantile", "n_random")
-        if self.mask_ratio != "random":
-            try:
-                ok = 0 <= float(self.mask_ratio) <= 1
-            except ValueError:
-                ok = False
-            if not ok:
-                raise ValueError(f"--mask_ratio must be 'random' or a number in [0, 1], got {self.mask_ratio!r}")
+        cli.check_mask_ratio(self.mask_ratio)
 
 
 def main(cfg: TopKConfig):

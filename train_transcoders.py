@@ -15,14 +15,13 @@ from typing import Optional
 
 import cli
 from cli import arg
+from experiment import RunFlags, ShapeFlags
 
 
 @dataclass
-class TranscoderTrainConfig:
+class TranscoderTrainConfig(ShapeFlags, RunFlags):
     """Train one sparse transcoder per MLP of a frozen diffusion model."""
 
-    train_folder: str = arg("", "the base run's folder (experiments/<run>)")
-    checkpoint_name: str = arg("latest", "the base model's checkpoint in that folder, or 'latest'")
     train_seq_len: int = arg(4096, "tokens per sequence")
     val_seq_len: Optional[int] = arg(None, "tokens per validation sequence (default: --train_seq_len)")
     batch_size: int = arg(1, "sequences per micro-batch (per process)")
@@ -44,27 +43,15 @@ class TranscoderTrainConfig:
     seed: int = arg(0, "seed for initialisation, data order and noise")
     resume: str = arg("", "resume (an interrupted job also resumes without it: same folder, same settings)")
     overwrite: bool = arg(False, "replace existing transcoders for this checkpoint")
-    num_layers: Optional[int] = arg(None, "optional; must match the base run's config.json")
-    num_heads: Optional[int] = arg(None, "optional; must match the base run's config.json")
-    model_dim: Optional[int] = arg(None, "optional; must match the base run's config.json")
-    cuda: Optional[int] = arg(None, "CUDA device index")
-    device: Optional[str] = arg(None, "cpu, cuda or cuda:N")
 
     def __post_init__(self) -> None:
-        if not self.train_folder:
-            raise ValueError("--train_folder is required (experiments/<run>)")
+        RunFlags.__post_init__(self)
         cli.require_positive(self, "train_seq_len", "batch_size", "grad_acc_steps", "train_steps", "expansion_factor",
                              "k", "dead_tokens", "val_tokens", "log_every")
         cli.require_non_negative(self, "val_loss_every", "save_every")
         if self.lr is not None and self.lr <= 0 or self.auxk_alpha < 0:
             raise ValueError("--lr must be positive and --auxk_alpha non-negative")
-        if self.mask_ratio != "random":
-            try:
-                t = float(self.mask_ratio)
-            except ValueError:
-                raise ValueError(f"--mask_ratio must be 'random' or a number in [0, 1], got {self.mask_ratio!r}") from None
-            if not 0 <= t <= 1:
-                raise ValueError(f"--mask_ratio must lie in [0, 1], got {t}")
+        cli.check_mask_ratio(self.mask_ratio)
 
 
 def main(cfg: TranscoderTrainConfig):

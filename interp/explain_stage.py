@@ -118,8 +118,7 @@ def run_explanations(cfg, explainer_factory=None) -> Path:
     from model.sampler import generate
 
     device = resolve_device(cfg.cuda, cfg.device)
-    config, model, tok, ckpt = load_run(cfg.train_folder, cfg.checkpoint_name, device,
-                                        {n: getattr(cfg, n) for n in ("num_layers", "num_heads", "model_dim")})
+    config, model, tok, ckpt = load_run(cfg.train_folder, cfg.checkpoint_name, device, cfg.shape_flags())
     folder = Path(cfg.train_folder)
     tc_dir = folder / TRANSCODERS_DIR / ckpt.stem
     layers = sorted(int(p.name.split("_")[1]) for p in tc_dir.glob("layer_*") if (p / "sae.safetensors").exists())

@@ -14,31 +14,26 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 
 import cli
 from cli import UserError, arg
+from experiment import RunFlags
 
 RESULT_FILE = "ground_truth.json"
 RECOVERED_F1 = 0.8
 
 
 @dataclass
-class GroundTruthConfig:
+class GroundTruthConfig(RunFlags):
     """Measure how well transcoder features and their descriptions recover the synthetic corpus's concepts."""
 
-    train_folder: str = arg("", "the run folder (trained on --dataset synthetic)")
-    checkpoint_name: str = arg("latest", "checkpoint whose transcoders and descriptions to evaluate")
     val_tokens: int = arg(65_536, "validation tokens to measure F1 on")
     mask_ratio: float = arg(0.0, "noise on the inputs (0: clean text, where the concept tokens are visible)")
-    cuda: Optional[int] = arg(None, "CUDA device index")
-    device: Optional[str] = arg(None, "cpu, cuda or cuda:N")
 
     def __post_init__(self) -> None:
-        if not self.train_folder:
-            raise ValueError("--train_folder is required")
+        RunFlags.__post_init__(self)
         cli.require_positive(self, "val_tokens")
         if not 0 <= self.mask_ratio <= 1:
             raise ValueError(f"--mask_ratio must lie in [0, 1], got {self.mask_ratio}")

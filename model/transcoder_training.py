@@ -59,7 +59,7 @@ def open_base_run(cfg, device):
     """(run folder, run config, checkpoint path, frozen base model)."""
     folder = resolve_run_folder(cfg.train_folder)
     run_cfg = read_json(folder / CONFIG_FILE)
-    check_shape_flags(run_cfg["model"], {n: getattr(cfg, n) for n in ("num_layers", "num_heads", "model_dim")})
+    check_shape_flags(run_cfg["model"], cfg.shape_flags())
     path = resolve_checkpoint(folder, cfg.checkpoint_name)
     model = DiffusionLM.load(path, device, expected=ModelConfig(**run_cfg["model"])).eval()
     model.requires_grad_(False)

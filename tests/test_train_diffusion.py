@@ -1,6 +1,5 @@
 import json
 import math
-import socket
 
 import numpy as np
 import pytest
@@ -87,12 +86,6 @@ def test_two_n_steps_equal_n_plus_resume_plus_n(synthetic_data, tmp_path, monkey
     assert strip(read_metrics(straight)) == strip(read_metrics(folder))  # one curve, no duplicated steps
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_ddp_equals_one_process(synthetic_data, tmp_path):
     common = ["--dataset", "synthetic", "--synthetic_mb", "0.3", "--data_dir", str(synthetic_data.folder.parent),
               "--device", "cpu", "--num_layers", "2", "--num_heads", "2", "--model_dim", "64", "--train_seq_len", "128",
@@ -100,8 +93,8 @@ def test_two_process_ddp_equals_one_process(synthetic_data, tmp_path):
               "--train_steps", "6", "--log_every", "1", "--val_loss_every", "3", "--save_every", "0"]
     single = run_cli(["train_diffusion.py", *common, "--experiments_dir", str(tmp_path / "one")])
     assert single.returncode == 0, single.stderr[-2000:]
-    ddp = run_cli(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-                   "train_diffusion.py", *common, "--experiments_dir", str(tmp_path / "two")], timeout=300)
+    ddp = run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train_diffusion.py",
+                   *common, "--experiments_dir", str(tmp_path / "two")], timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-2000:]
     (one,), (two,) = (tmp_path / "one").iterdir(), (tmp_path / "two").iterdir()
     m1, m2 = read_metrics(one), read_metrics(two)

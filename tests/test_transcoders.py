@@ -189,8 +189,6 @@ def test_resume_equals_an_uninterrupted_run(tiny_run, tmp_path, monkeypatch):
 
 def test_two_process_ddp_equals_one_process(tiny_run, tmp_path):
     """torchrun with two gloo processes trains the same transcoders as one process with the same global batch."""
-    import socket
-
     runs = []
     for name in ("one", "two"):
         dst = tmp_path / name
@@ -200,11 +198,8 @@ def test_two_process_ddp_equals_one_process(tiny_run, tmp_path):
              "--train_steps", "6", "--expansion_factor", "4", "--k", "8", "--val_loss_every", "3", "--val_tokens", "4096",
              "--save_every", "0", "--log_every", "1"]
     assert run_cli(["train_transcoders.py", "--train_folder", str(runs[0]), *flags]).returncode == 0
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = run_cli(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-                    "train_transcoders.py", "--train_folder", str(runs[1]), *flags], timeout=300)
+    proc = run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train_transcoders.py",
+                    "--train_folder", str(runs[1]), *flags], timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     m1, m2 = (read_metrics(r / "transcoders" / "state_step000400") for r in runs)
     assert [r["step"] for r in m1] == [r["step"] for r in m2]
