@@ -179,6 +179,12 @@ class RunLog:
                 f.write(json.dumps(record) + "\n")
 
 
+def due(done: int, every: int, total: int) -> bool:
+    """Whether a periodic event (logging, validation, checkpoint) happens after step `done`: every
+    `every` steps (0: never periodically) and always after the last step."""
+    return (every > 0 and done % every == 0) or done == total
+
+
 def read_metrics(folder: Path) -> list[dict]:
     path = folder / METRICS_FILE
     if not path.exists():

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from experiment import resolve_device  # noqa: E402
 from model.diffusion import DiffusionLM, ModelConfig  # noqa: E402
 
-CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda:0" if CUDA else "cpu")
+DEVICE = resolve_device()  # the stages' own default: the first GPU when there is one, else the CPU
+CUDA = DEVICE.type == "cuda"
 
 
 def shape_args(p: argparse.ArgumentParser, transcoder: bool = False) -> None:
@@ -47,3 +49,17 @@ def random_model(args, frozen: bool = True) -> DiffusionLM:
 
 def device_name() -> str:
     return torch.cuda.get_device_name() if CUDA else "cpu"
+
+
+def measure(step, warmup: int, steps: int) -> tuple[float, float]:
+    """Run `step(i)` for warm-up then timed steps; (seconds of the timed steps, peak GiB on CUDA or nan)."""
+    for i in range(warmup + steps):
+        if i == warmup:
+            if CUDA:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+        step(i)
+    if CUDA:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, torch.cuda.max_memory_allocated() / 2**30 if CUDA else float("nan")

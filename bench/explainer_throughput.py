@@ -13,8 +13,15 @@ from __future__ import annotations
 import argparse
 import time
 
+import sys
+from pathlib import Path
+
 import torch
 from transformers import T5Config, T5ForConditionalGeneration
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from experiment import resolve_device  # noqa: E402
 
 XXL = dict(vocab_size=32128, d_model=4096, d_ff=10240, d_kv=64, num_layers=24, num_decoder_layers=24, num_heads=64,
            feed_forward_proj="gated-gelu", tie_word_embeddings=False)
@@ -32,8 +39,8 @@ def main() -> None:
     p.add_argument("--judge_tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda:0" if cuda else "cpu")
+    device = resolve_device()  # the stages' default: the first GPU when there is one
+    cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     shape = TINY if args.tiny or not cuda else XXL
     with torch.device(device):

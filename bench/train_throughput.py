@@ -11,14 +11,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import CUDA as cuda, DEVICE as device, device_name, random_model, shape_args  # noqa: E402
+from bench.common import CUDA as cuda, DEVICE as device, device_name, measure, random_model, shape_args  # noqa: E402
 from model.objective import train_noise  # noqa: E402
 from model.optim import build_optimizers  # noqa: E402
 from model.training import Dist, accumulate_gradients  # noqa: E402
@@ -60,26 +59,21 @@ def main() -> None:
           f"{args.num_heads} heads, T={T}, {B} sequences × {acc} micro-batches; {n_matmul / 1e6:.1f}M matmul params; "
           f"compile={bool(args.compile)}", flush=True)
     tokens_per_step = B * T * acc
-    for step in range(args.warmup + args.steps):
-        if step == args.warmup:
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-        sums = accumulate_gradients(model, batches(step), acc, device, autocast, Dist())
+    losses = []
+
+    def step(i):
+        sums = accumulate_gradients(model, batches(i), acc, device, autocast, Dist())
         for opt in optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
-        loss = float(sums[0] / sums[2])
-        if step < args.warmup:
-            print(f"warm-up step {step}: loss {loss:.3f}", flush=True)
-    if cuda:
-        torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
+        losses.append(float(sums[0] / sums[2]))
+        if i < args.warmup:
+            print(f"warm-up step {i}: loss {losses[-1]:.3f}", flush=True)
+
+    dt, peak = measure(step, args.warmup, args.steps)
     tps = args.steps * tokens_per_step / dt
-    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     print(f"tokens/s: {tps:,.0f}   step: {dt / args.steps * 1e3:.1f} ms   MFU: {tps * flops_per_token / PEAK_FLOPS:.1%}   "
-          f"peak memory: {peak:.2f} GiB   final loss {loss:.3f}")
+          f"peak memory: {peak:.2f} GiB   final loss {losses[-1]:.3f}")
 
 
 if __name__ == "__main__":

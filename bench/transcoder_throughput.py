@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import CUDA as cuda, DEVICE as device, device_name, random_model, shape_args  # noqa: E402
+from bench.common import CUDA as cuda, DEVICE as device, device_name, measure, random_model, shape_args  # noqa: E402
 from model.objective import train_noise  # noqa: E402
 from model.training import Dist  # noqa: E402
 from model.transcoder import Transcoder, TranscoderConfig  # noqa: E402
@@ -51,18 +50,10 @@ def main() -> None:
     scales = {i: float(y.pow(2).mean()) ** 0.5 for i, (x, y) in first.pairs.items()}  # as training does
     print(f"device {device_name()}; {args.num_layers} layers, d={args.model_dim}, "
           f"{tcfg.num_latents} latents, k={args.k}; {B}×{T} tokens per step", flush=True)
-    for step in range(args.warmup + args.steps):
-        if step == args.warmup:
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-        fvu = train_step(model, transcoders, layers, batches(step), 1, scales, dead, cfg, optimizer, Dist(),
-                         autocast, device)
-    if cuda:
-        torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    fvus = []
+    dt, peak = measure(lambda i: fvus.append(train_step(model, transcoders, layers, batches(i), 1, scales, dead, cfg,
+                                                        optimizer, Dist(), autocast, device)), args.warmup, args.steps)
+    fvu = fvus[-1]
     print(f"tokens/s: {args.steps * B * T / dt:,.0f}   step: {dt / args.steps * 1e3:.0f} ms   peak memory: {peak:.2f} GiB"
           f"   mean FVU {sum(fvu) / len(fvu):.3f}")
 

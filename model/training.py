@@ -18,7 +18,7 @@ from tqdm import tqdm
 from cli import UserError
 from data.loader import ShardLoader
 from data.prepare import PrepareConfig, prepare_dataset
-from experiment import (CONFIG_FILE, LOSS_PLOT, METADATA_FILE, RunLog, atomic_path, checkpoint_name,
+from experiment import (CONFIG_FILE, due, LOSS_PLOT, METADATA_FILE, RunLog, atomic_path, checkpoint_name,
                         list_checkpoints, load_checkpoint, metadata, new_run_folder, read_json, read_metrics,
                         resolve_device, truncate_metrics, write_json_atomic)
 from model.attention import FLEX_BLOCK
@@ -300,7 +300,7 @@ def _train(cfg, given, dist: Dist, device: torch.device) -> Path | None:
         train_seconds += time.perf_counter() - t_step  # the loss.item() above synchronised the device
         done = step + 1
         bar.update(1)
-        if done % cfg.log_every == 0 or done == cfg.train_steps:
+        if due(done, cfg.log_every, cfg.train_steps):
             tps = tokens_since / train_seconds
             mean_loss = float(interval[0] / interval[2])  # over the steps since the last log line
             bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
@@ -311,9 +311,9 @@ def _train(cfg, given, dist: Dist, device: torch.device) -> Path | None:
             if wandb:
                 wandb.log(record, step=done)
             train_seconds, tokens_since = 0.0, 0
-        if (cfg.val_loss_every and done % cfg.val_loss_every == 0) or done == cfg.train_steps:
+        if due(done, cfg.val_loss_every, cfg.train_steps):
             validate(done)
-        if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.train_steps:
+        if due(done, cfg.save_every, cfg.train_steps):
             save(done)
     bar.close()
     if dist.main:

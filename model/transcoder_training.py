@@ -20,7 +20,7 @@ from tqdm import tqdm
 from cli import UserError
 from data.loader import ShardLoader
 from data.prepare import PrepareConfig, prepare_dataset
-from experiment import (CONFIG_FILE, RunLog, atomic_path, check_shape_flags, checkpoint_name, list_checkpoints,
+from experiment import (CONFIG_FILE, due, RunLog, atomic_path, check_shape_flags, checkpoint_name, list_checkpoints,
                         load_checkpoint, read_json, read_metrics, resolve_checkpoint, resolve_run_folder,
                         save_checkpoint, truncate_metrics, write_json_atomic)
 from model.diffusion import DiffusionLM, ModelConfig
@@ -367,14 +367,14 @@ def _train(cfg, dist: Dist, device: torch.device) -> Path:
         tokens_since += tokens_per_step
         done = step + 1
         bar.update(1)
-        if done % cfg.log_every == 0 or done == cfg.train_steps:
+        if due(done, cfg.log_every, cfg.train_steps):
             tps = tokens_since / seconds
             bar.set_postfix(fvu=f"{sum(fvu) / len(fvu):.3f}", tok_s=f"{tps:,.0f}", refresh=False)
             log.metrics({"event": "train", "step": done, "fvu": dict(zip(map(str, layers), fvu)), "tokens_per_s": tps})
             seconds, tokens_since = 0.0, 0
-        if (cfg.val_loss_every and done % cfg.val_loss_every == 0) or done == cfg.train_steps:
+        if due(done, cfg.val_loss_every, cfg.train_steps):
             validate(done)
-        if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.train_steps:
+        if due(done, cfg.save_every, cfg.train_steps):
             save(done)
     bar.close()
     log(f"done: transcoders in {out_dir}")
