@@ -316,6 +316,7 @@ def _train(cfg, given, dist: Dist, device: torch.device) -> Path | None:
         if due(done, cfg.save_every, cfg.train_steps):
             save(done)
     bar.close()
+    dist.barrier()  # no process tears the group down while another still writes or validates
     if dist.main:
         log(f"done: {cfg.train_steps} steps; files in {folder}")
     return folder

@@ -377,5 +377,6 @@ def _train(cfg, dist: Dist, device: torch.device) -> Path:
         if due(done, cfg.save_every, cfg.train_steps):
             save(done)
     bar.close()
+    dist.barrier()  # no process tears the group down while another still writes or validates
     log(f"done: transcoders in {out_dir}")
     return out_dir

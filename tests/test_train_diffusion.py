@@ -95,7 +95,7 @@ def test_two_process_ddp_equals_one_process(synthetic_data, tmp_path):
     assert single.returncode == 0, single.stderr[-2000:]
     ddp = run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train_diffusion.py",
                    *common, "--experiments_dir", str(tmp_path / "two")], timeout=300)
-    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    assert ddp.returncode == 0, [line for line in ddp.stderr.splitlines() if "step/s" not in line][:60]
     (one,), (two,) = (tmp_path / "one").iterdir(), (tmp_path / "two").iterdir()
     m1, m2 = read_metrics(one), read_metrics(two)
     assert [r["step"] for r in m1] == [r["step"] for r in m2]

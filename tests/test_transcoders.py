@@ -200,7 +200,7 @@ def test_two_process_ddp_equals_one_process(tiny_run, tmp_path):
     assert run_cli(["train_transcoders.py", "--train_folder", str(runs[0]), *flags]).returncode == 0
     proc = run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train_transcoders.py",
                     "--train_folder", str(runs[1]), *flags], timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, [line for line in proc.stderr.splitlines() if "step/s" not in line][:60]
     m1, m2 = (read_metrics(r / "transcoders" / "state_step000400") for r in runs)
     assert [r["step"] for r in m1] == [r["step"] for r in m2]
     for a, b in zip(m1, m2):
