@@ -62,26 +62,18 @@ def read_prompts(cfg: GenerateConfig) -> list[str]:
     return prompts or EXAMPLE_PROMPTS
 
 
-def autocast_for(device):
-    """bf16 on CUDA (as in training), full precision on the CPU."""
-    import contextlib
-
-    import torch
-
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def run_generation(cfg: GenerateConfig, model, tok, prompts: list[str]) -> list[dict]:
     """Generate for every prompt (in batches); one JSON-ready record per prompt."""
     from tqdm import tqdm
 
+    from model.precision import autocast
     from model.sampler import generate
 
     records = []
     for i in tqdm(range(0, len(prompts), cfg.batch_size), desc="generating", disable=cfg.quiet or len(prompts) <= cfg.batch_size):
         batch = prompts[i:i + cfg.batch_size]
         ids = [tok.encode(p) for p in batch]
-        with autocast_for(next(model.parameters()).device):
+        with autocast(next(model.parameters()).device):
             out = generate(model, ids, cfg.sampler())
         for b, (prompt, pid) in enumerate(zip(batch, ids)):
             states = [s[b].tolist() for s in out.states]

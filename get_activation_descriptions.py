@@ -31,7 +31,7 @@ class DescriptionsConfig(RunFlags):
     n_score: int = arg(10, "held-out contexts scored per feature: this many activating and as many non-activating")
     max_new_tokens: int = arg(30, "longest description, in tokens")
     batch_size: int = arg(32, "prompts per forward pass")
-    dtype: str = arg("auto", "explainer weights: auto (bf16 on CUDA, fp32 on the CPU), bfloat16, float32, float16")
+    dtype: str = arg("auto", "explainer weights: auto (bf16 on a GPU with native bf16, else fp32), bfloat16, float32, float16")
     load_in_8bit: bool = arg(False, "load the explainer in 8 bits (bitsandbytes, CUDA)")
     trust_remote_code: bool = arg(False, "allow model repositories to run their own code")
     layers: str = arg("all", "comma-separated layers, or all")

@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from experiment import resolve_device  # noqa: E402
 from model.diffusion import DiffusionLM, ModelConfig  # noqa: E402
+from model.precision import describe  # noqa: E402
 
 DEVICE = resolve_device()  # the stages' own default: the first GPU when there is one, else the CPU
 CUDA = DEVICE.type == "cuda"
@@ -48,7 +49,7 @@ def random_model(args, frozen: bool = True) -> DiffusionLM:
 
 
 def device_name() -> str:
-    return torch.cuda.get_device_name() if CUDA else "cpu"
+    return describe(DEVICE)
 
 
 def measure(step, warmup: int, steps: int) -> tuple[float, float]:

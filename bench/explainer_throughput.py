@@ -22,6 +22,7 @@ from transformers import T5Config, T5ForConditionalGeneration
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from experiment import resolve_device  # noqa: E402
+from model.precision import describe  # noqa: E402
 
 XXL = dict(vocab_size=32128, d_model=4096, d_ff=10240, d_kv=64, num_layers=24, num_decoder_layers=24, num_heads=64,
            feed_forward_proj="gated-gelu", tie_word_embeddings=False)
@@ -48,7 +49,7 @@ def main() -> None:
                                                     eos_token_id=1)).to(dtype).eval()
     V = shape["vocab_size"]
     B, J = (args.batch_size, args.judge_batch_size) if cuda else (8, 16)
-    print(f"device {torch.cuda.get_device_name() if cuda else 'cpu'}; T5 d_model={shape['d_model']}, "
+    print(f"device {describe(device)}; T5 d_model={shape['d_model']}, "
           f"{shape['num_layers']}+{shape['num_decoder_layers']} layers, {dtype}", flush=True)
 
     def timed(fn):

@@ -8,7 +8,6 @@ generated after a 32-token prompt; bf16 autocast on CUDA, as generate.py uses.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import time
 from pathlib import Path
@@ -17,7 +16,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import CUDA as cuda, device_name, random_model, shape_args  # noqa: E402
+from bench.common import CUDA as cuda, DEVICE, device_name, random_model, shape_args  # noqa: E402
+from model.precision import autocast as autocast_for  # noqa: E402
 from model.sampler import SamplerConfig, generate  # noqa: E402
 
 
@@ -29,7 +29,7 @@ def main() -> None:
     p.add_argument("--batch_sizes", default="1,32" if cuda else "1,8")
     args = p.parse_args()
     model = random_model(args)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    autocast = autocast_for(DEVICE)
     print(f"device {device_name()}; {args.num_layers} layers, d={args.model_dim}; "
           f"{args.gen_length} tokens after a 32-token prompt")
     for B in (int(b) for b in args.batch_sizes.split(",")):

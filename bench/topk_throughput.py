@@ -8,7 +8,6 @@ Random weights and random tokens in a temporary shard folder (no `datasets` need
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from bench.common import CUDA as cuda, DEVICE as device, device_name, random_mod
 from data.loader import ShardLoader  # noqa: E402
 from data.shards import write_shard  # noqa: E402
 from interp.scan import ScanSettings, scan  # noqa: E402
+from model.precision import autocast as autocast_for  # noqa: E402
 from model.transcoder import Transcoder, TranscoderConfig  # noqa: E402
 
 
@@ -48,7 +48,7 @@ def main() -> None:
     mc, n = model.cfg, args.n_vocab
     tcfg = TranscoderConfig(args.model_dim, args.expansion_factor * args.model_dim, args.k)
     transcoders = {i: Transcoder(tcfg).to(device) for i in range(args.num_layers)}
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    autocast = autocast_for(device)
     n_tokens = args.batches * args.batch_size * args.seq_len
     with tempfile.TemporaryDirectory() as tmp:
         fake_dataset(Path(tmp), n_tokens + args.seq_len * args.batch_size, n, mc.bos_id, mc.vocab_size)

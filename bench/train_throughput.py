@@ -9,7 +9,6 @@ bf16 peak of an H100/H200) and peak memory. Needs no dataset (the GPU image has 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import CUDA as cuda, DEVICE as device, device_name, measure, random_model, shape_args  # noqa: E402
+from model.precision import autocast as autocast_for  # noqa: E402
 from model.objective import train_noise  # noqa: E402
 from model.optim import build_optimizers  # noqa: E402
 from model.training import Dist, accumulate_gradients  # noqa: E402
@@ -41,7 +41,7 @@ def main() -> None:
         for block in model.blocks:
             block.compile()
     optimizers = build_optimizers(model, 0.02, 0.3, 0.008)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    autocast = autocast_for(device)
     B, T, acc = args.batch_size, args.seq_len, args.grad_acc_steps
     gen = torch.Generator().manual_seed(0)
 

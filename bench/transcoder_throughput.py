@@ -8,7 +8,6 @@ weights and tokens: the compute is the same as for a trained model.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,6 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import CUDA as cuda, DEVICE as device, device_name, measure, random_model, shape_args  # noqa: E402
+from model.precision import autocast as autocast_for  # noqa: E402
 from model.objective import train_noise  # noqa: E402
 from model.training import Dist  # noqa: E402
 from model.transcoder import Transcoder, TranscoderConfig  # noqa: E402
@@ -38,7 +38,7 @@ def main() -> None:
     optimizer = torch.optim.Adam(transcoders.parameters(), lr=1e-4)
     dead = {i: torch.zeros(tcfg.num_latents, dtype=torch.long, device=device) for i in layers}
     cfg = SimpleNamespace(dead_tokens=10_000_000, auxk_alpha=1 / 32)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    autocast = autocast_for(device)
     B, T = args.batch_size, args.seq_len
 
     def batches(step):

@@ -15,6 +15,7 @@ from interp.explain_step import (INTERPRETATION_RUBRIC, OUTPUT_RUBRIC, compose_l
                                  layer_prompt, parse_rating, top_features, total_prompt)
 from interp.explain_report import write_report
 from interp.feature_store import layer_name
+from model.precision import autocast
 from model.transcoder import Transcoder
 from model.transcoder_training import TRANSCODERS_DIR
 
@@ -113,7 +114,7 @@ def print_step(state_text: str, prompt: str, step: int, s: dict) -> None:
 
 
 def run_explanations(cfg, explainer_factory=None) -> Path:
-    from generate import autocast_for, read_prompts
+    from generate import read_prompts
     from model.explainer import Explainer
     from model.sampler import generate
 
@@ -137,7 +138,7 @@ def run_explanations(cfg, explainer_factory=None) -> Path:
             raise UserError(f"prompt {p[:40]!r}... with its continuation exceeds --max_seq_len {limit}")
     results = []
     for prompt in prompts:
-        with autocast_for(device):
+        with autocast(device):
             out = generate(model, [tok.encode(prompt)], cfg.sampler())
         prefix = out.tokens[0, :out.prompt_width].tolist()
         states = [s[0].tolist() for s in out.states]

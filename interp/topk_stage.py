@@ -1,12 +1,10 @@
 """get_topk_activations.py's work: load the run and its transcoders, scan, write the outputs and pages."""
 from __future__ import annotations
 
-import contextlib
 import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 
 from cli import UserError
 from data.loader import ShardLoader
@@ -15,6 +13,7 @@ from interp.feature_pages import write_layer_pages, write_root_page
 from interp.feature_store import (ARRAYS_FILE, CONTEXTS_FILE, FEATURES_FILE, feature_examples, feature_stats,
                                   layer_name, vocab_pieces, write_arrays, write_jsonl)
 from interp.scan import ScanSettings, scan
+from model.precision import autocast as autocast_for
 from model.transcoder import Transcoder
 from model.transcoder_training import TRANSCODERS_DIR, open_base_run, open_data, parse_layers
 
@@ -81,7 +80,7 @@ def run_topk(cfg) -> Path:
     s = ScanSettings(n_batches=n_batches, top_k=cfg.top_k, context_before=cfg.context_before,
                      context_after=cfg.context_after, n_quantile=cfg.n_quantile, n_random=cfg.n_random,
                      mask_ratio=cfg.mask_ratio, seed=cfg.seed, checkpoint_every=cfg.checkpoint_every)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    autocast = autocast_for(device)
     states, n_tokens = scan(model, transcoders, loader, s, device, out_dir / STATE_FILE, autocast)
 
     pieces = vocab_pieces(tok)

@@ -1,9 +1,10 @@
 """The explainer/judge LLM: any seq2seq (T5 family) or causal LM that `transformers` can load.
 
 Loaded with `from_pretrained` from the hub or a local folder (remote code only when asked); bf16 on
-CUDA (Flan-T5 in fp16 overflows and writes garbage), fp32 on the CPU. Two operations, both batched:
-`generate` (greedy, deterministic; or seeded sampling for a retry) and `yes_probability` (one forward
-step: P("yes") / (P("yes") + P("no")) for the next token, no free text). Causal models see their chat
+a GPU with native bf16 (Flan-T5 in fp16 overflows and writes garbage), fp32 elsewhere, every CPU
+included. Two operations, both batched: `generate` (greedy, deterministic; or seeded sampling for a
+retry) and `yes_probability` (one forward step: P("yes") / (P("yes") + P("no")) for the next token, no
+free text). Causal models see their chat
 template when they have one.
 """
 from __future__ import annotations
@@ -13,15 +14,20 @@ from pathlib import Path
 import torch
 
 from cli import UserError
+from model.precision import describe, native_bf16
 
 
 def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 on a GPU with native bf16, fp32 elsewhere (on every CPU, as the stages' autocast does).
+    An explicit bf16 where the hardware would emulate it is honoured, with a warning."""
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if device.type == "cuda" and native_bf16(device) else torch.float32
     table = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
              "float16": torch.float16, "fp16": torch.float16}
     if dtype not in table:
         raise UserError(f"--dtype {dtype!r}: use auto, bfloat16, float32 or float16")
+    if table[dtype] == torch.bfloat16 and not native_bf16(device):
+        print(f"warning: --dtype {dtype}: {describe(device)}; bf16 is emulated here and far slower than float32")
     return table[dtype]
 
 

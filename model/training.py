@@ -25,6 +25,7 @@ from model.attention import FLEX_BLOCK
 from model.diffusion import DiffusionLM, ModelConfig
 from model.objective import diffusion_loss, train_noise, val_noise
 from model.optim import build_optimizers, lr_factor, set_lr
+from model.precision import autocast as autocast_for, native_bf16
 
 VAL_SEED = 1234  # validation noise is the same for every run, whatever its --seed, so runs compare
 # Flags a resumed run must keep: they fix the model, the data or the order of batches.
@@ -225,17 +226,21 @@ def _train(cfg, given, dist: Dist, device: torch.device) -> Path | None:
             write_json_atomic(folder / CONFIG_FILE, {"train": asdict(cfg), "model": asdict(mcfg), "tokenizer": tok.spec(),
                                                      "data": {"folder": str(data.folder), "params": data.meta["params"],
                                                               "train_files": train_files}})
-            write_json_atomic(folder / METADATA_FILE, metadata({"world_size": dist.world, "device": str(device)}))
+            write_json_atomic(folder / METADATA_FILE, metadata({"world_size": dist.world, "device": str(device),
+                                                                "muon_ns_dtype": str(optimizers[1].ns_dtype)}))
             tok.save(folder)
         else:
             meta = read_json(folder / METADATA_FILE)
-            meta.setdefault("resumes", []).append({"from_step": start, **metadata({"world_size": dist.world})})
+            meta.setdefault("resumes", []).append({"from_step": start, **metadata(
+                {"world_size": dist.world, "device": str(device), "muon_ns_dtype": str(optimizers[1].ns_dtype)})})
             write_json_atomic(folder / METADATA_FILE, meta)
             truncate_metrics(folder, start)
         log.folder = folder
     log(f"run folder: {folder}" + (f" (resumed at step {start})" if start else ""))
     log(f"model: {model.n_params():,} parameters ({model.n_params(matmul_only=True):,} in matmuls), "
-        f"{cfg.num_layers} layers, d={cfg.model_dim}, {cfg.num_heads} heads; device {device}, {dist.world} process(es)")
+        f"{cfg.num_layers} layers, d={cfg.model_dim}, {cfg.num_heads} heads; device {device}, {dist.world} process(es); "
+        f"Muon's Newton–Schulz in {str(optimizers[1].ns_dtype).removeprefix('torch.')} "
+        f"({'native' if native_bf16(device) else 'no native'} bf16 on this {device.type.upper()})")
     log(f"data: {data.folder} ({data.meta['train_tokens']:,} training tokens); {tokens_per_step:,} tokens per step "
         f"= {cfg.grad_acc_steps} micro-batches × {cfg.batch_size} sequences × {cfg.train_seq_len} tokens")
 
@@ -248,7 +253,7 @@ def _train(cfg, given, dist: Dist, device: torch.device) -> Path | None:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
+    autocast = autocast_for(device)
     wandb = _wandb(cfg, folder) if dist.main and cfg.wandb else None
 
     def save(step: int) -> None:

@@ -7,7 +7,6 @@ hand (the per-layer backward does not fit DDP's one-forward-one-backward model).
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import asdict
@@ -27,6 +26,7 @@ from model.diffusion import DiffusionLM, ModelConfig
 from model.hooks import capture_mlps, replace_mlps
 from model.objective import apply_noise, diffusion_loss, train_noise, val_noise
 from model.optim import lr_factor
+from model.precision import autocast as autocast_for
 from model.training import VAL_SEED, Dist, setup_distributed
 from model.transcoder import Transcoder, TranscoderConfig
 
@@ -280,7 +280,7 @@ def _train(cfg, dist: Dist, device: torch.device) -> Path:
     # Targets are divided by a fixed per-layer scale (their RMS on the first batch), so the transcoders
     # learn at unit scale whatever the MLP's output norm; saved files have the scale folded back in.
     scales: dict[int, float] = {}
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    autocast = autocast_for(device)
     start = 0
     log = RunLog(None, enabled=dist.main)
     if state is not None:
