@@ -109,21 +109,27 @@ def describe_batch(items: list[tuple[dict, dict]], explainer, cfg) -> list[dict]
 
 
 def summarise(records: list[dict]) -> dict:
-    """Per explainer and layer: counts, failures, and each score's mean and median."""
+    """Per explainer and layer: counts, failures, and each score's mean and median over the features
+    where it is defined, with the number where it is undefined (a class missing, a constant series)."""
     out: dict = {}
     for r in records:
         layer = out.setdefault(r["explainer"], {}).setdefault(str(r["layer"]), {"n": 0, "failures": 0, "scores": {}})
         layer["n"] += 1
         layer["failures"] += r["failure"] is not None
         for name, key in (("detection", "auroc"), ("fuzzing", "balanced_accuracy"), ("simulation", "correlation")):
-            value = (r.get("scores", {}).get(name) or {}).get(key)
-            if value is not None:
-                layer["scores"].setdefault(f"{name}_{key}", []).append(value)
+            score = r.get("scores", {}).get(name)
+            if score is not None:
+                layer["scores"].setdefault(f"{name}_{key}", []).append(score.get(key))
     for per_layer in out.values():
         for layer in per_layer.values():
-            layer["scores"] = {k: {"mean": statistics.fmean(v), "median": statistics.median(v), "n": len(v)}
-                               for k, v in layer["scores"].items()}
+            layer["scores"] = {k: _stats([x for x in v if x is not None], len(v)) for k, v in layer["scores"].items()}
     return out
+
+
+def _stats(values: list[float], n_scored: int) -> dict:
+    mean = statistics.fmean(values) if values else None
+    median = statistics.median(values) if values else None
+    return {"mean": mean, "median": median, "n": len(values), "n_undefined": n_scored - len(values)}
 
 
 def plot_scores(records: list[dict], path: Path) -> None:
@@ -236,7 +242,9 @@ def run_descriptions(cfg, explainer_factory=None) -> Path:
     write_json_atomic(out_dir / SUMMARY_FILE, {"checkpoint": ckpt.name, "explainers": summary})
     plot_scores(records, out_dir / PLOT_FILE)
     for layer, s in sorted(summary.get(tag, {}).items(), key=lambda kv: int(kv[0])):
-        parts = [f"{k} {v['mean']:.3f}" for k, v in s["scores"].items()]
+        parts = [(f"{k} {v['mean']:.3f}" if v["mean"] is not None else f"{k} undefined")
+                 + (f" ({v['n_undefined']} of {v['n'] + v['n_undefined']} undefined)" if v["n_undefined"] else "")
+                 for k, v in s["scores"].items()]
         print(f"layer {layer}: {s['n']} features, {s['failures']} failures; mean " + (", ".join(parts) or "no scores"))
     print(f"descriptions: {path}; summary: {out_dir / SUMMARY_FILE}; plot: {out_dir / PLOT_FILE}")
     return out_dir

@@ -21,11 +21,18 @@ on about which when where what often""".split())
 
 
 def auroc(positive: Sequence[float], negative: Sequence[float]) -> float | None:
-    """P(a random positive scores above a random negative), ties counting one half (Mann–Whitney)."""
+    """P(a random positive scores above a random negative), ties counting one half (Mann–Whitney): 0.5
+    when every score ties. Undefined (None) only when a class is missing; see `missing_class`."""
     if not positive or not negative:
         return None
     wins = sum((p > n) + 0.5 * (p == n) for p in positive for n in negative)
     return wins / (len(positive) * len(negative))
+
+
+def missing_class(n_positive: int, n_negative: int) -> str | None:
+    """Why a two-class score is undefined, or None when it is defined."""
+    missing = [name for name, n in (("activating", n_positive), ("non-activating", n_negative)) if n == 0]
+    return f"no {' and no '.join(missing)} contexts in the score half" if missing else None
 
 
 def balanced_accuracy(positive: Sequence[float], negative: Sequence[float], threshold: float = 0.5) -> float | None:
@@ -88,7 +95,11 @@ def simulation(description: str, contexts: list[dict]) -> dict:
             token_words = re.findall(r"\w+", piece.lower())
             pred.append(1.0 if token_words and all(w in words for w in token_words) else 0.0)
             true.append(float(act))
-    return {"correlation": pearson(pred, true), "n_tokens": len(true), "words": sorted(words)[:20]}
+    out = {"correlation": pearson(pred, true), "n_tokens": len(true), "words": sorted(words)[:20]}
+    if out["correlation"] is None:
+        out["undefined"] = ("fewer than two tokens" if len(true) < 2 else "no token matches the description's words"
+                            if len(set(pred)) < 2 else "constant activations")
+    return out
 
 
 def pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
@@ -114,7 +125,13 @@ def judge_scores(description: str, record: dict, judge: Callable[[list[str]], li
     probs = judge(prompts) if prompts else []
     d_pos, d_neg = probs[:len(pos)], probs[len(pos):len(pos) + len(neg)]
     f_right, f_wrong = probs[len(pos) + len(neg):len(pos) * 2 + len(neg)], probs[len(pos) * 2 + len(neg):]
-    return {"detection": {"auroc": auroc(d_pos, d_neg), "balanced_accuracy": balanced_accuracy(d_pos, d_neg),
-                          "n_activating": len(d_pos), "n_non_activating": len(d_neg)},
-            "fuzzing": {"balanced_accuracy": balanced_accuracy(f_right, f_wrong), "auroc": auroc(f_right, f_wrong),
-                        "n": len(f_right)}}
+    detection = {"auroc": auroc(d_pos, d_neg), "balanced_accuracy": balanced_accuracy(d_pos, d_neg),
+                 "n_activating": len(d_pos), "n_non_activating": len(d_neg)}
+    fuzzing = {"balanced_accuracy": balanced_accuracy(f_right, f_wrong), "auroc": auroc(f_right, f_wrong),
+               "n": len(f_right)}
+    undefined = ((detection, missing_class(len(d_pos), len(d_neg))),
+                 (fuzzing, "no activating contexts in the score half" if not pos else None))
+    for score, why in undefined:
+        if why:
+            score["undefined"] = why  # reported as such: never a number, never a crash
+    return {"detection": detection, "fuzzing": fuzzing}

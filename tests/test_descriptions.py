@@ -7,7 +7,7 @@ import torch
 import cli
 from get_activation_descriptions import IGNORED, DescriptionsConfig, main
 from interp.describe import clean, explain_examples, explain_prompt, fit_prompt, mark
-from interp.descriptions_stage import RECORDS_FILE, run_descriptions
+from interp.descriptions_stage import RECORDS_FILE, run_descriptions, summarise
 from interp.feature_store import read_jsonl
 from interp.scoring import auroc, balanced_accuracy, judge_scores, quoted_words, score_sets, simulation
 from model.explainer import Explainer
@@ -97,7 +97,41 @@ def test_simulation_uses_quoted_words():
     right = simulation('fires on "Paris"', pos + neg)
     wrong = simulation('fires on "cat"', pos + neg)
     assert right["correlation"] > 0.8 and wrong["correlation"] < 0
-    assert simulation("nothing quoted matches here", pos + neg)["correlation"] is None
+    none = simulation("nothing quoted matches here", pos + neg)
+    assert none["correlation"] is None and none["undefined"] == "no token matches the description's words"
+
+
+@pytest.mark.parametrize("pos,neg,expected", [
+    ([0.7, 0.7], [0.7], 0.5),  # every score ties: no information, exactly chance
+    ([0.9, 0.7], [0.7, 0.7], 0.75),  # partial ties count one half
+    ([0.2], [0.9], 0.0),
+    ([0.5], [], None), ([], [0.5], None), ([], [], None),  # a class is missing: undefined
+])
+def test_auroc_standard_meaning(pos, neg, expected):
+    assert auroc(pos, neg) == expected
+
+
+@pytest.mark.parametrize("drop", ["random", "top_and_quantile"])
+def test_a_missing_class_is_reported_not_crashed(drop):
+    """A feature that fires in every pooled window has no non-activating contexts; one that fired once has
+    no held-out activating ones. Its AUROC is undefined, says why, and the summary counts it apart."""
+    record = _record()
+    if drop == "random":
+        record["random"] = []
+    else:
+        record["top"] = [e for e in record["top"] if e["split"] == "explain"]
+        record["quantile"] = []
+    scores = judge_scores("the word Paris", record, lambda ps: [0.5] * len(ps), seed=0)
+    det = scores["detection"]
+    assert det["auroc"] is None and det["balanced_accuracy"] is None
+    assert det["undefined"] == ("no non-activating contexts in the score half" if drop == "random"
+                                else "no activating contexts in the score half")
+    assert ("undefined" in scores["fuzzing"]) == (drop != "random")
+    defined = judge_scores("the word Paris", _record(), lambda ps: [0.5] * len(ps), seed=0)
+    assert "undefined" not in defined["detection"] and defined["detection"]["auroc"] == 0.5
+    records = [{"explainer": "x", "layer": 0, "failure": None, "scores": s} for s in (scores, defined)]
+    stats = summarise(records)["x"]["0"]["scores"]["detection_auroc"]
+    assert stats == {"mean": 0.5, "median": 0.5, "n": 1, "n_undefined": 1}
     assert quoted_words('on "a" and typical context: "x <<Paris>> y"') == {"a", "paris"}
 
 
@@ -150,12 +184,23 @@ def test_retry_and_failure_recording(run_copy):
     assert ok and all(r["description"] and "retried" not in r for r in ok if r["raw"][0].strip())
 
 
+def assert_auroc_defined_unless_a_class_is_missing(det: dict) -> bool:
+    """Which features of the tiny pipeline lack held-out negatives (they fire in every pooled window) or
+    positives (they fired once) depends on the trained weights, hence on the processor's float kernels;
+    so a test may meet an undefined AUROC, and then it must say why."""
+    if det["auroc"] is None:
+        assert det["undefined"] and min(det["n_activating"], det["n_non_activating"]) == 0, det
+    else:
+        assert 0 <= det["auroc"] <= 1 and "undefined" not in det, det
+    return True
+
+
 def test_retry_that_succeeds_is_kept(run_copy):
     ex = Scripted(lambda p: "", retry_answer="capital cities")
     out = run_descriptions(_cfg(run_copy), explainer_factory=lambda name: ex)
     for r in read_jsonl(out / RECORDS_FILE):
         assert r["description"] == "capital cities" and r["retried"] and r["raw"] == ["", "capital cities"]
-        assert r["scores"]["detection"]["auroc"] is not None and r["judge"] == "scripted"
+        assert_auroc_defined_unless_a_class_is_missing(r["scores"]["detection"]) and r["judge"] == "scripted"
 
 
 def test_held_out_split_is_respected(run_copy, tiny_topk):
@@ -212,7 +257,7 @@ def test_tiny_t5_end_to_end(run_copy, tiny_llms):
         assert r["raw"] and r["explainer"] == str(tiny_llms["t5"])
         assert (r["failure"] is None) == (r["description"] is not None)
         if r["description"]:
-            assert 0 <= r["scores"]["detection"]["auroc"] <= 1
+            assert_auroc_defined_unless_a_class_is_missing(r["scores"]["detection"])
     summary = json.loads((out / "summary.json").read_text())
     assert str(tiny_llms["t5"]) in summary["explainers"] and (out / "scores.png").exists()
 
