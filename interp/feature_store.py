@@ -53,27 +53,33 @@ def feature_stats(st: LayerState, n_tokens: int, vocab: int, pieces: list[str]) 
     return out
 
 
-def feature_examples(st: LayerState, s: ScanSettings, pieces: list[str]) -> Iterator[dict]:
-    """Per feature: its examples by category, each trimmed to the window actually inside the document."""
-    cpu = {name: {c: getattr(st, name)[c].cpu() for c in CATEGORIES}
-           for name in ("chosen", "win_tokens", "win_acts", "t", "masked")}
-    for f in range(st.top.n_groups):
-        record = {"feature": f}
-        for c in CATEGORIES:
-            items = []
-            for slot, pos in enumerate(cpu["chosen"][c][f].tolist()):
-                if pos < 0:
-                    continue
-                toks, acts = cpu["win_tokens"][c][f, slot], cpu["win_acts"][c][f, slot]
-                keep = toks >= 0
-                ids = toks[keep].tolist()
-                center = int(keep[:s.context_before].sum())
-                a = [round(float(x), 5) for x in acts[keep]]
-                items.append({"position": pos, "split": split_of(slot), "center": center, "activation": a[center],
-                              "t": round(float(cpu["t"][c][f, slot]), 5), "masked": bool(cpu["masked"][c][f, slot]),
-                              "tokens": ids, "pieces": [pieces[i] if i < len(pieces) else "" for i in ids], "acts": a})
-            record[c] = items
-        yield record
+def feature_examples(st: LayerState, s: ScanSettings, pieces: list[str], chunk: int = 256) -> Iterator[dict]:
+    """Per feature: its examples by category, each trimmed to the window actually inside the document.
+
+    Tensors become Python lists a chunk of features at a time: element-wise tensor access from Python
+    cost 60% of the demo's top-k stage, and a whole layer as lists would not fit in memory at scale."""
+    names = ("chosen", "win_tokens", "win_acts", "t", "masked")
+    for lo in range(0, st.top.n_groups, chunk):
+        hi = min(lo + chunk, st.top.n_groups)
+        part = {name: {c: getattr(st, name)[c][lo:hi].cpu().tolist() for c in CATEGORIES} for name in names}
+        for f in range(lo, hi):
+            record = {"feature": f}
+            for c in CATEGORIES:
+                items = []
+                for slot, pos in enumerate(part["chosen"][c][f - lo]):
+                    if pos < 0:
+                        continue
+                    toks, acts = part["win_tokens"][c][f - lo][slot], part["win_acts"][c][f - lo][slot]
+                    ids = [tok for tok in toks if tok >= 0]
+                    center = sum(tok >= 0 for tok in toks[:s.context_before])
+                    a = [round(x, 5) for tok, x in zip(toks, acts) if tok >= 0]
+                    items.append({"position": pos, "split": split_of(slot), "center": center, "activation": a[center],
+                                  "t": round(part["t"][c][f - lo][slot], 5),
+                                  "masked": bool(part["masked"][c][f - lo][slot]),
+                                  "tokens": ids, "pieces": [pieces[i] if i < len(pieces) else "" for i in ids],
+                                  "acts": a})
+                record[c] = items
+            yield record
 
 
 def write_jsonl(path: Path, records) -> None:
