@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import numpy as np
 
@@ -16,17 +17,18 @@ from data.prepare import PrepareConfig, prepare_dataset
 from data.shards import read_shard
 from experiment import read_metrics
 from generate import GenerateConfig, main as generate_main
+from model.precision import describe
 
 DEMO_DATA = dict(dataset="synthetic", synthetic_mb=4.0)
-DEMO_MODEL = dict(num_layers=4, num_heads=4, model_dim=128, train_seq_len=256, val_seq_len=256, batch_size=8,
-                  grad_acc_steps=1, train_steps=800, val_loss_every=200, val_tokens=65_536, save_every=400,
+DEMO_MODEL = dict(num_layers=3, num_heads=3, model_dim=96, train_seq_len=256, val_seq_len=256, batch_size=8,
+                  grad_acc_steps=1, train_steps=450, val_loss_every=150, val_tokens=16_384, save_every=225,
                   log_every=50, head_lr=0.02, device="cpu", model_name="demo")
 
 
-DEMO_TRANSCODERS = dict(device="cpu", train_seq_len=256, batch_size=8, grad_acc_steps=1, train_steps=300,
-                        expansion_factor=8, k=8, val_loss_every=100, val_tokens=16_384, save_every=150,
+DEMO_TRANSCODERS = dict(device="cpu", train_seq_len=256, batch_size=8, grad_acc_steps=1, train_steps=250,
+                        expansion_factor=8, k=8, val_loss_every=0, val_tokens=8_192, save_every=125,
                         dead_tokens=100_000, log_every=50)
-DEMO_TOPK = dict(device="cpu", train_seq_len=256, batch_size=8, train_steps=40, grad_acc_steps=1, top_k=20,
+DEMO_TOPK = dict(device="cpu", train_seq_len=256, batch_size=8, train_steps=16, grad_acc_steps=1, top_k=20,
                  n_quantile=10, n_random=10)
 DEMO_PROMPTS = ["The capital of France is", "The month after March is", "Scientists classify the"]
 
@@ -63,6 +65,32 @@ LARGE = {"model": dict(num_layers=6, num_heads=6, model_dim=192, batch_size=16, 
          "topk": dict(train_steps=60)}
 
 
+class StageClock:
+    """Wall time of each stage, printed at the end with the processor, so a user can compare machines."""
+
+    def __init__(self) -> None:
+        self.times: list[tuple[str, float]] = []
+        self.name, self.t0 = None, time.perf_counter()
+
+    def __call__(self, header: str) -> None:
+        self.stop()
+        print(header)
+        self.name, self.t0 = header.strip("= \n").split(" (")[0], time.perf_counter()
+
+    def stop(self) -> None:
+        if self.name is not None:
+            self.times.append((self.name, time.perf_counter() - self.t0))
+        self.name = None
+
+    def report(self) -> None:
+        self.stop()
+        total = sum(t for _, t in self.times)
+        print(f"\ntime per stage on {describe('cpu')}:")
+        for name, t in self.times:
+            print(f"  {t:6.1f} s  {name}")
+        print(f"  {total:6.1f} s  in all")
+
+
 def main() -> None:
     import argparse
 
@@ -74,26 +102,27 @@ def main() -> None:
         DEMO_MODEL.update(LARGE["model"])
         DEMO_TRANSCODERS.update(LARGE["transcoders"])
         DEMO_TOPK.update(LARGE["topk"])
+    clock = StageClock()
 
-    print("== stage 0: data")
+    clock("== stage 0: data")
     prepared = prepare_dataset(PrepareConfig(**DEMO_DATA))
     show_data(prepared)
 
-    print("\n== stage 1: train_diffusion.py")
+    clock("\n== stage 1: train_diffusion.py")
     run = train(TrainConfig(**DEMO_DATA, **DEMO_MODEL))
     val = [r for r in read_metrics(run) if r["event"] == "val"]
     print(f"validation NELBO {val[0]['val_nelbo']:.3f} -> {val[-1]['val_nelbo']:.3f} nats/token "
           f"(untrained: ln V = {math.log(prepared.tokenizer.n_vocab):.3f}; unigram entropy of the corpus: "
           f"{unigram_entropy(prepared):.3f}); loss curve: {run / 'loss.png'}")
 
-    print("\n== stage 2: generate.py")
+    clock("\n== stage 2: generate.py")
     generate_main(GenerateConfig(train_folder=str(run), device="cpu", prompt=DEMO_PROMPTS[:1], gen_length=8,
                                  num_generate_steps=8))
     generate_main(GenerateConfig(train_folder=str(run), device="cpu", prompt=DEMO_PROMPTS[1:], gen_length=16,
                                  num_generate_steps=16, quiet=True))
     show_fact_accuracy(run, prepared)
 
-    print("\n== stage 3: train_transcoders.py")
+    clock("\n== stage 3: train_transcoders.py")
     from train_transcoders import TranscoderTrainConfig, main as train_transcoders
 
     out = train_transcoders(TranscoderTrainConfig(train_folder=str(run), **DEMO_TRANSCODERS))
@@ -104,29 +133,30 @@ def main() -> None:
               f"NELBO with this MLP replaced {m['spliced_nelbo']:.3f}")
     print(f"plots: {out / 'transcoders.png'}")
 
-    print("\n== stage 4: get_topk_activations.py")
+    clock("\n== stage 4: get_topk_activations.py")
     from get_topk_activations import TopKConfig, main as get_topk
 
     topk = get_topk(TopKConfig(train_folder=str(run), **DEMO_TOPK))
     print(f"open the feature browser in a browser: {(topk / 'index.html').resolve()}")
 
-    print("\n== stage 5: get_activation_descriptions.py (explainer: tokens)")
+    clock("\n== stage 5: get_activation_descriptions.py (explainer: tokens)")
     from get_activation_descriptions import DescriptionsConfig, main as describe
 
     desc = describe(DescriptionsConfig(train_folder=str(run), explainer="tokens", device="cpu"))
     first = json.loads((desc / "descriptions.jsonl").read_text().splitlines()[0])
     print(f"for example, layer {first['layer']} feature {first['feature']}: {first['description']}")
 
-    print("\n== stage 6: generate_descriptions.py (explainer: tokens)")
+    clock("\n== stage 6: generate_descriptions.py (explainer: tokens)")
     from generate_descriptions import ExplainConfig, main as explain
 
     out = explain(ExplainConfig(train_folder=str(run), explainer="tokens", device="cpu", prompt=DEMO_PROMPTS[:2],
                                 gen_length=4, num_generate_steps=4, features_per_layer=5))
-    print("\n== the ground-truth benchmark (python -m interp.ground_truth)")
+    clock("\n== the ground-truth benchmark (python -m interp.ground_truth)")
     from interp.ground_truth import GroundTruthConfig, run_ground_truth
 
     run_ground_truth(GroundTruthConfig(train_folder=str(run), device="cpu"))
 
+    clock.report()
     print("\npages to open in a browser:")
     print(f"  feature browser:    {(topk / 'index.html').resolve()}")
     print(f"  explanation report: {(out.parent / 'report.html').resolve()}")
