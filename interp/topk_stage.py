@@ -5,7 +5,6 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-
 from cli import UserError
 from data.loader import ShardLoader
 from experiment import CONFIG_FILE, read_json, resolve_device, write_json_atomic

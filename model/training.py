@@ -238,8 +238,8 @@ def _train(cfg, given, dist: Dist, device: torch.device) -> Path | None:
         log.folder = folder
     log(f"run folder: {folder}" + (f" (resumed at step {start})" if start else ""))
     log(f"model: {model.n_params():,} parameters ({model.n_params(matmul_only=True):,} in matmuls), "
-        f"{cfg.num_layers} layers, d={cfg.model_dim}, {cfg.num_heads} heads; device {device}, {dist.world} process(es); "
-        f"Muon's Newton–Schulz in {str(optimizers[1].ns_dtype).removeprefix('torch.')} "
+        f"{cfg.num_layers} layers, d={cfg.model_dim}, {cfg.num_heads} heads; device {device}, "
+        f"{dist.world} process(es); Muon's Newton–Schulz in {str(optimizers[1].ns_dtype).removeprefix('torch.')} "
         f"({'native' if native_bf16(device) else 'no native'} bf16 on this {device.type.upper()})")
     log(f"data: {data.folder} ({data.meta['train_tokens']:,} training tokens); {tokens_per_step:,} tokens per step "
         f"= {cfg.grad_acc_steps} micro-batches × {cfg.batch_size} sequences × {cfg.train_seq_len} tokens")
