@@ -61,23 +61,20 @@ def feature_examples(st: LayerState, s: ScanSettings, pieces: list[str], chunk: 
     names = ("chosen", "win_tokens", "win_acts", "t", "masked")
     for lo in range(0, st.top.n_groups, chunk):
         hi = min(lo + chunk, st.top.n_groups)
-        part = {name: {c: getattr(st, name)[c][lo:hi].cpu().tolist() for c in CATEGORIES} for name in names}
-        for f in range(lo, hi):
-            record = {"feature": f}
+        part = {c: [getattr(st, name)[c][lo:hi].cpu().tolist() for name in names] for c in CATEGORIES}
+        for i in range(hi - lo):
+            record = {"feature": lo + i}
             for c in CATEGORIES:
                 items = []
-                for slot, pos in enumerate(part["chosen"][c][f - lo]):
+                for slot, (pos, toks, acts, t, masked) in enumerate(zip(*(rows[i] for rows in part[c]))):
                     if pos < 0:
                         continue
-                    toks, acts = part["win_tokens"][c][f - lo][slot], part["win_acts"][c][f - lo][slot]
                     ids = [tok for tok in toks if tok >= 0]
                     center = sum(tok >= 0 for tok in toks[:s.context_before])
                     a = [round(x, 5) for tok, x in zip(toks, acts) if tok >= 0]
                     items.append({"position": pos, "split": split_of(slot), "center": center, "activation": a[center],
-                                  "t": round(part["t"][c][f - lo][slot], 5),
-                                  "masked": bool(part["masked"][c][f - lo][slot]),
-                                  "tokens": ids, "pieces": [pieces[i] if i < len(pieces) else "" for i in ids],
-                                  "acts": a})
+                                  "t": round(t, 5), "masked": bool(masked), "tokens": ids,
+                                  "pieces": [pieces[j] if j < len(pieces) else "" for j in ids], "acts": a})
                 record[c] = items
             yield record
 

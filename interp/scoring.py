@@ -129,9 +129,9 @@ def judge_scores(description: str, record: dict, judge: Callable[[list[str]], li
                  "n_activating": len(d_pos), "n_non_activating": len(d_neg)}
     fuzzing = {"balanced_accuracy": balanced_accuracy(f_right, f_wrong), "auroc": auroc(f_right, f_wrong),
                "n": len(f_right)}
-    undefined = ((detection, missing_class(len(d_pos), len(d_neg))),
-                 (fuzzing, "no activating contexts in the score half" if not pos else None))
-    for score, why in undefined:
-        if why:
-            score["undefined"] = why  # reported as such: never a number, never a crash
+    # an undefined score is reported as such: never a number, never a crash
+    if why := missing_class(len(d_pos), len(d_neg)):
+        detection["undefined"] = why
+    if not pos:
+        fuzzing["undefined"] = "no activating contexts in the score half"
     return {"detection": detection, "fuzzing": fuzzing}

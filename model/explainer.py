@@ -4,8 +4,7 @@ Loaded with `from_pretrained` from the hub or a local folder (remote code only w
 a GPU with native bf16 (Flan-T5 in fp16 overflows and writes garbage), fp32 elsewhere, every CPU
 included. Two operations, both batched: `generate` (greedy, deterministic; or seeded sampling for a
 retry) and `yes_probability` (one forward step: P("yes") / (P("yes") + P("no")) for the next token, no
-free text). Causal models see their chat
-template when they have one.
+free text). Causal models see their chat template when they have one.
 """
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ from model.attention import FLEX_BLOCK
 from model.diffusion import DiffusionLM, ModelConfig
 from model.objective import diffusion_loss, train_noise, val_noise
 from model.optim import build_optimizers, lr_factor, set_lr
-from model.precision import autocast as autocast_for, native_bf16
+from model.precision import autocast as autocast_for, describe
 
 VAL_SEED = 1234  # validation noise is the same for every run, whatever its --seed, so runs compare
 # Flags a resumed run must keep: they fix the model, the data or the order of batches.
@@ -220,27 +220,25 @@ def _train(cfg, given, dist: Dist, device: torch.device) -> Path | None:
         start = int(state["step"])
 
     log = RunLog(None, enabled=dist.main)
+    facts = {"world_size": dist.world, "device": str(device), "muon_ns_dtype": str(optimizers[1].ns_dtype)}
     if dist.main:
         if folder is None:
             folder = new_run_folder(cfg.model_name, cfg.experiments_dir)
             write_json_atomic(folder / CONFIG_FILE, {"train": asdict(cfg), "model": asdict(mcfg), "tokenizer": tok.spec(),
                                                      "data": {"folder": str(data.folder), "params": data.meta["params"],
                                                               "train_files": train_files}})
-            write_json_atomic(folder / METADATA_FILE, metadata({"world_size": dist.world, "device": str(device),
-                                                                "muon_ns_dtype": str(optimizers[1].ns_dtype)}))
+            write_json_atomic(folder / METADATA_FILE, metadata(facts))
             tok.save(folder)
         else:
             meta = read_json(folder / METADATA_FILE)
-            meta.setdefault("resumes", []).append({"from_step": start, **metadata(
-                {"world_size": dist.world, "device": str(device), "muon_ns_dtype": str(optimizers[1].ns_dtype)})})
+            meta.setdefault("resumes", []).append({"from_step": start, **metadata(facts)})
             write_json_atomic(folder / METADATA_FILE, meta)
             truncate_metrics(folder, start)
         log.folder = folder
     log(f"run folder: {folder}" + (f" (resumed at step {start})" if start else ""))
     log(f"model: {model.n_params():,} parameters ({model.n_params(matmul_only=True):,} in matmuls), "
         f"{cfg.num_layers} layers, d={cfg.model_dim}, {cfg.num_heads} heads; device {device}, "
-        f"{dist.world} process(es); Muon's Newton–Schulz in {str(optimizers[1].ns_dtype).removeprefix('torch.')} "
-        f"({'native' if native_bf16(device) else 'no native'} bf16 on this {device.type.upper()})")
+        f"{dist.world} process(es); Muon's Newton–Schulz in {facts['muon_ns_dtype']} ({describe(device)})")
     log(f"data: {data.folder} ({data.meta['train_tokens']:,} training tokens); {tokens_per_step:,} tokens per step "
         f"= {cfg.grad_acc_steps} micro-batches × {cfg.batch_size} sequences × {cfg.train_seq_len} tokens")
 
