@@ -1,15 +1,19 @@
 # Two entry points for a new user; each creates .venv on first use.
 #   make demo   the pipeline on the built-in synthetic corpus, tiny config, CPU
 #   make test   the test suite
+# and, for contributors, `make lint`: ruff and the import-layer contracts (CI runs it before the tests).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test venv clean-demo
+.PHONY: demo test lint venv clean-demo
 
-$(BIN)/.installed: requirements.txt requirements-dev.txt
+# requirements*.txt pin the versions; the project itself is then installed in editable mode, without
+# dependencies, so `import experiment` works from anywhere (tests need no sys.path edits).
+$(BIN)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $@
 
 venv: $(BIN)/.installed
@@ -19,6 +23,10 @@ demo: venv
 
 test: venv
 	$(BIN)/python -m pytest -q tests
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 clean-demo:
 	rm -rf data_cache/synthetic_* experiments/*_demo

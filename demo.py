@@ -6,6 +6,7 @@ and the step-by-step explanation of a few prompts.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import time
@@ -15,9 +16,17 @@ import numpy as np
 from data.loader import ShardLoader
 from data.prepare import PrepareConfig, prepare_dataset
 from data.shards import read_shard
-from experiment import read_metrics
+from experiment import load_run, read_metrics
+from experiment.paths import LOSS_PLOT, PAGE_FILE, RECORDS_FILE, REPORT_FILE, TRANSCODER_PLOT, TRANSCODER_SUMMARY_FILE
 from generate import GenerateConfig, main as generate_main
+from generate_descriptions import ExplainConfig, main as explain
+from get_activation_descriptions import DescriptionsConfig, main as describe_features
+from get_topk_activations import TopKConfig, main as get_topk
+from interp.ground_truth import GroundTruthConfig, run_ground_truth
+from model.fact_eval import fact_accuracy
 from model.precision import describe
+from train_diffusion import TrainConfig, main as train
+from train_transcoders import TranscoderTrainConfig, main as train_transcoders
 
 DEMO_DATA = dict(dataset="synthetic", synthetic_mb=4.0)
 DEMO_MODEL = dict(num_layers=3, num_heads=3, model_dim=96, train_seq_len=256, val_seq_len=256, batch_size=8,
@@ -28,7 +37,7 @@ DEMO_MODEL = dict(num_layers=3, num_heads=3, model_dim=96, train_seq_len=256, va
 DEMO_TRANSCODERS = dict(device="cpu", train_seq_len=256, batch_size=8, grad_acc_steps=1, train_steps=250,
                         expansion_factor=8, k=8, val_loss_every=0, val_tokens=8_192, save_every=125,
                         dead_tokens=100_000, log_every=50)
-DEMO_TOPK = dict(device="cpu", train_seq_len=256, batch_size=8, train_steps=16, grad_acc_steps=1, top_k=20,
+DEMO_TOPK = dict(device="cpu", train_seq_len=256, batch_size=8, scan_batches=16, top_k=20,
                  n_quantile=10, n_random=10)
 DEMO_PROMPTS = ["The capital of France is", "The month after March is", "Scientists classify the"]
 
@@ -62,7 +71,7 @@ def unigram_entropy(prepared) -> float:
 LARGE = {"model": dict(num_layers=6, num_heads=6, model_dim=192, batch_size=16, train_steps=1500, val_loss_every=500,
                        save_every=500, model_name="demo_large"),
          "transcoders": dict(expansion_factor=8, k=16, train_steps=600, val_loss_every=200, save_every=300),
-         "topk": dict(train_steps=60)}
+         "topk": dict(scan_batches=60)}
 
 
 class StageClock:
@@ -92,10 +101,6 @@ class StageClock:
 
 
 def main() -> None:
-    import argparse
-
-    from train_diffusion import TrainConfig, main as train
-
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--large", action="store_true", help="a larger CPU configuration (6 layers, d=192; ~20 minutes)")
     if p.parse_args().large:
@@ -113,7 +118,7 @@ def main() -> None:
     val = [r for r in read_metrics(run) if r["event"] == "val"]
     print(f"validation NELBO {val[0]['val_nelbo']:.3f} -> {val[-1]['val_nelbo']:.3f} nats/token "
           f"(untrained: ln V = {math.log(prepared.tokenizer.n_vocab):.3f}; unigram entropy of the corpus: "
-          f"{unigram_entropy(prepared):.3f}); loss curve: {run / 'loss.png'}")
+          f"{unigram_entropy(prepared):.3f}); loss curve: {run / LOSS_PLOT}")
 
     clock("\n== stage 2: generate.py")
     generate_main(GenerateConfig(train_folder=str(run), device="cpu", prompt=DEMO_PROMPTS[:1], gen_length=8,
@@ -123,49 +128,37 @@ def main() -> None:
     show_fact_accuracy(run, prepared)
 
     clock("\n== stage 3: train_transcoders.py")
-    from train_transcoders import TranscoderTrainConfig, main as train_transcoders
-
     out = train_transcoders(TranscoderTrainConfig(train_folder=str(run), **DEMO_TRANSCODERS))
-    summary = json.loads((out / "metrics.json").read_text())
-    print(f"base NELBO {summary['base_nelbo']:.3f}; with every MLP replaced by its transcoder {summary['all_nelbo']:.3f}")
+    summary = json.loads((out / TRANSCODER_SUMMARY_FILE).read_text())
+    print(f"base NELBO {summary['base_nelbo']:.3f}; with every MLP replaced by its transcoder "
+          f"{summary['all_nelbo']:.3f}")
     for layer, m in summary["layers"].items():
         print(f"  layer {layer}: FVU {m['fvu']:.3f}, L0 {m['l0']:.1f}, dead {m['dead_fraction']:.1%}, "
               f"NELBO with this MLP replaced {m['spliced_nelbo']:.3f}")
-    print(f"plots: {out / 'transcoders.png'}")
+    print(f"plots: {out / TRANSCODER_PLOT}")
 
     clock("\n== stage 4: get_topk_activations.py")
-    from get_topk_activations import TopKConfig, main as get_topk
-
     topk = get_topk(TopKConfig(train_folder=str(run), **DEMO_TOPK))
-    print(f"open the feature browser in a browser: {(topk / 'index.html').resolve()}")
+    print(f"open the feature browser in a browser: {(topk / PAGE_FILE).resolve()}")
 
     clock("\n== stage 5: get_activation_descriptions.py (explainer: tokens)")
-    from get_activation_descriptions import DescriptionsConfig, main as describe
-
-    desc = describe(DescriptionsConfig(train_folder=str(run), explainer="tokens", device="cpu"))
-    first = json.loads((desc / "descriptions.jsonl").read_text().splitlines()[0])
+    desc = describe_features(DescriptionsConfig(train_folder=str(run), explainer="tokens", device="cpu"))
+    first = json.loads((desc / RECORDS_FILE).read_text().splitlines()[0])
     print(f"for example, layer {first['layer']} feature {first['feature']}: {first['description']}")
 
     clock("\n== stage 6: generate_descriptions.py (explainer: tokens)")
-    from generate_descriptions import ExplainConfig, main as explain
-
     out = explain(ExplainConfig(train_folder=str(run), explainer="tokens", device="cpu", prompt=DEMO_PROMPTS[:2],
                                 gen_length=4, num_generate_steps=4, features_per_layer=5))
     clock("\n== the ground-truth benchmark (python -m interp.ground_truth)")
-    from interp.ground_truth import GroundTruthConfig, run_ground_truth
-
     run_ground_truth(GroundTruthConfig(train_folder=str(run), device="cpu"))
 
     clock.report()
     print("\npages to open in a browser:")
-    print(f"  feature browser:    {(topk / 'index.html').resolve()}")
-    print(f"  explanation report: {(out.parent / 'report.html').resolve()}")
+    print(f"  feature browser:    {(topk / PAGE_FILE).resolve()}")
+    print(f"  explanation report: {(out.parent / REPORT_FILE).resolve()}")
 
 
 def show_fact_accuracy(run, prepared) -> None:
-    from experiment import load_run
-    from model.fact_eval import fact_accuracy
-
     _, model, tok, _ = load_run(run, "latest", "cpu")
     facts = [json.loads(line) for line in (prepared.folder / prepared.meta["facts"]).read_text().splitlines()]
     result = fact_accuracy(model, tok, facts)

@@ -9,68 +9,37 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Literal, Optional
 
-import cli
-from cli import UserError, arg
-from experiment import RunFlags, ShapeFlags
+from tqdm import tqdm
 
-EXAMPLE_PROMPTS = ["The capital of France is", "Once upon a time,", "The chemical symbol for oxygen is",
-                   "Photosynthesis is the process by which"]
+from core import cli
+from core.cli import arg
+from core.files import write_json_atomic
+from experiment import RunFlags, SamplingFlags, ShapeFlags, load_run, resolve_device
+from model.precision import autocast
+from model.sampler import generate
+
 MASK_SHOWN = " _"  # how a still-masked position is printed
 
 
 @dataclass
-class GenerateConfig(ShapeFlags, RunFlags):
+class GenerateConfig(SamplingFlags, ShapeFlags, RunFlags):
     """Generate continuations step by step and show every intermediate state."""
 
-    prompt: list[str] = arg([], "a prompt (repeat the flag for several)")
-    prompts_file: str = arg("", "a text file with one prompt per line")
-    gen_length: int = arg(32, "tokens to generate after each prompt")
-    num_generate_steps: int = arg(32, "denoising steps")
-    block_length: Optional[int] = arg(None, "semi-autoregressive block length (LLaDA); default one block")
-    remasking: Literal["low_confidence", "random"] = arg("low_confidence", "which positions to commit each step")
-    temperature: float = arg(0.0, "sampling temperature (0: the most probable token)")
-    top_k: int = arg(0, "sample among the k most probable tokens (0: off)")
-    top_p: float = arg(1.0, "nucleus sampling mass (1: off)")
-    seed: int = arg(0, "random seed")
     batch_size: int = arg(16, "prompts per forward pass")
-    max_seq_len: Optional[int] = arg(None, "longest prompt + continuation allowed (default: the run's train_seq_len)")
     output: str = arg("", "write every state as JSON here")
     quiet: bool = arg(False, "print only the final texts")
 
     def __post_init__(self) -> None:
-        RunFlags.__post_init__(self)
+        super().__post_init__()
         cli.require_positive(self, "batch_size")
-        self.sampler()  # validates the sampling flags
-
-    def sampler(self):
-        from model.sampler import SamplerConfig
-
-        return SamplerConfig(self.gen_length, self.num_generate_steps, self.block_length, self.remasking,
-                             self.temperature, self.top_k, self.top_p, self.seed)
-
-
-def read_prompts(cfg: GenerateConfig) -> list[str]:
-    prompts = list(cfg.prompt)
-    if cfg.prompts_file:
-        path = Path(cfg.prompts_file)
-        if not path.is_file():
-            raise UserError(f"--prompts_file {path} does not exist")
-        prompts += [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return prompts or EXAMPLE_PROMPTS
 
 
 def run_generation(cfg: GenerateConfig, model, tok, prompts: list[str]) -> list[dict]:
     """Generate for every prompt (in batches); one JSON-ready record per prompt."""
-    from tqdm import tqdm
-
-    from model.precision import autocast
-    from model.sampler import generate
-
     records = []
-    for i in tqdm(range(0, len(prompts), cfg.batch_size), desc="generating", disable=cfg.quiet or len(prompts) <= cfg.batch_size):
+    quiet = cfg.quiet or len(prompts) <= cfg.batch_size
+    for i in tqdm(range(0, len(prompts), cfg.batch_size), desc="generating", disable=quiet):
         batch = prompts[i:i + cfg.batch_size]
         ids = [tok.encode(p) for p in batch]
         with autocast(next(model.parameters()).device):
@@ -79,7 +48,8 @@ def run_generation(cfg: GenerateConfig, model, tok, prompts: list[str]) -> list[
             states = [s[b].tolist() for s in out.states]
             records.append({
                 "prompt": prompt, "prompt_ids": pid,
-                "states": [{"step": s, "ids": st, "text": tok.decode(st, mask_text=MASK_SHOWN)} for s, st in enumerate(states)],
+                "states": [{"step": s, "ids": st, "text": tok.decode(st, mask_text=MASK_SHOWN)}
+                           for s, st in enumerate(states)],
                 "committed_at": out.committed_at[b].tolist(), "token_probs": out.probs[b].tolist(),
                 "completion_ids": states[-1], "completion": tok.decode(states[-1]),
             })
@@ -98,16 +68,10 @@ def print_record(rec: dict, tok, quiet: bool) -> None:
 
 
 def main(cfg: GenerateConfig) -> list[dict]:
-    from experiment import load_run, resolve_device, write_json_atomic
-
     device = resolve_device(cfg.cuda, cfg.device)
     config, model, tok, path = load_run(cfg.train_folder, cfg.checkpoint_name, device, cfg.shape_flags())
-    prompts = read_prompts(cfg)
-    limit = cfg.max_seq_len or config["train"]["train_seq_len"]
-    for p in prompts:
-        n = 1 + len(tok.encode(p)) + cfg.gen_length
-        if n > limit:
-            raise UserError(f"prompt {p[:40]!r}... needs {n} tokens with its continuation, more than --max_seq_len {limit}")
+    prompts = cfg.prompts()
+    cfg.check_lengths(prompts, tok, config["train"]["train_seq_len"])
     if not cfg.quiet:
         print(f"model: {path} ({model.n_params():,} parameters); {cfg.gen_length} tokens in {cfg.num_generate_steps} "
               f"steps, {cfg.remasking} remasking, temperature {cfg.temperature}\n")

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import cli
-from cli import arg
-from generate import GenerateConfig
+from core import cli
+from core.cli import arg
+from experiment import RunFlags, SamplingFlags, ShapeFlags
+from interp.explain_stage import run_explanations
+
+IGNORED = ("batch_size", "quiet")  # generate.py's flags without a meaning here
 
 
 @dataclass
-class ExplainConfig(GenerateConfig):
+class ExplainConfig(SamplingFlags, ShapeFlags, RunFlags):
     """Generate step by step and explain every step through the transcoder features of every layer."""
 
     explainer: str = arg("google/flan-t5-xxl", "whose feature descriptions to use and who writes the step "
@@ -28,6 +31,7 @@ class ExplainConfig(GenerateConfig):
     dtype: str = arg("auto", "explainer weights: auto, bfloat16, float32, float16")
     load_in_8bit: bool = arg(False, "load the explainer in 8 bits (CUDA)")
     trust_remote_code: bool = arg(False, "allow model repositories to run their own code")
+    output: str = arg("", "write the explanations here (default: explanations/<stamp>/explanations.json in the run)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -36,10 +40,8 @@ class ExplainConfig(GenerateConfig):
 
 
 def main(cfg: ExplainConfig):
-    from interp.explain_stage import run_explanations
-
     return run_explanations(cfg)
 
 
 if __name__ == "__main__":
-    cli.run(main, ExplainConfig, description=ExplainConfig.__doc__)
+    cli.run(main, ExplainConfig, description=ExplainConfig.__doc__, ignored=IGNORED)

@@ -3,7 +3,8 @@
     python get_activation_descriptions.py --train_folder experiments/X --checkpoint_name state_step020000.pt \\
         --train_seq_len 4_096 --train_steps 1_000 --grad_acc_steps 8 --num_layers 12 --num_heads 6 --model_dim 384 \\
         --save_model True --cuda 1 --val_loss_every 1_000 --save_every 2_000
-    python get_activation_descriptions.py --train_folder experiments/X --checkpoint_name latest --explainer tokens --device cpu
+    python get_activation_descriptions.py --train_folder experiments/X --checkpoint_name latest --explainer tokens \\
+        --device cpu
 
 Reads experiments/X/topk/<checkpoint stem>/ and appends to experiments/X/descriptions/<checkpoint stem>/.
 """
@@ -11,16 +12,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import cli
-from cli import arg
-from experiment import RunFlags
+from core import cli
+from core.cli import arg
+from experiment import LayersFlag, RunFlags
+from interp.descriptions_stage import run_descriptions
 
 IGNORED = ("train_seq_len", "train_steps", "grad_acc_steps", "num_layers", "num_heads", "model_dim", "save_model",
            "val_loss_every", "save_every")
 
 
 @dataclass
-class DescriptionsConfig(RunFlags):
+class DescriptionsConfig(LayersFlag, RunFlags):
     """Describe every live feature with an LLM (or the `tokens` baseline) and score each description."""
 
     explainer: str = arg("google/flan-t5-xxl", "a Hugging Face model id or local folder (seq2seq or causal), "
@@ -31,24 +33,22 @@ class DescriptionsConfig(RunFlags):
     n_score: int = arg(10, "held-out contexts scored per feature: this many activating and as many non-activating")
     max_new_tokens: int = arg(30, "longest description, in tokens")
     batch_size: int = arg(32, "prompts per forward pass")
-    dtype: str = arg("auto", "explainer weights: auto (bf16 on a GPU with native bf16, else fp32), bfloat16, float32, float16")
+    dtype: str = arg("auto", "explainer weights: auto (bf16 on a GPU with native bf16, else fp32), bfloat16, "
+                             "float32, float16")
     load_in_8bit: bool = arg(False, "load the explainer in 8 bits (bitsandbytes, CUDA)")
     trust_remote_code: bool = arg(False, "allow model repositories to run their own code")
-    layers: str = arg("all", "comma-separated layers, or all")
     features: str = arg("", "comma-separated feature indices (default: every live feature)")
     max_features_per_layer: int = arg(0, "describe at most this many live features per layer (0: all)")
     seed: int = arg(0, "seed of the retry sampling and of the fuzzing marks")
     overwrite: bool = arg(False, "start this explainer's descriptions over")
 
     def __post_init__(self) -> None:
-        RunFlags.__post_init__(self)
+        super().__post_init__()
         cli.require_positive(self, "n_examples", "n_score", "max_new_tokens", "batch_size")
         cli.require_non_negative(self, "max_features_per_layer")
 
 
 def main(cfg: DescriptionsConfig):
-    from interp.descriptions_stage import run_descriptions
-
     return run_descriptions(cfg)
 
 

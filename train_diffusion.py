@@ -1,7 +1,8 @@
 """Stage 1: train a masked-diffusion language model.
 
     python train_diffusion.py --train_seq_len 4_096 --val_seq_len 4_096 --train_steps 20_000 --grad_acc_steps 8 \\
-        --num_layers 12 --num_heads 6 --model_dim 384 --save_model True --cuda 3 --val_loss_every 1_000 --save_every 2_000
+        --num_layers 12 --num_heads 6 --model_dim 384 --save_model True --cuda 3 --val_loss_every 1_000 \\
+        --save_every 2_000
     torchrun --nproc_per_node 8 train_diffusion.py ...same flags...
     python train_diffusion.py --dataset synthetic --device cpu --num_layers 2 --model_dim 64 --num_heads 2 \\
         --train_seq_len 256 --train_steps 200
@@ -11,23 +12,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-import cli
-from cli import arg
+from core import cli
+from core.cli import arg
+from experiment import BatchFlags, LoopFlags
+from model.diffusion import check_shape
+from training.diffusion import train
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(BatchFlags, LoopFlags):
     """Train a masked-diffusion LM; writes experiments/<stamp>_<model_name>/."""
 
     dataset: str = arg("fineweb-edu", "fineweb-edu, synthetic, or a path to .txt/.jsonl/.parquet files")
     tokenizer: str = arg("", "gpt2, bpe:<size> or a tokenizer.json; empty: gpt2 for fineweb-edu, bpe:4096 otherwise")
     data_dir: str = arg("data_cache", "where prepared datasets live")
     synthetic_mb: float = arg(4.0, "size of the synthetic corpus (MB of text)")
-    train_seq_len: int = arg(4096, "tokens per training sequence")
     val_seq_len: int = arg(4096, "tokens per validation sequence")
-    batch_size: int = arg(1, "sequences per micro-batch (per process)")
-    grad_acc_steps: int = arg(8, "micro-batches per optimizer step, over all processes")
-    train_steps: int = arg(20_000, "optimizer steps")
+    val_tokens: int = arg(2_097_152, "validation tokens (the same ones every time)")
     num_layers: int = arg(12, "transformer blocks")
     num_heads: int = arg(6, "attention heads")
     model_dim: int = arg(384, "residual stream width")
@@ -36,12 +37,6 @@ class TrainConfig:
     embed_lr: float = arg(0.3, "Adam learning rate of the embedding")
     head_lr: float = arg(0.008, "Adam learning rate of the output head")
     cooldown_frac: float = arg(0.4, "fraction of the steps over which the learning rate decays linearly to 0")
-    seed: int = arg(0, "seed for initialisation, data order and masks")
-    val_loss_every: int = arg(1000, "validate every N steps (0: only at the end)")
-    val_tokens: int = arg(2_097_152, "validation tokens (the same ones every time)")
-    save_every: int = arg(2000, "checkpoint every N steps (0: only at the end)")
-    save_model: bool = arg(True, "write checkpoints")
-    log_every: int = arg(10, "log the training loss every N steps")
     model_name: str = arg("diffusion", "suffix of the run folder's name")
     experiments_dir: str = arg("experiments", "where run folders are created")
     cuda: Optional[int] = arg(None, "CUDA device index (same as --device cuda:N)")
@@ -51,24 +46,18 @@ class TrainConfig:
     wandb: bool = arg(False, "also log to Weights & Biases (needs the wandb package)")
 
     def __post_init__(self) -> None:
-        cli.require_positive(self, "train_seq_len", "val_seq_len", "batch_size", "grad_acc_steps", "train_steps",
-                             "num_layers", "num_heads", "model_dim", "val_tokens", "log_every")
-        cli.require_non_negative(self, "val_loss_every", "save_every")
-        if self.model_dim % self.num_heads:
-            raise ValueError(f"--model_dim {self.model_dim} is not divisible by --num_heads {self.num_heads}")
-        if (self.model_dim // self.num_heads) % 2:
-            raise ValueError(f"the head dimension {self.model_dim // self.num_heads} must be even (rotary embeddings)")
+        super().__post_init__()
+        cli.require_positive(self, "val_seq_len")
+        check_shape(self.num_layers, self.num_heads, self.model_dim, self.mlp_ratio)
         if not 0 <= self.cooldown_frac <= 1:
             raise ValueError(f"--cooldown_frac must lie in [0, 1], got {self.cooldown_frac}")
-        if min(self.muon_lr, self.embed_lr, self.head_lr, self.mlp_ratio) <= 0:
-            raise ValueError("learning rates and --mlp_ratio must be positive")
+        if min(self.muon_lr, self.embed_lr, self.head_lr) <= 0:
+            raise ValueError("learning rates must be positive")
         if self.val_tokens < self.val_seq_len:
             raise ValueError(f"--val_tokens {self.val_tokens} is less than one --val_seq_len {self.val_seq_len}")
 
 
 def main(cfg: TrainConfig, given: set[str] | None = None):
-    from model.training import train
-
     return train(cfg, given)
 
 

@@ -11,9 +11,8 @@ decoder step (model.explainer.Explainer.yes_probability's work).
 from __future__ import annotations
 
 import argparse
-import time
-
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -69,7 +68,8 @@ def main() -> None:
                                  min_new_tokens=args.new_tokens, do_sample=False, num_beams=1)
     with torch.no_grad():
         dt = timed(gen)
-        print(f"descriptions/s: {B / dt:,.1f} (batch {B}, {args.prompt_tokens}-token prompts, {args.new_tokens} new tokens)")
+        print(f"descriptions/s: {B / dt:,.1f} (batch {B}, {args.prompt_tokens}-token prompts, "
+              f"{args.new_tokens} new tokens)")
         judge_in = torch.randint(2, V, (J, args.judge_tokens), device=device)
         start = torch.zeros((J, 1), dtype=torch.long, device=device)
         dt = timed(lambda: model(input_ids=judge_in, attention_mask=torch.ones_like(judge_in), decoder_input_ids=start))

@@ -34,8 +34,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             tok.save(tmp)
             t0 = time.perf_counter()
-            shards = write_shards(lambda skip: docs[skip:], tok, Path(tmp), ShardPlan("bench", 10_000_000, val_docs=100),
-                                  workers=workers, labelled=True, total_docs=len(docs))
+            plan = ShardPlan("bench", 10_000_000, val_docs=100)
+            shards = write_shards(lambda skip: docs[skip:], tok, Path(tmp), plan, workers=workers, labelled=True,
+                                  total_docs=len(docs))
             dt = time.perf_counter() - t0
         n = sum(s["n_tokens"] for s in shards)
         base = base or n / dt

@@ -17,10 +17,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import CUDA as cuda, DEVICE as device, device_name, measure, random_model, shape_args  # noqa: E402
-from model.precision import autocast as autocast_for  # noqa: E402
+from model.distributed import Dist  # noqa: E402
 from model.objective import train_noise  # noqa: E402
 from model.optim import build_optimizers  # noqa: E402
-from model.training import Dist, accumulate_gradients  # noqa: E402
+from model.precision import autocast as autocast_for  # noqa: E402
+from training.diffusion import accumulate_gradients  # noqa: E402
 
 PEAK_FLOPS = 989e12
 
@@ -72,8 +73,8 @@ def main() -> None:
 
     dt, peak = measure(step, args.warmup, args.steps)
     tps = args.steps * tokens_per_step / dt
-    print(f"tokens/s: {tps:,.0f}   step: {dt / args.steps * 1e3:.1f} ms   MFU: {tps * flops_per_token / PEAK_FLOPS:.1%}   "
-          f"peak memory: {peak:.2f} GiB   final loss {losses[-1]:.3f}")
+    print(f"tokens/s: {tps:,.0f}   step: {dt / args.steps * 1e3:.1f} ms   "
+          f"MFU: {tps * flops_per_token / PEAK_FLOPS:.1%}   peak memory: {peak:.2f} GiB   final loss {losses[-1]:.3f}")
 
 
 if __name__ == "__main__":

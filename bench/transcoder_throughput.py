@@ -17,11 +17,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import CUDA as cuda, DEVICE as device, device_name, measure, random_model, shape_args  # noqa: E402
-from model.precision import autocast as autocast_for  # noqa: E402
+from model.distributed import Dist  # noqa: E402
 from model.objective import train_noise  # noqa: E402
-from model.training import Dist  # noqa: E402
+from model.precision import autocast as autocast_for  # noqa: E402
 from model.transcoder import Transcoder, TranscoderConfig  # noqa: E402
-from model.transcoder_training import LayerPairs, train_step  # noqa: E402
+from training.transcoders import LayerPairs, train_step  # noqa: E402
 
 
 def main() -> None:
@@ -54,8 +54,8 @@ def main() -> None:
     dt, peak = measure(lambda i: fvus.append(train_step(model, transcoders, layers, batches(i), 1, scales, dead, cfg,
                                                         optimizer, Dist(), autocast, device)), args.warmup, args.steps)
     fvu = fvus[-1]
-    print(f"tokens/s: {args.steps * B * T / dt:,.0f}   step: {dt / args.steps * 1e3:.0f} ms   peak memory: {peak:.2f} GiB"
-          f"   mean FVU {sum(fvu) / len(fvu):.3f}")
+    print(f"tokens/s: {args.steps * B * T / dt:,.0f}   step: {dt / args.steps * 1e3:.0f} ms   "
+          f"peak memory: {peak:.2f} GiB   mean FVU {sum(fvu) / len(fvu):.3f}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 The same pipeline as `python -m data.prepare` with `--dataset fineweb-edu` (the default). It streams
 HuggingFaceFW/fineweb-edu with `datasets` (see data.sources.fineweb_stream), so no full download is kept.
 """
-import cli
+from core import cli
 from data.prepare import PrepareConfig, main
 
 if __name__ == "__main__":

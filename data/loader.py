@@ -16,7 +16,7 @@ from typing import Iterator, NamedTuple
 import numpy as np
 import torch
 
-from cli import UserError
+from core.files import UserError
 from data.shards import read_shard
 
 
@@ -50,7 +50,8 @@ class ShardLoader:
             raise UserError(f"{folder} no longer holds the shard(s) {missing} this run was trained on")
         files = files or available
         self.tokens = [read_shard(folder / f) for f in files]
-        self.labels = [read_shard(folder / f.replace(".bin", ".labels.bin")) for f in files] if meta.get("labels") else None
+        self.labels = ([read_shard(folder / f.replace(".bin", ".labels.bin")) for f in files]
+                       if meta.get("labels") else None)
         per_shard = np.array([len(t) // seq_len for t in self.tokens], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(per_shard)])
         self.n_windows = int(self._starts[-1])
@@ -75,7 +76,8 @@ class ShardLoader:
 
     def slots(self, micro_batch: int) -> np.ndarray:
         """The global slots (positions in the endless shuffled stream) of this rank's sequences."""
-        return micro_batch * self.world_size * self.batch_size + self.rank * self.batch_size + np.arange(self.batch_size)
+        first = (micro_batch * self.world_size + self.rank) * self.batch_size
+        return first + np.arange(self.batch_size)
 
     def window_ids(self, micro_batch: int) -> np.ndarray:
         """Which windows rank `self.rank` reads at global micro-batch `micro_batch`."""

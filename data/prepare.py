@@ -16,12 +16,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple, Optional
 
-import cli
-from cli import UserError, arg
+from core import cli
+from core.cli import arg
+from core.files import UserError, write_json_atomic
 from data import sources
 from data.tokenizer import BPETokenizer, TiktokenTokenizer, Tokenizer, load_tokenizer, parse_tokenizer_name, train_bpe
 from data.writer import ShardPlan, write_shards
-from experiment import write_json_atomic
 
 META_FILE = "meta.json"
 
@@ -34,7 +34,8 @@ class PrepareConfig:
     tokenizer: str = arg("", "gpt2, bpe:<vocab size> (trained on the corpus), or a tokenizer.json; "
                              "empty: gpt2 for fineweb-edu, bpe:4096 otherwise")
     data_dir: str = arg("data_cache", "where prepared datasets live, one folder each")
-    subset: str = arg("sample-10BT", "FineWeb-edu subset (sample-10BT, sample-100BT, sample-350BT, default, CC-MAIN-...)")
+    subset: str = arg("sample-10BT", "FineWeb-edu subset (sample-10BT, sample-100BT, sample-350BT, default, "
+                                     "CC-MAIN-...)")
     num_shards: Optional[int] = arg(None, "training shards to write (FineWeb-edu; default 8); local and "
                                           "synthetic corpora are always tokenized whole")
     shard_size: int = arg(100_000_000, "tokens per training shard")
@@ -72,9 +73,9 @@ def _tok_tag(name: str) -> str:
 def _params(cfg: PrepareConfig) -> dict:
     """The settings that determine the shards' content (a folder is reused only if they match)."""
     keep = ["dataset", "tokenizer", "shard_size"]
-    keep += {"fineweb-edu": ["subset", "val_tokens", "bpe_train_docs"],
-             "synthetic": ["synthetic_mb", "seed", "val_fraction"]}.get(cfg.dataset,
-                                                                       ["val_fraction", "txt_sample_by", "bpe_train_docs"])
+    by_source = {"fineweb-edu": ["subset", "val_tokens", "bpe_train_docs"],
+                 "synthetic": ["synthetic_mb", "seed", "val_fraction"]}
+    keep += by_source.get(cfg.dataset, ["val_fraction", "txt_sample_by", "bpe_train_docs"])
     return {k: v for k, v in asdict(cfg).items() if k in keep}
 
 

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cli import UserError
-from experiment import atomic_path
+from core.files import UserError, atomic_path
 
 MAGIC = 0x4D444C4D_53484431  # "MDLMSHD1"
 VERSION = 1

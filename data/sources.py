@@ -9,7 +9,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cli import UserError
+from core.files import UserError, write_json_atomic, write_text_atomic
+from data.synthetic import concept_table, fact_prompts, generate_documents
 
 FINEWEB_REPO = "HuggingFaceFW/fineweb-edu"
 LOCAL_SUFFIXES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -90,7 +91,8 @@ def open_local(files: list[Path], cache_dir: Path, txt_sample_by: str) -> Any:
         except Exception as e:  # datasets wraps parse errors in its own types
             cause = e.__cause__ or e
             raise UserError(f"could not read the {suffix} files under {Path(group[0]).parent}: "
-                            f"{type(cause).__name__}: {str(cause).splitlines()[0][:200] if str(cause) else ''}") from None
+                            f"{type(cause).__name__}: {str(cause).splitlines()[0][:200] if str(cause) else ''}"
+                            ) from None
         if "text" not in ds.column_names:
             raise UserError(f"the {suffix} files ({group[0]}, ...) have no 'text' field; columns: {ds.column_names}")
         parts.append(ds.select_columns(["text"]))
@@ -103,9 +105,6 @@ def open_local(files: list[Path], cache_dir: Path, txt_sample_by: str) -> Any:
 
 def write_synthetic(out_dir: Path, size_mb: float, seed: int) -> list[tuple[str, list]]:
     """Generate the corpus; write it (with concept spans), the concept table and the fact prompts."""
-    from data.synthetic import concept_table, fact_prompts, generate_documents
-    from experiment import write_json_atomic, write_text_atomic
-
     docs = list(generate_documents(int(size_mb * 1e6), seed))
     write_text_atomic(out_dir / "corpus.jsonl", "".join(
         json.dumps({"text": d.text, "spans": d.spans}) + "\n" for d in docs))

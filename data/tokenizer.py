@@ -16,8 +16,7 @@ import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from cli import UserError
-from experiment import write_text_atomic
+from core.files import UserError, write_text_atomic
 
 # The Rust tokenizers use their own thread pool; worker processes are this project's one knob for
 # parallel tokenization, so benchmarks measure what they claim to.

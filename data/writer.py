@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from cli import UserError
+from core.files import UserError
 from data.shards import ShardError, read_header, write_shard
 from data.tokenizer import Tokenizer, load_tokenizer
 

@@ -72,7 +72,8 @@ def token_logprobs(model: DiffusionLM, tokens: torch.Tensor, positions: list[int
     ctx = replacement(model, transcoders, tokens, scale) if transcoders else contextlib.nullcontext()
     with ctx, torch.no_grad():
         logits = model(tokens).logits[0]
-    return torch.log_softmax(logits[positions], -1).gather(-1, torch.tensor(targets, device=logits.device)[:, None])[:, 0]
+    wanted = torch.tensor(targets, device=logits.device)[:, None]
+    return torch.log_softmax(logits[positions], -1).gather(-1, wanted)[:, 0]
 
 
 def attribute_tokens(model: DiffusionLM, transcoders: dict[int, Transcoder], tokens: torch.Tensor,

@@ -15,17 +15,20 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from cli import UserError
-from experiment import atomic_path, resolve_checkpoint, resolve_device, resolve_run_folder, write_json_atomic
+from core.files import UserError, atomic_path, write_json_atomic
+from experiment import StagePaths, layer_name, resolve_checkpoint, resolve_device, resolve_run_folder
+from experiment.paths import (
+    CONTEXTS_FILE,
+    DESCRIPTIONS_SUMMARY_FILE,
+    FEATURES_FILE,
+    INDEX_FILE,
+    SCORES_PLOT,
+)
 from interp.describe import clean, explain_examples, fit_prompt, tokens_description
-from interp.feature_store import CONTEXTS_FILE, FEATURES_FILE, layer_name, read_jsonl
+from interp.feature_store import read_jsonl
 from interp.scoring import judge_scores, score_sets, simulation
-from interp.topk_stage import INDEX_FILE, TOPK_DIR
+from model.explainer import Explainer
 
-DESCRIPTIONS_DIR = "descriptions"
-RECORDS_FILE = "descriptions.jsonl"
-SUMMARY_FILE = "summary.json"
-PLOT_FILE = "scores.png"
 SCORERS = ("detection", "fuzzing", "simulation")
 TOKENS = "tokens"
 
@@ -167,13 +170,13 @@ def plot_scores(records: list[dict], path: Path) -> None:
 
 def run_descriptions(cfg, explainer_factory=None) -> Path:
     """`explainer_factory(name, device)` builds the LLM wrapper (tests pass a scripted one)."""
-    from model.explainer import Explainer
-
     folder = resolve_run_folder(cfg.train_folder)
     ckpt = resolve_checkpoint(folder, cfg.checkpoint_name)
-    topk_dir = folder / TOPK_DIR / ckpt.stem
+    paths = StagePaths(folder, ckpt.name)
+    topk_dir = paths.topk
     if not (topk_dir / INDEX_FILE).exists():
-        raise UserError(f"no finished top-k output in {topk_dir}: run get_topk_activations.py for this checkpoint first")
+        raise UserError(f"no finished top-k output in {topk_dir}: run get_topk_activations.py for this checkpoint "
+                        "first")
     index = json.loads((topk_dir / INDEX_FILE).read_text())
     layers = index["layers"] if cfg.layers == "all" else sorted({int(x) for x in cfg.layers.split(",")})
     missing = [x for x in layers if x not in index["layers"]]
@@ -186,7 +189,8 @@ def run_descriptions(cfg, explainer_factory=None) -> Path:
         raise UserError(f"--scorers: unknown {unknown}; choose from {', '.join(SCORERS)}")
 
     device = resolve_device(cfg.cuda, cfg.device)
-    make = explainer_factory or (lambda name: Explainer(name, device, cfg.dtype, cfg.load_in_8bit, cfg.trust_remote_code))
+    make = explainer_factory or (lambda name: Explainer(name, device, cfg.dtype, cfg.load_in_8bit,
+                                                        cfg.trust_remote_code))
     explainer = None if cfg.explainer == TOKENS else make(cfg.explainer)
     judge_name = cfg.judge or (None if cfg.explainer == TOKENS else cfg.explainer)
     judge = None
@@ -194,9 +198,9 @@ def run_descriptions(cfg, explainer_factory=None) -> Path:
         judge = explainer if judge_name == cfg.explainer and explainer is not None else make(judge_name)
     tag = cfg.explainer if explainer is None else explainer.name
 
-    out_dir = folder / DESCRIPTIONS_DIR / ckpt.stem
+    out_dir = paths.descriptions
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / RECORDS_FILE
+    path = paths.records
     records = read_records(path)
     if cfg.overwrite:
         records = [r for r in records if r["explainer"] != tag]
@@ -239,12 +243,12 @@ def run_descriptions(cfg, explainer_factory=None) -> Path:
             bar.update(1)
     bar.close()
     summary = summarise(records)
-    write_json_atomic(out_dir / SUMMARY_FILE, {"checkpoint": ckpt.name, "explainers": summary})
-    plot_scores(records, out_dir / PLOT_FILE)
+    write_json_atomic(out_dir / DESCRIPTIONS_SUMMARY_FILE, {"checkpoint": ckpt.name, "explainers": summary})
+    plot_scores(records, out_dir / SCORES_PLOT)
     for layer, s in sorted(summary.get(tag, {}).items(), key=lambda kv: int(kv[0])):
         parts = [(f"{k} {v['mean']:.3f}" if v["mean"] is not None else f"{k} undefined")
                  + (f" ({v['n_undefined']} of {v['n'] + v['n_undefined']} undefined)" if v["n_undefined"] else "")
                  for k, v in s["scores"].items()]
         print(f"layer {layer}: {s['n']} features, {s['failures']} failures; mean " + (", ".join(parts) or "no scores"))
-    print(f"descriptions: {path}; summary: {out_dir / SUMMARY_FILE}; plot: {out_dir / PLOT_FILE}")
+    print(f"descriptions: {path}; summary: {out_dir / DESCRIPTIONS_SUMMARY_FILE}; plot: {out_dir / SCORES_PLOT}")
     return out_dir

@@ -10,34 +10,20 @@ import html
 import json
 from pathlib import Path
 
-from experiment import write_text_atomic
+from core.files import write_text_atomic
 
-STYLE = """
-body{font-family:system-ui,sans-serif;margin:20px;color:#222}h2{margin-top:28px}
-table{border-collapse:collapse;width:100%}td{border-top:1px solid #ddd;padding:5px 8px;vertical-align:top;font-size:13px}
-.state{font-family:ui-monospace,monospace;white-space:pre-wrap}.new{background:#ffcf70;cursor:pointer;border-radius:3px}
-.new:hover{outline:1px solid #333}.mask{color:#aaa}.meta{color:#666;font-size:12px}
-#panel{position:fixed;right:12px;top:12px;width:420px;max-height:90vh;overflow:auto;background:#fff;border:1px solid #aaa;
-padding:10px;box-shadow:0 2px 8px #0003;display:none;font-size:13px}
-"""
-
-SCRIPT = """
-function show(p, s, t){
-  const tokInfo = DATA[p].steps[s].tokens[t];
-  let h = `<b>token ${JSON.stringify(tokInfo.text)}</b> (step ${DATA[p].steps[s].step}) <a href="#" onclick="document.getElementById('panel').style.display='none';return false">close</a>`;
-  for (const [layer, feats] of Object.entries(tokInfo.layers)) {
-    h += `<h4>layer ${layer}</h4><ol>` + feats.map(f => `<li>#${f.feature} (attribution ${f.attribution.toFixed(3)}): ${f.description.replace(/</g,'&lt;')}</li>`).join('') + '</ol>';
-  }
-  const panel = document.getElementById('panel'); panel.innerHTML = h; panel.style.display = 'block';
-}
-"""
+ASSETS = Path(__file__).resolve().parent / "assets"
+# The styles and the script live in assets/ as plain .css and .js files.
+STYLE = "\n" + (ASSETS / "explanation_report.css").read_text(encoding="utf-8")
+SCRIPT = "\n" + (ASSETS / "explanation_report.js").read_text(encoding="utf-8")
 
 
 def _highlight(step: dict, p: int, s: int) -> str:
     text = html.escape(step["state_text"])
     for j, c in enumerate(step["committed"]):
         piece = html.escape(c["text"])
-        text = text.replace(piece, f'<span class="new" onclick="show({p},{s},{j})">{piece}</span>', 1) if piece.strip() else text
+        if piece.strip():
+            text = text.replace(piece, f'<span class="new" onclick="show({p},{s},{j})">{piece}</span>', 1)
     return text.replace(" _", '<span class="mask"> _</span>')
 
 
@@ -53,7 +39,8 @@ def write_report(path: Path, results: list[dict], explainer: str, checkpoint: st
                       f" · error {g['error_share']:.0%}") if g else ""
             rows.append(f"<tr><td>{step['step']}</td><td class='state'>{html.escape(r['prompt'])}"
                         f"{_highlight(step, p, s) if step['committed'] else html.escape(step['state_text'])}</td>"
-                        f"<td>{html.escape(step['total_description'])}<div class='meta'>{scores}<br>{shares}</div></td></tr>")
+                        f"<td>{html.escape(step['total_description'])}"
+                        f"<div class='meta'>{scores}<br>{shares}</div></td></tr>")
         sections.append(f"<h2>{html.escape(r['prompt'])} → {html.escape(r['completion'])}</h2><table>"
                         "<tr><td><b>step</b></td><td><b>continuation (new tokens highlighted: click one)</b></td>"
                         "<td><b>explanation</b></td></tr>" + "".join(rows) + "</table>")

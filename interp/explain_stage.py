@@ -7,24 +7,31 @@ from pathlib import Path
 
 import torch
 
-from cli import UserError
-from experiment import load_run, resolve_device, write_json_atomic
-from interp.attribution import attribute_tokens
-from interp.descriptions_stage import DESCRIPTIONS_DIR, RECORDS_FILE, TOKENS, read_records
-from interp.explain_step import (INTERPRETATION_RUBRIC, OUTPUT_RUBRIC, compose_layer, compose_total, grounded,
-                                 layer_prompt, parse_rating, top_features, total_prompt)
+from core.files import UserError, write_json_atomic
+from experiment import StagePaths, load_run, load_transcoders, resolve_device, transcoder_layers
+from experiment.paths import EXPLANATIONS_FILE, REPORT_FILE
+from interp.attribution import LayerAttribution, attribute_tokens
+from interp.descriptions_stage import TOKENS, read_records
 from interp.explain_report import write_report
-from interp.feature_store import layer_name
+from interp.explain_step import (
+    INTERPRETATION_RUBRIC,
+    OUTPUT_RUBRIC,
+    compose_layer,
+    compose_total,
+    grounded,
+    layer_prompt,
+    parse_rating,
+    top_features,
+    total_prompt,
+)
+from model.explainer import Explainer
 from model.precision import autocast
-from model.transcoder import Transcoder
-from model.transcoder_training import TRANSCODERS_DIR
+from model.sampler import generate
 
-EXPLANATIONS_DIR = "explanations"
 UNDESCRIBED = "(no description)"
 
 
-def load_descriptions(folder: Path, stem: str, tag: str) -> dict[tuple[int, int], dict]:
-    path = folder / DESCRIPTIONS_DIR / stem / RECORDS_FILE
+def load_descriptions(path: Path, tag: str) -> dict[tuple[int, int], dict]:
     records = [r for r in read_records(path) if r["explainer"] == tag and r["description"]]
     if not records:
         raise UserError(f"no descriptions by {tag!r} in {path}: run get_activation_descriptions.py --explainer "
@@ -87,8 +94,6 @@ def explain_step(model, transcoders, tok, row: list[int], positions: list[int], 
 
 
 def sum_attributions(parts):
-    from interp.attribution import LayerAttribution
-
     return LayerAttribution(sum(p.features for p in parts), torch.stack([p.activations for p in parts]).amax(0),
                             sum(p.error for p in parts), sum(p.other for p in parts))
 
@@ -114,28 +119,20 @@ def print_step(state_text: str, prompt: str, step: int, s: dict) -> None:
 
 
 def run_explanations(cfg, explainer_factory=None) -> Path:
-    from generate import read_prompts
-    from model.explainer import Explainer
-    from model.sampler import generate
-
     device = resolve_device(cfg.cuda, cfg.device)
     config, model, tok, ckpt = load_run(cfg.train_folder, cfg.checkpoint_name, device, cfg.shape_flags())
     folder = Path(cfg.train_folder)
-    tc_dir = folder / TRANSCODERS_DIR / ckpt.stem
-    layers = sorted(int(p.name.split("_")[1]) for p in tc_dir.glob("layer_*") if (p / "sae.safetensors").exists())
-    if not layers:
-        raise UserError(f"no transcoders in {tc_dir}: run train_transcoders.py for this checkpoint first")
-    tag = cfg.explainer if cfg.explainer == TOKENS else (str(Path(cfg.explainer).expanduser())
-                                                         if cfg.explainer.startswith((".", "/", "~")) else cfg.explainer)
-    descriptions = load_descriptions(folder, ckpt.stem, tag)
-    transcoders = {layer: Transcoder.load(tc_dir / layer_name(layer), device) for layer in layers}
-    make = explainer_factory or (lambda name: Explainer(name, device, cfg.dtype, cfg.load_in_8bit, cfg.trust_remote_code))
+    paths = StagePaths(folder, ckpt.name)
+    layers = transcoder_layers(paths.transcoders, "all", model.cfg.num_layers)
+    is_path = cfg.explainer.startswith((".", "/", "~"))
+    tag = str(Path(cfg.explainer).expanduser()) if is_path and cfg.explainer != TOKENS else cfg.explainer
+    descriptions = load_descriptions(paths.records, tag)
+    transcoders = load_transcoders(paths.transcoders, layers, device, model.cfg.model_dim)
+    make = explainer_factory or (lambda name: Explainer(name, device, cfg.dtype, cfg.load_in_8bit,
+                                                        cfg.trust_remote_code))
     explainer = None if cfg.explainer == TOKENS else make(cfg.explainer)
-    prompts = read_prompts(cfg)
-    limit = cfg.max_seq_len or config["train"]["train_seq_len"]
-    for p in prompts:
-        if 1 + len(tok.encode(p)) + cfg.gen_length > limit:
-            raise UserError(f"prompt {p[:40]!r}... with its continuation exceeds --max_seq_len {limit}")
+    prompts = cfg.prompts()
+    cfg.check_lengths(prompts, tok, config["train"]["train_seq_len"])
     results = []
     for prompt in prompts:
         with autocast(device):
@@ -149,8 +146,8 @@ def run_explanations(cfg, explainer_factory=None) -> Path:
             positions = [out.prompt_width + i for i in new]
             targets = [states[step][i] for i in new]
             probs = [float(out.probs[0, i]) for i in new]
-            s = explain_step(model, transcoders, tok, prefix + states[step - 1], positions, targets, probs, descriptions,
-                             explainer, cfg, prompt)
+            s = explain_step(model, transcoders, tok, prefix + states[step - 1], positions, targets, probs,
+                             descriptions, explainer, cfg, prompt)
             s["step"] = step
             s["state_ids"] = states[step]
             s["state_text"] = tok.decode(states[step], mask_text=" _")
@@ -160,12 +157,12 @@ def run_explanations(cfg, explainer_factory=None) -> Path:
         print(f"final: {prompt}{completion}\n")
         results.append({"prompt": prompt, "completion": completion, "steps": steps})
     stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
-    json_path = Path(cfg.output) if cfg.output else folder / EXPLANATIONS_DIR / stamp / "explanations.json"
+    json_path = Path(cfg.output) if cfg.output else paths.explanations(stamp) / EXPLANATIONS_FILE
     json_path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(json_path, {"checkpoint": str(ckpt), "explainer": tag, "layers": layers,
                                   "sampler": cfg.sampler().__dict__, "features_per_layer": cfg.features_per_layer,
                                   "prompts": results})
-    report = write_report(json_path.with_name(json_path.stem + "_report.html" if cfg.output else "report.html"),
+    report = write_report(json_path.with_name(json_path.stem + "_report.html" if cfg.output else REPORT_FILE),
                           results, tag, str(ckpt))
     print(f"explanations: {json_path}\nreport: {report}")
     return json_path

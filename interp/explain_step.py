@@ -83,7 +83,8 @@ def grounded(atts: list[dict[int, LayerAttribution]], cited_by_layer: dict[int, 
             error += abs(att.error)
             other += abs(att.other)
     total = described + undescribed + error + other or 1.0
-    aurocs = [c["detection_auroc"] for cs in cited_by_layer.values() for c in cs if c.get("detection_auroc") is not None]
+    aurocs = [c["detection_auroc"] for cs in cited_by_layer.values() for c in cs
+              if c.get("detection_auroc") is not None]
     return {"described_feature_share": described / total, "undescribed_feature_share": undescribed / total,
             "error_share": error / total, "bias_share": other / total,
             "mean_detection_auroc_of_cited": statistics.fmean(aurocs) if aurocs else None,

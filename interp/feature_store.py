@@ -11,18 +11,10 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-
-from experiment import atomic_path
+from core.files import atomic_path
 from interp.scan import CATEGORIES, HIST_BINS, LayerState, ScanSettings
 
-FEATURES_FILE = "features.jsonl"
-CONTEXTS_FILE = "contexts.jsonl"
-ARRAYS_FILE = "arrays.safetensors"
 N_TOP_TOKENS = 10
-
-
-def layer_name(layer: int) -> str:
-    return f"layer_{layer:02d}"
 
 
 def vocab_pieces(tok) -> list[str]:

@@ -17,11 +17,17 @@ from pathlib import Path
 
 import torch
 
-import cli
-from cli import UserError, arg
-from experiment import RunFlags
+from core import cli
+from core.cli import arg
+from core.files import UserError, write_json_atomic
+from data.loader import ShardLoader
+from experiment import RunFlags, StagePaths, load_run, load_transcoders, resolve_device, transcoder_layers
+from experiment.paths import GROUND_TRUTH_FILE
+from interp.descriptions_stage import read_records
+from model.fact_eval import fact_accuracy
+from model.hooks import capture_mlps
+from model.objective import apply_noise, val_noise
 
-RESULT_FILE = "ground_truth.json"
 RECOVERED_F1 = 0.8
 
 
@@ -33,7 +39,7 @@ class GroundTruthConfig(RunFlags):
     mask_ratio: float = arg(0.0, "noise on the inputs (0: clean text, where the concept tokens are visible)")
 
     def __post_init__(self) -> None:
-        RunFlags.__post_init__(self)
+        super().__post_init__()
         cli.require_positive(self, "val_tokens")
         if not 0 <= self.mask_ratio <= 1:
             raise ValueError(f"--mask_ratio must lie in [0, 1], got {self.mask_ratio}")
@@ -42,9 +48,6 @@ class GroundTruthConfig(RunFlags):
 def f1_table(model, transcoders: dict, loader, max_tokens: int, category_of: torch.Tensor, n_categories: int,
              mask_ratio: float, device) -> dict[int, torch.Tensor]:
     """Per layer, the (features × categories) F1 of "feature fires" against "token is in category"."""
-    from model.hooks import capture_mlps
-    from model.objective import apply_noise, val_noise
-
     mc = model.cfg
     n_total = loader.n_sequential(max_tokens)
     tp = {layer: torch.zeros(tc.cfg.num_latents, n_categories, device=device) for layer, tc in transcoders.items()}
@@ -82,14 +85,6 @@ def names_category(description: str | None, category: str, members: list[str]) -
 
 
 def run_ground_truth(cfg) -> dict:
-    from data.loader import ShardLoader
-    from experiment import load_run, resolve_device, write_json_atomic
-    from interp.descriptions_stage import DESCRIPTIONS_DIR, RECORDS_FILE, read_records
-    from interp.feature_store import layer_name
-    from model.fact_eval import fact_accuracy
-    from model.transcoder import Transcoder
-    from model.transcoder_training import TRANSCODERS_DIR
-
     device = resolve_device(cfg.cuda, cfg.device)
     config, model, tok, ckpt = load_run(cfg.train_folder, cfg.checkpoint_name, device)
     folder = Path(cfg.train_folder)
@@ -103,14 +98,12 @@ def run_ground_truth(cfg) -> dict:
     category_of = torch.full((len(concepts) + 1,), -1, dtype=torch.long, device=device)
     for c in concepts:
         category_of[c["id"]] = categories.index(c["category"])
-    tc_dir = folder / TRANSCODERS_DIR / ckpt.stem
-    layers = sorted(int(p.name.split("_")[1]) for p in tc_dir.glob("layer_*") if (p / "sae.safetensors").exists())
-    if not layers:
-        raise UserError(f"no transcoders in {tc_dir}: run train_transcoders.py first")
-    transcoders = {layer: Transcoder.load(tc_dir / layer_name(layer), device) for layer in layers}
+    paths = StagePaths(folder, ckpt.name)
+    layers = transcoder_layers(paths.transcoders, "all", model.cfg.num_layers)
+    transcoders = load_transcoders(paths.transcoders, layers, device, model.cfg.model_dim)
     loader = ShardLoader(data_dir, "val", config["train"]["train_seq_len"], 8)
     f1 = f1_table(model, transcoders, loader, cfg.val_tokens, category_of, len(categories), cfg.mask_ratio, device)
-    records = read_records(folder / DESCRIPTIONS_DIR / ckpt.stem / RECORDS_FILE)
+    records = read_records(paths.records)
     by_feature: dict[tuple[int, int], dict[str, str | None]] = {}
     for r in records:
         by_feature.setdefault((r["layer"], r["feature"]), {})[r["explainer"]] = r["description"]
@@ -122,7 +115,8 @@ def run_ground_truth(cfg) -> dict:
         descs = by_feature.get((layer, feature), {})
         rows.append({"category": cat, "best_f1": value, "layer": layer, "feature": feature,
                      "recovered": value >= RECOVERED_F1,
-                     "description_names_it": {ex: names_category(descs.get(ex), cat, members[cat]) for ex in explainers},
+                     "description_names_it": {ex: names_category(descs.get(ex), cat, members[cat])
+                                              for ex in explainers},
                      "descriptions": {ex: descs.get(ex) for ex in explainers}})
     facts = [json.loads(line) for line in (data_dir / meta["facts"]).read_text().splitlines()]
     with torch.no_grad():
@@ -134,14 +128,15 @@ def run_ground_truth(cfg) -> dict:
                                              if recovered else None) for ex in explainers},
               "categories": rows,
               "fact_completion": {k: facts_result[k] for k in ("accuracy", "chance", "by_phrasing")}}
-    write_json_atomic(folder / RESULT_FILE, result)
+    write_json_atomic(folder / GROUND_TRUTH_FILE, result)
     print_table(result, explainers)
-    print(f"saved {folder / RESULT_FILE}")
+    print(f"saved {folder / GROUND_TRUTH_FILE}")
     return result
 
 
 def print_table(result: dict, explainers: list[str]) -> None:
-    head = f"{'category':14s} {'best F1':>7s}  {'layer':>5s} {'feature':>7s}  " + "  ".join(f"named ({e})" for e in explainers)
+    head = (f"{'category':14s} {'best F1':>7s}  {'layer':>5s} {'feature':>7s}  "
+            + "  ".join(f"named ({e})" for e in explainers))
     print(head)
     print("-" * len(head))
     for r in result["categories"]:

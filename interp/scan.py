@@ -24,8 +24,8 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from core.files import load_checkpoint, save_checkpoint
 from data.loader import ShardLoader
-from experiment import load_checkpoint, save_checkpoint
 from interp.topk import PairCounter, TopKBuffer
 from interp.windows import document_bounds, window_columns
 from model.diffusion import DiffusionLM

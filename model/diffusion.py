@@ -16,8 +16,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.files import UserError, load_checkpoint, save_checkpoint
 from model.attention import AttnImpl, DocMask, attend, document_ids
 from model.rotary import Rotary
+
+
+def check_shape(num_layers: int, num_heads: int, model_dim: int, mlp_ratio: float) -> None:
+    """The one place that says which shapes can be built (ValueError naming the flag)."""
+    for name, value in (("num_layers", num_layers), ("num_heads", num_heads), ("model_dim", model_dim)):
+        if value <= 0:
+            raise ValueError(f"--{name} must be positive, got {value}")
+    if model_dim % num_heads:
+        raise ValueError(f"--model_dim {model_dim} is not divisible by --num_heads {num_heads}")
+    if (model_dim // num_heads) % 2:
+        raise ValueError(f"the head dimension {model_dim // num_heads} must be even (rotary embeddings)")
+    if mlp_ratio <= 0:
+        raise ValueError(f"--mlp_ratio must be positive, got {mlp_ratio}")
 
 
 @dataclass
@@ -34,15 +48,7 @@ class ModelConfig:
     logit_softcap: float = 15.0
 
     def __post_init__(self) -> None:
-        for name in ("num_layers", "num_heads", "model_dim"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
-        if self.model_dim % self.num_heads:
-            raise ValueError(f"--model_dim {self.model_dim} is not divisible by --num_heads {self.num_heads}")
-        if (self.model_dim // self.num_heads) % 2:
-            raise ValueError(f"the head dimension {self.model_dim // self.num_heads} must be even (rotary embeddings)")
-        if self.mlp_ratio <= 0:
-            raise ValueError(f"--mlp_ratio must be positive, got {self.mlp_ratio}")
+        check_shape(self.num_layers, self.num_heads, self.model_dim, self.mlp_ratio)
         if not self.n_vocab <= self.mask_id < self.vocab_size or not self.n_vocab <= self.pad_id < self.vocab_size:
             raise ValueError("[MASK] and [PAD] must lie outside the text vocabulary and inside the embedding")
 
@@ -138,17 +144,12 @@ class DiffusionLM(nn.Module):
         return sum(p.numel() for n, p in self.named_parameters() if not (matmul_only and n.startswith("embed")))
 
     def save(self, path: str | os.PathLike, extra: dict | None = None) -> None:
-        from experiment import save_checkpoint
-
         save_checkpoint(path, {"model": self.state_dict(), "model_config": asdict(self.cfg), **(extra or {})})
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu",
              expected: ModelConfig | None = None) -> "DiffusionLM":
         """Rebuild from a checkpoint (strictly: every weight present and of the right shape)."""
-        from cli import UserError
-        from experiment import load_checkpoint
-
         state = load_checkpoint(path, device)
         cfg = ModelConfig(**state["model_config"]) if "model_config" in state else expected
         if cfg is None:

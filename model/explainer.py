@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from cli import UserError
+from core.files import UserError
 from model.precision import describe, native_bf16
 
 

@@ -43,5 +43,6 @@ def fact_accuracy(model, tok, facts: list[dict], batch_size: int = 64, extra_tok
                for r in out["by_relation"]]
         part["macro_accuracy"] = sum(x["accuracy"] for x in rel) / len(rel)
         part["macro_chance"] = sum(x["chance"] for x in rel) / len(rel)
-    out["examples"] = [{"prompt": f["prompt"], "answer": f["answer"], "completion": c} for f, c in results[:: max(1, len(results) // 12)]]
+    out["examples"] = [{"prompt": f["prompt"], "answer": f["answer"], "completion": c}
+                       for f, c in results[:: max(1, len(results) // 12)]]
     return out

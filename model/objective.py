@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 T_MIN = 1e-3  # t is drawn in [T_MIN, 1]: 1/t stays bounded
+VAL_SEED = 1234  # validation noise is the same for every run, whatever its --seed, so runs compare
 
 
 def _seed(*parts: int) -> int:
@@ -28,7 +29,8 @@ def _uniform(seed: int, n: int) -> torch.Tensor:
     return torch.rand(n, generator=torch.Generator().manual_seed(seed))
 
 
-def train_noise(slots: np.ndarray, step: int, per_step: int, seed: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def train_noise(slots: np.ndarray, step: int, per_step: int, seed: int,
+                seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(t (B,), uniforms (B, T)) for the sequences at global `slots` of optimizer step `step`, which
     holds `per_step` sequences in all."""
     offset = float(_uniform(_seed(seed, 1, step), 1))

@@ -29,12 +29,14 @@ class SamplerConfig:
 
     def __post_init__(self) -> None:
         if self.gen_length <= 0 or self.steps <= 0:
-            raise ValueError(f"--gen_length and --num_generate_steps must be positive, got {self.gen_length}, {self.steps}")
+            raise ValueError(f"--gen_length and --num_generate_steps must be positive, got {self.gen_length}, "
+                             f"{self.steps}")
         block = self.block_length or self.gen_length
         if block <= 0 or self.gen_length % block:
             raise ValueError(f"--block_length {block} must divide --gen_length {self.gen_length}")
         if self.steps % (self.gen_length // block):
-            raise ValueError(f"--num_generate_steps {self.steps} must be a multiple of the {self.gen_length // block} blocks")
+            raise ValueError(f"--num_generate_steps {self.steps} must be a multiple of the {self.gen_length // block} "
+                             "blocks")
         if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
             raise ValueError("--temperature and --top_k must be ≥ 0 and --top_p in (0, 1]")
 

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.files import UserError, atomic_path, write_json_atomic
+
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae.safetensors"
 
@@ -141,8 +143,6 @@ class Transcoder(nn.Module):
         """sparsify's layout: cfg.json + sae.safetensors (written atomically, weights first)."""
         from safetensors.torch import save_file
 
-        from experiment import atomic_path, write_json_atomic
-
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().float().contiguous().cpu() for k, v in self.state_dict().items()}
@@ -153,8 +153,6 @@ class Transcoder(nn.Module):
     @classmethod
     def load(cls, folder: str | os.PathLike, device: torch.device | str = "cpu") -> "Transcoder":
         from safetensors.torch import load_file
-
-        from cli import UserError
 
         folder = Path(folder)
         try:

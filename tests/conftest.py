@@ -1,15 +1,9 @@
 """Shared fixtures: a small prepared synthetic dataset, and a runner for the command-line contract."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from tests.helpers import tiny_topk_config, tiny_train_config, tiny_transcoder_config
 
 
 @pytest.fixture(scope="session")
@@ -22,36 +16,6 @@ def synthetic_data(tmp_path_factory):
     return prepare_dataset(cfg)
 
 
-def run_cli(args: list[str], env: dict | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
-    """Run `python args...` from the repository root, as a user would."""
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=full_env, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
-    """The contract for a user's mistake: non-zero exit, one line on stderr, no traceback."""
-    assert proc.returncode != 0, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith(("tokenizing", "\r"))]
-    errors = [line for line in lines if line.startswith("error:")]
-    assert len(errors) == 1, proc.stderr
-    for needle in needles:
-        assert needle.lower() in errors[0].lower(), errors[0]
-
-
-def tiny_train_config(tmp_path, data_dir, **overrides):
-    """A tiny diffusion run on the (0.3 MB) synthetic corpus, on the CPU."""
-    from train_diffusion import TrainConfig
-
-    kw = dict(dataset="synthetic", synthetic_mb=0.3, data_dir=str(data_dir), experiments_dir=str(tmp_path / "exp"),
-              device="cpu", num_layers=2, num_heads=2, model_dim=64, train_seq_len=128, val_seq_len=128,
-              batch_size=8, grad_acc_steps=1, train_steps=300, val_loss_every=0, val_tokens=16_384, save_every=0,
-              log_every=50, muon_lr=0.02, embed_lr=0.3, head_lr=0.02)
-    kw.update(overrides)
-    return TrainConfig(**kw)
-
-
 @pytest.fixture(scope="session")
 def tiny_run(synthetic_data, tmp_path_factory):
     """A tiny model trained on the synthetic corpus (shared by the tests of every later stage)."""
@@ -62,31 +26,12 @@ def tiny_run(synthetic_data, tmp_path_factory):
     return main(cfg)
 
 
-def tiny_transcoder_config(train_folder, **overrides):
-    from train_transcoders import TranscoderTrainConfig
-
-    kw = dict(train_folder=str(train_folder), device="cpu", train_seq_len=128, batch_size=8, grad_acc_steps=1,
-              train_steps=400, expansion_factor=4, k=8, val_loss_every=0, val_tokens=8192, save_every=0, log_every=50,
-              dead_tokens=50_000)
-    kw.update(overrides)
-    return TranscoderTrainConfig(**kw)
-
-
 @pytest.fixture(scope="session")
 def tiny_transcoders(tiny_run):
     """Transcoders for both MLPs of the session's tiny model (shared by the later stages' tests)."""
     from train_transcoders import main
 
     return main(tiny_transcoder_config(tiny_run))
-
-
-def tiny_topk_config(train_folder, **overrides):
-    from get_topk_activations import TopKConfig
-
-    kw = dict(train_folder=str(train_folder), device="cpu", train_seq_len=128, batch_size=8, train_steps=6,
-              grad_acc_steps=1, top_k=10, context_before=8, context_after=4, n_quantile=6, n_random=6)
-    kw.update(overrides)
-    return TopKConfig(**kw)
 
 
 @pytest.fixture(scope="session")
@@ -117,7 +62,8 @@ def tiny_llms(tmp_path_factory):
     t5 = tmp_path_factory.mktemp("tiny_t5")
     T5ForConditionalGeneration(T5Config(vocab_size=len(fast), d_model=32, d_ff=64, d_kv=8, num_layers=2,
                                         num_decoder_layers=2, num_heads=4, decoder_start_token_id=fast.pad_token_id,
-                                        pad_token_id=fast.pad_token_id, eos_token_id=fast.eos_token_id)).save_pretrained(t5)
+                                        pad_token_id=fast.pad_token_id, eos_token_id=fast.eos_token_id)
+                               ).save_pretrained(t5)
     fast.save_pretrained(t5)
     out["t5"] = t5
     gpt = tmp_path_factory.mktemp("tiny_gpt2")

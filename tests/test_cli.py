@@ -3,8 +3,8 @@ from typing import Literal, Optional
 
 import pytest
 
-from cli import arg, parse_config
-from tests.conftest import assert_one_line_error, run_cli
+from core.cli import arg, parse_config
+from tests.helpers import assert_one_line_error, run_cli
 
 
 @dataclass

@@ -4,14 +4,15 @@ import shutil
 import pytest
 import torch
 
-import cli
+from core import cli
+from experiment.paths import RECORDS_FILE
 from get_activation_descriptions import IGNORED, DescriptionsConfig, main
 from interp.describe import clean, explain_examples, explain_prompt, fit_prompt, mark
-from interp.descriptions_stage import RECORDS_FILE, run_descriptions, summarise
+from interp.descriptions_stage import run_descriptions, summarise
 from interp.feature_store import read_jsonl
 from interp.scoring import auroc, balanced_accuracy, judge_scores, quoted_words, score_sets, simulation
 from model.explainer import Explainer
-from tests.conftest import assert_one_line_error, run_cli
+from tests.helpers import assert_one_line_error, run_cli
 
 REFERENCE = ("--train_folder experiments/X --checkpoint_name state_step020000.pt --train_seq_len 4_096 --train_steps "
              "1_000 --grad_acc_steps 8 --num_layers 12 --num_heads 6 --model_dim 384 --save_model True --cuda 1 "
@@ -142,7 +143,8 @@ class Scripted:
     max_prompt_tokens = 10_000
 
     def __init__(self, answer, retry_answer="a retried description", die_after=None):
-        self.answer, self.retry_answer, self.die_after, self.calls, self.prompts = answer, retry_answer, die_after, 0, []
+        self.answer, self.retry_answer, self.die_after = answer, retry_answer, die_after
+        self.calls, self.prompts = 0, []
 
     def count_tokens(self, prompt):
         return len(prompt.split())

@@ -85,7 +85,8 @@ def _fit(model, make_batch, steps, lr_scale=1.0):
     losses = []
     for step in range(steps):
         tokens = make_batch(step)
-        t, u = train_noise(torch.arange(len(tokens)).numpy() + step * len(tokens), step, len(tokens), 0, tokens.shape[1])
+        slots = torch.arange(len(tokens)).numpy() + step * len(tokens)
+        t, u = train_noise(slots, step, len(tokens), 0, tokens.shape[1])
         terms = diffusion_loss(model, tokens, t, u)
         (terms.weighted_ce / tokens.numel()).backward()
         for o in opts:
@@ -167,7 +168,7 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_load_refuses_another_shape(tmp_path):
-    from cli import UserError
+    from core.files import UserError
 
     DiffusionLM(tiny_cfg()).save(tmp_path / "m.pt")
     with pytest.raises(UserError, match="another shape"):

@@ -4,17 +4,17 @@ import shutil
 import pytest
 import torch
 
-import cli
+from core import cli
 from experiment import load_run
-from generate_descriptions import ExplainConfig, main
+from generate_descriptions import IGNORED, ExplainConfig, main
 from interp.attribution import attribute_tokens, replacement, token_logprobs
 from interp.explain_stage import run_explanations
 from interp.explain_step import parse_rating
 from model.transcoder import Transcoder
-from tests.conftest import assert_one_line_error, run_cli
+from tests.helpers import assert_one_line_error, run_cli
 
-REFERENCE = ("--train_folder experiments/X --checkpoint_name state_step020000.pt --cuda 1 --num_layers 12 --num_heads 6 "
-             "--model_dim 384 --max_seq_len 4_096").split()
+REFERENCE = ("--train_folder experiments/X --checkpoint_name state_step020000.pt --cuda 1 --num_layers 12 "
+             "--num_heads 6 --model_dim 384 --max_seq_len 4_096").split()
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,8 @@ def test_tokens_explainer_end_to_end(tiny_descriptions, tiny_run, tmp_path):
     lines = proc.stdout.splitlines()
     i = lines.index("input: The capital of France is")
     assert lines[i + 1] == "iteration: 1" and lines[i + 2].startswith("        continuation=The capital of France is")
-    assert lines[i + 3].startswith("        per layer description=['") and lines[i + 4].startswith("        total description=")
+    assert lines[i + 3].startswith("        per layer description=['")
+    assert lines[i + 4].startswith("        total description=")
     assert lines[i + 5] == "        models output score=unavailable (no LLM explainer)"
     assert lines[i + 6] == "        models mechanistic interpretability score=unavailable (no LLM explainer)"
     data = json.loads(out.read_text())
@@ -78,7 +79,8 @@ def test_tokens_explainer_end_to_end(tiny_descriptions, tiny_run, tmp_path):
     assert len(steps) == 4 and all(s["output_score"] is None and s["interpretation_score"] is None for s in steps)
     for s in steps:
         g = s["grounded"]
-        assert abs(g["described_feature_share"] + g["undescribed_feature_share"] + g["error_share"] + g["bias_share"] - 1) < 1e-6
+        parts = ("described_feature_share", "undescribed_feature_share", "error_share", "bias_share")
+        assert abs(sum(g[k] for k in parts) - 1) < 1e-6
         assert len(s["per_layer_description"]) == 2 and s["committed"][0]["prob"] > 0
         assert s["tokens"][0]["layers"]["0"]
     report = out.with_name("x_report.html").read_text()
@@ -134,7 +136,8 @@ def test_tiny_t5_end_to_end(tiny_topk, tiny_run, tiny_llms, tmp_path):
 
 def test_reference_command_line_parses():
     cfg = cli.parse_config(ExplainConfig, REFERENCE)
-    assert (cfg.checkpoint_name, cfg.cuda, cfg.max_seq_len, cfg.features_per_layer) == ("state_step020000.pt", 1, 4096, 10)
+    got = (cfg.checkpoint_name, cfg.cuda, cfg.max_seq_len, cfg.features_per_layer)
+    assert got == ("state_step020000.pt", 1, 4096, 10)
 
 
 def test_no_descriptions_yet(tiny_run, tiny_transcoders, tmp_path):
@@ -142,3 +145,10 @@ def test_no_descriptions_yet(tiny_run, tiny_transcoders, tmp_path):
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("descriptions", "explanations"))
     assert_one_line_error(run_cli(["generate_descriptions.py", "--train_folder", str(run), "--explainer", "tokens",
                                    "--device", "cpu"]), "no descriptions by 'tokens'")
+
+
+def test_generate_flags_without_a_meaning_here_are_reported_as_ignored(capsys):
+    """ExplainConfig shares generate.py's sampling flags but not its batching and printing ones."""
+    cfg = cli.parse_config(ExplainConfig, [*REFERENCE, "--batch_size", "4", "--quiet"], ignored=IGNORED)
+    assert capsys.readouterr().out.strip() == "ignored by this stage: --batch_size, --quiet"
+    assert (cfg.gen_length, cfg.num_generate_steps, cfg.remasking) == (32, 32, "low_confidence")

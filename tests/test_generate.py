@@ -3,12 +3,12 @@ import json
 import pytest
 import torch
 
-import cli
+from core import cli
 from generate import GenerateConfig
 from model.diffusion import DiffusionLM
 from model.fact_eval import fact_accuracy, is_right
 from model.sampler import SamplerConfig, commit_schedule, filter_logits, generate
-from tests.conftest import assert_one_line_error, run_cli
+from tests.helpers import assert_one_line_error, run_cli
 from tests.test_diffusion_model import BOS, MASK, N_VOCAB, PAD, randomised, tiny_cfg
 
 REFERENCE = ("--train_folder experiments/X --checkpoint_name state_step020000.pt --cuda 1 --num_layers 12 "

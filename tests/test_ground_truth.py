@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from interp.ground_truth import GroundTruthConfig, names_category, run_ground_truth
-from tests.conftest import assert_one_line_error, run_cli
+from tests.helpers import assert_one_line_error, run_cli
 
 
 def test_names_category():

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from cli import UserError
+from core.files import UserError
 from data.loader import ShardLoader
 from data.shards import read_shard
 
@@ -42,7 +42,8 @@ def test_ranks_are_disjoint_and_cover_an_epoch(synthetic_data):
     all_ids = np.concatenate(seen)
     assert len(np.unique(all_ids)) == len(all_ids) == steps * 6  # no window read twice within the epoch
     single = ShardLoader(folder, "train", 64, 6, seed=0)  # one process with the same global batch
-    np.testing.assert_array_equal(np.sort(all_ids), np.sort(np.concatenate([single.window_ids(m) for m in range(steps)])))
+    expected = np.concatenate([single.window_ids(m) for m in range(steps)])
+    np.testing.assert_array_equal(np.sort(all_ids), np.sort(expected))
 
 
 def test_validation_reads_the_validation_shard_only(synthetic_data):

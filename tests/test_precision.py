@@ -92,7 +92,7 @@ def test_training_matches_in_both_precisions(synthetic_data, tmp_path, monkeypat
     check (over 150 steps: 2.913 against 2.918 nats/token), and both learn."""
     import model.optim
     from experiment import read_metrics
-    from tests.conftest import tiny_train_config
+    from tests.helpers import tiny_train_config
     from train_diffusion import main
 
     curves = {}

@@ -5,10 +5,10 @@ import pytest
 
 import data.sources
 import data.writer
-from cli import UserError
+from core.files import UserError
 from data.prepare import PrepareConfig, prepare_dataset
 from data.shards import read_shard
-from tests.conftest import assert_one_line_error, run_cli
+from tests.helpers import assert_one_line_error, run_cli
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
 
@@ -189,9 +189,10 @@ def test_cli_fineweb_offline(tmp_path):
 
 def test_cli_fineweb_subset_too_small(tmp_path):
     parquet = _fineweb_parquet(tmp_path / "fw.parquet", _docs(50))
-    code = ("import sys, cli, data.sources as s; from datasets import load_dataset; "
+    code = ("import sys, data.sources as s; from core import cli; from datasets import load_dataset; "
             f"s.fineweb_stream = lambda subset: load_dataset('parquet', data_files={str(parquet)!r}, "
-            "split='train', streaming=True); from data.prepare import PrepareConfig, main; cli.run(main, PrepareConfig)")
+            "split='train', streaming=True); from data.prepare import PrepareConfig, main; "
+            "cli.run(main, PrepareConfig)")
     proc = run_cli(["-c", code, "--num_shards", "50", "--shard_size", "1_000", "--val_tokens", "500",
                     "--tokenizer", "bpe:300", "--data_dir", str(tmp_path / "cache"), "--workers", "1"])
     assert_one_line_error(proc, "ran out", "50 asked for")

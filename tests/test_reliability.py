@@ -14,7 +14,7 @@ import torch
 
 from experiment import read_metrics
 from interp.feature_store import read_jsonl
-from tests.conftest import ROOT, assert_one_line_error, run_cli
+from tests.helpers import ROOT, assert_one_line_error, run_cli
 
 
 def start(args: list[str]) -> subprocess.Popen:
@@ -172,8 +172,7 @@ def test_bad_inputs_table(argv, needle, broken_run, tmp_path):
 
 
 def test_checkpoints_load_weights_only(tiny_run):
-    from cli import UserError
-    from experiment import load_checkpoint
+    from core.files import UserError, load_checkpoint
 
     state = load_checkpoint(tiny_run / "state_step000400.pt")
     assert "model" in state

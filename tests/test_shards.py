@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
+from core.files import atomic_path
 from data.shards import HEADER_BYTES, ShardError, read_header, read_shard, write_shard
-from experiment import atomic_path
 
 
 @pytest.mark.parametrize("vocab_size,dtype", [(1344, np.uint16), (65536, np.uint16), (100_352, np.uint32)])

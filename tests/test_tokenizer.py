@@ -1,11 +1,11 @@
 import pytest
 
-from cli import UserError
-from data.tokenizer import (EOT, BPETokenizer, TiktokenTokenizer, load_tokenizer, parse_tokenizer_name,
-                            train_bpe)
+from core.files import UserError
+from data.tokenizer import EOT, BPETokenizer, TiktokenTokenizer, load_tokenizer, parse_tokenizer_name, train_bpe
 
-TEXTS = ["The capital of France is Paris.", "naïve café — Ünïcödé ✓", "日本語のテキスト", "emoji 🧪🔬 and tabs\tand\r\nCRLF",
-         "  leading and trailing spaces  ", "", "a", f"a literal {EOT} inside a document"]
+TEXTS = ["The capital of France is Paris.", "naïve café — Ünïcödé ✓", "日本語のテキスト",
+         "emoji 🧪🔬 and tabs\tand\r\nCRLF", "  leading and trailing spaces  ", "", "a",
+         f"a literal {EOT} inside a document"]
 CORPUS = ["The quick brown fox jumps over the lazy dog. " * 3, "Paris is the capital of France. " * 4,
           "Numbers: one two three four five six seven eight nine ten. " * 2] * 5
 

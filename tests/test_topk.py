@@ -6,13 +6,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import cli
+from core import cli
 from get_topk_activations import IGNORED, TopKConfig, main
 from interp.scan import Batch, ScanSettings
 from interp.topk import PairCounter, TopKBuffer
 from interp.windows import document_bounds, window_columns
 from model.transcoder import Transcoder
-from tests.conftest import assert_one_line_error, run_cli, tiny_topk_config
+from tests.helpers import assert_one_line_error, run_cli, tiny_topk_config
 
 REFERENCE = ("--train_folder experiments/X --checkpoint_name state_step020000.pt --train_seq_len 4_096 --train_steps "
              "1_000 --grad_acc_steps 8 --num_layers 12 --num_heads 6 --model_dim 384 --save_model True --cuda 1 "
@@ -78,8 +78,9 @@ def _all_latents(tiny_run, tiny_transcoders, cfg, layer):
     config, model, _, _ = load_run(tiny_run, "latest", "cpu")
     tc = Transcoder.load(tiny_transcoders / f"layer_{layer:02d}")
     loader = ShardLoader(config["data"]["folder"], "train", cfg.train_seq_len, cfg.batch_size, cfg.seed)
-    s = ScanSettings(n_batches=cfg.train_steps, seed=cfg.seed, mask_ratio=cfg.mask_ratio)
-    batches = [Batch(model, loader, b, s, [layer], "cpu", torch.autocast("cpu", enabled=False)) for b in range(s.n_batches)]
+    s = ScanSettings(n_batches=cfg.n_batches(), seed=cfg.seed, mask_ratio=cfg.mask_ratio)
+    fp32 = torch.autocast("cpu", enabled=False)
+    batches = [Batch(model, loader, b, s, [layer], "cpu", fp32) for b in range(s.n_batches)]
     with torch.no_grad():
         dense = torch.cat([tc.dense_latents(b.x[layer]) for b in batches])
     return dense, batches
@@ -170,7 +171,7 @@ def test_interrupted_scan_resumes_to_identical_output(tiny_run, tiny_transcoders
         dst = tmp_path / name
         shutil.copytree(tiny_run, dst, ignore=shutil.ignore_patterns("topk"))
         runs.append(dst)
-    kw = dict(checkpoint_every=2, train_steps=5)
+    kw = dict(checkpoint_every=2, scan_batches=5)
     a = main(tiny_topk_config(runs[0], **kw))
     real, saves = scan_mod.save_checkpoint, []
 
@@ -194,7 +195,7 @@ def test_interrupted_scan_resumes_to_identical_output(tiny_run, tiny_transcoders
 
 def test_reference_command_line_parses(capsys):
     cfg = cli.parse_config(TopKConfig, REFERENCE, ignored=IGNORED)
-    assert (cfg.train_steps, cfg.grad_acc_steps, cfg.train_seq_len, cfg.top_k) == (1000, 8, 4096, 50)
+    assert (cfg.n_batches(), cfg.train_seq_len, cfg.top_k) == (8000, 4096, 50)  # --train_steps 1_000 × 8
     assert capsys.readouterr().out.strip() == "ignored by this stage: --save_model, --val_loss_every, --save_every"
 
 
@@ -207,3 +208,39 @@ def test_bad_inputs(tiny_run, tmp_path):
                                    "--checkpoint_name", "state_step000007.pt"]), "does not exist; available")
     assert_one_line_error(run_cli(["get_topk_activations.py", "--train_folder", str(tmp_path / "nowhere")]),
                           "does not exist")
+
+
+@pytest.mark.parametrize("argv,batches", [
+    ([], 8000),  # the default: the reference command's 1_000 × 8
+    (["--scan_batches", "37"], 37),
+    (["--train_steps", "5", "--grad_acc_steps", "3"], 15),  # the shared command line's spelling
+    (["--scan_batches", "15", "--train_steps", "5", "--grad_acc_steps", "3"], 15),
+])
+def test_scan_batches_and_its_train_steps_alias(argv, batches):
+    cfg = cli.parse_config(TopKConfig, ["--train_folder", "x", *argv])
+    assert cfg.n_batches() == batches
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--scan_batches", "10", "--train_steps", "5", "--grad_acc_steps", "3"], "disagrees"),
+    (["--scan_batches", "0"], "must be positive"),
+])
+def test_scan_batches_contradictions_are_refused(argv, needle):
+    with pytest.raises(cli.UserError, match=needle):
+        cli.parse_config(TopKConfig, ["--train_folder", "x", *argv])
+
+
+def test_an_output_made_before_scan_batches_still_counts_as_finished(tiny_run, tiny_topk, tmp_path, capsys):
+    """Top-k outputs written before --scan_batches existed recorded train_steps × grad_acc_steps."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    out = run / "topk" / "state_step000400"
+    saved = json.loads((out / "config.json").read_text())
+    saved.pop("scan_batches")
+    saved.update(train_steps=3, grad_acc_steps=2)  # 6 batches, as tiny_topk_config scans
+    saved.update(checkpoint_name="latest")  # older outputs also kept the checkpoint as typed
+    (out / "config.json").write_text(json.dumps(saved))
+    before = (out / "layer_00" / "contexts.jsonl").read_text()
+    assert main(tiny_topk_config(run, checkpoint_name="state_step000400.pt")) == out
+    assert "is complete" in capsys.readouterr().out
+    assert (out / "layer_00" / "contexts.jsonl").read_text() == before

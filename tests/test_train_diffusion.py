@@ -5,15 +5,16 @@ import numpy as np
 import pytest
 import torch
 
-import cli
+from core import cli
 from data.shards import read_shard
 from experiment import list_checkpoints, read_metrics
 from model.diffusion import DiffusionLM
-from tests.conftest import assert_one_line_error, run_cli, tiny_train_config
+from tests.helpers import assert_one_line_error, run_cli, tiny_train_config
 from train_diffusion import TrainConfig, main
 
 REFERENCE = ("--train_seq_len 4_096 --val_seq_len 4_096 --train_steps 20_000 --grad_acc_steps 8 --num_layers 12 "
-             "--num_heads 6 --model_dim 384 --save_model True --cuda 3 --val_loss_every 1_000 --save_every 2_000").split()
+             "--num_heads 6 --model_dim 384 "
+             "--save_model True --cuda 3 --val_loss_every 1_000 --save_every 2_000").split()
 
 
 def unigram_entropy(prepared) -> float:
@@ -113,7 +114,7 @@ def test_two_process_ddp_equals_one_process(synthetic_data, tmp_path):
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(synthetic_data, tmp_path, monkeypatch):
     import model.objective
-    import model.training
+    import training.diffusion
 
     real, calls = model.objective.diffusion_loss, []
 
@@ -124,9 +125,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(synthetic_data, tmp_p
             return terms._replace(weighted_ce=terms.weighted_ce * float("nan"))
         return terms
 
-    monkeypatch.setattr(model.training, "diffusion_loss", poisoned)
+    monkeypatch.setattr(training.diffusion, "diffusion_loss", poisoned)
     cfg = tiny_train_config(tmp_path, synthetic_data.folder.parent, train_steps=10, save_every=5)
-    with pytest.raises(model.training.TrainingDiverged, match="step 7.*state_step000005.pt"):
+    with pytest.raises(training.diffusion.TrainingDiverged, match="step 7.*state_step000005.pt"):
         main(cfg)
     (folder,) = (tmp_path / "exp").iterdir()
     assert [p.name for p in list_checkpoints(folder)] == ["state_step000005.pt"]
@@ -170,10 +171,10 @@ def test_resume_with_another_shape_is_refused(tiny_run, synthetic_data):
 
 
 def test_sequence_lengths_flex_cannot_take_are_refused_on_cuda(synthetic_data, tmp_path, monkeypatch):
-    import model.training
+    import training.diffusion
+    from model.distributed import Dist
 
-    monkeypatch.setattr(model.training, "setup_distributed",
-                        lambda cfg: (model.training.Dist(), torch.device("cuda:0")))
+    monkeypatch.setattr(training.diffusion, "setup_distributed", lambda cfg: (Dist(), torch.device("cuda:0")))
     cfg = tiny_train_config(tmp_path, synthetic_data.folder.parent, train_seq_len=100)
     with pytest.raises(cli.UserError, match="multiples of 128"):
         main(cfg)

@@ -4,14 +4,14 @@ import shutil
 import pytest
 import torch
 
-import cli
+from core import cli
 from experiment import list_checkpoints, read_metrics
 from model.hooks import capture_mlps, replace_mlps
 from model.objective import diffusion_loss, val_noise
 from model.transcoder import Transcoder, TranscoderConfig, fraction_of_variance_unexplained
-from model.transcoder_training import update_dead
-from tests.conftest import assert_one_line_error, run_cli, tiny_transcoder_config
+from tests.helpers import assert_one_line_error, run_cli, tiny_transcoder_config
 from train_transcoders import TranscoderTrainConfig, main
+from training.transcoders import update_dead
 
 REFERENCE = ("--train_folder experiments/X --checkpoint_name state_step020000.pt --train_seq_len 4_096 --train_steps "
              "20_000 --grad_acc_steps 8 --num_layers 12 --num_heads 6 --model_dim 384 --save_model True --cuda 1 "
@@ -149,7 +149,7 @@ def test_sparsify_loads_the_files_and_computes_the_same(tiny_transcoders, tiny_r
 
 
 def test_resume_equals_an_uninterrupted_run(tiny_run, tmp_path, monkeypatch):
-    import model.transcoder_training as tt
+    import training.transcoders as tt
 
     run_a, run_b = tmp_path / "a", tmp_path / "b"
     for dst in (run_a, run_b):  # two copies of the base run, each with its own transcoders folder
@@ -192,11 +192,12 @@ def test_two_process_ddp_equals_one_process(tiny_run, tmp_path):
     runs = []
     for name in ("one", "two"):
         dst = tmp_path / name
-        shutil.copytree(tiny_run, dst, ignore=shutil.ignore_patterns("transcoders", "topk", "descriptions", "explanations"))
+        later_stages = shutil.ignore_patterns("transcoders", "topk", "descriptions", "explanations")
+        shutil.copytree(tiny_run, dst, ignore=later_stages)
         runs.append(dst)
     flags = ["--device", "cpu", "--train_seq_len", "128", "--batch_size", "4", "--grad_acc_steps", "2",
-             "--train_steps", "6", "--expansion_factor", "4", "--k", "8", "--val_loss_every", "3", "--val_tokens", "4096",
-             "--save_every", "0", "--log_every", "1"]
+             "--train_steps", "6", "--expansion_factor", "4", "--k", "8", "--val_loss_every", "3",
+             "--val_tokens", "4096", "--save_every", "0", "--log_every", "1"]
     assert run_cli(["train_transcoders.py", "--train_folder", str(runs[0]), *flags]).returncode == 0
     proc = run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train_transcoders.py",
                     "--train_folder", str(runs[1]), *flags], timeout=300)

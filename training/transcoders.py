@@ -7,70 +7,45 @@ hand (the per-layer backward does not fit DDP's one-forward-one-backward model).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-import time
+import shutil
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as torch_dist
-from tqdm import tqdm
 
-from cli import UserError
+from core.files import UserError, atomic_path, load_checkpoint, read_json, save_checkpoint, write_json_atomic
 from data.loader import ShardLoader
-from data.prepare import PrepareConfig, prepare_dataset
-from experiment import (CONFIG_FILE, due, RunLog, atomic_path, check_shape_flags, checkpoint_name, list_checkpoints,
-                        load_checkpoint, read_json, read_metrics, resolve_checkpoint, resolve_run_folder,
-                        save_checkpoint, truncate_metrics, write_json_atomic)
-from model.diffusion import DiffusionLM, ModelConfig
+from experiment import (
+    CONFIG_FILE,
+    RunLog,
+    StagePaths,
+    checkpoint_name,
+    layer_name,
+    list_checkpoints,
+    open_base_run,
+    open_data,
+    parse_layers,
+    read_metrics,
+    setup_distributed,
+    truncate_metrics,
+)
+from experiment.paths import TRANSCODER_PLOT, TRANSCODER_SUMMARY_FILE
+from model.diffusion import DiffusionLM
+from model.distributed import Dist
 from model.hooks import capture_mlps, replace_mlps
-from model.objective import apply_noise, diffusion_loss, train_noise, val_noise
+from model.objective import VAL_SEED, apply_noise, diffusion_loss, train_noise, val_noise
 from model.optim import lr_factor
 from model.precision import autocast as autocast_for
-from model.training import VAL_SEED, Dist, setup_distributed
 from model.transcoder import Transcoder, TranscoderConfig
+from training.loop import run_steps
 
-TRANSCODERS_DIR = "transcoders"
-SUMMARY_FILE = "metrics.json"
-PLOT_FILE = "transcoders.png"
 # Flags that define what is trained: a resumed or rerun job must keep them.
 FIXED = ("checkpoint", "layers", "expansion_factor", "k", "skip_connection", "mask_ratio", "train_seq_len",
          "batch_size", "grad_acc_steps", "seed", "auxk_alpha", "lr", "dead_tokens")
-
-
-def layer_dir(out_dir: Path, layer: int) -> Path:
-    return out_dir / f"layer_{layer:02d}"
-
-
-def parse_layers(spec: str, num_layers: int) -> list[int]:
-    if spec == "all":
-        return list(range(num_layers))
-    try:
-        layers = sorted({int(x) for x in spec.split(",") if x.strip()})
-    except ValueError:
-        raise UserError(f"--layers {spec!r}: give comma-separated layer indices or 'all'") from None
-    bad = [x for x in layers if not 0 <= x < num_layers]
-    if bad or not layers:
-        raise UserError(f"--layers {spec}: the model has layers 0..{num_layers - 1}")
-    return layers
-
-
-def open_base_run(cfg, device):
-    """(run folder, run config, checkpoint path, frozen base model)."""
-    folder = resolve_run_folder(cfg.train_folder)
-    run_cfg = read_json(folder / CONFIG_FILE)
-    check_shape_flags(run_cfg["model"], cfg.shape_flags())
-    path = resolve_checkpoint(folder, cfg.checkpoint_name)
-    model = DiffusionLM.load(path, device, expected=ModelConfig(**run_cfg["model"])).eval()
-    model.requires_grad_(False)
-    return folder, run_cfg, path, model
-
-
-def open_data(run_cfg: dict):
-    """The base run's prepared dataset (prepared again from its recorded settings if it is gone)."""
-    data = run_cfg["data"]
-    params = {k: v for k, v in data["params"].items() if k in PrepareConfig.__dataclass_fields__}
-    return prepare_dataset(PrepareConfig(**params, data_dir=str(Path(data["folder"]).parent)))
 
 
 def noise_for(cfg, batch, step: int, per_step: int, seq_len: int):
@@ -210,18 +185,9 @@ def plot(out_dir: Path) -> None:
         ax.grid(alpha=0.3)
     a.legend(fontsize="small", ncol=2)
     fig.tight_layout()
-    with atomic_path(out_dir / PLOT_FILE) as tmp:
+    with atomic_path(out_dir / TRANSCODER_PLOT) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
-
-
-def train_transcoders(cfg) -> Path:
-    dist, device = setup_distributed(cfg)
-    try:
-        return _train(cfg, dist, device)
-    finally:
-        if dist.world > 1 and torch_dist.is_initialized():
-            torch_dist.destroy_process_group()
 
 
 def _settings(cfg, ckpt: Path, layers: list[int], num_latents: int, lr: float) -> dict:
@@ -232,7 +198,86 @@ def _settings(cfg, ckpt: Path, layers: list[int], num_latents: int, lr: float) -
     return s
 
 
-def _train(cfg, dist: Dist, device: torch.device) -> Path:
+@dataclasses.dataclass
+class Run:
+    """Everything the loop needs, built (or restored from a checkpoint) by `set_up`."""
+
+    cfg: Any
+    dist: Dist
+    device: torch.device
+    out_dir: Path
+    model: DiffusionLM  # frozen
+    layers: list[int]
+    transcoders: torch.nn.ModuleDict  # layer (as str) → Transcoder, learning at unit target scale
+    scales: dict[int, float]  # each layer's target RMS on the first batch; folded back into the saved files
+    dead: dict[int, torch.Tensor]  # tokens since each latent last fired
+    optimizer: torch.optim.Optimizer
+    lr: float
+    settings: dict
+    train_loader: ShardLoader
+    val_loader: ShardLoader
+    log: RunLog
+    start: int
+    acc: int  # micro-batches per process per step
+
+    @property
+    def per_step(self) -> int:
+        return self.cfg.grad_acc_steps * self.cfg.batch_size
+
+    def scaled(self) -> dict[int, Transcoder]:
+        return {layer: self.transcoders[str(layer)].scaled(self.scales[layer]) for layer in self.layers}
+
+
+def train_transcoders(cfg) -> Path:
+    dist, device = setup_distributed(cfg)
+    try:
+        run, out_dir = set_up(cfg, dist, device)
+        return loop(run) if run is not None else out_dir
+    finally:
+        dist.close()
+
+
+def _saved_state(cfg, out_dir: Path, settings: dict, device) -> dict | None:
+    """The checkpoint to resume from, after checking it was trained with the same settings."""
+    if not (out_dir / CONFIG_FILE).exists() or cfg.overwrite:
+        if cfg.resume:
+            raise UserError(f"--resume: nothing to resume in {out_dir}")
+        return None
+    saved = read_json(out_dir / CONFIG_FILE)
+    diff = {k: (saved.get(k), settings[k]) for k in FIXED if saved.get(k) != settings[k]}
+    if diff:
+        raise UserError(f"{out_dir} holds transcoders trained with other settings {diff}; "
+                        "use --overwrite True to replace them")
+    kept = list_checkpoints(out_dir)
+    return load_checkpoint(kept[-1], device) if kept else None
+
+
+def _initial_scales(r: Run, autocast) -> None:
+    """Per layer, the targets' RMS and mean on the first step's batches (all processes together): the
+    targets are divided by the RMS, so every transcoder learns at unit scale whatever its MLP's output
+    norm, and the decoder bias starts at the mean target."""
+    d = r.model.cfg.model_dim
+    sums = {layer: torch.zeros(d + 2, dtype=torch.float64, device=r.device) for layer in r.layers}
+    for micro in range(r.acc):
+        batch = r.train_loader.batch(micro)
+        t, u = noise_for(r.cfg, batch, 0, r.per_step, r.cfg.train_seq_len)
+        pairs = LayerPairs(r.model, r.layers, batch.tokens.to(r.device), t.to(r.device), u.to(r.device), autocast)
+        for layer, (x, y) in pairs.pairs.items():  # Σy, Σ‖y‖², count
+            sums[layer] += torch.cat([y.double().sum(0), y.double().pow(2).sum().reshape(1),
+                                      torch.tensor([len(y)], dtype=torch.float64, device=r.device)])
+    for layer in r.layers:
+        total = r.dist.all_sum(sums[layer])
+        n = float(total[-1])
+        r.scales[layer] = (float(total[-2]) / (n * d)) ** 0.5
+        if not r.scales[layer] > 0:
+            raise UserError(f"the MLP of layer {layer} outputs only zeros on the first batch (an untrained "
+                            "checkpoint?): there is nothing to transcode")
+        with torch.no_grad():
+            r.transcoders[str(layer)].b_dec.copy_((total[:-2] / n / r.scales[layer]).float())
+
+
+def set_up(cfg, dist: Dist, device: torch.device) -> tuple[Run | None, Path]:
+    """The transcoders, optimizer and output folder, new or restored; (None, folder) when already finished."""
     folder, run_cfg, ckpt, model = open_base_run(cfg, device)
     mc = model.cfg
     layers = parse_layers(cfg.layers, mc.num_layers)
@@ -241,33 +286,19 @@ def _train(cfg, dist: Dist, device: torch.device) -> Path:
         raise UserError(f"--k {cfg.k} is larger than the {num_latents} latents (--expansion_factor "
                         f"{cfg.expansion_factor} × d {mc.model_dim})")
     lr = cfg.lr or 2e-4 / math.sqrt(num_latents / 2**14)  # sparsify's scaling with the latent count
-    out_dir = folder / TRANSCODERS_DIR / ckpt.stem
+    out_dir = StagePaths(folder, ckpt.name).transcoders
     settings = _settings(cfg, ckpt, layers, num_latents, lr)
     if cfg.grad_acc_steps % dist.world:
         raise UserError(f"--grad_acc_steps {cfg.grad_acc_steps} must be divisible by the {dist.world} processes")
-    acc = cfg.grad_acc_steps // dist.world
-    per_step = cfg.grad_acc_steps * cfg.batch_size
-
-    state = None
-    if (out_dir / CONFIG_FILE).exists() and not cfg.overwrite:
-        saved = read_json(out_dir / CONFIG_FILE)
-        diff = {k: (saved.get(k), settings[k]) for k in FIXED if saved.get(k) != settings[k]}
-        if diff:
-            raise UserError(f"{out_dir} holds transcoders trained with other settings {diff}; "
-                            "use --overwrite True to replace them")
-        kept = list_checkpoints(out_dir)
-        if kept:
-            state = load_checkpoint(kept[-1], device)
-            if state["step"] >= cfg.train_steps:
-                print(f"{out_dir} is finished ({state['step']} steps); --overwrite True retrains, a larger "
-                      "--train_steps continues")
-                return out_dir
-    elif cfg.resume:
-        raise UserError(f"--resume: nothing to resume in {out_dir}")
+    state = _saved_state(cfg, out_dir, settings, device)
+    if state is not None and state["step"] >= cfg.train_steps:
+        print(f"{out_dir} is finished ({state['step']} steps); --overwrite True retrains, a larger "
+              "--train_steps continues")
+        return None, out_dir
 
     data = open_data(run_cfg)
-    train_loader = ShardLoader(data.folder, "train", cfg.train_seq_len, cfg.batch_size, cfg.seed, dist.rank, dist.world,
-                               files=run_cfg["data"].get("train_files"))
+    train_loader = ShardLoader(data.folder, "train", cfg.train_seq_len, cfg.batch_size, cfg.seed, dist.rank,
+                               dist.world, files=run_cfg["data"].get("train_files"))
     val_loader = ShardLoader(data.folder, "val", cfg.val_seq_len or cfg.train_seq_len, cfg.batch_size, 0, dist.rank,
                              dist.world)
     torch.manual_seed(cfg.seed)
@@ -276,107 +307,80 @@ def _train(cfg, dist: Dist, device: torch.device) -> Path:
     optimizer = torch.optim.Adam(transcoders.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8)
     for group in optimizer.param_groups:
         group["initial_lr"] = lr
-    dead = {layer: torch.zeros(num_latents, dtype=torch.long, device=device) for layer in layers}  # tokens since fired
-    # Targets are divided by a fixed per-layer scale (their RMS on the first batch), so the transcoders
-    # learn at unit scale whatever the MLP's output norm; saved files have the scale folded back in.
-    scales: dict[int, float] = {}
-    autocast = autocast_for(device)
-    start = 0
-    log = RunLog(None, enabled=dist.main)
+    dead = {layer: torch.zeros(num_latents, dtype=torch.long, device=device) for layer in layers}
+    r = Run(cfg, dist, device, out_dir, model, layers, transcoders, {}, dead, optimizer, lr, settings, train_loader,
+            val_loader, RunLog(None, enabled=dist.main), 0, cfg.grad_acc_steps // dist.world)
     if state is not None:
         transcoders.load_state_dict(state["model"], strict=True)
         optimizer.load_state_dict(state["optimizers"][0])
         for layer in layers:
             dead[layer] = state["dead_tokens"][str(layer)].to(device)
-        scales = {int(k): float(v) for k, v in state["scales"].items()}
-        start = int(state["step"])
+        r.scales = {int(k): float(v) for k, v in state["scales"].items()}
+        r.start = int(state["step"])
         if dist.main:
-            truncate_metrics(out_dir, start)
-    if state is None and dist.main:
-        if cfg.overwrite and out_dir.exists():
-            import shutil
-
-            shutil.rmtree(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out_dir / CONFIG_FILE, {**settings, "base_run": str(folder), "d_in": mc.model_dim})
-        truncate_metrics(out_dir, -1)  # a start that died before its first checkpoint left stale lines
-    if state is None:  # scales and decoder biases from the first step's targets, all processes together
-        sums = {layer: torch.zeros(mc.model_dim + 2, dtype=torch.float64, device=device) for layer in layers}
-        for micro in range(acc):
-            batch = train_loader.batch(micro)
-            pairs = LayerPairs(model, layers, batch.tokens.to(device), *(v.to(device) for v in noise_for(
-                cfg, batch, 0, per_step, cfg.train_seq_len)), autocast)
-            for layer, (x, y) in pairs.pairs.items():  # Σy, Σ‖y‖², count
-                sums[layer] += torch.cat([y.double().sum(0), y.double().pow(2).sum().reshape(1),
-                                          torch.tensor([len(y)], dtype=torch.float64, device=device)])
-        for layer in layers:
-            total = dist.all_sum(sums[layer])
-            n = float(total[-1])
-            scales[layer] = (float(total[-2]) / (n * mc.model_dim)) ** 0.5
-            if not scales[layer] > 0:
-                raise UserError(f"the MLP of layer {layer} outputs only zeros on the first batch (an untrained "
-                                "checkpoint?): there is nothing to transcode")
-            with torch.no_grad():  # start the decoder bias at the mean target
-                transcoders[str(layer)].b_dec.copy_((total[:-2] / n / scales[layer]).float())
-    log.folder = out_dir if dist.main else None
-    tokens_per_step = per_step * cfg.train_seq_len
-    log(f"transcoders for {ckpt} layers {layers}: {num_latents} latents (×{cfg.expansion_factor}), k={cfg.k}, "
-        f"lr {lr:.2e}, inputs noised with t={cfg.mask_ratio}; {tokens_per_step:,} tokens per step; out: {out_dir}"
-        + (f" (resuming at step {start})" if start else ""))
-
-    def save(step: int) -> None:
-        if not (dist.main and cfg.save_model):
-            return
-        save_checkpoint(out_dir / checkpoint_name(step), {
-            "step": step, "model": transcoders.state_dict(), "optimizers": [optimizer.state_dict()],
-            "dead_tokens": {str(k): v.cpu() for k, v in dead.items()}, "scales": {str(k): v for k, v in scales.items()},
-            "config": settings})
-        for layer in layers:
-            transcoders[str(layer)].scaled(scales[layer]).save(layer_dir(out_dir, layer))
-
-    def validate(step: int) -> None:
-        result = evaluate(model, {layer: transcoders[str(layer)].scaled(scales[layer]) for layer in layers}, layers,
-                          val_loader, cfg, device, autocast, dist, dead)
-        per = result["layers"]
-        log(f"step {step}: base NELBO {result['base_nelbo']:.4f}, all MLPs replaced {result['all_nelbo']:.4f}; " +
-            "; ".join(f"L{layer} FVU {m['fvu']:.3f} L0 {m['l0']:.1f} dead {m['dead_fraction']:.1%} "
-                      f"NELBO {m['spliced_nelbo']:.4f}" for layer, m in per.items()))
-        log.metrics({"event": "val", "step": step, **result})
+            truncate_metrics(out_dir, r.start)
+    else:
         if dist.main:
-            write_json_atomic(out_dir / SUMMARY_FILE, {"step": step, "train_steps": cfg.train_steps, **result})
-            plot(out_dir)
+            if cfg.overwrite and out_dir.exists():
+                shutil.rmtree(out_dir)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(out_dir / CONFIG_FILE, {**settings, "base_run": str(folder), "d_in": mc.model_dim})
+            truncate_metrics(out_dir, -1)  # a start that died before its first checkpoint left stale lines
+        _initial_scales(r, autocast_for(device))
+    r.log.folder = out_dir if dist.main else None
+    r.log(f"transcoders for {ckpt} layers {layers}: {num_latents} latents (×{cfg.expansion_factor}), k={cfg.k}, "
+          f"lr {lr:.2e}, inputs noised with t={cfg.mask_ratio}; {r.per_step * cfg.train_seq_len:,} tokens per step; "
+          f"out: {out_dir}" + (f" (resuming at step {r.start})" if r.start else ""))
+    return r, out_dir
 
-    if start == 0 and cfg.val_loss_every:
-        validate(0)
-    bar = tqdm(total=cfg.train_steps, initial=start, unit="step", disable=not dist.main, dynamic_ncols=True)
-    seconds, tokens_since = 0.0, 0
-    for step in range(start, cfg.train_steps):
-        t0 = time.perf_counter()
-        optimizer.param_groups[0]["lr"] = lr * lr_factor(step, cfg.train_steps, 0.2)
+
+def loop(r: Run) -> Path:
+    """Train every layer's transcoder from `r.start` to --train_steps; validate, log and save on the way."""
+    cfg, dist, device = r.cfg, r.dist, r.device
+    autocast = autocast_for(device)
+    fvu: list[float] = []
+
+    def step(index: int) -> None:
+        nonlocal fvu
+        r.optimizer.param_groups[0]["lr"] = r.lr * lr_factor(index, cfg.train_steps, 0.2)
 
         def micro_batches():
-            for micro in range(acc):
-                batch = train_loader.batch(step * acc + micro)
-                yield batch.tokens, *noise_for(cfg, batch, step, per_step, cfg.train_seq_len)
+            for micro in range(r.acc):
+                batch = r.train_loader.batch(index * r.acc + micro)
+                yield batch.tokens, *noise_for(cfg, batch, index, r.per_step, cfg.train_seq_len)
 
-        fvu = train_step(model, transcoders, layers, micro_batches(), acc, scales, dead, cfg, optimizer, dist,
-                         autocast, device)
+        fvu = train_step(r.model, r.transcoders, r.layers, micro_batches(), r.acc, r.scales, r.dead, cfg,
+                         r.optimizer, dist, autocast, device)
         if not all(math.isfinite(v) for v in fvu):
-            raise UserError(f"transcoder training diverged at step {step + 1} (FVU {fvu}); lower --lr")
-        seconds += time.perf_counter() - t0
-        tokens_since += tokens_per_step
-        done = step + 1
-        bar.update(1)
-        if due(done, cfg.log_every, cfg.train_steps):
-            tps = tokens_since / seconds
-            bar.set_postfix(fvu=f"{sum(fvu) / len(fvu):.3f}", tok_s=f"{tps:,.0f}", refresh=False)
-            log.metrics({"event": "train", "step": done, "fvu": dict(zip(map(str, layers), fvu)), "tokens_per_s": tps})
-            seconds, tokens_since = 0.0, 0
-        if due(done, cfg.val_loss_every, cfg.train_steps):
-            validate(done)
-        if due(done, cfg.save_every, cfg.train_steps):
-            save(done)
-    bar.close()
+            raise UserError(f"transcoder training diverged at step {index + 1} (FVU {fvu}); lower --lr")
+
+    def log_train(done: int, tokens_per_s: float) -> dict:
+        r.log.metrics({"event": "train", "step": done, "fvu": dict(zip(map(str, r.layers), fvu)),
+                       "tokens_per_s": tokens_per_s})
+        return {"fvu": f"{sum(fvu) / len(fvu):.3f}", "tok_s": f"{tokens_per_s:,.0f}"}
+
+    def validate(done: int) -> None:
+        result = evaluate(r.model, r.scaled(), r.layers, r.val_loader, cfg, device, autocast, dist, r.dead)
+        r.log(f"step {done}: base NELBO {result['base_nelbo']:.4f}, all MLPs replaced {result['all_nelbo']:.4f}; "
+              + "; ".join(f"L{layer} FVU {m['fvu']:.3f} L0 {m['l0']:.1f} dead {m['dead_fraction']:.1%} "
+                          f"NELBO {m['spliced_nelbo']:.4f}" for layer, m in result["layers"].items()))
+        r.log.metrics({"event": "val", "step": done, **result})
+        if dist.main:
+            write_json_atomic(r.out_dir / TRANSCODER_SUMMARY_FILE, {"step": done, "train_steps": cfg.train_steps,
+                                                                    **result})
+            plot(r.out_dir)
+
+    def save(done: int) -> None:
+        if not (dist.main and cfg.save_model):
+            return
+        save_checkpoint(r.out_dir / checkpoint_name(done), {
+            "step": done, "model": r.transcoders.state_dict(), "optimizers": [r.optimizer.state_dict()],
+            "dead_tokens": {str(k): v.cpu() for k, v in r.dead.items()},
+            "scales": {str(k): v for k, v in r.scales.items()}, "config": r.settings})
+        for layer, tc in r.scaled().items():
+            tc.save(r.out_dir / layer_name(layer))
+
+    run_steps(cfg, r.start, r.per_step * cfg.train_seq_len, dist.main, step, log_train, validate, save)
     dist.barrier()  # no process tears the group down while another still writes or validates
-    log(f"done: transcoders in {out_dir}")
-    return out_dir
+    r.log(f"done: transcoders in {r.out_dir}")
+    return r.out_dir

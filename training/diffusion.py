@@ -1,33 +1,41 @@
 """The diffusion training loop behind train_diffusion.py: data, model, optimizers, DDP, validation,
-checkpoints, resume, metrics and the loss plot."""
+checkpoints, resume, metrics and the loss plot. `set_up` builds (or restores) everything, `loop` trains."""
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import math
-import os
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as torch_dist
-from tqdm import tqdm
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-from cli import UserError
+from core.files import UserError, atomic_path, load_checkpoint, read_json, write_json_atomic
 from data.loader import ShardLoader
-from data.prepare import PrepareConfig, prepare_dataset
-from experiment import (CONFIG_FILE, due, LOSS_PLOT, METADATA_FILE, RunLog, atomic_path, checkpoint_name,
-                        list_checkpoints, load_checkpoint, metadata, new_run_folder, read_json, read_metrics,
-                        resolve_device, truncate_metrics, write_json_atomic)
+from data.prepare import PrepareConfig, PreparedData, prepare_dataset
+from experiment import (
+    CONFIG_FILE,
+    METADATA_FILE,
+    RunLog,
+    checkpoint_name,
+    list_checkpoints,
+    metadata,
+    new_run_folder,
+    read_metrics,
+    setup_distributed,
+    truncate_metrics,
+)
+from experiment.paths import LOSS_PLOT
 from model.attention import FLEX_BLOCK
 from model.diffusion import DiffusionLM, ModelConfig
-from model.objective import diffusion_loss, train_noise, val_noise
+from model.distributed import Dist
+from model.objective import VAL_SEED, diffusion_loss, train_noise, val_noise
 from model.optim import build_optimizers, lr_factor, set_lr
 from model.precision import autocast as autocast_for, describe
+from training.loop import run_steps
 
-VAL_SEED = 1234  # validation noise is the same for every run, whatever its --seed, so runs compare
 # Flags a resumed run must keep: they fix the model, the data or the order of batches.
 RESUME_FIXED = ("dataset", "tokenizer", "synthetic_mb", "num_layers", "num_heads", "model_dim", "mlp_ratio",
                 "train_seq_len", "batch_size", "grad_acc_steps", "seed")
@@ -35,40 +43,6 @@ RESUME_FIXED = ("dataset", "tokenizer", "synthetic_mb", "num_layers", "num_heads
 
 class TrainingDiverged(UserError):
     pass
-
-
-@dataclasses.dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch_dist.barrier()
-
-    def all_sum(self, x: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            torch_dist.all_reduce(x)
-        return x
-
-
-def setup_distributed(cfg) -> tuple[Dist, torch.device]:
-    """Under torchrun: one process per device, NCCL on CUDA and gloo on the CPU. Otherwise one process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist(), resolve_device(cfg.cuda, cfg.device)
-    dist = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
-    wants_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
-    device = torch.device("cpu") if wants_cpu else torch.device(f"cuda:{dist.local_rank}")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    torch_dist.init_process_group("gloo" if wants_cpu else "nccl")
-    return dist, device
 
 
 def find_resume(resume: str, experiments_dir: str) -> tuple[Path, Path]:
@@ -161,17 +135,58 @@ def accumulate_gradients(net, micro_batches, acc: int, device: torch.device, aut
     return dist.all_sum(sums)
 
 
+@dataclasses.dataclass
+class Run:
+    """Everything the loop needs, built (or restored from a checkpoint) by `set_up`."""
+
+    cfg: Any
+    dist: Dist
+    device: torch.device
+    folder: Path | None  # None on ranks > 0 of a new run
+    model: DiffusionLM
+    net: Any  # the model, or its DDP wrapper
+    optimizers: list
+    train_loader: ShardLoader
+    val_loader: ShardLoader
+    log: RunLog
+    start: int
+    acc: int  # micro-batches per process per step
+    state: dict | None  # the checkpoint resumed from
+
+    @property
+    def per_step(self) -> int:  # sequences per optimizer step, all processes together
+        return self.cfg.grad_acc_steps * self.cfg.batch_size
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.per_step * self.cfg.train_seq_len
+
+
 def train(cfg, given: set[str] | None = None) -> Path | None:
     """Run (or resume) a training run; returns its folder (on rank 0)."""
     dist, device = setup_distributed(cfg)
     try:
-        return _train(cfg, given, dist, device)
+        return loop(set_up(cfg, given, dist, device))
     finally:
-        if dist.world > 1 and torch_dist.is_initialized():
-            torch_dist.destroy_process_group()
+        dist.close()
 
 
-def _train(cfg, given, dist: Dist, device: torch.device) -> Path | None:
+def _prepare_data(cfg, dist: Dist, tokens_per_step: int) -> PreparedData:
+    """Rank 0 prepares (or finds) the shards, the others then open them."""
+    shards_needed = max(1, math.ceil(cfg.train_steps * tokens_per_step / 100_000_000))
+    prep = PrepareConfig(dataset=cfg.dataset, tokenizer=cfg.tokenizer, data_dir=cfg.data_dir,
+                         synthetic_mb=cfg.synthetic_mb,
+                         num_shards=shards_needed if cfg.dataset == "fineweb-edu" else None)
+    if dist.main:
+        data = prepare_dataset(prep)
+    dist.barrier()
+    if not dist.main:
+        data = prepare_dataset(prep)
+    return data
+
+
+def set_up(cfg, given: set[str] | None, dist: Dist, device: torch.device) -> Run:
+    """Data, model, optimizers and the run folder of a new run, or all of them restored for a resumed one."""
     state, folder = None, None
     if cfg.resume:
         folder, ckpt = find_resume(cfg.resume, cfg.experiments_dir)
@@ -182,20 +197,9 @@ def _train(cfg, given, dist: Dist, device: torch.device) -> Path | None:
     if device.type == "cuda" and (cfg.train_seq_len % FLEX_BLOCK or cfg.val_seq_len % FLEX_BLOCK):
         raise UserError(f"on CUDA the sequence lengths must be multiples of {FLEX_BLOCK} (FlexAttention blocks); "
                         f"got --train_seq_len {cfg.train_seq_len}, --val_seq_len {cfg.val_seq_len}")
-    acc = cfg.grad_acc_steps // dist.world  # micro-batches per process per step
-    per_step = cfg.grad_acc_steps * cfg.batch_size  # sequences per optimizer step, all processes together
-    tokens_per_step = per_step * cfg.train_seq_len
-
-    # Data: rank 0 prepares (or finds) the shards, the others then open them.
-    shards_needed = max(1, math.ceil(cfg.train_steps * tokens_per_step / 100_000_000))
-    prep = PrepareConfig(dataset=cfg.dataset, tokenizer=cfg.tokenizer, data_dir=cfg.data_dir,
-                         synthetic_mb=cfg.synthetic_mb,
-                         num_shards=shards_needed if cfg.dataset == "fineweb-edu" else None)
-    if dist.main:
-        data = prepare_dataset(prep)
-    dist.barrier()
-    if not dist.main:
-        data = prepare_dataset(prep)
+    acc = cfg.grad_acc_steps // dist.world
+    tokens_per_step = cfg.grad_acc_steps * cfg.batch_size * cfg.train_seq_len
+    data = _prepare_data(cfg, dist, tokens_per_step)
     tok = data.tokenizer
     mcfg = ModelConfig(n_vocab=tok.n_vocab, vocab_size=tok.vocab_size, mask_id=tok.mask_id, pad_id=tok.pad_id,
                        bos_id=tok.bos_id, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
@@ -203,8 +207,8 @@ def _train(cfg, given, dist: Dist, device: torch.device) -> Path | None:
     train_files = [s["file"] for s in data.meta["shards"] if s["split"] == "train"]
     if folder is not None:  # resuming: the shards the run started with, even if more were prepared since
         train_files = read_json(folder / CONFIG_FILE)["data"].get("train_files", train_files)
-    train_loader = ShardLoader(data.folder, "train", cfg.train_seq_len, cfg.batch_size, cfg.seed, dist.rank, dist.world,
-                               files=train_files)
+    train_loader = ShardLoader(data.folder, "train", cfg.train_seq_len, cfg.batch_size, cfg.seed, dist.rank,
+                               dist.world, files=train_files)
     val_loader = ShardLoader(data.folder, "val", cfg.val_seq_len, cfg.batch_size, 0, dist.rank, dist.world)
 
     torch.manual_seed(cfg.seed)
@@ -224,9 +228,9 @@ def _train(cfg, given, dist: Dist, device: torch.device) -> Path | None:
     if dist.main:
         if folder is None:
             folder = new_run_folder(cfg.model_name, cfg.experiments_dir)
-            write_json_atomic(folder / CONFIG_FILE, {"train": asdict(cfg), "model": asdict(mcfg), "tokenizer": tok.spec(),
-                                                     "data": {"folder": str(data.folder), "params": data.meta["params"],
-                                                              "train_files": train_files}})
+            write_json_atomic(folder / CONFIG_FILE, {
+                "train": asdict(cfg), "model": asdict(mcfg), "tokenizer": tok.spec(),
+                "data": {"folder": str(data.folder), "params": data.meta["params"], "train_files": train_files}})
             write_json_atomic(folder / METADATA_FILE, metadata(facts))
             tok.save(folder)
         else:
@@ -248,81 +252,75 @@ def _train(cfg, given, dist: Dist, device: torch.device) -> Path | None:
             block.compile()
     net: Any = model
     if dist.world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return Run(cfg, dist, device, folder, model, net, optimizers, train_loader, val_loader,
+               log, start, acc, state)
+
+
+def loop(r: Run) -> Path | None:
+    """Train from `r.start` to --train_steps; validate, log and save on the way."""
+    cfg, dist, device, log = r.cfg, r.dist, r.device, r.log
     autocast = autocast_for(device)
-    wandb = _wandb(cfg, folder) if dist.main and cfg.wandb else None
-
-    def save(step: int) -> None:
-        if dist.main and cfg.save_model:
-            model.save(folder / checkpoint_name(step), {
-                "step": step, "optimizers": [o.state_dict() for o in optimizers], "config": asdict(cfg),
-                "data_position": {"micro_batch": step * acc, "sequences_consumed": step * per_step},
-                "rng": {"torch": torch.get_rng_state()}, "loss_since_log": interval.cpu()})
-
-    def validate(step: int) -> None:
-        result = evaluate(model, val_loader, cfg.val_tokens, device, autocast, dist)
-        log(f"step {step}: val NELBO {result['val_nelbo']:.4f} nats/token = {result['val_bits_per_token']:.4f} "
-            f"bits/token, perplexity bound {result['val_ppl_bound']:.2f} ({result['val_tokens']:,} tokens)")
-        log.metrics({"event": "val", "step": step, **result})
-        if wandb:
-            wandb.log(result, step=step)
-        if dist.main:
-            plot_losses(folder)
-
-    if start == 0 and cfg.val_loss_every:
-        validate(0)
-    bar = tqdm(total=cfg.train_steps, initial=start, unit="step", disable=not dist.main, dynamic_ncols=True)
-    train_seconds, tokens_since = 0.0, 0  # since the last log line; validation time excluded
+    wandb = _wandb(cfg, r.folder) if dist.main and cfg.wandb else None
     interval = torch.zeros(3, dtype=torch.float64, device=device)  # loss terms since the last log line
-    if state is not None and "loss_since_log" in state:  # so a resumed curve equals the uninterrupted one
-        interval += state["loss_since_log"].to(device)
-    for step in range(start, cfg.train_steps):
-        t_step = time.perf_counter()
-        factor = lr_factor(step, cfg.train_steps, cfg.cooldown_frac)
-        set_lr(optimizers, factor)
+    if r.state is not None and "loss_since_log" in r.state:  # so a resumed curve equals the uninterrupted one
+        interval += r.state["loss_since_log"].to(device)
+    factor = 1.0
+
+    def step(index: int) -> None:
+        nonlocal factor
+        factor = lr_factor(index, cfg.train_steps, cfg.cooldown_frac)
+        set_lr(r.optimizers, factor)
 
         def micro_batches():
-            for micro in range(acc):
-                batch = train_loader.batch(step * acc + micro)
-                yield batch.tokens, *train_noise(batch.index, step, per_step, cfg.seed, cfg.train_seq_len)
+            for micro in range(r.acc):
+                batch = r.train_loader.batch(index * r.acc + micro)
+                yield batch.tokens, *train_noise(batch.index, index, r.per_step, cfg.seed, cfg.train_seq_len)
 
-        sums = accumulate_gradients(net, micro_batches(), acc, device, autocast, dist)
+        sums = accumulate_gradients(r.net, micro_batches(), r.acc, device, autocast, dist)
         loss = float(sums[0] / sums[2])
-        interval += sums
+        interval.add_(sums)
         if not math.isfinite(loss):
-            kept = list_checkpoints(folder) if folder else []
-            raise TrainingDiverged(f"the loss became {loss} at step {step + 1}; stopped. Last good checkpoint: "
+            kept = list_checkpoints(r.folder) if r.folder else []
+            raise TrainingDiverged(f"the loss became {loss} at step {index + 1}; stopped. Last good checkpoint: "
                                    f"{kept[-1] if kept else 'none saved yet'}. Try lower learning rates.")
-        for opt in optimizers:
+        for opt in r.optimizers:
             opt.step()
-        for opt in optimizers:
+        for opt in r.optimizers:
             opt.zero_grad(set_to_none=True)
-        tokens_since += tokens_per_step
-        train_seconds += time.perf_counter() - t_step  # the loss.item() above synchronised the device
-        done = step + 1
-        bar.update(1)
-        if due(done, cfg.log_every, cfg.train_steps):
-            tps = tokens_since / train_seconds
-            mean_loss = float(interval[0] / interval[2])  # over the steps since the last log line
-            bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
-            record = {"event": "train", "step": done, "loss": mean_loss, "lr_factor": factor, "tokens_per_s": tps,
-                      "tokens": done * tokens_per_step}
-            interval.zero_()
-            log.metrics(record)
-            if wandb:
-                wandb.log(record, step=done)
-            train_seconds, tokens_since = 0.0, 0
-        if due(done, cfg.val_loss_every, cfg.train_steps):
-            validate(done)
-        if due(done, cfg.save_every, cfg.train_steps):
-            save(done)
-    bar.close()
+
+    def log_train(done: int, tokens_per_s: float) -> dict:
+        mean_loss = float(interval[0] / interval[2])  # over the steps since the last log line
+        record = {"event": "train", "step": done, "loss": mean_loss, "lr_factor": factor,
+                  "tokens_per_s": tokens_per_s, "tokens": done * r.tokens_per_step}
+        interval.zero_()
+        log.metrics(record)
+        if wandb:
+            wandb.log(record, step=done)
+        return {"loss": f"{mean_loss:.3f}", "tok_s": f"{tokens_per_s:,.0f}"}
+
+    def validate(done: int) -> None:
+        result = evaluate(r.model, r.val_loader, cfg.val_tokens, device, autocast, dist)
+        log(f"step {done}: val NELBO {result['val_nelbo']:.4f} nats/token = {result['val_bits_per_token']:.4f} "
+            f"bits/token, perplexity bound {result['val_ppl_bound']:.2f} ({result['val_tokens']:,} tokens)")
+        log.metrics({"event": "val", "step": done, **result})
+        if wandb:
+            wandb.log(result, step=done)
+        if dist.main:
+            plot_losses(r.folder)
+
+    def save(done: int) -> None:
+        if dist.main and cfg.save_model:
+            r.model.save(r.folder / checkpoint_name(done), {
+                "step": done, "optimizers": [o.state_dict() for o in r.optimizers], "config": asdict(cfg),
+                "data_position": {"micro_batch": done * r.acc, "sequences_consumed": done * r.per_step},
+                "rng": {"torch": torch.get_rng_state()}, "loss_since_log": interval.cpu()})
+
+    run_steps(cfg, r.start, r.tokens_per_step, dist.main, step, log_train, validate, save)
     dist.barrier()  # no process tears the group down while another still writes or validates
     if dist.main:
-        log(f"done: {cfg.train_steps} steps; files in {folder}")
-    return folder
+        log(f"done: {cfg.train_steps} steps; files in {r.folder}")
+    return r.folder
 
 
 def _wandb(cfg, folder: Path):

@@ -13,9 +13,7 @@ import types
 import typing
 from typing import Any, Callable, Literal, Sequence
 
-
-class UserError(Exception):
-    """A mistake the user can fix (bad flag, missing folder, corrupt file): one line, no traceback."""
+from core.files import UserError
 
 
 def arg(default: Any, help: str) -> Any:
@@ -111,7 +109,9 @@ def build_parser(cls: type, description: str, ignored: Sequence[str] = ()) -> ar
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         _add_field(parser, f.name, hints[f.name], default, f.metadata.get("help", ""))
     for name in ignored:
-        parser.add_argument(f"--{name}", default=None, help="accepted for a shared command line; ignored by this stage")
+        # nargs="?": a value is optional, so a boolean flag given alone ("--quiet") is accepted too
+        parser.add_argument(f"--{name}", default=None, nargs="?", const="",
+                            help="accepted for a shared command line; ignored by this stage")
     return parser
 
 

@@ -1,0 +1,166 @@
+"""The flag groups the stage configs combine (mixins of dataclass fields, each with its own checks).
+
+Every group's `__post_init__` runs its checks and passes on along the method resolution order, so a
+stage's config is `class XConfig(GroupA, GroupB, ...)` with its own fields and checks on top.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+from core import cli
+from core.cli import arg
+from core.files import UserError
+from model.sampler import SamplerConfig
+
+SHAPE_FLAGS = ("num_layers", "num_heads", "model_dim")
+EXAMPLE_PROMPTS = ["The capital of France is", "Once upon a time,", "The chemical symbol for oxygen is",
+                   "Photosynthesis is the process by which"]
+
+
+class FlagGroup:
+    def __post_init__(self) -> None:
+        """The end of the chain of checks."""
+
+
+@dataclass
+class RunFlags(FlagGroup):
+    """Which trained run and checkpoint a later stage works on, and on which device."""
+
+    train_folder: str = arg("", "the run folder (experiments/<run>)")
+    checkpoint_name: str = arg("latest", "checkpoint in the run folder, or 'latest'")
+    cuda: Optional[int] = arg(None, "CUDA device index")
+    device: Optional[str] = arg(None, "cpu, cuda or cuda:N")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.train_folder:
+            raise ValueError("--train_folder is required (experiments/<run>)")
+
+
+@dataclass
+class ShapeFlags(FlagGroup):
+    """Shape flags after training: optional, and checked against the run's config.json."""
+
+    num_layers: Optional[int] = arg(None, "optional; must match the run's config.json")
+    num_heads: Optional[int] = arg(None, "optional; must match the run's config.json")
+    model_dim: Optional[int] = arg(None, "optional; must match the run's config.json")
+
+    def shape_flags(self) -> dict:
+        return {name: getattr(self, name) for name in SHAPE_FLAGS}
+
+
+def check_shape_flags(model_config: dict, given: dict) -> None:
+    """Later stages read shapes from config.json; a shape flag typed anyway must agree with it."""
+    for name in SHAPE_FLAGS:
+        if given.get(name) is not None and given[name] != model_config[name]:
+            raise UserError(f"--{name} {given[name]} disagrees with the run's config.json "
+                            f"({name}={model_config[name]}); shape flags are optional after training, drop it or "
+                            "fix it")
+
+
+@dataclass
+class BatchFlags(FlagGroup):
+    """The shape of a batch of data, and the seed of its order."""
+
+    train_seq_len: int = arg(4096, "tokens per sequence")
+    batch_size: int = arg(1, "sequences per micro-batch (per process)")
+    grad_acc_steps: int = arg(8, "micro-batches per optimizer step, over all processes")
+    seed: int = arg(0, "seed for initialisation, data order and noise")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        cli.require_positive(self, "train_seq_len", "batch_size", "grad_acc_steps")
+
+
+@dataclass
+class LoopFlags(FlagGroup):
+    """How long a training stage runs, and how often it logs, validates and saves."""
+
+    train_steps: int = arg(20_000, "optimizer steps")
+    val_loss_every: int = arg(1000, "validate every N steps (0: only at the end)")
+    val_tokens: int = arg(262_144, "validation tokens (the same ones every time)")
+    save_every: int = arg(2000, "checkpoint every N steps (0: only at the end)")
+    save_model: bool = arg(True, "write checkpoints")
+    log_every: int = arg(10, "log the training loss every N steps")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        cli.require_positive(self, "train_steps", "val_tokens", "log_every")
+        cli.require_non_negative(self, "val_loss_every", "save_every")
+
+
+@dataclass
+class LayersFlag(FlagGroup):
+    layers: str = arg("all", "comma-separated layer indices, or all")
+
+
+@dataclass
+class NoiseFlag(FlagGroup):
+    mask_ratio: str = arg("random", "noise on the base model's inputs: 'random' (the training process) or a fixed t")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        cli.check_mask_ratio(self.mask_ratio)
+
+
+@dataclass
+class ScanFlags(NoiseFlag):
+    """What the top-k scan keeps of every feature."""
+
+    top_k: int = arg(50, "top-activating examples kept per feature")
+    context_before: int = arg(20, "tokens of context before the activating token")
+    context_after: int = arg(10, "tokens of context after it (the model is bidirectional)")
+    n_quantile: int = arg(20, "activating examples spread over the activation range (half held out for scoring)")
+    n_random: int = arg(20, "non-activating contexts per feature (half held out for scoring)")
+    checkpoint_every: int = arg(200, "save the scan's state every N batches (an interrupted scan resumes)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        cli.require_positive(self, "top_k", "checkpoint_every")
+        cli.require_non_negative(self, "context_before", "context_after", "n_quantile", "n_random")
+
+
+@dataclass
+class SamplingFlags(FlagGroup):
+    """The prompts, and how the diffusion sampler unmasks their continuations."""
+
+    prompt: list[str] = arg([], "a prompt (repeat the flag for several)")
+    prompts_file: str = arg("", "a text file with one prompt per line")
+    gen_length: int = arg(32, "tokens to generate after each prompt")
+    num_generate_steps: int = arg(32, "denoising steps")
+    block_length: Optional[int] = arg(None, "semi-autoregressive block length (LLaDA); default one block")
+    remasking: Literal["low_confidence", "random"] = arg("low_confidence", "which positions to commit each step")
+    temperature: float = arg(0.0, "sampling temperature (0: the most probable token)")
+    top_k: int = arg(0, "sample among the k most probable tokens (0: off)")
+    top_p: float = arg(1.0, "nucleus sampling mass (1: off)")
+    seed: int = arg(0, "random seed")
+    max_seq_len: Optional[int] = arg(None, "longest prompt + continuation allowed (default: the run's train_seq_len)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.sampler()  # validates the sampling flags
+
+    def sampler(self) -> SamplerConfig:
+        return SamplerConfig(self.gen_length, self.num_generate_steps, self.block_length, self.remasking,
+                             self.temperature, self.top_k, self.top_p, self.seed)
+
+    def prompts(self) -> list[str]:
+        """--prompt, then --prompts_file's lines; a few example prompts when neither is given."""
+        prompts = list(self.prompt)
+        if self.prompts_file:
+            path = Path(self.prompts_file)
+            if not path.is_file():
+                raise UserError(f"--prompts_file {path} does not exist")
+            prompts += [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return prompts or EXAMPLE_PROMPTS
+
+    def check_lengths(self, prompts: list[str], tok, train_seq_len: int) -> None:
+        """Every prompt with BOS and its continuation must fit --max_seq_len (default: the training length)."""
+        limit = self.max_seq_len or train_seq_len
+        for p in prompts:
+            n = 1 + len(tok.encode(p)) + self.gen_length
+            if n > limit:
+                raise UserError(f"prompt {p[:40]!r}... needs {n} tokens with its continuation, more than "
+                                f"--max_seq_len {limit}")

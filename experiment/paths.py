@@ -1,0 +1,143 @@
+"""Every path and file name inside a run folder, and nowhere else.
+
+    experiments/<stamp>_<name>/                 config.json, metadata.json, metrics.jsonl, log.txt, loss.png,
+                                                tokenizer.json, state_stepNNNNNN.pt
+        transcoders/<checkpoint stem>/          config.json, metrics.jsonl, metrics.json, transcoders.png,
+                                                state_stepNNNNNN.pt, layer_XX/{cfg.json, sae.safetensors}
+        topk/<checkpoint stem>/                 config.json, index.json, index.html, scan_state.pt (while running),
+                                                layer_XX/{features.jsonl, contexts.jsonl, arrays.safetensors,
+                                                index.html, features.js}
+        descriptions/<checkpoint stem>/         descriptions.jsonl, summary.json, scores.png
+        explanations/<stamp>/                   explanations.json, report.html
+        ground_truth.json
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from core.files import UserError
+from model.transcoder import WEIGHTS_FILE
+
+RUNS_DIR = "experiments"
+CONFIG_FILE = "config.json"  # a run's, and each later stage's settings
+METADATA_FILE = "metadata.json"
+METRICS_FILE = "metrics.jsonl"
+LOG_FILE = "log.txt"
+LOSS_PLOT = "loss.png"
+CHECKPOINT_RE = re.compile(r"^state_step(\d{6,})\.pt$")
+
+TRANSCODERS_DIR = "transcoders"
+TRANSCODER_SUMMARY_FILE = "metrics.json"  # the last validation, per layer
+TRANSCODER_PLOT = "transcoders.png"
+
+TOPK_DIR = "topk"
+INDEX_FILE = "index.json"  # written last: its presence means the output is complete
+SCAN_STATE_FILE = "scan_state.pt"
+FEATURES_FILE = "features.jsonl"
+CONTEXTS_FILE = "contexts.jsonl"
+ARRAYS_FILE = "arrays.safetensors"
+PAGE_FILE = "index.html"
+PAGE_DATA_FILE = "features.js"
+
+DESCRIPTIONS_DIR = "descriptions"
+RECORDS_FILE = "descriptions.jsonl"
+DESCRIPTIONS_SUMMARY_FILE = "summary.json"
+SCORES_PLOT = "scores.png"
+
+EXPLANATIONS_DIR = "explanations"
+EXPLANATIONS_FILE = "explanations.json"
+REPORT_FILE = "report.html"
+
+GROUND_TRUTH_FILE = "ground_truth.json"
+
+
+def layer_name(layer: int) -> str:
+    """The folder of one layer's transcoder, top-k output or pages."""
+    return f"layer_{layer:02d}"
+
+
+@dataclass(frozen=True)
+class StagePaths:
+    """The folders of the later stages that belong to one checkpoint of a run."""
+
+    run: Path
+    checkpoint: str  # the checkpoint's file name or stem
+
+    @property
+    def stem(self) -> str:
+        return Path(self.checkpoint).stem
+
+    @property
+    def transcoders(self) -> Path:
+        return self.run / TRANSCODERS_DIR / self.stem
+
+    @property
+    def topk(self) -> Path:
+        return self.run / TOPK_DIR / self.stem
+
+    @property
+    def descriptions(self) -> Path:
+        return self.run / DESCRIPTIONS_DIR / self.stem
+
+    @property
+    def records(self) -> Path:
+        return self.descriptions / RECORDS_FILE
+
+    def explanations(self, stamp: str) -> Path:
+        return self.run / EXPLANATIONS_DIR / stamp
+
+
+def finished_transcoder_layers(tc_dir: Path) -> list[int]:
+    """The layers whose transcoder files were written (at a checkpoint or at the end of training)."""
+    pattern = re.compile(r"^layer_(\d+)$")
+    return sorted(int(m.group(1)) for p in tc_dir.glob("layer_*")
+                  if (m := pattern.match(p.name)) and (p / WEIGHTS_FILE).exists())
+
+
+def new_run_folder(name: str, root: str | os.PathLike = RUNS_DIR) -> Path:
+    stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
+    folder = Path(root) / f"{stamp}_{name}"
+    n = 1
+    while folder.exists():  # two runs started within the same second
+        n += 1
+        folder = Path(root) / f"{stamp}_{name}_{n}"
+    folder.mkdir(parents=True)
+    return folder
+
+
+def checkpoint_name(step: int) -> str:
+    return f"state_step{step:06d}.pt"
+
+
+def list_checkpoints(folder: str | os.PathLike) -> list[Path]:
+    """The checkpoints in `folder`, oldest step first."""
+    found = [(int(m.group(1)), p) for p in Path(folder).iterdir() if (m := CHECKPOINT_RE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_run_folder(folder: str | os.PathLike) -> Path:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"run folder {folder} does not exist")
+    if not (folder / CONFIG_FILE).is_file():
+        raise UserError(f"{folder} is not a run folder (no {CONFIG_FILE}); point --train_folder at experiments/<run>")
+    return folder
+
+
+def resolve_checkpoint(folder: str | os.PathLike, name: str) -> Path:
+    """`name` inside `folder`, or its newest checkpoint for `latest`; a missing one lists what exists."""
+    folder = Path(folder)
+    available = list_checkpoints(folder)
+    if name == "latest":
+        if not available:
+            raise UserError(f"{folder} has no checkpoints yet (state_stepNNNNNN.pt)")
+        return available[-1]
+    path = folder / name
+    if not path.is_file():
+        names = ", ".join(p.name for p in available) or "none"
+        raise UserError(f"checkpoint {path} does not exist; available: {names}")
+    return path

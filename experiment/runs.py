@@ -1,0 +1,87 @@
+"""Opening what earlier stages left in a run folder: the trained model, its tokenizer and data, and
+the transcoders of one of its checkpoints. Everything loads strictly."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from core.files import UserError, read_json
+from data.prepare import PrepareConfig, PreparedData, prepare_dataset
+from data.tokenizer import load_tokenizer
+from experiment.flags import check_shape_flags
+from experiment.paths import CONFIG_FILE, finished_transcoder_layers, layer_name, resolve_checkpoint, resolve_run_folder
+from model.diffusion import DiffusionLM, ModelConfig
+from model.transcoder import Transcoder
+
+
+def load_run(train_folder: str | os.PathLike, checkpoint: str, device: Any, shape_flags: dict | None = None):
+    """(config, model, tokenizer, checkpoint path) of a trained run; the model loads strictly, in eval mode."""
+    folder = resolve_run_folder(train_folder)
+    config = read_json(folder / CONFIG_FILE)
+    check_shape_flags(config["model"], shape_flags or {})
+    path = resolve_checkpoint(folder, checkpoint)
+    model = DiffusionLM.load(path, device, expected=ModelConfig(**config["model"]))
+    model.eval()
+    return config, model, load_tokenizer(config["tokenizer"], folder), path
+
+
+def open_base_run(cfg, device) -> tuple[Path, dict, Path, DiffusionLM]:
+    """(run folder, run config, checkpoint path, frozen base model) for a stage with RunFlags and ShapeFlags."""
+    folder = resolve_run_folder(cfg.train_folder)
+    run_cfg = read_json(folder / CONFIG_FILE)
+    check_shape_flags(run_cfg["model"], cfg.shape_flags())
+    path = resolve_checkpoint(folder, cfg.checkpoint_name)
+    model = DiffusionLM.load(path, device, expected=ModelConfig(**run_cfg["model"])).eval()
+    model.requires_grad_(False)
+    return folder, run_cfg, path, model
+
+
+def open_data(run_cfg: dict) -> PreparedData:
+    """The base run's prepared dataset (prepared again from its recorded settings if it is gone)."""
+    data = run_cfg["data"]
+    params = {k: v for k, v in data["params"].items() if k in PrepareConfig.__dataclass_fields__}
+    return prepare_dataset(PrepareConfig(**params, data_dir=str(Path(data["folder"]).parent)))
+
+
+def parse_layers(spec: str, num_layers: int) -> list[int]:
+    """--layers: 'all' or comma-separated indices of the model's layers."""
+    if spec == "all":
+        return list(range(num_layers))
+    try:
+        layers = sorted({int(x) for x in spec.split(",") if x.strip()})
+    except ValueError:
+        raise UserError(f"--layers {spec!r}: give comma-separated layer indices or 'all'") from None
+    bad = [x for x in layers if not 0 <= x < num_layers]
+    if bad or not layers:
+        raise UserError(f"--layers {spec}: the model has layers 0..{num_layers - 1}")
+    return layers
+
+
+def transcoder_layers(tc_dir: Path, spec: str, num_layers: int) -> list[int]:
+    """The layers of --layers that have finished transcoders in `tc_dir` (all of them for 'all')."""
+    if not tc_dir.is_dir():
+        raise UserError(f"no transcoders in {tc_dir}: run train_transcoders.py for this checkpoint first")
+    available = finished_transcoder_layers(tc_dir)
+    if not available:
+        raise UserError(f"{tc_dir} has no finished transcoder (layer_XX/sae.safetensors); train_transcoders.py "
+                        "writes them at its checkpoints and at the end")
+    if spec == "all":
+        return available
+    wanted = parse_layers(spec, num_layers)
+    missing = [x for x in wanted if x not in available]
+    if missing:
+        raise UserError(f"no transcoder for layer(s) {missing} in {tc_dir} (have {available})")
+    return wanted
+
+
+def load_transcoders(tc_dir: Path, layers: list[int], device: torch.device | str,
+                     model_dim: int) -> dict[int, Transcoder]:
+    """Each layer's transcoder, checked to read the model's width."""
+    transcoders = {layer: Transcoder.load(tc_dir / layer_name(layer), device) for layer in layers}
+    for layer, tc in transcoders.items():
+        if tc.cfg.d_in != model_dim:
+            raise UserError(f"the transcoder of layer {layer} expects width {tc.cfg.d_in}, the model has {model_dim}")
+    return transcoders

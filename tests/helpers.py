@@ -1,0 +1,56 @@
+"""Helpers the tests share: running a script as a user would, the one-line error contract, tiny configs."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from get_topk_activations import TopKConfig
+from train_diffusion import TrainConfig
+from train_transcoders import TranscoderTrainConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(args: list[str], env: dict | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
+    """Run `python args...` from the repository root, as a user would."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    """The contract for a user's mistake: non-zero exit, one line on stderr, no traceback."""
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith(("tokenizing", "\r"))]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    for needle in needles:
+        assert needle.lower() in errors[0].lower(), errors[0]
+
+
+def tiny_train_config(tmp_path, data_dir, **overrides):
+    """A tiny diffusion run on the (0.3 MB) synthetic corpus, on the CPU."""
+    kw = dict(dataset="synthetic", synthetic_mb=0.3, data_dir=str(data_dir), experiments_dir=str(tmp_path / "exp"),
+              device="cpu", num_layers=2, num_heads=2, model_dim=64, train_seq_len=128, val_seq_len=128,
+              batch_size=8, grad_acc_steps=1, train_steps=300, val_loss_every=0, val_tokens=16_384, save_every=0,
+              log_every=50, muon_lr=0.02, embed_lr=0.3, head_lr=0.02)
+    kw.update(overrides)
+    return TrainConfig(**kw)
+
+
+def tiny_transcoder_config(train_folder, **overrides):
+    kw = dict(train_folder=str(train_folder), device="cpu", train_seq_len=128, batch_size=8, grad_acc_steps=1,
+              train_steps=400, expansion_factor=4, k=8, val_loss_every=0, val_tokens=8192, save_every=0, log_every=50,
+              dead_tokens=50_000)
+    kw.update(overrides)
+    return TranscoderTrainConfig(**kw)
+
+
+def tiny_topk_config(train_folder, **overrides):
+    kw = dict(train_folder=str(train_folder), device="cpu", train_seq_len=128, batch_size=8, scan_batches=6,
+              top_k=10, context_before=8, context_after=4, n_quantile=6, n_random=6)
+    kw.update(overrides)
+    return TopKConfig(**kw)

@@ -1,0 +1,80 @@
+"""The layer contract for the top-level scripts (import-linter checks the packages; see pyproject.toml),
+and what a run records about the code that made it."""
+from __future__ import annotations
+
+import ast
+import subprocess
+
+import pytest
+
+from experiment.record import source_state
+from tests.helpers import ROOT
+
+PACKAGES = {"core", "data", "model", "experiment", "training", "interp"}
+STAGES = ["train_diffusion", "generate", "train_transcoders", "get_topk_activations", "get_activation_descriptions",
+          "generate_descriptions"]
+
+
+def project_imports(path) -> set[str]:
+    """The project's top-level names a file imports anywhere in it, inside functions too."""
+    project = PACKAGES | set(STAGES) | {"demo", "tests", "bench"}
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+    return found & project
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_stage_script_imports_only_the_library(stage):
+    assert project_imports(ROOT / f"{stage}.py") <= PACKAGES
+
+
+def test_the_demo_sits_on_top():
+    assert project_imports(ROOT / "demo.py") <= PACKAGES | set(STAGES)
+
+
+def test_the_import_checker_sees_imports_inside_functions(tmp_path):
+    f = tmp_path / "x.py"
+    f.write_text("def main():\n    from generate import main\n    import interp.scan\n")
+    assert project_imports(f) == {"generate", "interp"}
+
+
+def test_no_test_edits_sys_path():
+    for path in (ROOT / "tests").glob("*.py"):
+        assert "sys.path" not in path.read_text(encoding="utf-8").replace('"sys.path"', ""), path.name
+
+
+def _git(root, *args):
+    subprocess.run(["git", *args], cwd=root, check=True, capture_output=True)
+
+
+def test_source_state_records_a_dirty_tree_and_a_hash_of_the_difference(tmp_path):
+    _git(tmp_path, "init", "-q")
+    (tmp_path / ".gitignore").write_text("ignored.txt\n")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    _git(tmp_path, "add", ".")
+    _git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "one")
+    clean = source_state(tmp_path)
+    assert len(clean["git_commit"]) == 40 and clean["git_dirty"] is False and clean["git_diff_sha256"] is None
+    (tmp_path / "ignored.txt").write_text("not source")
+    assert source_state(tmp_path) == clean  # ignored files are not the code
+    (tmp_path / "a.py").write_text("x = 2\n")
+    edited = source_state(tmp_path)
+    assert edited["git_dirty"] is True and len(edited["git_diff_sha256"]) == 64
+    assert edited["git_commit"] == clean["git_commit"]
+    assert source_state(tmp_path) == edited  # the same difference, the same hash
+    (tmp_path / "a.py").write_text("x = 3\n")
+    assert source_state(tmp_path)["git_diff_sha256"] != edited["git_diff_sha256"]
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "new.py").write_text("y = 1\n")  # an untracked file is part of the code that ran
+    untracked = source_state(tmp_path)
+    assert untracked["git_dirty"] is True and untracked["git_diff_sha256"] not in (None, edited["git_diff_sha256"])
+    (tmp_path / "new.py").write_text("y = 2\n")
+    assert source_state(tmp_path)["git_diff_sha256"] != untracked["git_diff_sha256"]
+
+
+def test_outside_a_repository_nothing_is_claimed(tmp_path):
+    assert source_state(tmp_path) == {"git_commit": None, "git_dirty": None, "git_diff_sha256": None}

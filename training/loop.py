@@ -1,0 +1,41 @@
+"""What both training loops share: the periodic events, and the step loop that ends every step with
+the same log / validate / save tail."""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from tqdm import tqdm
+
+
+def due(done: int, every: int, total: int) -> bool:
+    """Whether a periodic event (logging, validation, checkpoint) happens after step `done`: every
+    `every` steps (0: never periodically) and always after the last step."""
+    return (every > 0 and done % every == 0) or done == total
+
+
+def run_steps(cfg, start: int, tokens_per_step: int, show: bool, step: Callable[[int], None],
+              log: Callable[[int, float], dict], validate: Callable[[int], None], save: Callable[[int], None]) -> None:
+    """Optimizer steps `start`..`cfg.train_steps` under a progress bar. After step number `done` (from 1):
+    `log(done, tokens/s)` every --log_every steps (it returns the bar's postfix), `validate(done)` every
+    --val_loss_every and `save(done)` every --save_every, each also after the last step. Throughput
+    counts the steps' own time only, not validation or saving. A fresh run validates once before training."""
+    if start == 0 and cfg.val_loss_every:
+        validate(0)
+    bar = tqdm(total=cfg.train_steps, initial=start, unit="step", disable=not show, dynamic_ncols=True)
+    seconds, tokens = 0.0, 0  # since the last log line
+    for index in range(start, cfg.train_steps):
+        t0 = time.perf_counter()
+        step(index)  # its loss check synchronised the device, so the time is the step's
+        seconds += time.perf_counter() - t0
+        tokens += tokens_per_step
+        done = index + 1
+        bar.update(1)
+        if due(done, cfg.log_every, cfg.train_steps):
+            bar.set_postfix(**log(done, tokens / seconds), refresh=False)
+            seconds, tokens = 0.0, 0
+        if due(done, cfg.val_loss_every, cfg.train_steps):
+            validate(done)
+        if due(done, cfg.save_every, cfg.train_steps):
+            save(done)
+    bar.close()
