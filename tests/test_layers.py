@@ -3,7 +3,11 @@ and what a run records about the code that made it."""
 from __future__ import annotations
 
 import ast
+import os
+import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -78,3 +82,33 @@ def test_source_state_records_a_dirty_tree_and_a_hash_of_the_difference(tmp_path
 
 def test_outside_a_repository_nothing_is_claimed(tmp_path):
     assert source_state(tmp_path) == {"git_commit": None, "git_dirty": None, "git_diff_sha256": None}
+
+
+def _lint_imports(tree):
+    exe = Path(sys.executable).with_name("lint-imports")
+    env = {**os.environ, "PYTHONPATH": str(tree)}  # the copy, ahead of the editable install
+    return subprocess.run([str(exe), "--config", str(tree / "pyproject.toml")], cwd=tree, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("module,line,broken", [
+    (None, None, None),
+    ("data/loader.py", "from experiment import paths", "data is not allowed to import experiment"),
+    ("model/hooks.py", "def _f():\n    from interp import scan", "model is not allowed to import interp"),
+    ("interp/topk.py", "import training.loop", "interp is not allowed to import training"),
+    ("core/files.py", "from core import cli", "core.files is not allowed to import core.cli"),
+    ("experiment/paths.py", "import generate", "experiment is not allowed to import generate"),
+])
+def test_an_import_that_breaks_a_layer_fails_the_contract(tmp_path, module, line, broken):
+    """The contracts of pyproject.toml, checked on a copy of the packages with one upward import added."""
+    for name in [*PACKAGES, "pyproject.toml"]:
+        src = ROOT / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name)
+    if module:
+        with open(tmp_path / module, "a", encoding="utf-8") as f:
+            f.write(f"\n{line}  # noqa\n")
+    proc = _lint_imports(tmp_path)
+    if broken is None:
+        assert proc.returncode == 0, proc.stdout[-2000:]
+    else:
+        assert proc.returncode != 0 and broken in proc.stdout, proc.stdout[-2000:]
