@@ -28,9 +28,13 @@ class DescriptionsConfig(LayersFlag, RunFlags):
     explainer: str = arg("google/flan-t5-xxl", "a Hugging Face model id or local folder (seq2seq or causal), "
                                                "or 'tokens' (the model-free baseline)")
     judge: str = arg("", "the model that scores (default: the explainer's model; none for 'tokens')")
-    scorers: str = arg("detection,fuzzing,simulation", "comma-separated scorers")
+    scorers: str = arg("detection,fuzzing,token_match", "comma-separated scorers: detection, fuzzing, token_match "
+                                                         "(the model-free keyword correlation, called simulation "
+                                                         "before), simulation (the judge predicts every token)")
     n_examples: int = arg(10, "explain-half contexts shown per feature (fewer if the prompt does not fit)")
     n_score: int = arg(10, "held-out contexts scored per feature: this many activating and as many non-activating")
+    n_simulate: int = arg(3, "simulation: held-out windows of each kind whose every token the judge predicts "
+                             "(one judgement per token: about 2 × n_simulate × 31 per feature)")
     max_new_tokens: int = arg(30, "longest description, in tokens")
     batch_size: int = arg(32, "prompts per forward pass")
     dtype: str = arg("auto", "explainer weights: auto (bf16 on a GPU with native bf16, else fp32), bfloat16, "
@@ -44,7 +48,7 @@ class DescriptionsConfig(LayersFlag, RunFlags):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        cli.require_positive(self, "n_examples", "n_score", "max_new_tokens", "batch_size")
+        cli.require_positive(self, "n_examples", "n_score", "n_simulate", "max_new_tokens", "batch_size")
         cli.require_non_negative(self, "max_features_per_layer")
 
 

@@ -1,24 +1,37 @@
 """Writing descriptions of features: prompts for an LLM explainer, cleaning its answer, and the
 model-free `tokens` baseline.
 
-The explainer only ever sees the "explain" half of a feature's examples; the "score" half is kept for
-scoring (interp/scoring.py).
+The explainer only ever sees the "explain" half of a feature's examples, and every input it gets, the
+baseline's included, is built from that half alone; the "score" half is kept for scoring
+(interp/scoring.py). Examples are shown as the model saw them: a masked token is [MASK] (its hidden
+text only where it is marked, see `mark`).
 """
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 MARK_OPEN, MARK_CLOSE = "<<", ">>"
+MASK_SHOWN = "[MASK]"
 QUESTION = "\nIn a few words, what do the marked words have in common? Answer with one short description."
 
 
 def mark(example: dict, marked: set[int] | None = None) -> str:
-    """The example's text with chosen tokens (default: every token where the feature is active) marked
-    <<like this>>; a token's leading spaces stay outside the marks."""
+    """The example as the model saw it, with chosen tokens (default: every token where the feature is
+    active) marked <<like this>>; a token's leading spaces stay outside the marks.
+
+    A masked token reads " [MASK]" (its own spacing hidden too). Where a masked token is marked, the
+    hidden text is given as <<[MASK=Paris]>>: a feature active at a masked position responds to what
+    belongs there, which is the information the reader needs, and it is given at every marked position
+    alike (right or wrong marks), so it cannot tell the two apart."""
     chosen = {i for i, a in enumerate(example["acts"]) if a > 0} if marked is None else marked
+    hidden = set(example.get("masked_at", ()))
     out = []
     for i, piece in enumerate(example["pieces"]):
-        if i in chosen and piece.strip():
+        if i in hidden:
+            shown = f"[MASK={piece.strip()}]" if i in chosen and piece.strip() else MASK_SHOWN
+            out.append(f" {MARK_OPEN}{shown}{MARK_CLOSE}" if i in chosen else f" {shown}")
+        elif i in chosen and piece.strip():
             lead = piece[:len(piece) - len(piece.lstrip())]
             out.append(f"{lead}{MARK_OPEN}{piece.strip()}{MARK_CLOSE}")
         else:
@@ -27,7 +40,8 @@ def mark(example: dict, marked: set[int] | None = None) -> str:
 
 
 def plain(example: dict) -> str:
-    return "".join(example["pieces"]).replace("\n", " ")
+    """The example as the model saw it, without marks: masked tokens read " [MASK]"."""
+    return mark(example, marked=set())
 
 
 def explain_examples(record: dict, n: int) -> list[dict]:
@@ -38,8 +52,22 @@ def explain_examples(record: dict, n: int) -> list[dict]:
     return chosen[:n]
 
 
-def where_it_fires(stats: dict) -> str:
-    frac = stats.get("masked_fraction")
+def active_tokens(examples: list[dict]) -> tuple[Counter, float | None]:
+    """Over the given examples' windows: how often the feature is active on each token text (the hidden
+    text at masked positions), and the fraction of those activations at masked positions."""
+    counts: Counter = Counter()
+    n = n_masked = 0
+    for e in examples:
+        hidden = set(e.get("masked_at", ()))
+        for i, (piece, a) in enumerate(zip(e["pieces"], e["acts"])):
+            if a > 0:
+                counts[piece] += 1
+                n += 1
+                n_masked += i in hidden
+    return counts, (n_masked / n if n else None)
+
+
+def where_it_fires(frac: float | None) -> str:
     if frac is None:
         return ""
     if frac >= 0.5:
@@ -49,8 +77,11 @@ def where_it_fires(stats: dict) -> str:
 
 
 def explain_prompt(examples: list[dict], stats: dict) -> str:
-    header = ("Below are excerpts of text. In each, the words where one hidden feature of a language model is "
-              f"active are marked {MARK_OPEN}like this{MARK_CLOSE}. " + where_it_fires(stats) + "\n\n")
+    """`stats` (the scan-wide statistics) is not used: it counts the score half too."""
+    header = ("Below are excerpts of text as a language model saw them: words hidden from it read "
+              f"{MASK_SHOWN}. In each, the words where one hidden feature of the model is active are marked "
+              f"{MARK_OPEN}like this{MARK_CLOSE} (a marked hidden word shows what was hidden, as "
+              f"{MARK_OPEN}[MASK=word]{MARK_CLOSE}). " + where_it_fires(active_tokens(examples)[1]) + "\n\n")
     body = "".join(f"Excerpt {i + 1}: {mark(e)}\n" for i, e in enumerate(examples))
     return header + body + QUESTION
 
@@ -77,17 +108,23 @@ def clean(raw: str, prompt: str) -> tuple[str | None, str | None]:
     return text[:300], None
 
 
-def tokens_description(stats: dict, record: dict) -> str:
-    """The model-free baseline: the most frequent activating tokens and one typical context."""
-    tops = [(t, c) for t, c in stats["top_tokens"] if t.strip()][:4]
-    total = max(1, stats["fire_count"])
+def tokens_description(stats: dict, record: dict, n: int) -> str:
+    """The model-free baseline, from what an LLM explainer would be shown (`explain_examples(record, n)`)
+    and nothing else: the tokens the feature is most often active on there, whether mostly at masked
+    positions, and the first example's centre as a typical context. `stats` is not used: the scan-wide
+    counts include the score half."""
+    examples = explain_examples(record, n)
+    counts, masked_fraction = active_tokens(examples)
+    total = max(1, sum(counts.values()))
+    tops = [(t, c) for t, c in counts.most_common() if t.strip()][:4]
     words = ", ".join(f'"{t.strip()}" ({c / total:.0%})' for t, c in tops) or "no particular token"
-    where = "masked" if (stats.get("masked_fraction") or 0) >= 0.5 else "visible"
+    where = "masked" if (masked_fraction or 0) >= 0.5 else "visible"
     desc = f"fires on {words}, mostly at {where} positions"
-    if record["top"]:
-        ex = record["top"][0]
-        c = ex["center"]
-        snippet = dict(ex, pieces=ex["pieces"][max(0, c - 4):c + 3], acts=[0.0] * len(ex["acts"][max(0, c - 4):c + 3]))
-        snippet["acts"][min(c, 4)] = 1.0
+    if examples:
+        ex, c = examples[0], examples[0]["center"]
+        lo, hi = max(0, c - 4), c + 3
+        pieces = ex["pieces"][lo:hi]
+        snippet = {"pieces": pieces, "acts": [float(lo + i == c) for i in range(len(pieces))],
+                   "masked_at": [i - lo for i in ex.get("masked_at", ()) if lo <= i < hi]}
         desc += f'; typical context: "{mark(snippet).strip()}"'
     return desc

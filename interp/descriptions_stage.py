@@ -26,10 +26,11 @@ from experiment.paths import (
 )
 from interp.describe import clean, explain_examples, fit_prompt, tokens_description
 from interp.feature_store import read_jsonl
-from interp.scoring import judge_scores, score_sets, simulation
+from interp.scoring import judge_scores, score_sets, simulation, token_match
 from model.explainer import Explainer
 
-SCORERS = ("detection", "fuzzing", "simulation")
+SCORERS = ("detection", "fuzzing", "token_match", "simulation")
+JUDGED = ("detection", "fuzzing", "simulation")
 TOKENS = "tokens"
 
 
@@ -86,7 +87,7 @@ def describe_batch(items: list[tuple[dict, dict]], explainer, cfg) -> list[dict]
     """Descriptions for (stats, contexts) pairs: one batched generation, one batched retry with sampling
     for the empty or echoed answers, failures recorded as such."""
     if explainer is None:  # the tokens baseline
-        return [{"description": tokens_description(s, r), "raw": [], "failure": None,
+        return [{"description": tokens_description(s, r, cfg.n_examples), "raw": [], "failure": None,
                  "prompt_examples": [e["position"] for e in explain_examples(r, cfg.n_examples)]} for s, r in items]
     prompts, shown = [], []
     budget = explainer.max_prompt_tokens - 8
@@ -111,6 +112,12 @@ def describe_batch(items: list[tuple[dict, dict]], explainer, cfg) -> list[dict]
     return results
 
 
+def _scores(record: dict) -> dict:
+    """A record's scores; older records called the keyword match "simulation" (it has "words")."""
+    return {("token_match" if k == "simulation" and "words" in (v or {}) else k): v
+            for k, v in record.get("scores", {}).items()}
+
+
 def summarise(records: list[dict]) -> dict:
     """Per explainer and layer: counts, failures, and each score's mean and median over the features
     where it is defined, with the number where it is undefined (a class missing, a constant series)."""
@@ -119,8 +126,10 @@ def summarise(records: list[dict]) -> dict:
         layer = out.setdefault(r["explainer"], {}).setdefault(str(r["layer"]), {"n": 0, "failures": 0, "scores": {}})
         layer["n"] += 1
         layer["failures"] += r["failure"] is not None
-        for name, key in (("detection", "auroc"), ("fuzzing", "balanced_accuracy"), ("simulation", "correlation")):
-            score = r.get("scores", {}).get(name)
+        scores = _scores(r)
+        for name, key in (("detection", "auroc"), ("fuzzing", "balanced_accuracy"), ("token_match", "correlation"),
+                          ("simulation", "correlation")):
+            score = scores.get(name)
             if score is not None:
                 layer["scores"].setdefault(f"{name}_{key}", []).append(score.get(key))
     for per_layer in out.values():
@@ -145,12 +154,13 @@ def plot_scores(records: list[dict], path: Path) -> None:
     explainers = sorted({r["explainer"] for r in records})
     layers = sorted({r["layer"] for r in records})
     metrics = [("detection", "auroc", "detection AUROC"), ("fuzzing", "balanced_accuracy", "fuzzing balanced acc."),
+               ("token_match", "correlation", "token-match correlation"),
                ("simulation", "correlation", "simulation correlation")]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4))
     width = 0.8 / max(1, len(explainers))
     for ax, (name, key, title) in zip(axes, metrics):
         for j, ex in enumerate(explainers):
-            data = [[(r.get("scores", {}).get(name) or {}).get(key) for r in records
+            data = [[(_scores(r).get(name) or {}).get(key) for r in records
                      if r["explainer"] == ex and r["layer"] == layer] for layer in layers]
             data = [[v for v in d if v is not None] or [float("nan")] for d in data]
             pos = [i + (j - (len(explainers) - 1) / 2) * width for i in range(len(layers))]
@@ -194,7 +204,7 @@ def run_descriptions(cfg, explainer_factory=None) -> Path:
     explainer = None if cfg.explainer == TOKENS else make(cfg.explainer)
     judge_name = cfg.judge or (None if cfg.explainer == TOKENS else cfg.explainer)
     judge = None
-    if judge_name and any(s in scorers for s in ("detection", "fuzzing")):
+    if judge_name and any(s in scorers for s in JUDGED):
         judge = explainer if judge_name == cfg.explainer and explainer is not None else make(judge_name)
     tag = cfg.explainer if explainer is None else explainer.name
 
@@ -218,9 +228,11 @@ def run_descriptions(cfg, explainer_factory=None) -> Path:
         if keep:
             contexts = {r["feature"]: r for r in read_jsonl(ldir / CONTEXTS_FILE) if r["feature"] in keep}
             todo += [(layer, s, contexts[s["feature"]]) for s in live if s["feature"] in keep]
-    judged = judge_name or "none: detection and fuzzing are not scored"
+    judged = judge_name or "none: detection, fuzzing and simulation are not scored"
     print(f"describing {len(todo)} features with {tag} (judge: {judged}); {len(done)} already done; writing {path}")
     judge_fn = batched(judge.yes_probability, cfg.batch_size) if judge is not None else None
+    simulate = judge is not None and "simulation" in scorers
+    digits_fn = batched(judge.expected_digit, cfg.batch_size) if simulate else None
     bar = tqdm(total=len(todo), unit="feature", dynamic_ncols=True)
     for i in range(0, len(todo), cfg.batch_size):
         chunk = todo[i:i + cfg.batch_size]
@@ -232,8 +244,11 @@ def run_descriptions(cfg, explainer_factory=None) -> Path:
                 if judge_fn is not None:
                     js = judge_scores(d["description"], record, judge_fn, cfg.seed + stats["feature"], cfg.n_score)
                     scores.update({k: v for k, v in js.items() if k in scorers})
-                if "simulation" in scorers:
-                    scores["simulation"] = simulation(d["description"], pos + neg)
+                if "token_match" in scorers:
+                    scores["token_match"] = token_match(d["description"], pos + neg)
+                if "simulation" in scorers and digits_fn is not None:
+                    shown = pos[:cfg.n_simulate] + neg[:cfg.n_simulate]
+                    scores["simulation"] = simulation(d["description"], shown, digits_fn)
             rec = {"explainer": tag, "judge": judge_name if judge_fn is not None else None, "layer": layer,
                    "feature": stats["feature"], **d, "scores": scores,
                    "score_contexts": {"activating": [e["position"] for e in pos],
@@ -243,7 +258,9 @@ def run_descriptions(cfg, explainer_factory=None) -> Path:
             bar.update(1)
     bar.close()
     summary = summarise(records)
-    write_json_atomic(out_dir / DESCRIPTIONS_SUMMARY_FILE, {"checkpoint": ckpt.name, "explainers": summary})
+    noise = {layer: s.get("held_out_noise") for layer, s in index.get("summary", {}).items()}
+    write_json_atomic(out_dir / DESCRIPTIONS_SUMMARY_FILE, {"checkpoint": ckpt.name, "explainers": summary,
+                                                            "held_out_noise": noise})
     plot_scores(records, out_dir / SCORES_PLOT)
     for layer, s in sorted(summary.get(tag, {}).items(), key=lambda kv: int(kv[0])):
         parts = [(f"{k} {v['mean']:.3f}" if v["mean"] is not None else f"{k} undefined")

@@ -23,10 +23,16 @@ STYLE = "\n" + (ASSETS / "feature_browser.css").read_text(encoding="utf-8")
 SCRIPT = "\n" + (ASSETS / "feature_browser.js").read_text(encoding="utf-8")
 
 
+def _hidden(ex: dict) -> set[int]:
+    """The window's masked tokens (older outputs recorded only the centre's)."""
+    return set(ex["masked_at"]) if "masked_at" in ex else ({ex["center"]} if ex["masked"] else set())
+
+
 def _token_html(piece: str, act: float, max_act: float, center: bool, masked: bool) -> str:
     alpha = min(1.0, act / max_act) if max_act > 0 else 0.0
-    cls = "tok" + (" center" + (" masked" if masked else "") if center else "")
-    return (f'<span class="{cls}" style="background:rgba(255,136,0,{alpha:.3f})" title="{act:.3f}">'
+    cls = "tok" + (" center" if center else "") + (" masked" if masked else "")
+    title = f"{act:.3f}" + (" · hidden from the model ([MASK])" if masked else "")
+    return (f'<span class="{cls}" style="background:rgba(255,136,0,{alpha:.3f})" title="{title}">'
             f'{html.escape(piece.replace(chr(10), "⏎"))}</span>')
 
 
@@ -34,7 +40,7 @@ def static_examples(examples: list[dict], max_act: float) -> str:
     """The same markup the page's script produces, for the feature shown when the page opens."""
     rows = []
     for ex in examples:
-        toks = "".join(_token_html(p, a, max_act, i == ex["center"], ex["masked"])
+        toks = "".join(_token_html(p, a, max_act, i == ex["center"], i in _hidden(ex))
                        for i, (p, a) in enumerate(zip(ex["pieces"], ex["acts"])))
         rows.append(f'<div class="ctx">{toks}</div><div class="meta">activation {ex["activation"]:.3f} · '
                     f't={ex["t"]:.2f} · {"centre masked" if ex["masked"] else "centre visible"} · {ex["split"]}</div>')
@@ -74,7 +80,8 @@ def write_layer_pages(folder: Path, layer: int, stats: list[dict], examples: lis
 <body>
 <div id="list">
 <div class="meta">Layer {layer}: {len(stats)} features, {n_dead} dead; {meta['n_tokens']:,} tokens scanned
-(checkpoint {html.escape(meta['checkpoint'])})</div>
+(checkpoint {html.escape(meta['checkpoint'])}). Outlined: an example's centre; dashed red: a token
+hidden from the model ([MASK]).</div>
 <input id="q" placeholder="feature id or token" oninput="list()" style="width:100%;margin:6px 0">
 <label class="meta"><input type="checkbox" id="hide" checked onchange="list()"> hide dead</label>
 <select id="sort" onchange="list()" class="meta"><option value="feature">by id</option>

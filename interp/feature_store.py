@@ -1,9 +1,9 @@
 """Writing and reading the top-k stage's output: per layer, feature statistics (features.jsonl), every
 example with its context (contexts.jsonl), the raw arrays (arrays.safetensors).
 
-Readable without this project: JSON lines and safetensors. Each example records its split: examples
-alternate "explain" (shown to the explainer) and "score" (held out for scoring) within each category,
-so both halves span the activation range.
+Readable without this project: JSON lines and safetensors. Each example records its window as the model
+saw it (`masked_at`: the window's masked tokens; `t`: the noise level) and its split, "explain" (shown
+to the explainer) or "score" (held out for scoring), made so that no token position is in both.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Iterator
 
 from core.files import atomic_path
-from interp.scan import CATEGORIES, HIST_BINS, LayerState, ScanSettings
+from interp.scan import CATEGORIES, HIST_BINS, T_BINS, LayerState, ScanSettings
 
 N_TOP_TOKENS = 10
 
@@ -22,8 +22,29 @@ def vocab_pieces(tok) -> list[str]:
     return [tok.decode([i]) for i in range(tok.n_vocab)]
 
 
-def split_of(slot: int) -> str:
-    return "explain" if slot % 2 == 0 else "score"
+def assign_splits(record: dict, seq_len: int) -> None:
+    """Split a feature's examples into "explain" and "score" halves with no token position in both.
+
+    Windows never cross a sequence, so all examples from one sequence go to the same half: sequences are
+    taken in order of their best example (top, then quantile, then random; by rank), each to the half
+    that has fewer examples of that category so far. Before that, an example whose window has exactly
+    the tokens of an earlier one is dropped, whatever its mask pattern (templated text repeats itself; a
+    repeated passage in both halves would be a leak, in one half a wasted slot)."""
+    seen, half_of, counts = set(), {}, {c: {"explain": 0, "score": 0} for c in CATEGORIES}
+    for c in CATEGORIES:
+        kept = []
+        for e in record[c]:
+            key = tuple(e["tokens"])
+            if key in seen:
+                continue
+            seen.add(key)
+            seq = e["position"] // seq_len
+            if seq not in half_of:
+                half_of[seq] = "score" if counts[c]["score"] < counts[c]["explain"] else "explain"
+            e["split"] = half_of[seq]
+            counts[c][e["split"]] += 1
+            kept.append(e)
+        record[c] = kept
 
 
 def feature_stats(st: LayerState, n_tokens: int, vocab: int, pieces: list[str]) -> list[dict]:
@@ -45,12 +66,13 @@ def feature_stats(st: LayerState, n_tokens: int, vocab: int, pieces: list[str]) 
     return out
 
 
-def feature_examples(st: LayerState, s: ScanSettings, pieces: list[str], chunk: int = 256) -> Iterator[dict]:
+def feature_examples(st: LayerState, s: ScanSettings, pieces: list[str], seq_len: int,
+                     chunk: int = 256) -> Iterator[dict]:
     """Per feature: its examples by category, each trimmed to the window actually inside the document.
 
     Tensors become Python lists a chunk of features at a time: element-wise tensor access from Python
     cost 60% of the demo's top-k stage, and a whole layer as lists would not fit in memory at scale."""
-    names = ("chosen", "win_tokens", "win_acts", "t", "masked")
+    names = ("chosen", "win_tokens", "win_acts", "t", "masked", "win_masked")
     for lo in range(0, st.top.n_groups, chunk):
         hi = min(lo + chunk, st.top.n_groups)
         part = {c: [getattr(st, name)[c][lo:hi].cpu().tolist() for name in names] for c in CATEGORIES}
@@ -58,16 +80,19 @@ def feature_examples(st: LayerState, s: ScanSettings, pieces: list[str], chunk: 
             record = {"feature": lo + i}
             for c in CATEGORIES:
                 items = []
-                for slot, (pos, toks, acts, t, masked) in enumerate(zip(*(rows[i] for rows in part[c]))):
+                for pos, toks, acts, t, masked, win_masked in zip(*(rows[i] for rows in part[c])):
                     if pos < 0:
                         continue
                     ids = [tok for tok in toks if tok >= 0]
                     center = sum(tok >= 0 for tok in toks[:s.context_before])
                     a = [round(x, 5) for tok, x in zip(toks, acts) if tok >= 0]
-                    items.append({"position": pos, "split": split_of(slot), "center": center, "activation": a[center],
+                    hidden = [m for tok, m in zip(toks, win_masked) if tok >= 0]
+                    items.append({"position": pos, "split": None, "center": center, "activation": a[center],
                                   "t": round(t, 5), "masked": bool(masked), "tokens": ids,
-                                  "pieces": [pieces[j] if j < len(pieces) else "" for j in ids], "acts": a})
+                                  "pieces": [pieces[j] if j < len(pieces) else "" for j in ids], "acts": a,
+                                  "masked_at": [j for j, m in enumerate(hidden) if m]})
                 record[c] = items
+            assign_splits(record, seq_len)
             yield record
 
 
@@ -85,7 +110,8 @@ def write_arrays(path: Path, st: LayerState) -> None:
                "masked_count": st.masked_count, "histogram": st.hist}
     for c in CATEGORIES:
         tensors.update({f"{c}_position": st.chosen[c], f"{c}_window_tokens": st.win_tokens[c],
-                        f"{c}_window_acts": st.win_acts[c], f"{c}_t": st.t[c], f"{c}_masked": st.masked[c]})
+                        f"{c}_window_acts": st.win_acts[c], f"{c}_t": st.t[c], f"{c}_masked": st.masked[c],
+                        f"{c}_window_masked": st.win_masked[c]})
     with atomic_path(path) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
 
@@ -93,3 +119,18 @@ def write_arrays(path: Path, st: LayerState) -> None:
 def read_jsonl(path: Path) -> list[dict]:
     with open(path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
+
+
+def noise_levels(records: list[dict]) -> dict:
+    """The noise levels t of the held-out ("score") examples of every feature of a layer, activating and
+    non-activating apart, as histograms over [0, 1] and means: the two should match (the non-activating
+    contexts are drawn to follow the activating examples' t)."""
+    out = {"bin_edges": [i / T_BINS for i in range(T_BINS + 1)]}
+    for name, cats in (("activating", ("top", "quantile")), ("non_activating", ("random",))):
+        ts = [e["t"] for r in records for c in cats for e in r[c] if e["split"] == "score"]
+        counts = [0] * T_BINS
+        for t in ts:
+            counts[min(T_BINS - 1, int(t * T_BINS))] += 1
+        out[name] = {"n": len(ts), "mean_t": sum(ts) / len(ts) if ts else None, "histogram": counts}
+    return out
+

@@ -6,9 +6,10 @@ sums, firings at masked positions, exact (feature, token) counts; and, for a fix
 positions, which features fire anywhere in their context windows.
 Between passes: per feature, a sample of activating examples spread over the activation quantiles
 (from the uniform sample, excluding the top-k) and non-activating contexts (pool windows in which the
-feature never fires).
-Pass 2 (the same batches and noise again): every chosen example's context window, its token ids and
-the feature's activation at each of them, the noise level t and whether the centre was masked; and
+feature never fires), drawn so that their noise levels t follow those of the feature's activating
+examples (each sequence's t is recorded in pass 1).
+Pass 2 (the same batches and noise again): every chosen example's context window, its token ids, the
+feature's activation and whether the token was masked at each of them, and the noise level t; and
 each feature's activation histogram (bins over (0, max]).
 
 The batches and their noise depend only on (seed, batch index), so both passes and a resumed scan see
@@ -24,7 +25,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from core.files import load_checkpoint, save_checkpoint
+from core.files import UserError, load_checkpoint, save_checkpoint
 from data.loader import ShardLoader
 from interp.topk import PairCounter, TopKBuffer
 from interp.windows import document_bounds, window_columns
@@ -34,7 +35,9 @@ from model.objective import apply_noise, train_noise
 from model.transcoder import Transcoder
 
 CATEGORIES = ("top", "quantile", "random")
+WINDOW_FIELDS = ("chosen", "win_tokens", "win_acts", "t", "masked", "win_masked")
 HIST_BINS = 20
+T_BINS = 10  # noise-level bins over [0, 1] for matching non-activating contexts to activating ones
 
 
 @dataclass
@@ -107,13 +110,14 @@ class LayerState:
         self.win_acts: dict[str, torch.Tensor] = {}  # category → (M, n, C) activations
         self.t: dict[str, torch.Tensor] = {}  # category → (M, n) noise level of the pass
         self.masked: dict[str, torch.Tensor] = {}  # category → (M, n) whether the centre was masked
+        self.win_masked: dict[str, torch.Tensor] = {}  # category → (M, n, C) whether each token was masked
         self.hist = torch.zeros(M, HIST_BINS, dtype=torch.long, device=device)
 
     def state_dict(self) -> dict:
         out = {"top": self.top.state_dict(), "sample": self.sample.state_dict(), "fire_count": self.fire_count.cpu(),
                "act_sum": self.act_sum.cpu(), "masked_count": self.masked_count.cpu(),
                "tokens": self.tokens.state_dict(), "pool_has": self.pool_has.cpu(), "hist": self.hist.cpu()}
-        for name in ("chosen", "win_tokens", "win_acts", "t", "masked"):
+        for name in WINDOW_FIELDS:
             out[name] = {k: v.cpu() for k, v in getattr(self, name).items()}
         return out
 
@@ -123,7 +127,7 @@ class LayerState:
         for name in ("fire_count", "act_sum", "masked_count", "pool_has", "hist"):
             setattr(self, name, state[name].to(device))
         self.tokens.load_state_dict(state["tokens"])
-        for name in ("chosen", "win_tokens", "win_acts", "t", "masked"):
+        for name in WINDOW_FIELDS:
             setattr(self, name, {k: v.to(device) for k, v in state[name].items()})
 
 
@@ -146,8 +150,32 @@ def _window_feature_acts(codes, flat: torch.Tensor, features: torch.Tensor) -> t
     return torch.where(flat >= 0, out, torch.zeros_like(out))
 
 
-def choose_examples(st: LayerState, s: ScanSettings, pool_pos: torch.Tensor, gen: torch.Generator) -> None:
-    """Between the passes: quantile-spread activating examples and non-activating contexts."""
+def t_bin(t: torch.Tensor) -> torch.Tensor:
+    return (t * T_BINS).long().clamp(0, T_BINS - 1)
+
+
+def matched_keys(positive_bins: torch.Tensor, pool_bins: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Sampling keys (P, M) that draw pool windows for each feature with weight p_f(bin) / p_pool(bin),
+    where p_f is the noise-level distribution of the feature's activating examples (`positive_bins`
+    (M, K), -1 for none) and p_pool that of the pool (`pool_bins` (P,)): the top keys are a weighted
+    sample without replacement (Efraimidis–Spirakis: log(u) / w), so the chosen windows follow the
+    activating examples' noise distribution. Windows of bins the feature never fired in come last
+    (key log(u) − 1e5), used only when nothing else is left."""
+    M = positive_bins.shape[0]
+    valid = positive_bins >= 0
+    target = torch.zeros(M, T_BINS, device=u.device)
+    target.scatter_add_(1, positive_bins.clamp_min(0), valid.float())
+    target = target / target.sum(1, keepdim=True).clamp_min(1)
+    pool = torch.bincount(pool_bins, minlength=T_BINS).float() / len(pool_bins)
+    w = target[:, pool_bins].T / pool[pool_bins][:, None]  # (P, M)
+    log_u = u.clamp_min(1e-12).log()
+    return torch.where(w > 0, log_u / w.clamp_min(1e-12), log_u - 1e5)
+
+
+def choose_examples(st: LayerState, s: ScanSettings, pool_pos: torch.Tensor, gen: torch.Generator,
+                    t_of: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Between the passes: quantile-spread activating examples and non-activating contexts whose noise
+    levels follow the activating examples' (`t_of`: global positions → the t their sequence had)."""
     M = st.top.n_groups
     st.chosen["top"] = st.top.ids.clone()
     # activating examples spread over quantiles: from the uniform sample, minus the top-k positions
@@ -165,9 +193,11 @@ def choose_examples(st: LayerState, s: ScanSettings, pool_pos: torch.Tensor, gen
     picked = ids.gather(1, order.gather(1, ranks.clamp_max(ids.shape[1] - 1)))
     st.chosen["quantile"] = torch.where(torch.arange(q, device=ids.device) < count[:, None], picked,
                                         torch.full_like(picked, -1))
-    # non-activating contexts: pool windows where the feature fires nowhere
-    prio = torch.rand(st.pool_has.shape, generator=gen, device=st.pool_has.device)
-    prio = prio.masked_fill(st.pool_has, float("-inf"))
+    # non-activating contexts: pool windows where the feature fires nowhere, noise matched
+    positives = torch.cat([st.chosen["top"], st.chosen["quantile"]], dim=1)  # (M, K)
+    positive_bins = torch.where(positives >= 0, t_bin(t_of(positives.clamp_min(0))), torch.full_like(positives, -1))
+    u = torch.rand(st.pool_has.shape, generator=gen, device=st.pool_has.device)
+    prio = matched_keys(positive_bins, t_bin(t_of(pool_pos)), u).masked_fill(st.pool_has, float("-inf"))
     n = min(s.n_random, len(pool_pos))
     best = prio.topk(n, dim=0)  # (n, M)
     chosen = torch.where(torch.isinf(best.values), torch.full_like(best.indices, -1), pool_pos[best.indices])
@@ -185,16 +215,20 @@ def scan(model: DiffusionLM, transcoders: dict[int, Transcoder], loader: ShardLo
     pool_n = min(s.pool_size or max(256, 8 * s.n_random), n_total)
     pool_pos = torch.randperm(n_total, generator=_generator("cpu", s.seed, 7))[:pool_n].sort().values.to(device)
     states = {layer: LayerState(transcoders[layer].cfg.num_latents, s, pool_n, device) for layer in layers}
+    seq_t = torch.full((s.n_batches, loader.batch_size), float("nan"), device=device)  # each sequence's t
     phase, start = 1, 0
     if state_path.exists():
         saved = load_checkpoint(state_path, device, require_model=False)
-        phase, start = saved["phase"], saved["next_batch"]
+        if "seq_t" not in saved:
+            raise UserError(f"{state_path} was written by an older version of the scan; delete it (or rerun with "
+                            "--overwrite True) to scan again")
+        phase, start, seq_t = saved["phase"], saved["next_batch"], saved["seq_t"].to(device)
         for layer in layers:
             states[layer].load_state_dict(saved["layers"][str(layer)], device)
         print(f"resuming the scan: pass {phase}, batch {start}")
 
     def checkpoint(phase_: int, next_batch: int) -> None:
-        save_checkpoint(state_path, {"phase": phase_, "next_batch": next_batch,
+        save_checkpoint(state_path, {"phase": phase_, "next_batch": next_batch, "seq_t": seq_t.cpu(),
                                      "layers": {str(k): v.state_dict() for k, v in states.items()}})
 
     def run_pass(phase_: int, begin: int, body: Callable[[Batch, int], None]) -> None:
@@ -208,6 +242,7 @@ def scan(model: DiffusionLM, transcoders: dict[int, Transcoder], loader: ShardLo
         pool_idx = torch.nonzero(in_pool)[:, 0]
         pool_win = batch.windows(pool_pos[pool_idx] - batch.base, s)  # (P_b, C)
         tok_flat = batch.tokens.reshape(-1)
+        seq_t[b] = batch.t
         for layer in layers:
             st = states[layer]
             f, a, pos, codes = _active(transcoders[layer], batch.x[layer], autocast)
@@ -246,18 +281,21 @@ def scan(model: DiffusionLM, transcoders: dict[int, Transcoder], loader: ShardLo
                 st.win_acts[cat][feat, slot] = _window_feature_acts(codes, flat, feat)
                 st.t[cat][feat, slot] = batch.t[local // batch.T]
                 st.masked[cat][feat, slot] = batch.masked[local]
+                st.win_masked[cat][feat, slot] = batch.masked[flat.clamp_min(0)] & (flat >= 0)
 
     if phase == 1:
         run_pass(1, start, pass1)
         for layer in layers:
             st = states[layer]
-            choose_examples(st, s, pool_pos, _generator(device, s.seed, 11, layer))
+            choose_examples(st, s, pool_pos, _generator(device, s.seed, 11, layer),
+                            lambda pos: seq_t.reshape(-1)[pos // loader.seq_len])
             for cat in CATEGORIES:
                 shape = st.chosen[cat].shape
                 st.win_tokens[cat] = torch.full((*shape, s.width), -1, dtype=torch.int32, device=device)
                 st.win_acts[cat] = torch.zeros((*shape, s.width), device=device)
                 st.t[cat] = torch.full(shape, float("nan"), device=device)
                 st.masked[cat] = torch.zeros(shape, dtype=torch.bool, device=device)
+                st.win_masked[cat] = torch.zeros((*shape, s.width), dtype=torch.bool, device=device)
         phase, start = 2, 0
         checkpoint(2, 0)
     run_pass(2, start, pass2)

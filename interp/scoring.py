@@ -4,8 +4,14 @@
   AUROC of activating against non-activating contexts, and balanced accuracy at 0.5.
 - fuzzing: activating contexts with the right tokens marked against the same contexts with as many
   wrong tokens marked; the judge says whether the marks fit the description; balanced accuracy (and AUROC).
-- simulation (no LLM): predict activation 1 at tokens matching the words the description quotes
-  (its content words when it quotes none), 0 elsewhere; Pearson correlation with the true activations.
+- token_match (no LLM; called "simulation" before, which it is not: the simulation of the literature
+  has a model predict every token's activation from the description): predict activation 1 at tokens
+  matching the words the description quotes (its content words when it quotes none), 0 elsewhere;
+  Pearson correlation with the true activations. A keyword match, kept as the model-free score.
+- simulation (with the judge, as in the literature's simulation scoring, one token at a time): the judge
+  reads the description and a held-out window as the model saw it and predicts, for each token, how
+  strongly the feature fires there on a 0–9 scale (the expected digit of its first answer token);
+  Pearson correlation of the predictions with the true activations over the windows' tokens.
 """
 from __future__ import annotations
 
@@ -87,7 +93,7 @@ def quoted_words(description: str) -> set[str]:
     return words
 
 
-def simulation(description: str, contexts: list[dict]) -> dict:
+def token_match(description: str, contexts: list[dict]) -> dict:
     words = quoted_words(description)
     pred, true = [], []
     for ex in contexts:
@@ -135,3 +141,28 @@ def judge_scores(description: str, record: dict, judge: Callable[[list[str]], li
     if not pos:
         fuzzing["undefined"] = "no activating contexts in the score half"
     return {"detection": detection, "fuzzing": fuzzing}
+
+
+def simulation_prompt(description: str, example: dict, i: int) -> str:
+    """Ask for token i's activation; the window reads as the model saw it, and the asked-for token, if
+    masked, shows its hidden text (as a marked token does elsewhere)."""
+    piece = example["pieces"][i].strip() or repr(example["pieces"][i])
+    token = f"[MASK={piece}]" if i in set(example.get("masked_at", ())) else piece
+    return (f'A hidden feature of a language model is described as: "{description}".\n'
+            f'Text: "{plain(example).strip()}"\n'
+            f'How strongly does the feature fire on token {i + 1} of the text, "{token}", from 0 (not at all) '
+            "to 9 (as strongly as it ever fires)? Answer with one digit.")
+
+
+def simulation(description: str, contexts: list[dict], predict: Callable[[list[str]], list[float]]) -> dict:
+    """Correlation of the judge's predicted activations (`predict`: prompts → expected 0–9) with the true
+    ones, over every token of `contexts` (held-out activating and non-activating windows)."""
+    prompts = [simulation_prompt(description, e, i) for e in contexts for i in range(len(e["pieces"]))]
+    pred = predict(prompts) if prompts else []
+    true = [float(a) for e in contexts for a in e["acts"]]
+    out = {"correlation": pearson(pred, true), "n_tokens": len(true), "n_windows": len(contexts)}
+    if out["correlation"] is None:
+        out["undefined"] = ("fewer than two tokens" if len(true) < 2 else "constant prediction"
+                            if len(set(pred)) < 2 else "constant activations")
+    return out
+

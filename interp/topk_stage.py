@@ -20,7 +20,7 @@ from experiment import (
 )
 from experiment.paths import ARRAYS_FILE, CONTEXTS_FILE, FEATURES_FILE, INDEX_FILE, PAGE_FILE, SCAN_STATE_FILE
 from interp.feature_pages import write_layer_pages, write_root_page
-from interp.feature_store import feature_examples, feature_stats, vocab_pieces, write_arrays, write_jsonl
+from interp.feature_store import feature_examples, feature_stats, noise_levels, vocab_pieces, write_arrays, write_jsonl
 from interp.scan import ScanSettings, scan
 from model.precision import autocast as autocast_for
 
@@ -89,13 +89,14 @@ def run_topk(cfg) -> Path:
         ldir = out_dir / layer_name(layer)
         ldir.mkdir(exist_ok=True)
         stats = feature_stats(st, n_tokens, model.cfg.vocab_size, pieces)
-        examples = list(feature_examples(st, s, pieces))
+        examples = list(feature_examples(st, s, pieces, cfg.train_seq_len))
         write_jsonl(ldir / FEATURES_FILE, stats)
         write_jsonl(ldir / CONTEXTS_FILE, examples)
         write_arrays(ldir / ARRAYS_FILE, st)
         write_layer_pages(ldir, layer, stats, examples, {"n_tokens": n_tokens, "checkpoint": ckpt.name})
         dead = sum(x["dead"] for x in stats)
-        summary[str(layer)] = {"features": len(stats), "dead": dead, "live": len(stats) - dead}
+        summary[str(layer)] = {"features": len(stats), "dead": dead, "live": len(stats) - dead,
+                               "held_out_noise": noise_levels(examples)}
         print(f"layer {layer}: {len(stats) - dead} live, {dead} dead features (never fired in the scan); "
               f"page {ldir / PAGE_FILE}")
     write_root_page(out_dir, layers, summary)

@@ -30,6 +30,40 @@ def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return table[dtype]
 
 
+def answer_ids(tok, words: tuple[str, ...]) -> set[int]:
+    """The first token of each word, alone and after a space; a leading token that is only whitespace
+    (a sentencepiece "▁" on its own) is skipped, since " yes" and " no" would share it."""
+    ids = set()
+    for w in words:
+        for variant in (w, " " + w):
+            pieces = tok(variant, add_special_tokens=False).input_ids
+            while len(pieces) > 1 and not tok.decode(pieces[:1]).strip():
+                pieces = pieces[1:]
+            if pieces:
+                ids.add(pieces[0])
+    return ids
+
+
+def digit_ids(tok, name: str) -> list[list[int]]:
+    """Per digit 0–9, the token ids read as that digit; ten disjoint, non-empty sets."""
+    sets = [answer_ids(tok, (str(d),)) for d in range(10)]
+    clash = any(a & b for i, a in enumerate(sets) for b in sets[i + 1:])
+    if not all(sets) or clash:
+        raise UserError(f"the judge {name}'s tokenizer does not have one first token per digit 0–9; the "
+                        "simulation scorer needs it (choose another judge or drop simulation from --scorers)")
+    return [sorted(s) for s in sets]
+
+
+def yes_no_ids(tok, name: str) -> tuple[list[int], list[int]]:
+    """The token ids read as "yes" and as "no"; they must be two disjoint, non-empty sets."""
+    yes, no = answer_ids(tok, ("yes", "Yes")), answer_ids(tok, ("no", "No"))
+    if not yes or not no or yes & no:
+        shared = ", ".join(repr(tok.decode([i])) for i in sorted(yes & no)) or "none"
+        raise UserError(f"the judge {name}'s tokenizer does not tell yes from no by the first answer token "
+                        f"(yes ids {sorted(yes)}, no ids {sorted(no)}, shared: {shared}); choose another judge")
+    return sorted(yes), sorted(no)
+
+
 class Explainer:
     def __init__(self, name: str, device: torch.device, dtype: str = "auto", load_in_8bit: bool = False,
                  trust_remote_code: bool = False, max_prompt_tokens: int | None = None) -> None:
@@ -74,17 +108,8 @@ class Explainer:
             limit = 512  # T5 has relative positions; Flan-T5 was trained on 512-token inputs
         self.max_prompt_tokens = max_prompt_tokens or min(limit or 2048, 4096)
         self.name = name
-        self._yes = self._answer_ids(("yes", "Yes"))
-        self._no = self._answer_ids(("no", "No"))
-
-    def _answer_ids(self, words: tuple[str, ...]) -> list[int]:
-        ids = set()
-        for w in words:
-            for variant in (w, " " + w):
-                pieces = self.tok(variant, add_special_tokens=False).input_ids
-                if pieces:
-                    ids.add(pieces[0])
-        return sorted(ids)
+        self._yes, self._no = yes_no_ids(self.tok, name)
+        self._digits: list[list[int]] | None = None  # read when simulation first needs them
 
     def _format(self, prompt: str) -> str:
         if self.kind == "causal" and getattr(self.tok, "chat_template", None):
@@ -113,16 +138,32 @@ class Explainer:
             out = out[:, batch["input_ids"].shape[1]:]
         return self.tok.batch_decode(out, skip_special_tokens=True)
 
-    @torch.no_grad()
-    def yes_probability(self, prompts: list[str]) -> list[float]:
-        """P(yes) / (P(yes) + P(no)) for the first answer token: one forward step, no free text."""
+    def _next_token_logits(self, prompts: list[str]) -> torch.Tensor:
+        """(N, vocab) logits of the first answer token of each prompt: one forward step."""
         batch = self._encode(prompts)
         if self.kind == "seq2seq":
             start = torch.full((len(prompts), 1), self.model.config.decoder_start_token_id, device=self.device)
-            logits = self.model(**batch, decoder_input_ids=start).logits[:, -1]
-        else:  # left padding: the last column is every prompt's end; positions count real tokens only
-            positions = (batch["attention_mask"].cumsum(-1) - 1).clamp_min(0)
-            logits = self.model(**batch, position_ids=positions).logits[:, -1]
+            return self.model(**batch, decoder_input_ids=start).logits[:, -1]
+        # left padding: the last column is every prompt's end; positions count real tokens only
+        positions = (batch["attention_mask"].cumsum(-1) - 1).clamp_min(0)
+        return self.model(**batch, position_ids=positions).logits[:, -1]
+
+    @torch.no_grad()
+    def yes_probability(self, prompts: list[str]) -> list[float]:
+        """P(yes) / (P(yes) + P(no)) for the first answer token: one forward step, no free text."""
+        logits = self._next_token_logits(prompts)
         probs = torch.softmax(logits.float(), dim=-1)
         yes, no = probs[:, self._yes].sum(-1), probs[:, self._no].sum(-1)
         return (yes / (yes + no).clamp_min(1e-30)).tolist()
+
+    @torch.no_grad()
+    def expected_digit(self, prompts: list[str]) -> list[float]:
+        """The expected answer on a 0–9 scale: Σ d · P(d) / Σ P(d) over the first answer token's
+        probabilities of the ten digits (one forward step, as `yes_probability`)."""
+        if self._digits is None:
+            self._digits = digit_ids(self.tok, self.name)
+        logits = self._next_token_logits(prompts)
+        probs = torch.softmax(logits.float(), dim=-1)
+        mass = torch.stack([probs[:, ids].sum(-1) for ids in self._digits], dim=-1)  # (N, 10)
+        values = torch.arange(10, dtype=mass.dtype, device=mass.device)
+        return ((mass * values).sum(-1) / mass.sum(-1).clamp_min(1e-30)).tolist()

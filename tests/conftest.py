@@ -51,7 +51,7 @@ def tiny_llms(tmp_path_factory):
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
 
     texts = ["yes no Yes No", "Excerpt marked words feature fires text language model hidden describe",
-             "The capital of France is Paris. The month after March is April."] * 20
+             "The capital of France is Paris. The month after March is April.", "0 1 2 3 4 5 6 7 8 9"] * 20
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()

@@ -7,10 +7,21 @@ import torch
 from core import cli
 from experiment.paths import RECORDS_FILE
 from get_activation_descriptions import IGNORED, DescriptionsConfig, main
-from interp.describe import clean, explain_examples, explain_prompt, fit_prompt, mark
+from interp.describe import clean, explain_examples, explain_prompt, fit_prompt, mark, plain, tokens_description
 from interp.descriptions_stage import run_descriptions, summarise
 from interp.feature_store import read_jsonl
-from interp.scoring import auroc, balanced_accuracy, judge_scores, quoted_words, score_sets, simulation
+from interp.scoring import (
+    auroc,
+    balanced_accuracy,
+    detection_prompt,
+    fuzzing_prompt,
+    judge_scores,
+    quoted_words,
+    score_sets,
+    simulation,
+    simulation_prompt,
+    token_match,
+)
 from model.explainer import Explainer
 from tests.helpers import assert_one_line_error, run_cli
 
@@ -44,8 +55,13 @@ def test_prompt_shows_only_the_explain_half_with_marks():
     examples = explain_examples(record, 10)
     assert all(e["split"] == "explain" for e in examples) and len(examples) == 5
     prompt = explain_prompt(examples, STATS)
-    assert prompt.count("Excerpt") == 5 and " <<Paris>>" in prompt and "hidden from the model (masked)" in prompt
+    assert prompt.count("Excerpt") == 5 and " <<Paris>>" in prompt
     assert mark(record["quantile"][0]) == " The capital of <<France>> is <<Paris>>."
+    # where it fires comes from the examples shown, not from the scan-wide STATS (which count the score half)
+    assert "hidden from the model (masked)" not in prompt and "words the model can see" in prompt
+    for e in examples:
+        e["masked_at"] = [5]
+    assert "fires mostly (71%) on words that are hidden" in explain_prompt(examples, STATS)  # 5 of 7 masked
 
 
 def test_fit_prompt_drops_whole_examples():
@@ -92,13 +108,13 @@ def test_scorer_arithmetic_with_oracle_and_constant_judges():
     assert auroc([0.9, 0.8], [0.1, 0.85]) == 0.75 and balanced_accuracy([0.9], [0.2, 0.6]) == 0.75
 
 
-def test_simulation_uses_quoted_words():
+def test_token_match_uses_quoted_words():
     record = _record()
     pos, neg = score_sets(record)
-    right = simulation('fires on "Paris"', pos + neg)
-    wrong = simulation('fires on "cat"', pos + neg)
+    right = token_match('fires on "Paris"', pos + neg)
+    wrong = token_match('fires on "cat"', pos + neg)
     assert right["correlation"] > 0.8 and wrong["correlation"] < 0
-    none = simulation("nothing quoted matches here", pos + neg)
+    none = token_match("nothing quoted matches here", pos + neg)
     assert none["correlation"] is None and none["undefined"] == "no token matches the description's words"
 
 
@@ -247,11 +263,15 @@ def test_tiny_t5_and_gpt2_load_batch_and_judge(tiny_llms):
         probs = ex.yes_probability(prompts)
         assert all(0 <= p <= 1 for p in probs)
         assert probs == pytest.approx([ex.yes_probability([p])[0] for p in prompts], abs=1e-5)
+        digits = ex.expected_digit(prompts)  # the simulation scorer's reading: an expected digit 0–9
+        assert all(0 <= d <= 9 for d in digits)
+        assert digits == pytest.approx([ex.expected_digit([p])[0] for p in prompts], abs=1e-4)
 
 
 def test_tiny_t5_end_to_end(run_copy, tiny_llms):
     cfg = DescriptionsConfig(train_folder=str(run_copy), explainer=str(tiny_llms["t5"]), device="cpu",
-                             max_features_per_layer=3, n_examples=3, max_new_tokens=8, batch_size=8)
+                             max_features_per_layer=3, n_examples=3, max_new_tokens=8, batch_size=8,
+                             scorers="detection,fuzzing,token_match,simulation", n_simulate=1)
     out = main(cfg)
     records = read_jsonl(out / RECORDS_FILE)
     assert len(records) == 6 and {r["layer"] for r in records} == {0, 1}
@@ -260,8 +280,16 @@ def test_tiny_t5_end_to_end(run_copy, tiny_llms):
         assert (r["failure"] is None) == (r["description"] is not None)
         if r["description"]:
             assert_auroc_defined_unless_a_class_is_missing(r["scores"]["detection"])
+            sim = r["scores"]["simulation"]
+            assert sim["n_windows"] <= 2 and sim["n_tokens"] > 0
+            assert sim["correlation"] is None and sim["undefined"] or -1 <= sim["correlation"] <= 1
     summary = json.loads((out / "summary.json").read_text())
     assert str(tiny_llms["t5"]) in summary["explainers"] and (out / "scores.png").exists()
+    for layer in ("0", "1"):  # the held-out examples' noise levels, activating and not, side by side
+        noise = summary["held_out_noise"][layer]
+        act, non = noise["activating"], noise["non_activating"]
+        assert len(noise["bin_edges"]) == 11 and sum(act["histogram"]) == act["n"] > 0
+        assert sum(non["histogram"]) == non["n"] > 0 and abs(act["mean_t"] - non["mean_t"]) < 0.1
 
 
 def test_tokens_explainer_end_to_end(run_copy):
@@ -274,8 +302,8 @@ def test_tokens_explainer_end_to_end(run_copy):
     index = json.loads((run_copy / "topk" / "state_step000400" / "index.json").read_text())
     assert len(records) == sum(v["live"] for v in index["summary"].values())  # every live feature
     assert all(r["description"].startswith("fires on") and r["failure"] is None for r in records)
-    assert all(set(r["scores"]) == {"simulation"} and r["judge"] is None for r in records)
-    corr = [r["scores"]["simulation"]["correlation"] for r in records if r["scores"]["simulation"]["correlation"]]
+    assert all(set(r["scores"]) == {"token_match"} and r["judge"] is None for r in records)
+    corr = [r["scores"]["token_match"]["correlation"] for r in records if r["scores"]["token_match"]["correlation"]]
     assert sum(corr) / len(corr) > 0.1  # the baseline's quoted tokens do predict activations
 
 
@@ -299,3 +327,81 @@ def test_bad_inputs(tiny_run, run_copy, tmp_path):
     ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(vit)
     assert_one_line_error(run_cli(base + ["--train_folder", str(run_copy), "--explainer", str(vit)]),
                           "neither a seq2seq nor a causal")
+
+
+def test_examples_read_as_the_model_saw_them():
+    """A masked token is [MASK]: a masked trigger in a non-activating context is not shown as text."""
+    negative = dict(_example([" The", " capital", " of", " France", " is", " Paris", "."], [0.0] * 7),
+                    masked_at=[3, 5])
+    assert plain(negative) == " The capital of [MASK] is [MASK]."
+    assert 'Text: "The capital of [MASK] is [MASK]."' in detection_prompt("the word Paris", negative)
+    assert "France" not in mark(negative)
+    positive = dict(_example([" The", " capital", " of", " France", " is", " Paris", "."], [0, 0, 0, 0, 0, 2.0, 0]),
+                    masked_at=[3, 5])
+    assert mark(positive) == " The capital of [MASK] is <<[MASK=Paris]>>."  # the hidden word, where it is marked
+    assert plain(positive) == " The capital of [MASK] is [MASK]."
+    wrong = mark(positive, {3})  # a wrong mark reveals its hidden word the same way
+    assert wrong == " The capital of <<[MASK=France]>> is [MASK]."
+    fuzz = fuzzing_prompt("capital cities", mark(positive))
+    assert "<<[MASK=Paris]>>" in fuzz
+
+
+def test_the_tokens_baseline_reads_only_the_explain_half():
+    record = _record()
+    for c in ("top", "quantile"):
+        for e in record[c]:
+            if e["split"] == "score":
+                e["pieces"] = e["pieces"][:5] + [" Berlin", "."]
+    stats = dict(STATS, top_tokens=[[" Berlin", 50], [" Paris", 8]], masked_fraction=0.9, fire_count=60)
+    desc = tokens_description(stats, record, 10)
+    assert '"Paris"' in desc and "Berlin" not in desc and "visible positions" in desc
+
+
+class _Tok:
+    """A stand-in tokenizer: a fixed table from text to ids."""
+
+    def __init__(self, table, texts):
+        self.table, self.texts = table, texts
+
+    def __call__(self, text, add_special_tokens=False):
+        return type("Encoded", (), {"input_ids": self.table[text]})()
+
+    def decode(self, ids):
+        return "".join(self.texts[i] for i in ids)
+
+
+def test_yes_and_no_must_be_told_apart_by_their_first_token():
+    from model.explainer import yes_no_ids
+
+    texts = {1: "▁", 2: "yes", 3: "no", 4: "Yes", 5: "No", 6: "▁yes", 7: "▁no"}
+    spaced = _Tok({"yes": [2], " yes": [1, 2], "Yes": [4], " Yes": [1, 4], "no": [3], " no": [1, 3], "No": [5],
+                   " No": [1, 5]}, {k: v.replace("▁", " ") for k, v in texts.items()})
+    assert yes_no_ids(spaced, "t") == ([2, 4], [3, 5])  # the lone "▁" both start with is skipped
+    clash = _Tok({"yes": [6], " yes": [6], "Yes": [6], " Yes": [6], "no": [6], " no": [7], "No": [7], " No": [7]},
+                 {k: v.replace("▁", " ") for k, v in texts.items()})
+    with pytest.raises(cli.UserError, match="does not tell yes from no"):
+        yes_no_ids(clash, "t")
+
+
+def test_older_records_scored_simulation_count_as_token_match():
+    old = {"explainer": "tokens", "layer": 0, "feature": 1, "failure": None,
+           "scores": {"simulation": {"correlation": 0.5, "n_tokens": 40, "words": ["paris"]}}}
+    new = dict(old, feature=2, scores={"token_match": {"correlation": 0.25, "words": []},
+                                       "simulation": {"correlation": 0.1, "n_tokens": 40, "n_windows": 2}})
+    scores = summarise([old, new])["tokens"]["0"]["scores"]
+    assert scores["token_match_correlation"]["mean"] == 0.375  # the old keyword "simulation" and the new name
+    assert scores["simulation_correlation"]["mean"] == 0.1 and scores["simulation_correlation"]["n"] == 1
+
+
+def test_simulation_with_oracle_and_constant_predictors():
+    record = _record()
+    pos, neg = score_sets(record)
+    contexts = pos[:2] + neg[:2]
+    truth = [a for e in contexts for a in e["acts"]]
+    oracle = iter(truth)
+    assert simulation("capitals", contexts, lambda ps: [next(oracle) for _ in ps])["correlation"] == pytest.approx(1)
+    flat = simulation("capitals", contexts, lambda ps: [4.0] * len(ps))
+    assert flat["correlation"] is None and flat["undefined"] == "constant prediction"
+    masked = dict(pos[0], masked_at=[5])
+    prompt = simulation_prompt("capitals", masked, 5)
+    assert 'token 6 of the text, "[MASK=Paris]"' in prompt and "is [MASK]." in prompt  # read as the model saw it

@@ -123,7 +123,7 @@ def test_tiny_t5_end_to_end(tiny_topk, tiny_run, tiny_llms, tmp_path):
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("descriptions", "explanations"))
     t5 = str(tiny_llms["t5"])
     describe(DescriptionsConfig(train_folder=str(run), explainer=t5, device="cpu", max_features_per_layer=40,
-                                n_examples=2, max_new_tokens=6, scorers="simulation"))
+                                n_examples=2, max_new_tokens=6, scorers="token_match"))
     out = main(ExplainConfig(train_folder=str(run), explainer=t5, device="cpu", prompt=["The month after March is"],
                              gen_length=2, num_generate_steps=2, max_new_tokens=6, features_per_layer=3))
     steps = json.loads(out.read_text())["prompts"][0]["steps"]

@@ -140,3 +140,32 @@ def test_cli_missing_folder(tmp_path):
     assert_one_line_error(run_cli(["generate.py", "--train_folder", str(tmp_path / "nope")]), "does not exist")
     (tmp_path / "empty").mkdir()
     assert_one_line_error(run_cli(["generate.py", "--train_folder", str(tmp_path / "empty")]), "not a run folder")
+
+
+def test_fact_protocol_does_not_tell_the_answers_length(monkeypatch):
+    """Every fact of a relation gets the same number of masked slots (its longest candidate + 1), so the
+    slot count cannot single out the answer; before, it was the answer's own length + 1."""
+    import model.fact_eval as fe
+
+    class Tok:
+        def encode(self, text):
+            return [ord(ch) for ch in text]
+
+        def decode(self, ids):
+            return "".join(chr(i) for i in ids)
+
+    lengths = {}
+
+    def fake_generate(model, prompts, cfg):
+        for p in prompts:
+            lengths["".join(map(chr, p))] = cfg.gen_length
+        rows = [[ord("x")] * cfg.gen_length for _ in prompts]
+        return type("Out", (), {"states": [torch.tensor(rows)]})()
+
+    monkeypatch.setattr(fe, "generate", fake_generate)
+    candidates = [" Rome", " Paris", " Canberra"]
+    facts = [{"prompt": f"capital {i}", "answer": a, "relation": "capital", "phrasing": "seen",
+              "candidates": candidates} for i, a in enumerate(candidates)]
+    result = fe.fact_accuracy(None, Tok(), facts)
+    assert set(lengths.values()) == {len(" Canberra") + 1}
+    assert result["chance"] == pytest.approx(1 / 3)

@@ -244,3 +244,82 @@ def test_an_output_made_before_scan_batches_still_counts_as_finished(tiny_run, t
     assert main(tiny_topk_config(run, checkpoint_name="state_step000400.pt")) == out
     assert "is complete" in capsys.readouterr().out
     assert (out / "layer_00" / "contexts.jsonl").read_text() == before
+
+
+def _window(position, center=2, width=5, tokens=None, masked_at=()):
+    return {"position": position, "center": center, "tokens": tokens or list(range(position, position + width)),
+            "masked_at": list(masked_at), "acts": [0.0] * width}
+
+
+def _span(e):
+    start = e["position"] - e["center"]
+    return set(range(start, start + len(e["tokens"])))
+
+
+def test_splits_share_no_token_position_on_adjacent_top_activations():
+    """Top activations on neighbouring tokens of one passage (what templated text produces): the halves
+    must still share no position, and repeated windows are dropped."""
+    seq_len = 100
+    record = {"top": [_window(p) for p in (10, 11, 12, 13, 250, 251, 410, 530)],  # runs of adjacent centres
+              "quantile": [_window(p) for p in (14, 252, 620, 731)],
+              "random": [_window(p) for p in (15, 840, 950, 960)]}
+    record["top"].append(_window(90, tokens=record["top"][0]["tokens"]))  # the same text again, elsewhere
+    from interp.feature_store import assign_splits
+
+    assign_splits(record, seq_len)
+    examples = [e for c in ("top", "quantile", "random") for e in record[c]]
+    assert len(record["top"]) == 8  # the repeated window is gone
+    halves = {h: set().union(*(_span(e) for e in examples if e["split"] == h)) for h in ("explain", "score")}
+    assert halves["explain"] and halves["score"] and not halves["explain"] & halves["score"]
+    by_seq = {}
+    for e in examples:
+        by_seq.setdefault(e["position"] // seq_len, set()).add(e["split"])
+    assert all(len(s) == 1 for s in by_seq.values())  # one sequence, one half
+    counts = collections.Counter(e["split"] for e in record["top"])
+    assert abs(counts["explain"] - counts["score"]) <= 4
+
+
+def test_matched_keys_follow_the_activating_examples_noise():
+    from interp.scan import T_BINS, matched_keys
+
+    gen = torch.Generator().manual_seed(0)
+    pool_bins = torch.arange(1000) % T_BINS  # a pool spread evenly over the noise levels
+    positive_bins = torch.tensor([[2, 2, 3, -1], [-1, -1, -1, -1]])  # feature 0 fires at t in bins 2–3; 1 never
+    keys = matched_keys(positive_bins, pool_bins, torch.rand(1000, 2, generator=gen))
+    chosen = keys.topk(30, dim=0).indices  # (30, 2)
+    picked = pool_bins[chosen[:, 0]]
+    assert set(picked.tolist()) <= {2, 3} and (picked == 2).sum() > (picked == 3).sum()
+    assert len(set(pool_bins[chosen[:, 1]].tolist())) > 5  # nothing to match: drawn from everywhere
+    few = keys[:, 0].clone()
+    few[pool_bins != 5] = float("-inf")  # only windows of a bin the feature never fired in are left
+    assert torch.isfinite(few.topk(3).values).all()  # they are used rather than nothing
+
+
+def test_topk_examples_carry_their_mask_pattern_split_apart_and_noise_matched(tiny_topk, tiny_run):
+    seq_len = 128
+    positive_t, negative_t = [], []
+    for layer in ("layer_00", "layer_01"):
+        for line in open(tiny_topk / layer / "contexts.jsonl"):
+            r = json.loads(line)
+            examples = [e for c in ("top", "quantile", "random") for e in r[c]]
+            for e in examples:
+                assert all(0 <= i < len(e["tokens"]) for i in e["masked_at"])
+                assert e["masked"] == (e["center"] in e["masked_at"])
+            halves = {h: set().union(*(_span(e) for e in examples if e["split"] == h)) for h in ("explain", "score")}
+            assert not halves["explain"] & halves["score"], r["feature"]
+            assert len({tuple(e["tokens"]) for e in examples}) == len(examples)  # no passage twice
+            positive_t += [e["t"] for c in ("top", "quantile") for e in r[c]]
+            negative_t += [e["t"] for e in r["random"]]
+    assert seq_len and positive_t and negative_t
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    assert abs(mean(positive_t) - mean(negative_t)) < 0.05, (mean(positive_t), mean(negative_t))
+
+
+def test_the_audit_finds_no_leak_in_a_new_output(tiny_topk, tiny_run):
+    from interp.audit import AuditConfig, main as audit
+
+    result = audit(AuditConfig(train_folder=str(tiny_run)))
+    for layer in (0, 1):
+        a = result[layer]
+        assert a["scored_activating"] > 0 and a["overlap_explain"] == 0 and a["identical_to_explain"] == 0
+        assert a["hidden_trigger_shown"] == 0 and a["mask_state_unknown"] == 0

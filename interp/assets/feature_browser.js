@@ -5,8 +5,10 @@ function ctxHtml(ex, max){
   let out = '';
   ex.pieces.forEach((p, i) => {
     const a = ex.acts[i], alpha = max > 0 ? Math.min(1, a / max) : 0;
-    let cls = 'tok' + (i === ex.center ? ' center' + (ex.masked ? ' masked' : '') : '');
-    out += `<span class="${cls}" style="background:rgba(255,136,0,${alpha.toFixed(3)})" title="${a.toFixed(3)}">${esc(shown(p))}</span>`;
+    const hidden = ex.masked_at ? ex.masked_at.includes(i) : (i === ex.center && ex.masked);
+    const cls = 'tok' + (i === ex.center ? ' center' : '') + (hidden ? ' masked' : '');
+    const title = a.toFixed(3) + (hidden ? ' · hidden from the model ([MASK])' : '');
+    out += `<span class="${cls}" style="background:rgba(255,136,0,${alpha.toFixed(3)})" title="${title}">${esc(shown(p))}</span>`;
   });
   return `<div class="ctx">${out}</div><div class="meta">activation ${ex.activation.toFixed(3)} · t=${ex.t.toFixed(2)} · ${ex.masked ? 'centre masked' : 'centre visible'} · ${ex.split}</div>`;
 }
