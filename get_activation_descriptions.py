@@ -28,13 +28,13 @@ class DescriptionsConfig(LayersFlag, RunFlags):
     explainer: str = arg("google/flan-t5-xxl", "a Hugging Face model id or local folder (seq2seq or causal), "
                                                "or 'tokens' (the model-free baseline)")
     judge: str = arg("", "the model that scores (default: the explainer's model; none for 'tokens')")
-    scorers: str = arg("detection,fuzzing,token_match", "comma-separated scorers: detection, fuzzing, token_match "
-                                                         "(the model-free keyword correlation, called simulation "
-                                                         "before), simulation (the judge predicts every token)")
+    scorers: str = arg("detection,fuzzing,token_match,simulation",
+                       "comma-separated scorers: detection, fuzzing, simulation (the judge predicts every token's "
+                       "activation) and token_match (the model-free keyword correlation, called simulation before)")
     n_examples: int = arg(10, "explain-half contexts shown per feature (fewer if the prompt does not fit)")
     n_score: int = arg(10, "held-out contexts scored per feature: this many activating and as many non-activating")
-    n_simulate: int = arg(3, "simulation: held-out windows of each kind whose every token the judge predicts "
-                             "(one judgement per token: about 2 × n_simulate × 31 per feature)")
+    n_simulate: int = arg(5, "simulation: held-out windows of each kind (activating, non-activating) whose every "
+                             "token the judge predicts (all of a window's tokens in one pass)")
     max_new_tokens: int = arg(30, "longest description, in tokens")
     batch_size: int = arg(32, "prompts per forward pass")
     dtype: str = arg("auto", "explainer weights: auto (bf16 on a GPU with native bf16, else fp32), bfloat16, "

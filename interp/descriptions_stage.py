@@ -25,7 +25,7 @@ from experiment.paths import (
     SCORES_PLOT,
 )
 from interp.describe import clean, explain_examples, fit_prompt, tokens_description
-from interp.feature_store import read_jsonl
+from interp.feature_store import PROTOCOL, read_jsonl
 from interp.scoring import judge_scores, score_sets, simulation, token_match
 from model.explainer import Explainer
 
@@ -71,6 +71,13 @@ def batched(fn: Callable[[list[str]], list], size: int) -> Callable[[list[str]],
             for j, value in zip(chunk, fn([prompts[j] for j in chunk])):
                 out[j] = value
         return out
+    return run
+
+
+def batched_windows(fn: Callable[[list[str], list[list[str]]], list], size: int) -> Callable:
+    """`fn` over (prompts, lines) in slices of `size` windows."""
+    def run(prompts: list[str], lines: list[list[str]]) -> list:
+        return [row for i in range(0, len(prompts), size) for row in fn(prompts[i:i + size], lines[i:i + size])]
     return run
 
 
@@ -188,6 +195,9 @@ def run_descriptions(cfg, explainer_factory=None) -> Path:
         raise UserError(f"no finished top-k output in {topk_dir}: run get_topk_activations.py for this checkpoint "
                         "first")
     index = json.loads((topk_dir / INDEX_FILE).read_text())
+    if index.get("protocol", 1) < PROTOCOL:
+        raise UserError(f"{topk_dir} was made by an older protocol (windows without their mask pattern, halves "
+                        "that could share positions): rerun get_topk_activations.py with --overwrite True first")
     layers = index["layers"] if cfg.layers == "all" else sorted({int(x) for x in cfg.layers.split(",")})
     missing = [x for x in layers if x not in index["layers"]]
     if missing:
@@ -215,6 +225,9 @@ def run_descriptions(cfg, explainer_factory=None) -> Path:
     if cfg.overwrite:
         records = [r for r in records if r["explainer"] != tag]
         _rewrite(path, records)
+    if any(r.get("protocol", 1) < PROTOCOL for r in records if r["explainer"] == tag):
+        raise UserError(f"{path} holds {tag}'s descriptions made under an older protocol; --overwrite True "
+                        "redoes them")
     done = {(r["layer"], r["feature"]) for r in records if r["explainer"] == tag}
 
     todo = []
@@ -232,7 +245,7 @@ def run_descriptions(cfg, explainer_factory=None) -> Path:
     print(f"describing {len(todo)} features with {tag} (judge: {judged}); {len(done)} already done; writing {path}")
     judge_fn = batched(judge.yes_probability, cfg.batch_size) if judge is not None else None
     simulate = judge is not None and "simulation" in scorers
-    digits_fn = batched(judge.expected_digit, cfg.batch_size) if simulate else None
+    digits_fn = batched_windows(judge.expected_digits_all_at_once, cfg.batch_size) if simulate else None
     bar = tqdm(total=len(todo), unit="feature", dynamic_ncols=True)
     for i in range(0, len(todo), cfg.batch_size):
         chunk = todo[i:i + cfg.batch_size]
@@ -249,7 +262,8 @@ def run_descriptions(cfg, explainer_factory=None) -> Path:
                 if "simulation" in scorers and digits_fn is not None:
                     shown = pos[:cfg.n_simulate] + neg[:cfg.n_simulate]
                     scores["simulation"] = simulation(d["description"], shown, digits_fn)
-            rec = {"explainer": tag, "judge": judge_name if judge_fn is not None else None, "layer": layer,
+            rec = {"explainer": tag, "protocol": PROTOCOL, "judge": judge_name if judge_fn is not None else None,
+                   "layer": layer,
                    "feature": stats["feature"], **d, "scores": scores,
                    "score_contexts": {"activating": [e["position"] for e in pos],
                                       "non_activating": [e["position"] for e in neg]}}

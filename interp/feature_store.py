@@ -15,6 +15,9 @@ from core.files import atomic_path
 from interp.scan import CATEGORIES, HIST_BINS, T_BINS, LayerState, ScanSettings
 
 N_TOP_TOKENS = 10
+# What the examples mean. 2: each window's mask pattern, a split with no shared position, noise-matched
+# non-activating windows (1, unversioned: the centre's mask only, ranks alternating between the halves).
+PROTOCOL = 2
 
 
 def vocab_pieces(tok) -> list[str]:
@@ -22,12 +25,14 @@ def vocab_pieces(tok) -> list[str]:
     return [tok.decode([i]) for i in range(tok.n_vocab)]
 
 
-def assign_splits(record: dict, seq_len: int) -> None:
+def assign_splits(record: dict, seq_len: int, window_of=None) -> None:
     """Split a feature's examples into "explain" and "score" halves with no token position in both.
 
     Windows never cross a sequence, so all examples from one sequence go to the same half: sequences are
     taken in order of their best example (top, then quantile, then random; by rank), each to the half
-    that has fewer examples of that category so far. Before that, an example whose window has exactly
+    that has fewer examples of that category so far. A sequence is known by the data window it was read
+    from (`window_of[scan sequence]`, when given): a scan longer than the corpus reads windows again, in
+    a later epoch, and the same text must not land in both halves. Before that, an example whose window has exactly
     the tokens of an earlier one is dropped, whatever its mask pattern (templated text repeats itself; a
     repeated passage in both halves would be a leak, in one half a wasted slot)."""
     seen, half_of, counts = set(), {}, {c: {"explain": 0, "score": 0} for c in CATEGORIES}
@@ -39,6 +44,7 @@ def assign_splits(record: dict, seq_len: int) -> None:
                 continue
             seen.add(key)
             seq = e["position"] // seq_len
+            seq = int(window_of[seq]) if window_of is not None else seq
             if seq not in half_of:
                 half_of[seq] = "score" if counts[c]["score"] < counts[c]["explain"] else "explain"
             e["split"] = half_of[seq]
@@ -66,7 +72,7 @@ def feature_stats(st: LayerState, n_tokens: int, vocab: int, pieces: list[str]) 
     return out
 
 
-def feature_examples(st: LayerState, s: ScanSettings, pieces: list[str], seq_len: int,
+def feature_examples(st: LayerState, s: ScanSettings, pieces: list[str], seq_len: int, window_of=None,
                      chunk: int = 256) -> Iterator[dict]:
     """Per feature: its examples by category, each trimmed to the window actually inside the document.
 
@@ -92,7 +98,7 @@ def feature_examples(st: LayerState, s: ScanSettings, pieces: list[str], seq_len
                                   "pieces": [pieces[j] if j < len(pieces) else "" for j in ids], "acts": a,
                                   "masked_at": [j for j, m in enumerate(hidden) if m]})
                 record[c] = items
-            assign_splits(record, seq_len)
+            assign_splits(record, seq_len, window_of)
             yield record
 
 

@@ -127,16 +127,20 @@ def names_category(description: str | None, category: str, members: list[str]) -
     return len(found) >= 2
 
 
-def shuffled_naming_rate(rows: list[dict], pool: list[str], members: dict[str, list[str]],
+def shuffled_naming_rate(rows: list[dict], pool: list[str], members: dict[str, list[str]], explainer: str = "",
                          repeats: int = 50, seed: int = 0) -> float | None:
     """The negative control: the same check on descriptions of other, random features (drawn from all of
-    an explainer's descriptions), averaged over `repeats` draws. Near 0 unless the check is lenient."""
-    if not rows or not pool:
-        return None
+    an explainer's descriptions but the row's own), averaged over `repeats` draws. Near 0 unless the
+    check is lenient."""
     rng = random.Random(seed)
-    hits = sum(names_category(rng.choice(pool), r["category"], members[r["category"]])
-               for _ in range(repeats) for r in rows)
-    return hits / (repeats * len(rows))
+    hits = n = 0
+    for r in rows:
+        own = r.get("descriptions", {}).get(explainer)
+        others = [d for d in pool if d != own]
+        for _ in range(repeats if others else 0):
+            hits += names_category(rng.choice(others), r["category"], members[r["category"]])
+            n += 1
+    return hits / n if n else None
 
 
 def run_ground_truth(cfg) -> dict:
@@ -159,6 +163,9 @@ def run_ground_truth(cfg) -> dict:
     loader = ShardLoader(data_dir, "val", config["train"]["train_seq_len"], 8)
     select, report = count_firings(model, transcoders, loader, cfg.val_tokens, category_of, len(categories),
                                    cfg.mask_ratio, device)
+    if not report.in_cat.sum():
+        raise UserError(f"--val_tokens {cfg.val_tokens} covers one batch of validation windows: the benchmark "
+                        "chooses on one half and scores on another, so give at least two batches' worth")
     records = read_records(paths.records)
     by_feature: dict[tuple[int, int], dict[str, str | None]] = {}
     for r in records:
@@ -184,7 +191,7 @@ def run_ground_truth(cfg) -> dict:
               "mean_f1_heldout": sum(r["f1_heldout"] for r in rows) / len(rows),
               "named_among_recovered": {ex: (sum(r["description_names_it"][ex] for r in recovered) / len(recovered)
                                              if recovered else None) for ex in explainers},
-              "named_shuffled_control": {ex: shuffled_naming_rate(recovered, pools[ex], members)
+              "named_shuffled_control": {ex: shuffled_naming_rate(recovered, pools[ex], members, ex)
                                          for ex in explainers},
               "naming_not_evidence": [ex for ex in explainers if ex == TOKENS],
               "categories": rows,

@@ -154,22 +154,29 @@ def t_bin(t: torch.Tensor) -> torch.Tensor:
     return (t * T_BINS).long().clamp(0, T_BINS - 1)
 
 
-def matched_keys(positive_bins: torch.Tensor, pool_bins: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Sampling keys (P, M) that draw pool windows for each feature with weight p_f(bin) / p_pool(bin),
-    where p_f is the noise-level distribution of the feature's activating examples (`positive_bins`
-    (M, K), -1 for none) and p_pool that of the pool (`pool_bins` (P,)): the top keys are a weighted
-    sample without replacement (Efraimidis–Spirakis: log(u) / w), so the chosen windows follow the
-    activating examples' noise distribution. Windows of bins the feature never fired in come last
-    (key log(u) − 1e5), used only when nothing else is left."""
+def matched_keys(positive_bins: torch.Tensor, pool_bins: torch.Tensor, eligible: torch.Tensor,
+                 u: torch.Tensor) -> torch.Tensor:
+    """Sampling keys (P, M) that draw, for each feature, among its eligible pool windows (`eligible`
+    (P, M): it fires nowhere in them) with weight p_f(bin) / q_f(bin): p_f the noise-level distribution
+    of the feature's activating examples (`positive_bins` (M, K), -1 for none), q_f that of its eligible
+    windows (`pool_bins` (P,) the windows' bins). The top keys are a weighted sample without replacement
+    (Efraimidis–Spirakis: log(u) / w), so the chosen windows follow the activating examples' noise
+    distribution; dividing by q_f rather than by the whole pool's distribution matters because a
+    feature's eligible windows lean to the noise levels where it fires less. Windows of bins the feature
+    never fired in come last (key log(u) − 1e5), used only when nothing else is left; ineligible ones
+    get −inf."""
     M = positive_bins.shape[0]
     valid = positive_bins >= 0
     target = torch.zeros(M, T_BINS, device=u.device)
     target.scatter_add_(1, positive_bins.clamp_min(0), valid.float())
     target = target / target.sum(1, keepdim=True).clamp_min(1)
-    pool = torch.bincount(pool_bins, minlength=T_BINS).float() / len(pool_bins)
-    w = target[:, pool_bins].T / pool[pool_bins][:, None]  # (P, M)
+    onehot = torch.nn.functional.one_hot(pool_bins, T_BINS).float()  # (P, T_BINS)
+    q = eligible.float().T @ onehot  # (M, T_BINS) eligible windows per bin
+    q = q / q.sum(1, keepdim=True).clamp_min(1)
+    w = target[:, pool_bins].T / q[:, pool_bins].T.clamp_min(1e-12)  # (P, M)
     log_u = u.clamp_min(1e-12).log()
-    return torch.where(w > 0, log_u / w.clamp_min(1e-12), log_u - 1e5)
+    keys = torch.where(w > 0, log_u / w.clamp_min(1e-12), log_u - 1e5)
+    return keys.masked_fill(~eligible, float("-inf"))
 
 
 def choose_examples(st: LayerState, s: ScanSettings, pool_pos: torch.Tensor, gen: torch.Generator,
@@ -197,7 +204,7 @@ def choose_examples(st: LayerState, s: ScanSettings, pool_pos: torch.Tensor, gen
     positives = torch.cat([st.chosen["top"], st.chosen["quantile"]], dim=1)  # (M, K)
     positive_bins = torch.where(positives >= 0, t_bin(t_of(positives.clamp_min(0))), torch.full_like(positives, -1))
     u = torch.rand(st.pool_has.shape, generator=gen, device=st.pool_has.device)
-    prio = matched_keys(positive_bins, t_bin(t_of(pool_pos)), u).masked_fill(st.pool_has, float("-inf"))
+    prio = matched_keys(positive_bins, t_bin(t_of(pool_pos)), ~st.pool_has, u)
     n = min(s.n_random, len(pool_pos))
     best = prio.topk(n, dim=0)  # (n, M)
     chosen = torch.where(torch.isinf(best.values), torch.full_like(best.indices, -1), pool_pos[best.indices])

@@ -8,10 +8,10 @@
   has a model predict every token's activation from the description): predict activation 1 at tokens
   matching the words the description quotes (its content words when it quotes none), 0 elsewhere;
   Pearson correlation with the true activations. A keyword match, kept as the model-free score.
-- simulation (with the judge, as in the literature's simulation scoring, one token at a time): the judge
-  reads the description and a held-out window as the model saw it and predicts, for each token, how
-  strongly the feature fires there on a 0–9 scale (the expected digit of its first answer token);
-  Pearson correlation of the predictions with the true activations over the windows' tokens.
+- simulation (with the judge, as in the literature's "all at once" simulation): the judge reads the
+  description and a held-out window as the model saw it and predicts, for every token, how strongly
+  the feature fires there on a 0–9 scale (the expected digit after each token's line, all of a
+  window's lines in one forward pass); Pearson correlation with the true activations.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import random
 import re
 from typing import Callable, Sequence
 
-from interp.describe import mark, plain
+from interp.describe import MASK_SHOWN, mark, plain
 
 STOPWORDS = set("""a an the of in on at to for and or is are was were be by with as from that this these those it its
 fires fire firing feature features word words token tokens mostly positions position visible masked typical context
@@ -143,26 +143,31 @@ def judge_scores(description: str, record: dict, judge: Callable[[list[str]], li
     return {"detection": detection, "fuzzing": fuzzing}
 
 
-def simulation_prompt(description: str, example: dict, i: int) -> str:
-    """Ask for token i's activation; the window reads as the model saw it, and the asked-for token, if
-    masked, shows its hidden text (as a marked token does elsewhere)."""
-    piece = example["pieces"][i].strip() or repr(example["pieces"][i])
-    token = f"[MASK={piece}]" if i in set(example.get("masked_at", ())) else piece
-    return (f'A hidden feature of a language model is described as: "{description}".\n'
-            f'Text: "{plain(example).strip()}"\n'
-            f'How strongly does the feature fire on token {i + 1} of the text, "{token}", from 0 (not at all) '
-            "to 9 (as strongly as it ever fires)? Answer with one digit.")
+def simulation_request(description: str, example: dict) -> tuple[str, list[str]]:
+    """The prompt and one line per token to predict, all as the model saw them: a masked token's line
+    reads [MASK]. (All lines go into one pass, so revealing a hidden word on its line would reveal it to
+    every later prediction: a masked trigger in a non-activating window would be readable again.)"""
+    hidden = set(example.get("masked_at", ()))
+    lines = [f"{i + 1}. " + (MASK_SHOWN if i in hidden else piece.strip() or repr(piece))
+             for i, piece in enumerate(example["pieces"])]
+    prompt = (f'A hidden feature of a language model is described as: "{description}".\n'
+              f'Text: "{plain(example).strip()}"\n'
+              "For each token of the text, in order, how strongly does the feature fire on it, from 0 (not at "
+              "all) to 9 (as strongly as it ever fires)? Answer with one digit per token.")
+    return prompt, lines
 
 
-def simulation(description: str, contexts: list[dict], predict: Callable[[list[str]], list[float]]) -> dict:
-    """Correlation of the judge's predicted activations (`predict`: prompts → expected 0–9) with the true
-    ones, over every token of `contexts` (held-out activating and non-activating windows)."""
-    prompts = [simulation_prompt(description, e, i) for e in contexts for i in range(len(e["pieces"]))]
-    pred = predict(prompts) if prompts else []
+def simulation(description: str, contexts: list[dict],
+               predict: Callable[[list[str], list[list[str]]], list[list[float]]]) -> dict:
+    """Correlation of the judge's predicted activations (`predict`: prompts and their token lines →
+    expected 0–9 per line, all lines of a window in one pass) with the true ones, over every token of
+    `contexts` (held-out activating and non-activating windows)."""
+    requests = [simulation_request(description, e) for e in contexts]
+    rows = predict([p for p, _ in requests], [lines for _, lines in requests]) if requests else []
+    pred = [v for row in rows for v in row]
     true = [float(a) for e in contexts for a in e["acts"]]
     out = {"correlation": pearson(pred, true), "n_tokens": len(true), "n_windows": len(contexts)}
     if out["correlation"] is None:
         out["undefined"] = ("fewer than two tokens" if len(true) < 2 else "constant prediction"
                             if len(set(pred)) < 2 else "constant activations")
     return out
-

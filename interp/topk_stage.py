@@ -5,6 +5,8 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
+
 from core.files import UserError, read_json, write_json_atomic
 from data.loader import ShardLoader
 from data.tokenizer import load_tokenizer
@@ -20,7 +22,15 @@ from experiment import (
 )
 from experiment.paths import ARRAYS_FILE, CONTEXTS_FILE, FEATURES_FILE, INDEX_FILE, PAGE_FILE, SCAN_STATE_FILE
 from interp.feature_pages import write_layer_pages, write_root_page
-from interp.feature_store import feature_examples, feature_stats, noise_levels, vocab_pieces, write_arrays, write_jsonl
+from interp.feature_store import (
+    PROTOCOL,
+    feature_examples,
+    feature_stats,
+    noise_levels,
+    vocab_pieces,
+    write_arrays,
+    write_jsonl,
+)
 from interp.scan import ScanSettings, scan
 from model.precision import autocast as autocast_for
 
@@ -62,6 +72,9 @@ def run_topk(cfg) -> Path:
             diff = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
             raise UserError(f"{out_dir} was made with other settings {diff}; use --overwrite True to replace it")
         if (out_dir / INDEX_FILE).exists():
+            if read_json(out_dir / INDEX_FILE).get("protocol", 1) < PROTOCOL:
+                raise UserError(f"{out_dir} was made by an older protocol (windows without their mask pattern, "
+                                "halves that could share positions); rerun with --overwrite True to remake it")
             print(f"{out_dir} is complete; --overwrite True recomputes it. Pages: {out_dir / PAGE_FILE}")
             return out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -83,13 +96,14 @@ def run_topk(cfg) -> Path:
     states, n_tokens = scan(model, transcoders, loader, s, device, out_dir / SCAN_STATE_FILE, autocast)
 
     pieces = vocab_pieces(tok)
+    window_of = np.concatenate([loader.window_ids(b) for b in range(n_batches)])  # scan sequence → data window
     summary = {}
     for layer in layers:
         st = states[layer]
         ldir = out_dir / layer_name(layer)
         ldir.mkdir(exist_ok=True)
         stats = feature_stats(st, n_tokens, model.cfg.vocab_size, pieces)
-        examples = list(feature_examples(st, s, pieces, cfg.train_seq_len))
+        examples = list(feature_examples(st, s, pieces, cfg.train_seq_len, window_of))
         write_jsonl(ldir / FEATURES_FILE, stats)
         write_jsonl(ldir / CONTEXTS_FILE, examples)
         write_arrays(ldir / ARRAYS_FILE, st)
@@ -101,7 +115,8 @@ def run_topk(cfg) -> Path:
               f"page {ldir / PAGE_FILE}")
     write_root_page(out_dir, layers, summary)
     write_json_atomic(out_dir / INDEX_FILE, {
-        "complete": True, "checkpoint": ckpt.name, "layers": layers, "n_tokens": n_tokens, "n_batches": n_batches,
+        "complete": True, "protocol": PROTOCOL, "checkpoint": ckpt.name, "layers": layers, "n_tokens": n_tokens,
+        "n_batches": n_batches,
         "settings": settings, "summary": summary, "files": {"features": FEATURES_FILE, "contexts": CONTEXTS_FILE,
                                                            "arrays": ARRAYS_FILE, "page": PAGE_FILE}})
     (out_dir / SCAN_STATE_FILE).unlink(missing_ok=True)

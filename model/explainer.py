@@ -157,13 +157,48 @@ class Explainer:
         return (yes / (yes + no).clamp_min(1e-30)).tolist()
 
     @torch.no_grad()
-    def expected_digit(self, prompts: list[str]) -> list[float]:
-        """The expected answer on a 0–9 scale: Σ d · P(d) / Σ P(d) over the first answer token's
-        probabilities of the ten digits (one forward step, as `yes_probability`)."""
+    def expected_digits_all_at_once(self, prompts: list[str], lines: list[list[str]]) -> list[list[float]]:
+        """For each prompt and its lines: the expected digit 0–9 after every line, from ONE forward pass.
+
+        The answer is written out as "<line 1> = ? <line 2> = ? …" (the decoder's input for a seq2seq
+        model, the continuation of the prompt for a causal one) and the digit distribution is read at
+        each "=": the prediction for line k sees the prompt and the earlier lines with their
+        placeholders, never another prediction (the "all at once" reading of simulation)."""
         if self._digits is None:
             self._digits = digit_ids(self.tok, self.name)
-        logits = self._next_token_logits(prompts)
-        probs = torch.softmax(logits.float(), dim=-1)
-        mass = torch.stack([probs[:, ids].sum(-1) for ids in self._digits], dim=-1)  # (N, 10)
-        values = torch.arange(10, dtype=mass.dtype, device=mass.device)
-        return ((mass * values).sum(-1) / mass.sum(-1).clamp_min(1e-30)).tolist()
+        ids = lambda text: self.tok(text, add_special_tokens=False).input_ids  # noqa: E731
+        placeholder = ids(" ?")
+        answers, reads = [], []
+        for rows in lines:
+            seq, at = [], []
+            for row in rows:
+                seq += ids(f" {row} =")
+                at.append(len(seq) - 1)  # the logits here predict the digit of this line
+                seq += placeholder
+            answers.append(seq)
+            reads.append(at)
+        pad = self.tok.pad_token_id
+        width = max(map(len, answers))
+        if self.kind == "seq2seq":
+            batch = self._encode(prompts)
+            start = self.model.config.decoder_start_token_id
+            dec = torch.tensor([[start, *a, *[pad] * (width - len(a))] for a in answers], device=self.device)
+            dec_mask = torch.tensor([[1] * (1 + len(a)) + [0] * (width - len(a)) for a in answers], device=self.device)
+            logits = self.model(**batch, decoder_input_ids=dec, decoder_attention_mask=dec_mask).logits
+            offsets = [1] * len(answers)  # the decoder start token comes first
+        else:  # prompt + answer, left padded as a whole
+            heads = [self.tok(self._format(p), add_special_tokens=False).input_ids for p in prompts]
+            full = [h + a for h, a in zip(heads, answers)]
+            longest = max(map(len, full))
+            input_ids = torch.tensor([[pad] * (longest - len(f)) + f for f in full], device=self.device)
+            mask = torch.tensor([[0] * (longest - len(f)) + [1] * len(f) for f in full], device=self.device)
+            positions = (mask.cumsum(-1) - 1).clamp_min(0)
+            logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions).logits
+            offsets = [longest - len(f) + len(h) for f, h in zip(full, heads)]
+        values = torch.arange(10, dtype=torch.float32, device=self.device)
+        out = []
+        for i, at in enumerate(reads):
+            probs = torch.softmax(logits[i, [offsets[i] + j for j in at]].float(), dim=-1)  # (lines, vocab)
+            mass = torch.stack([probs[:, d].sum(-1) for d in self._digits], dim=-1)  # (lines, 10)
+            out.append(((mass * values).sum(-1) / mass.sum(-1).clamp_min(1e-30)).tolist())
+        return out

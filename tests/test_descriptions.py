@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import shutil
 
@@ -19,7 +20,7 @@ from interp.scoring import (
     quoted_words,
     score_sets,
     simulation,
-    simulation_prompt,
+    simulation_request,
     token_match,
 )
 from model.explainer import Explainer
@@ -175,6 +176,9 @@ class Scripted:
     def yes_probability(self, prompts):
         return [1.0 if "<<" not in p and "Text:" in p else 0.5 for p in prompts]
 
+    def expected_digits_all_at_once(self, prompts, lines):
+        return [[float(len(line) % 10) for line in rows] for rows in lines]  # some spread, no meaning
+
 
 def _cfg(run, **kw):
     return DescriptionsConfig(train_folder=str(run), explainer="scripted", device="cpu", batch_size=4,
@@ -219,6 +223,8 @@ def test_retry_that_succeeds_is_kept(run_copy):
     for r in read_jsonl(out / RECORDS_FILE):
         assert r["description"] == "capital cities" and r["retried"] and r["raw"] == ["", "capital cities"]
         assert_auroc_defined_unless_a_class_is_missing(r["scores"]["detection"]) and r["judge"] == "scripted"
+        sim = r["scores"]["simulation"]  # a default scorer: 5 + 5 held-out windows at most, every token
+        assert 0 < sim["n_windows"] <= 10 and sim["n_tokens"] >= sim["n_windows"]
 
 
 def test_held_out_split_is_respected(run_copy, tiny_topk):
@@ -253,6 +259,26 @@ def test_interrupted_run_loses_and_redoes_nothing(run_copy):
     assert [r["description"] for r in read_jsonl(path)] == ["new"] * 6
 
 
+def _digits_read_one_prefix_at_a_time(ex, prompt, lines):
+    """The reference for `expected_digits_all_at_once`: one forward pass per line, over the prompt and the
+    answer up to that line's "=", reading the last position's digit distribution."""
+    ids = lambda text: ex.tok(text, add_special_tokens=False).input_ids  # noqa: E731
+    answer, out = [], []
+    for line in lines:
+        answer += ids(f" {line} =")
+        if ex.kind == "seq2seq":
+            enc = ex._encode([prompt])
+            dec = torch.tensor([[ex.model.config.decoder_start_token_id, *answer]])
+            logits = ex.model(**enc, decoder_input_ids=dec).logits[0, -1]
+        else:
+            logits = ex.model(input_ids=torch.tensor([ids(ex._format(prompt)) + answer])).logits[0, -1]
+        probs = torch.softmax(logits.float(), dim=-1)
+        mass = torch.stack([probs[d].sum() for d in ex._digits])
+        out.append(float((mass * torch.arange(10)).sum() / mass.sum()))
+        answer += ids(" ?")
+    return out
+
+
 def test_tiny_t5_and_gpt2_load_batch_and_judge(tiny_llms):
     for kind, folder in (("seq2seq", tiny_llms["t5"]), ("causal", tiny_llms["gpt2"])):
         ex = Explainer(str(folder), torch.device("cpu"))
@@ -263,9 +289,15 @@ def test_tiny_t5_and_gpt2_load_batch_and_judge(tiny_llms):
         probs = ex.yes_probability(prompts)
         assert all(0 <= p <= 1 for p in probs)
         assert probs == pytest.approx([ex.yes_probability([p])[0] for p in prompts], abs=1e-5)
-        digits = ex.expected_digit(prompts)  # the simulation scorer's reading: an expected digit 0–9
-        assert all(0 <= d <= 9 for d in digits)
-        assert digits == pytest.approx([ex.expected_digit([p])[0] for p in prompts], abs=1e-4)
+        # simulation's reading: an expected digit 0–9 after every line, all lines in one pass
+        lines = [["1. The", "2. capital", "3. Paris"], ["1. April"]]
+        rows = ex.expected_digits_all_at_once(prompts[:2], lines)
+        assert [len(r) for r in rows] == [3, 1] and all(0 <= d <= 9 for r in rows for d in r)
+        assert rows[1] == pytest.approx(ex.expected_digits_all_at_once(prompts[1:2], lines[1:])[0], abs=1e-4)
+        later = ex.expected_digits_all_at_once(prompts[:1], [["1. The", "2. capital", "3. Berlin"]])[0]
+        assert later[:2] == pytest.approx(rows[0][:2], abs=1e-5)  # a line never sees the lines after it
+        # each value is read where the answer so far ends in "=": the same as a pass over that prefix alone
+        assert rows[0] == pytest.approx(_digits_read_one_prefix_at_a_time(ex, prompts[0], lines[0]), abs=1e-4)
 
 
 def test_tiny_t5_end_to_end(run_copy, tiny_llms):
@@ -397,11 +429,30 @@ def test_simulation_with_oracle_and_constant_predictors():
     record = _record()
     pos, neg = score_sets(record)
     contexts = pos[:2] + neg[:2]
-    truth = [a for e in contexts for a in e["acts"]]
-    oracle = iter(truth)
-    assert simulation("capitals", contexts, lambda ps: [next(oracle) for _ in ps])["correlation"] == pytest.approx(1)
-    flat = simulation("capitals", contexts, lambda ps: [4.0] * len(ps))
+    oracle = lambda prompts, lines: [e["acts"] for e in contexts]  # noqa: E731
+    assert simulation("capitals", contexts, oracle)["correlation"] == pytest.approx(1)
+    flat = simulation("capitals", contexts, lambda prompts, lines: [[4.0] * len(x) for x in lines])
     assert flat["correlation"] is None and flat["undefined"] == "constant prediction"
-    masked = dict(pos[0], masked_at=[5])
-    prompt = simulation_prompt("capitals", masked, 5)
-    assert 'token 6 of the text, "[MASK=Paris]"' in prompt and "is [MASK]." in prompt  # read as the model saw it
+    prompt, lines = simulation_request("capitals", dict(pos[0], masked_at=[5]))
+    assert "is [MASK]." in prompt and "Paris" not in prompt + "".join(lines)  # as the model saw it, lines too
+    assert lines[5] == "6. [MASK]" and lines[1] == "2. capital"
+
+
+def test_older_protocol_inputs_are_refused(run_copy):
+    tokens_cfg = DescriptionsConfig(train_folder=str(run_copy), explainer="tokens", device="cpu", layers="0",
+                                    max_features_per_layer=3)
+    index = run_copy / "topk" / "state_step000400" / "index.json"
+    saved = json.loads(index.read_text())
+    index.write_text(json.dumps({k: v for k, v in saved.items() if k != "protocol"}))
+    with pytest.raises(cli.UserError, match="older protocol"):
+        run_descriptions(tokens_cfg)
+    index.write_text(json.dumps(saved))
+    out = run_copy / "descriptions" / "state_step000400"
+    out.mkdir(parents=True, exist_ok=True)
+    old = {"explainer": "tokens", "layer": 0, "feature": 0, "description": "x", "failure": None, "scores": {}}
+    (out / RECORDS_FILE).write_text(json.dumps(old) + "\n")
+    with pytest.raises(cli.UserError, match="older protocol; --overwrite True"):
+        run_descriptions(tokens_cfg)
+    run_descriptions(dataclasses.replace(tokens_cfg, overwrite=True))  # redone under the new protocol
+    assert all(r["protocol"] == 2 for r in read_jsonl(out / RECORDS_FILE))
+

@@ -285,7 +285,8 @@ def test_matched_keys_follow_the_activating_examples_noise():
     gen = torch.Generator().manual_seed(0)
     pool_bins = torch.arange(1000) % T_BINS  # a pool spread evenly over the noise levels
     positive_bins = torch.tensor([[2, 2, 3, -1], [-1, -1, -1, -1]])  # feature 0 fires at t in bins 2–3; 1 never
-    keys = matched_keys(positive_bins, pool_bins, torch.rand(1000, 2, generator=gen))
+    eligible = torch.ones(1000, 2, dtype=torch.bool)
+    keys = matched_keys(positive_bins, pool_bins, eligible, torch.rand(1000, 2, generator=gen))
     chosen = keys.topk(30, dim=0).indices  # (30, 2)
     picked = pool_bins[chosen[:, 0]]
     assert set(picked.tolist()) <= {2, 3} and (picked == 2).sum() > (picked == 3).sum()
@@ -293,10 +294,18 @@ def test_matched_keys_follow_the_activating_examples_noise():
     few = keys[:, 0].clone()
     few[pool_bins != 5] = float("-inf")  # only windows of a bin the feature never fired in are left
     assert torch.isfinite(few.topk(3).values).all()  # they are used rather than nothing
+    # eligible windows thin out where the feature fires (bin 2 here): the draw must still follow 2:1
+    eligible[:, 0] = (pool_bins != 2) | (torch.arange(1000) % 50 == 2)  # 10% of bin 2 left, all of bin 3
+    counts = collections.Counter()
+    for seed in range(200):
+        u = torch.rand(1000, 2, generator=torch.Generator().manual_seed(seed))
+        top = matched_keys(positive_bins, pool_bins, eligible, u)[:, 0].topk(6).indices
+        counts.update(pool_bins[top].tolist())
+    assert set(counts) <= {2, 3} and 1.6 < counts[2] / counts[3] < 2.5
+    assert not torch.isfinite(matched_keys(positive_bins, pool_bins, eligible, u)[~eligible]).any()
 
 
 def test_topk_examples_carry_their_mask_pattern_split_apart_and_noise_matched(tiny_topk, tiny_run):
-    seq_len = 128
     positive_t, negative_t = [], []
     for layer in ("layer_00", "layer_01"):
         for line in open(tiny_topk / layer / "contexts.jsonl"):
@@ -308,9 +317,9 @@ def test_topk_examples_carry_their_mask_pattern_split_apart_and_noise_matched(ti
             halves = {h: set().union(*(_span(e) for e in examples if e["split"] == h)) for h in ("explain", "score")}
             assert not halves["explain"] & halves["score"], r["feature"]
             assert len({tuple(e["tokens"]) for e in examples}) == len(examples)  # no passage twice
-            positive_t += [e["t"] for c in ("top", "quantile") for e in r[c]]
-            negative_t += [e["t"] for e in r["random"]]
-    assert seq_len and positive_t and negative_t
+            positive_t += [e["t"] for c in ("top", "quantile") for e in r[c] if e["split"] == "score"]
+            negative_t += [e["t"] for e in r["random"] if e["split"] == "score"]  # the held-out ones, as scored
+    assert positive_t and negative_t
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     assert abs(mean(positive_t) - mean(negative_t)) < 0.05, (mean(positive_t), mean(negative_t))
 
@@ -323,3 +332,30 @@ def test_the_audit_finds_no_leak_in_a_new_output(tiny_topk, tiny_run):
         a = result[layer]
         assert a["scored_activating"] > 0 and a["overlap_explain"] == 0 and a["identical_to_explain"] == 0
         assert a["hidden_trigger_shown"] == 0 and a["mask_state_unknown"] == 0
+
+
+def test_an_output_of_the_older_protocol_is_refused_not_reused(tiny_run, tiny_topk, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    index = run / "topk" / "state_step000400" / "index.json"
+    old = json.loads(index.read_text())
+    old.pop("protocol")  # written before windows carried their mask pattern
+    index.write_text(json.dumps(old))
+    with pytest.raises(cli.UserError, match="older protocol.*--overwrite True"):
+        main(tiny_topk_config(run))
+
+
+
+def test_a_window_read_again_in_a_later_epoch_stays_in_one_half():
+    """A scan longer than the corpus reads the same data window at two scan positions: by scan sequence
+    the two copies could land in different halves; by data window they cannot."""
+    from interp.feature_store import assign_splits
+
+    seq_len = 100
+    window_of = [7, 8, 9, 7]  # scan sequence 3 is data window 7 again
+    record = {"top": [_window(10, tokens=[1, 2, 3, 4, 5]), _window(120), _window(230),
+                      _window(312, tokens=[3, 4, 5, 6, 7])],  # overlaps the first window's text
+              "quantile": [], "random": []}
+    assign_splits(record, seq_len, window_of)
+    halves = {e["position"] // seq_len: e["split"] for e in record["top"]}
+    assert halves[0] == halves[3]
