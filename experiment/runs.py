@@ -17,24 +17,26 @@ from model.diffusion import DiffusionLM, ModelConfig
 from model.transcoder import Transcoder
 
 
-def load_run(train_folder: str | os.PathLike, checkpoint: str, device: Any, shape_flags: dict | None = None):
-    """(config, model, tokenizer, checkpoint path) of a trained run; the model loads strictly, in eval mode."""
+def _open_model(train_folder: str | os.PathLike, checkpoint: str, device: Any,
+                shape_flags: dict) -> tuple[Path, dict, Path, DiffusionLM]:
+    """(run folder, run config, checkpoint path, model in eval mode), loaded strictly."""
     folder = resolve_run_folder(train_folder)
     config = read_json(folder / CONFIG_FILE)
-    check_shape_flags(config["model"], shape_flags or {})
+    check_shape_flags(config["model"], shape_flags)
     path = resolve_checkpoint(folder, checkpoint)
-    model = DiffusionLM.load(path, device, expected=ModelConfig(**config["model"]))
-    model.eval()
+    model = DiffusionLM.load(path, device, expected=ModelConfig(**config["model"])).eval()
+    return folder, config, path, model
+
+
+def load_run(train_folder: str | os.PathLike, checkpoint: str, device: Any, shape_flags: dict | None = None):
+    """(config, model, tokenizer, checkpoint path) of a trained run; the model loads strictly, in eval mode."""
+    folder, config, path, model = _open_model(train_folder, checkpoint, device, shape_flags or {})
     return config, model, load_tokenizer(config["tokenizer"], folder), path
 
 
 def open_base_run(cfg, device) -> tuple[Path, dict, Path, DiffusionLM]:
     """(run folder, run config, checkpoint path, frozen base model) for a stage with RunFlags and ShapeFlags."""
-    folder = resolve_run_folder(cfg.train_folder)
-    run_cfg = read_json(folder / CONFIG_FILE)
-    check_shape_flags(run_cfg["model"], cfg.shape_flags())
-    path = resolve_checkpoint(folder, cfg.checkpoint_name)
-    model = DiffusionLM.load(path, device, expected=ModelConfig(**run_cfg["model"])).eval()
+    folder, run_cfg, path, model = _open_model(cfg.train_folder, cfg.checkpoint_name, device, cfg.shape_flags())
     model.requires_grad_(False)
     return folder, run_cfg, path, model
 

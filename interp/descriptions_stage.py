@@ -61,23 +61,17 @@ def append_record(path: Path, record: dict) -> None:
         os.fsync(fh.fileno())
 
 
-def batched(fn: Callable[[list[str]], list], size: int) -> Callable[[list[str]], list]:
-    """`fn` over batches of `size`, the prompts sorted by length first (little padding), results in order."""
-    def run(prompts: list[str]) -> list:
+def batched(fn: Callable[..., list], size: int) -> Callable[..., list]:
+    """`fn` over batches of `size`, the prompts sorted by length first (little padding), results in order.
+    Lists that go with the prompts item by item (a window's lines) are passed along in the same batches."""
+    def run(prompts: list[str], *alongside: list) -> list:
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         out: list = [None] * len(prompts)
         for i in range(0, len(order), size):
             chunk = order[i:i + size]
-            for j, value in zip(chunk, fn([prompts[j] for j in chunk])):
+            for j, value in zip(chunk, fn(*([items[j] for j in chunk] for items in (prompts, *alongside)))):
                 out[j] = value
         return out
-    return run
-
-
-def batched_windows(fn: Callable[[list[str], list[list[str]]], list], size: int) -> Callable:
-    """`fn` over (prompts, lines) in slices of `size` windows."""
-    def run(prompts: list[str], lines: list[list[str]]) -> list:
-        return [row for i in range(0, len(prompts), size) for row in fn(prompts[i:i + size], lines[i:i + size])]
     return run
 
 
@@ -245,7 +239,7 @@ def run_descriptions(cfg, explainer_factory=None) -> Path:
     print(f"describing {len(todo)} features with {tag} (judge: {judged}); {len(done)} already done; writing {path}")
     judge_fn = batched(judge.yes_probability, cfg.batch_size) if judge is not None else None
     simulate = judge is not None and "simulation" in scorers
-    digits_fn = batched_windows(judge.expected_digits_all_at_once, cfg.batch_size) if simulate else None
+    digits_fn = batched(judge.expected_digits_all_at_once, cfg.batch_size) if simulate else None
     bar = tqdm(total=len(todo), unit="feature", dynamic_ncols=True)
     for i in range(0, len(todo), cfg.batch_size):
         chunk = todo[i:i + cfg.batch_size]
