@@ -5,15 +5,19 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# circuit-tracer without its dependencies, apart from the environment: the tests validate the graph JSON
+# with its pydantic models and render a graph with its viewer's files
+CIRCUIT_TRACER := $(VENV)/circuit-tracer
 
 .PHONY: demo test lint venv clean-demo
 
 # requirements*.txt pin the versions; the project itself is then installed in editable mode, without
 # dependencies, so `import experiment` works from anywhere (tests need no sys.path edits).
-$(BIN)/.installed: requirements.txt requirements-dev.txt pyproject.toml
+$(BIN)/.installed: requirements.txt requirements-dev.txt pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e .
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --target $(CIRCUIT_TRACER) circuit-tracer==0.5.0
 	touch $@
 
 venv: $(BIN)/.installed

@@ -26,7 +26,12 @@ class ExplainConfig(SamplingFlags, ShapeFlags, RunFlags):
 
     explainer: str = arg("google/flan-t5-xxl", "whose feature descriptions to use and who writes the step "
                                                "descriptions and ratings; 'tokens': composed, no ratings")
-    features_per_layer: int = arg(10, "features cited per layer and step")
+    features_per_layer: int = arg(10, "features cited per layer and step (those with the largest total effect)")
+    node_threshold: float = arg(0.8, "graph pruning: keep the nodes carrying this share of the influence")
+    edge_threshold: float = arg(0.98, "graph pruning: keep the edges carrying this share of the influence")
+    faithfulness_features: int = arg(10, "the top cited features ablated together for the faithfulness check")
+    random_draws: int = arg(10, "random same-layer feature sets ablated for comparison")
+    graph_batch_size: int = arg(256, "graph rows (feature inputs) computed per batched backward pass")
     max_new_tokens: int = arg(40, "longest LLM-written description")
     dtype: str = arg("auto", "explainer weights: auto, bfloat16, float32, float16")
     load_in_8bit: bool = arg(False, "load the explainer in 8 bits (CUDA)")
@@ -35,8 +40,13 @@ class ExplainConfig(SamplingFlags, ShapeFlags, RunFlags):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.features_per_layer <= 0 or self.max_new_tokens <= 0:
-            raise ValueError("--features_per_layer and --max_new_tokens must be positive")
+        if min(self.features_per_layer, self.max_new_tokens, self.faithfulness_features, self.random_draws,
+               self.graph_batch_size) <= 0:
+            raise ValueError("--features_per_layer, --max_new_tokens, --faithfulness_features, --random_draws and "
+                             "--graph_batch_size must be positive")
+        for name in ("node_threshold", "edge_threshold"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"--{name} must lie in [0, 1]")
 
 
 def main(cfg: ExplainConfig):

@@ -51,6 +51,7 @@ SCORES_PLOT = "scores.png"
 EXPLANATIONS_DIR = "explanations"
 EXPLANATIONS_FILE = "explanations.json"
 REPORT_FILE = "report.html"
+GRAPHS_DIR = "graphs"  # one attribution graph per step, in circuit-tracer's frontend schema
 
 GROUND_TRUTH_FILE = "ground_truth.json"
 

@@ -54,3 +54,21 @@ def tiny_topk_config(train_folder, **overrides):
               top_k=10, context_before=8, context_after=4, n_quantile=6, n_random=6)
     kw.update(overrides)
     return TopKConfig(**kw)
+
+
+def circuit_tracer_module(relative: str):
+    """A module of circuit-tracer 0.5.0 loaded from its file (the Makefile installs the package without its
+    dependencies into .venv/circuit-tracer), or a skip where it is missing outside CI."""
+    import importlib.util
+
+    import pytest
+
+    path = Path(sys.prefix) / "circuit-tracer" / "circuit_tracer" / relative
+    if not path.exists():
+        if os.environ.get("CI"):
+            raise FileNotFoundError(f"{path}: `make venv` installs circuit-tracer there")
+        pytest.skip("circuit-tracer is not installed (make venv installs it)")
+    spec = importlib.util.spec_from_file_location(f"ct_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

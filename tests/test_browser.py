@@ -53,4 +53,4 @@ def test_explanation_report_renders(tiny_descriptions, tiny_run, tmp_path):
                                 output=str(tmp_path / "e.json")))
     dom, log = browse(out.with_name("e_report.html"), tmp_path, "explanation_report.png")
     assert not console_errors(log), console_errors(log)
-    assert dom.count("<tr>") >= 5 and 'class="new"' in dom and "was pushed mostly by" in dom
+    assert dom.count("<tr>") >= 5 and 'class="new"' in dom and "strongest path" in dom and "MI score" in dom

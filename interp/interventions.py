@@ -1,0 +1,180 @@
+"""Interventions that check an attribution graph against the model.
+
+An intervention sets features to new values at given positions (0 ablates; a multiple of the value, or
+a value for a feature that was not active, steers) and re-runs the denoising step through the real
+model: at each intervened layer the MLP's real output gets (new − old) × the feature's decoder row at
+that position, and everything downstream (attention, norms, later MLPs) is the model's own. So the
+measured change is the model's, and the graph's prediction (its total effects, computed with attention
+and norms frozen) is checked against it, not against itself. The same intervention in the replacement
+model (every MLP its transcoder plus the frozen error, attention and norms live) separates the two
+ways a prediction can miss: frozen attention and norms (graph vs replacement model) and the
+transcoders' imperfect imitation of the MLPs (replacement model vs model).
+"""
+from __future__ import annotations
+
+import contextlib
+import random
+from dataclasses import dataclass
+
+import torch
+
+from interp.graph import Graph
+from interp.replacement import FrozenStep
+from model.diffusion import DiffusionLM
+from model.transcoder import Transcoder
+
+Setting = dict[tuple[int, int, int], float]  # (layer, position, feature) → new activation
+
+
+def current_value(fz: FrozenStep, layer: int, pos: int, feature: int) -> float:
+    hit = (fz.idx[layer][pos] == feature) & (fz.acts[layer][pos] > 0)
+    return float(fz.acts[layer][pos][hit].sum())
+
+
+def _setting_by_layer(setting: Setting, transcoders: dict[int, Transcoder]) -> dict[int, list]:
+    out: dict[int, list] = {}
+    for (layer, pos, feature), value in setting.items():
+        if layer not in transcoders:
+            raise ValueError(f"layer {layer} has no transcoder, so its features cannot be set")
+        out.setdefault(layer, []).append((pos, feature, value))
+    return out
+
+
+def _model_hook(tc: Transcoder, fz: FrozenStep, layer: int, changes: list):
+    """The real MLP output plus (new − old) × decoder row at each changed position."""
+    delta = torch.zeros_like(fz.embed)
+    for pos, feature, value in changes:
+        delta[pos] += (value - current_value(fz, layer, pos, feature)) * tc.W_dec[feature]
+    return lambda mod, args, out: out + delta[None].to(out.dtype)
+
+
+def _replacement_hook(tc: Transcoder | None, fz: FrozenStep, layer: int, changes: list):
+    """The transcoder (its TopK recomputed on the live input, changed features set) plus the frozen error;
+    a layer without a transcoder keeps its recorded output."""
+    def hook(mod, args, out):
+        if tc is None:
+            return fz.error[layer][None].to(out.dtype)
+        m = args[0][0].float()
+        enc = tc.encode(m)
+        acts, extra = enc.acts.clone(), torch.zeros_like(m)
+        for pos, feature, value in changes:
+            hit = enc.indices[pos] == feature
+            if hit.any():
+                acts[pos][hit] = value
+            else:
+                extra[pos] += value * tc.W_dec[feature]
+        return (tc.decode(acts, enc.indices, m) + fz.error[layer] + extra)[None].to(out.dtype)
+    return hook
+
+
+@contextlib.contextmanager
+def patched(model: DiffusionLM, transcoders: dict[int, Transcoder], fz: FrozenStep, setting: Setting,
+            replacement: bool = False):
+    """Inside: the model runs with the intervention, on its own MLPs (default) or on the replacement model
+    (transcoders plus frozen errors at every layer; attention and norms live in both)."""
+    by_layer = _setting_by_layer(setting, transcoders)
+    if replacement:
+        hooks = {layer: _replacement_hook(transcoders.get(layer), fz, layer, by_layer.get(layer, []))
+                 for layer in range(fz.num_layers)}
+    else:
+        hooks = {layer: _model_hook(transcoders[layer], fz, layer, ch) for layer, ch in by_layer.items()}
+    handles = [model.blocks[layer].mlp.register_forward_hook(h) for layer, h in hooks.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def run_step(model: DiffusionLM, transcoders: dict[int, Transcoder], fz: FrozenStep, positions: list[int],
+             targets: list[int], setting: Setting | None = None, replacement: bool = False
+             ) -> tuple[torch.Tensor, list[int]]:
+    """Re-run the step: the targets' log-probabilities (n,) and the model's top token at each position
+    (what a temperature-0 step would commit there)."""
+    with patched(model, transcoders, fz, setting or {}, replacement):
+        logits = model(fz.tokens[None]).logits[0, positions].float()
+    logits[:, model.cfg.bos_id] = float("-inf")  # as the sampler: a continuation never starts a document
+    logp = torch.log_softmax(logits, -1)
+    wanted = torch.tensor(targets, device=logp.device)[:, None]
+    return logp.gather(-1, wanted)[:, 0], logp.argmax(-1).tolist()
+
+
+def node_key(g: Graph, i: int) -> tuple[int, int, int]:
+    layer, pos, feature = g.feature_nodes[i].tolist()
+    return layer, pos, feature
+
+
+@dataclass
+class Check:
+    """One intervention: the graph's predicted and the model's measured change of the targets' log-probability."""
+    nodes: list[int]
+    predicted: list[float]  # per target (first order, frozen attention and norms)
+    measured: list[float]  # per target, in the model
+    replacement: list[float]  # per target, in the replacement model (transcoders + frozen errors)
+    flipped: list[bool]  # per target: the model's top token at that position changed
+
+    def as_dict(self) -> dict:
+        return {"predicted_dlogp": [round(x, 5) for x in self.predicted],
+                "measured_dlogp": [round(x, 5) for x in self.measured],
+                "replacement_dlogp": [round(x, 5) for x in self.replacement], "committed_token_changes": self.flipped}
+
+
+def ablate(model, transcoders, fz: FrozenStep, g: Graph, effects: torch.Tensor, nodes: list[int],
+           base: torch.Tensor, base_top: list[int], replacement: bool = True) -> Check:
+    """Ablate feature nodes together; predicted Δ log p = −Σ total effects (d log p = d value to first
+    order). Measured in the model, and (with `replacement`) in the replacement model, whose base is the
+    model's own (its errors make it exact)."""
+    setting = {node_key(g, i): 0.0 for i in nodes}
+    logp, top = run_step(model, transcoders, fz, g.positions, g.targets, setting)
+    in_replacement = (run_step(model, transcoders, fz, g.positions, g.targets, setting, replacement=True)[0] - base
+                      ).tolist() if replacement else []
+    predicted = (-effects[:, nodes].sum(1)).tolist()
+    flipped = [a != b for a, b in zip(top, base_top)]
+    return Check(nodes, predicted, (logp - base).tolist(), in_replacement, flipped)
+
+
+def random_like(g: Graph, nodes: list[int], rng: random.Random) -> list[int]:
+    """As many random active feature nodes per layer as `nodes` has (none of `nodes` itself)."""
+    chosen = []
+    for layer in sorted({int(g.feature_nodes[i, 0]) for i in nodes}):
+        want = sum(int(g.feature_nodes[i, 0]) == layer for i in nodes)
+        pool = [i for i in (g.feature_nodes[:, 0] == layer).nonzero()[:, 0].tolist() if i not in nodes]
+        chosen += rng.sample(pool, min(want, len(pool)))
+    return chosen
+
+
+@dataclass
+class Faithfulness:
+    cited: Check  # the top-n features ablated together
+    random_drops: list[float]  # the mean log-prob drop for each random draw of n features of the same layers
+    score: float  # the share of random draws whose drop the cited features' drop exceeds (ties count ½)
+
+    @property
+    def cited_drop(self) -> float:
+        return -sum(self.cited.measured) / max(1, len(self.cited.measured))
+
+    def as_dict(self) -> dict:
+        r = self.random_drops
+        return {"n_ablated": len(self.cited.nodes), "cited_drop": round(self.cited_drop, 5),
+                "cited_predicted_drop": round(-sum(self.cited.predicted) / max(1, len(self.cited.predicted)), 5),
+                "random_drop_mean": round(sum(r) / len(r), 5) if r else None, "random_draws": len(r),
+                "faithfulness": round(self.score, 4), "chance": 0.5,
+                "committed_token_changes": self.cited.flipped}
+
+
+def faithfulness(model, transcoders, fz, g: Graph, effects: torch.Tensor, nodes: list[int], base: torch.Tensor,
+                 base_top: list[int], draws: int, seed: int = 0) -> Faithfulness:
+    """Ablate the cited nodes, then `draws` random sets like them; score = how often the cited drop is larger."""
+    cited = ablate(model, transcoders, fz, g, effects, nodes, base, base_top)
+    rng = random.Random(seed)
+    drops = []
+    for _ in range(draws):
+        other = random_like(g, nodes, rng)
+        if other:
+            c = ablate(model, transcoders, fz, g, effects, other, base, base_top, replacement=False)
+            drops.append(-sum(c.measured) / len(c.measured))
+    mine = -sum(cited.measured) / max(1, len(cited.measured))
+    score = sum(1.0 if mine > d else 0.5 if mine == d else 0.0 for d in drops) / len(drops) if drops else float("nan")
+    return Faithfulness(cited, drops, score)
+
