@@ -91,7 +91,7 @@ def graph_record(res: dict, tok, descriptions: dict) -> dict:
             "input_shares": {k: v / gross for k, v in inputs.items()}, "layers": layers,
             "path": [node_name(g, i, tok, descriptions) for i in res["path"]],
             "nodes": int(g.adjacency.shape[0]), "feature_nodes": g.n_features,
-            "pruned_nodes": int(pr.node_mask.sum()), "pruned_edges": int(pr.edge_mask.sum()),
+            "pruned_nodes": int(pr.node_mask.sum()), "pruned_edges": pr.n_edges,
             "faithfulness": res["faith"].as_dict() if res["faith"] else None,
             "scores": res["scores"], "logprobs": [round(x, 5) for x in res["base_logprobs"]]}
 

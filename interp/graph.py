@@ -178,46 +178,66 @@ def node_influence(g: Graph) -> torch.Tensor:
     return propagate(normalized(g.adjacency), target_weights(g))
 
 
-def cumulative_cut(scores: torch.Tensor, keep: float) -> torch.Tensor:
-    """The score at which the highest scores first reach the fraction `keep` of their total."""
-    ordered = scores.flatten().sort(descending=True).values
+def cumulative_cut(scores: torch.Tensor, keep: float, positive_only: bool = False) -> torch.Tensor:
+    """The score at which the highest scores first reach the fraction `keep` of their total. With
+    `positive_only`, zeros (most of an adjacency) are left out of the sort, so a zero never passes."""
+    flat = scores.flatten()
+    if positive_only:
+        flat = flat[flat > 0]
+        if not len(flat):
+            return scores.new_tensor(float("inf"))
+    ordered = flat.sort(descending=True).values
+    if keep >= 1.0:  # everything: the smallest score (not wherever rounding lets the cumulative sum reach 1)
+        return ordered[-1]
     frac = ordered.cumsum(0) / ordered.sum().clamp_min(1e-30)
     return ordered[min(int(torch.searchsorted(frac, torch.tensor(keep, device=frac.device))), len(ordered) - 1)]
 
 
 @dataclass
 class Pruned:
-    node_mask: torch.Tensor  # (N,) bool
-    edge_mask: torch.Tensor  # (N, N) bool
+    node_mask: torch.Tensor  # (N,) bool: the nodes of the pruned graph
+    nodes: torch.Tensor  # (K,) the nodes that passed the node threshold; `edges` is indexed by position here
+    edges: torch.Tensor  # (K, K) bool: the kept edges among them (rows: the edge's target)
     influence: torch.Tensor  # (N,) node influence on the targets (unpruned graph)
+
+    def edge_index(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(target, source) graph indices of the kept edges."""
+        d, s = self.edges.nonzero(as_tuple=True)
+        return self.nodes[d], self.nodes[s]
+
+    @property
+    def n_edges(self) -> int:
+        return int(self.edges.sum())
 
 
 def prune(g: Graph, node_threshold: float = NODE_THRESHOLD, edge_threshold: float = EDGE_THRESHOLD) -> Pruned:
     """Keep the nodes carrying `node_threshold` of the influence (inputs and targets always), then the edges
-    carrying `edge_threshold` of the edge influence; drop features left without inputs or outputs."""
+    carrying `edge_threshold` of the edge influence; drop features left without inputs or outputs. The edge
+    stage works on the kept nodes' sub-matrix (the same numbers as circuit-tracer's zeroed full matrix)."""
     for name, v in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
         if not 0.0 <= v <= 1.0:
             raise ValueError(f"--{name} must lie in [0, 1], got {v}")
-    w = target_weights(g)
     influence = node_influence(g)
     keep = influence >= cumulative_cut(influence, node_threshold)
     keep[g.embed_start:] = True
-    A = g.adjacency.clone()
-    A[~keep] = 0
-    A[:, ~keep] = 0
-    Ahat = normalized(A)
+    nodes = keep.nonzero()[:, 0]
+    w = target_weights(g)[nodes]
+    Ahat = normalized(g.adjacency[nodes][:, nodes])
     edge_scores = Ahat * (propagate(Ahat, w) + w)[:, None]
-    edges = edge_scores >= cumulative_cut(edge_scores, edge_threshold)
-    edges &= edge_scores > 0
-    inner = slice(0, g.embed_start)  # features and errors need an output; features an input too
+    edges = (edge_scores >= cumulative_cut(edge_scores, edge_threshold, positive_only=True)) & (edge_scores > 0)
+    inner = nodes < g.embed_start  # features and errors need an output; features an input too
+    feature = nodes < g.n_features
+    alive = torch.ones_like(inner)
     while True:
-        before = keep.clone()
-        edges[~keep] = False
-        edges[:, ~keep] = False
-        keep[inner] &= edges[:, inner].any(0)
-        keep[:g.n_features] &= edges[:g.n_features].any(1)
-        if torch.equal(before, keep):
-            return Pruned(keep, edges, influence)
+        before = alive.clone()
+        edges[~alive] = False
+        edges[:, ~alive] = False
+        alive &= ~inner | edges.any(0)
+        alive &= ~feature | edges.any(1)
+        if torch.equal(before, alive):
+            mask = torch.zeros_like(keep)
+            mask[nodes[alive]] = True
+            return Pruned(mask, nodes, edges, influence)
 
 
 def graph_scores(g: Graph) -> tuple[float, float]:

@@ -71,7 +71,7 @@ def graph_json(g: Graph, pr: Pruned, slug: str, scan: str, prompt_tokens: list[s
         node["node_id"] = nid
         ids[i] = nid
         nodes.append(node)
-    dst, src = pr.edge_mask.nonzero(as_tuple=True)
+    dst, src = pr.edge_index()
     weights = g.adjacency[dst, src].tolist()
     links = [{"source": ids[s], "target": ids[d], "weight": w}
              for d, s, w in zip(dst.tolist(), src.tolist(), weights) if s in ids and d in ids]

@@ -31,53 +31,61 @@ def current_value(fz: FrozenStep, layer: int, pos: int, feature: int) -> float:
     return float(fz.acts[layer][pos][hit].sum())
 
 
-def _setting_by_layer(setting: Setting, transcoders: dict[int, Transcoder]) -> dict[int, list]:
-    out: dict[int, list] = {}
-    for (layer, pos, feature), value in setting.items():
-        if layer not in transcoders:
-            raise ValueError(f"layer {layer} has no transcoder, so its features cannot be set")
-        out.setdefault(layer, []).append((pos, feature, value))
-    return out
+def _check_layers(settings: list[Setting], transcoders: dict[int, Transcoder]) -> None:
+    for setting in settings:
+        for layer, _, _ in setting:
+            if layer not in transcoders:
+                raise ValueError(f"layer {layer} has no transcoder, so its features cannot be set")
 
 
-def _model_hook(tc: Transcoder, fz: FrozenStep, layer: int, changes: list):
-    """The real MLP output plus (new − old) × decoder row at each changed position."""
-    delta = torch.zeros_like(fz.embed)
-    for pos, feature, value in changes:
-        delta[pos] += (value - current_value(fz, layer, pos, feature)) * tc.W_dec[feature]
-    return lambda mod, args, out: out + delta[None].to(out.dtype)
+def _model_hook(transcoders: dict[int, Transcoder], fz: FrozenStep, layer: int, settings: list[Setting]):
+    """The real MLP output plus, in batch row b, (new − old) × decoder row at each position settings[b] changes."""
+    delta = fz.embed.new_zeros(len(settings), *fz.embed.shape)
+    for b, setting in enumerate(settings):
+        for (lay, pos, feature), value in setting.items():
+            if lay == layer:
+                delta[b, pos] += (value - current_value(fz, layer, pos, feature)) * transcoders[layer].W_dec[feature]
+    return lambda mod, args, out: out + delta.to(out.dtype)
 
 
-def _replacement_hook(tc: Transcoder | None, fz: FrozenStep, layer: int, changes: list):
+def _replacement_hook(tc: Transcoder | None, fz: FrozenStep, layer: int, settings: list[Setting]):
     """The transcoder (its TopK recomputed on the live input, changed features set) plus the frozen error;
     a layer without a transcoder keeps its recorded output."""
     def hook(mod, args, out):
+        B, T, D = out.shape
         if tc is None:
-            return fz.error[layer][None].to(out.dtype)
-        m = args[0][0].float()
+            return fz.error[layer].expand(B, T, D).to(out.dtype)
+        m = args[0].reshape(B * T, D).float()
         enc = tc.encode(m)
         acts, extra = enc.acts.clone(), torch.zeros_like(m)
-        for pos, feature, value in changes:
-            hit = enc.indices[pos] == feature
-            if hit.any():
-                acts[pos][hit] = value
-            else:
-                extra[pos] += value * tc.W_dec[feature]
-        return (tc.decode(acts, enc.indices, m) + fz.error[layer] + extra)[None].to(out.dtype)
+        for b, setting in enumerate(settings):
+            for (lay, pos, feature), value in setting.items():
+                if lay != layer:
+                    continue
+                row = b * T + pos
+                hit = enc.indices[row] == feature
+                if hit.any():
+                    acts[row][hit] = value
+                else:
+                    extra[row] += value * tc.W_dec[feature]
+        y = tc.decode(acts, enc.indices, m) + extra
+        return (y.view(B, T, D) + fz.error[layer]).to(out.dtype)
     return hook
 
 
 @contextlib.contextmanager
-def patched(model: DiffusionLM, transcoders: dict[int, Transcoder], fz: FrozenStep, setting: Setting,
+def patched(model: DiffusionLM, transcoders: dict[int, Transcoder], fz: FrozenStep, settings: list[Setting],
             replacement: bool = False):
-    """Inside: the model runs with the intervention, on its own MLPs (default) or on the replacement model
-    (transcoders plus frozen errors at every layer; attention and norms live in both)."""
-    by_layer = _setting_by_layer(setting, transcoders)
+    """Inside: batch row b of a forward pass runs with intervention settings[b], on the model's own MLPs
+    (default) or on the replacement model (transcoders plus frozen errors at every layer; attention and
+    norms live in both)."""
+    _check_layers(settings, transcoders)
     if replacement:
-        hooks = {layer: _replacement_hook(transcoders.get(layer), fz, layer, by_layer.get(layer, []))
+        hooks = {layer: _replacement_hook(transcoders.get(layer), fz, layer, settings)
                  for layer in range(fz.num_layers)}
     else:
-        hooks = {layer: _model_hook(transcoders[layer], fz, layer, ch) for layer, ch in by_layer.items()}
+        touched = {lay for setting in settings for lay, _, _ in setting}
+        hooks = {layer: _model_hook(transcoders, fz, layer, settings) for layer in touched}
     handles = [model.blocks[layer].mlp.register_forward_hook(h) for layer, h in hooks.items()]
     try:
         yield
@@ -87,17 +95,34 @@ def patched(model: DiffusionLM, transcoders: dict[int, Transcoder], fz: FrozenSt
 
 
 @torch.no_grad()
-def run_step(model: DiffusionLM, transcoders: dict[int, Transcoder], fz: FrozenStep, positions: list[int],
-             targets: list[int], setting: Setting | None = None, replacement: bool = False
-             ) -> tuple[torch.Tensor, list[int]]:
-    """Re-run the step: the targets' log-probabilities (n,) and the model's top token at each position
-    (what a temperature-0 step would commit there)."""
-    with patched(model, transcoders, fz, setting or {}, replacement):
-        logits = model(fz.tokens[None]).logits[0, positions].float()
-    logits[:, model.cfg.bos_id] = float("-inf")  # as the sampler: a continuation never starts a document
-    logp = torch.log_softmax(logits, -1)
-    wanted = torch.tensor(targets, device=logp.device)[:, None]
-    return logp.gather(-1, wanted)[:, 0], logp.argmax(-1).tolist()
+def run_steps(model: DiffusionLM, transcoders: dict[int, Transcoder], fz: FrozenStep, positions: list[int],
+              targets: list[int], settings: list[Setting], replacement: bool = False, batch_size: int = 64
+              ) -> tuple[torch.Tensor, list[list[int]]]:
+    """Re-run the step once per setting, `batch_size` at a time: the targets' log-probabilities (S, n) and
+    the model's top token at each position (what a temperature-0 step would commit there)."""
+    select = torch.zeros_like(fz.tokens, dtype=torch.bool)
+    select[positions] = True  # the vocabulary projection only where it is read
+    back = torch.tensor(positions).argsort().argsort()  # rows come in ascending position order
+    wanted = torch.tensor(targets, device=fz.tokens.device)[None, :, None]
+    logps, tops = [], []
+    for i in range(0, len(settings), batch_size):
+        part = settings[i:i + batch_size]
+        B = len(part)
+        with patched(model, transcoders, fz, part, replacement):
+            logits = model(fz.tokens.expand(B, -1), select=select.expand(B, -1)).logits.float()
+        logits = logits.view(B, len(positions), -1)[:, back]
+        logits[..., model.cfg.bos_id] = float("-inf")  # as the sampler: a continuation never starts a document
+        logp = torch.log_softmax(logits, -1)
+        logps.append(logp.gather(-1, wanted.expand(B, -1, -1))[..., 0])
+        tops += logp.argmax(-1).tolist()
+    return torch.cat(logps), tops
+
+
+def run_step(model, transcoders, fz: FrozenStep, positions: list[int], targets: list[int],
+             setting: Setting | None = None, replacement: bool = False) -> tuple[torch.Tensor, list[int]]:
+    """One setting (none: the step as it ran): the targets' log-probabilities (n,) and top tokens."""
+    logp, tops = run_steps(model, transcoders, fz, positions, targets, [setting or {}], replacement)
+    return logp[0], tops[0]
 
 
 def node_key(g: Graph, i: int) -> tuple[int, int, int]:
@@ -120,18 +145,21 @@ class Check:
                 "replacement_dlogp": [round(x, 5) for x in self.replacement], "committed_token_changes": self.flipped}
 
 
-def ablate(model, transcoders, fz: FrozenStep, g: Graph, effects: torch.Tensor, nodes: list[int],
-           base: torch.Tensor, base_top: list[int], replacement: bool = True) -> Check:
-    """Ablate feature nodes together; predicted Δ log p = −Σ total effects (d log p = d value to first
-    order). Measured in the model, and (with `replacement`) in the replacement model, whose base is the
-    model's own (its errors make it exact)."""
-    setting = {node_key(g, i): 0.0 for i in nodes}
-    logp, top = run_step(model, transcoders, fz, g.positions, g.targets, setting)
-    in_replacement = (run_step(model, transcoders, fz, g.positions, g.targets, setting, replacement=True)[0] - base
-                      ).tolist() if replacement else []
-    predicted = (-effects[:, nodes].sum(1)).tolist()
-    flipped = [a != b for a, b in zip(top, base_top)]
-    return Check(nodes, predicted, (logp - base).tolist(), in_replacement, flipped)
+def ablate(model, transcoders, fz: FrozenStep, g: Graph, effects: torch.Tensor, node_sets: list[list[int]],
+           base: torch.Tensor, base_top: list[int], replacement: bool = True) -> list[Check]:
+    """Ablate each set of feature nodes (a set's nodes together), all sets batched; predicted Δ log p =
+    −Σ total effects (d log p = d value to first order). Measured in the model, and (with `replacement`)
+    in the replacement model, whose base is the model's own (its errors make it exact)."""
+    settings = [{node_key(g, i): 0.0 for i in nodes} for nodes in node_sets]
+    logp, tops = run_steps(model, transcoders, fz, g.positions, g.targets, settings)
+    in_replacement = (run_steps(model, transcoders, fz, g.positions, g.targets, settings, replacement=True)[0]
+                      - base).tolist() if replacement else [[] for _ in node_sets]
+    checks = []
+    for k, nodes in enumerate(node_sets):
+        predicted = (-effects[:, nodes].sum(1)).tolist()
+        flipped = [a != b for a, b in zip(tops[k], base_top)]
+        checks.append(Check(nodes, predicted, (logp[k] - base).tolist(), in_replacement[k], flipped))
+    return checks
 
 
 def random_like(g: Graph, nodes: list[int], rng: random.Random) -> list[int]:
@@ -166,15 +194,10 @@ class Faithfulness:
 def faithfulness(model, transcoders, fz, g: Graph, effects: torch.Tensor, nodes: list[int], base: torch.Tensor,
                  base_top: list[int], draws: int, seed: int = 0) -> Faithfulness:
     """Ablate the cited nodes, then `draws` random sets like them; score = how often the cited drop is larger."""
-    cited = ablate(model, transcoders, fz, g, effects, nodes, base, base_top)
     rng = random.Random(seed)
-    drops = []
-    for _ in range(draws):
-        other = random_like(g, nodes, rng)
-        if other:
-            c = ablate(model, transcoders, fz, g, effects, other, base, base_top, replacement=False)
-            drops.append(-sum(c.measured) / len(c.measured))
+    others = [o for o in (random_like(g, nodes, rng) for _ in range(draws)) if o]
+    cited, *randoms = ablate(model, transcoders, fz, g, effects, [nodes] + others, base, base_top, replacement=False)
+    drops = [-sum(c.measured) / len(c.measured) for c in randoms]
     mine = -sum(cited.measured) / max(1, len(cited.measured))
     score = sum(1.0 if mine > d else 0.5 if mine == d else 0.0 for d in drops) / len(drops) if drops else float("nan")
     return Faithfulness(cited, drops, score)
-

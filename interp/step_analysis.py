@@ -64,28 +64,32 @@ def strongest_path(g: Graph, pr: Pruned) -> list[int]:
     """The input → feature(s) → target path in the pruned graph whose product of row-normalised |edge|
     weights is largest (a longest-path search on the DAG). It passes through at least one feature: an
     input's direct edge to a target (a [MASK] input's prior, say) is in the parts, not in the path."""
-    A = (g.adjacency * pr.edge_mask).abs()
+    nodes = pr.nodes
+    A = g.adjacency[nodes][:, nodes].abs() * pr.edges
     W = A / A.sum(1, keepdim=True).clamp_min(1e-30)
-    N = len(W)
-    best = torch.zeros(N, device=W.device)  # best product from this node to any target
-    nxt = torch.full((N,), -1, dtype=torch.long, device=W.device)
-    best[g.target_start:] = 1.0
+    K = len(nodes)
+    best = torch.zeros(K, device=W.device)  # best product from this node to any target
+    nxt = torch.full((K,), -1, dtype=torch.long, device=W.device)
+    best[nodes >= g.target_start] = 1.0
+    feature = (nodes < g.n_features) & pr.node_mask[nodes]
     # features in decreasing layer order: each one's successors are done before it
-    for i in sorted(range(g.n_features), key=lambda i: -int(g.feature_nodes[i, 0])):
-        cand = W[:, i] * best
+    for k in sorted(feature.nonzero()[:, 0].tolist(), key=lambda k: -int(g.feature_nodes[nodes[k], 0])):
+        cand = W[:, k] * best
         j = int(cand.argmax())
         if cand[j] > 0:
-            best[i], nxt[i] = cand[j], j
-    if not g.n_features:
+            best[k], nxt[k] = cand[j], j
+    inputs = ((nodes >= g.embed_start) & (nodes < g.target_start)).nonzero()[:, 0]
+    feats = feature.nonzero()[:, 0]
+    if not len(feats) or not len(inputs):
         return []
-    via = W[:g.n_features, g.embed_start:g.target_start] * best[:g.n_features, None]  # input → first feature
+    via = W[feats][:, inputs] * best[feats, None]  # input → first feature → … → target
     if via.max() <= 0:
         return []
-    first, start = divmod(int(via.argmax()), via.shape[1])
-    path = [g.embed_start + start, first]
+    f, i = divmod(int(via.argmax()), len(inputs))
+    path = [int(inputs[i]), int(feats[f])]
     while nxt[path[-1]] >= 0:
         path.append(int(nxt[path[-1]]))
-    return path
+    return [int(nodes[k]) for k in path]
 
 
 def analyse_step(model, transcoders, tokens: torch.Tensor, positions: list[int], targets: list[int],
@@ -103,8 +107,8 @@ def analyse_step(model, transcoders, tokens: torch.Tensor, positions: list[int],
         vals = mean_effect[idx]
         order = vals.argsort(descending=True)[:st.features_per_layer]
         cited[lay] = [int(idx[o]) for o in order if vals[o] > 0]
-    checks = {i: ablate(model, transcoders, fz, g, effects, [i], base, base_top)
-              for nodes in cited.values() for i in nodes}
+    singles = [i for nodes in cited.values() for i in nodes]
+    checks = dict(zip(singles, ablate(model, transcoders, fz, g, effects, [[i] for i in singles], base, base_top)))
     everything = sorted((i for nodes in cited.values() for i in nodes), key=lambda i: -float(mean_effect[i]))
     top = everything[:st.faithfulness_features]
     faith = (faithfulness(model, transcoders, fz, g, effects, top, base, base_top, st.random_draws, st.seed)

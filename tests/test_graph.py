@@ -14,6 +14,7 @@ from interp.graph import (
     graph_scores,
     node_influence,
     normalized,
+    propagate,
     prune,
     total_effects,
 )
@@ -155,6 +156,35 @@ def test_predicted_ablations_match_measured(setup):
     print("corr", torch.corrcoef(torch.stack([pred, real]))[0, 1])
 
 
+def full_matrix_prune(g, node_threshold, edge_threshold):
+    """The reference: pruning on the full N × N matrix, the removed nodes' rows and columns zeroed."""
+    w = torch.zeros(len(g.adjacency))
+    w[g.target_start:] = 1 / len(g.targets)
+    influence = node_influence(g)
+    order = influence.sort(descending=True).values
+    cut = order[min(int(torch.searchsorted(order.cumsum(0) / order.sum(), torch.tensor(node_threshold))),
+                    len(order) - 1)]
+    keep = influence >= cut
+    keep[g.embed_start:] = True
+    A = g.adjacency.clone()
+    A[~keep] = 0
+    A[:, ~keep] = 0
+    Ahat = normalized(A)
+    scores = Ahat * (propagate(Ahat, w) + w)[:, None]  # the series (tested against the inverse above)
+    flat = scores[scores > 0].sort(descending=True).values
+    edge_cut = flat[min(int(torch.searchsorted(flat.cumsum(0) / flat.sum(), torch.tensor(edge_threshold))),
+                        len(flat) - 1)]
+    edges = (scores >= edge_cut) & (scores > 0)
+    while True:
+        before = keep.clone()
+        edges[~keep] = False
+        edges[:, ~keep] = False
+        keep[:g.embed_start] &= edges[:, :g.embed_start].any(0)
+        keep[:g.n_features] &= edges[:g.n_features].any(1)
+        if torch.equal(before, keep):
+            return keep, set(zip(*(t.tolist() for t in edges.nonzero(as_tuple=True))))
+
+
 def test_influence_and_pruning_follow_circuit_tracer(setup):
     model, tcs, tokens = setup
     g, _ = build_graph(model, tcs, tokens, POSITIONS, TARGETS)
@@ -165,7 +195,12 @@ def test_influence_and_pruning_follow_circuit_tracer(setup):
     torch.testing.assert_close(node_influence(g), closed, atol=1e-5, rtol=1e-4)
     loose, tight = prune(g, 1.0, 1.0), prune(g, 0.5, 0.9)
     assert tight.node_mask.sum() < loose.node_mask.sum() and tight.node_mask[g.embed_start:].all()
-    assert not (tight.edge_mask & ~loose.edge_mask).any()
+    edge_set = lambda pr: set(zip(*(t.tolist() for t in pr.edge_index())))  # noqa: E731
+    assert edge_set(tight) < edge_set(loose)
+    for thresholds in ((0.8, 0.98), (0.5, 0.9), (0.95, 0.999)):  # the sub-matrix path against the full matrix
+        nodes, edges = full_matrix_prune(g, *thresholds)
+        ours = prune(g, *thresholds)
+        assert torch.equal(ours.node_mask, nodes) and edge_set(ours) == edges, thresholds
     r, c = graph_scores(g)
     assert 0 < r < 1 and 0 < c < 1
     with pytest.raises(ValueError, match="node_threshold"):
@@ -183,7 +218,7 @@ def test_faithfulness_and_the_measured_score(setup):
     bad = faithfulness(model, tcs, fz, g, effects, worst, base, top, draws=10)
     assert good.cited_drop > 0 > bad.cited_drop and good.score > 0.5 > bad.score
     assert len(good.random_drops) == 10 and good.as_dict()["chance"] == 0.5
-    check = ablate(model, tcs, fz, g, effects, best[:1], base, top)
+    check = ablate(model, tcs, fz, g, effects, [best[:1]], base, top)[0]
     assert len(check.measured) == 3 and all(isinstance(x, bool) for x in check.flipped)
     assert mi_score(1.0, 1.0, 1.0) == 10 and mi_score(0.5, 0.5, 0.0) == 0 and mi_score(float("nan"), 1, 1) is None
     res = analyse_step(model, tcs, tokens, POSITIONS, TARGETS, StepSettings(features_per_layer=2, random_draws=4,

@@ -42,7 +42,7 @@ def test_graph_json_validates_against_circuit_tracer(setup, tmp_path):  # noqa: 
     assert all(n.clerp.startswith("feature ") and n.activation > 0 for n in feats)
     # the links are the pruned graph's direct effects, every one of them
     weights = sorted(link["weight"] for link in loaded["links"])
-    torch.testing.assert_close(torch.tensor(weights), g.adjacency[pr.edge_mask].sort().values)
+    torch.testing.assert_close(torch.tensor(weights), g.adjacency[pr.edge_index()].sort().values)
     assert cantor(2, 5) == 33 and len({cantor(a, b) for a in range(30) for b in range(30)}) == 900
     # a second graph joins the index instead of replacing it
     write_graph(tmp_path, export(setup, "p0_step002")[2], 0.95)
