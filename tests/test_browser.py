@@ -18,19 +18,24 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"),
                                 reason="Chromium is not installed (.ci/run installs it)")
 
 
-def browse(page: Path, tmp_path: Path, screenshot: str | None = None) -> tuple[str, str]:
-    """(rendered DOM, browser log) of a page opened from disk."""
+def browse_url(url: str, tmp_path: Path, screenshot: str | None = None) -> tuple[str, str]:
+    """(rendered DOM, browser log) of a page."""
     flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
              "--disable-component-update", "--disable-sync", "--no-first-run",
              f"--user-data-dir={tmp_path / 'profile'}",
              "--enable-logging=stderr", "--v=0", "--virtual-time-budget=5000", "--window-size=1300,900"]
-    dom = subprocess.run([*flags, "--dump-dom", page.resolve().as_uri()], capture_output=True, text=True, timeout=120)
+    dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120)
     if screenshot:
         ARTIFACTS.mkdir(exist_ok=True)
-        shot = subprocess.run([*flags, f"--screenshot={ARTIFACTS / screenshot}", page.resolve().as_uri()],
+        shot = subprocess.run([*flags, f"--screenshot={ARTIFACTS / screenshot}", url],
                               capture_output=True, text=True, timeout=120)
         assert shot.returncode == 0 and (ARTIFACTS / screenshot).stat().st_size > 10_000
     return dom.stdout, dom.stderr
+
+
+def browse(page: Path, tmp_path: Path, screenshot: str | None = None) -> tuple[str, str]:
+    """(rendered DOM, browser log) of a page opened from disk."""
+    return browse_url(page.resolve().as_uri(), tmp_path, screenshot)
 
 
 def console_errors(log: str) -> list[str]:
