@@ -16,6 +16,7 @@ from core import cli
 from core.cli import arg
 from experiment import RunFlags, SamplingFlags, ShapeFlags
 from interp.explain_stage import run_explanations
+from interp.interventions import parse_changes
 
 IGNORED = ("batch_size", "quiet")  # generate.py's flags without a meaning here
 
@@ -32,6 +33,8 @@ class ExplainConfig(SamplingFlags, ShapeFlags, RunFlags):
     faithfulness_features: int = arg(10, "the top cited features ablated together for the faithfulness check")
     random_draws: int = arg(10, "random same-layer feature sets ablated for comparison")
     graph_batch_size: int = arg(256, "graph rows (feature inputs) computed per batched backward pass")
+    intervene: str = arg("", "at every step also set these features, e.g. '1_329_9=0,0_44_3=2x' (layer_feature_"
+                             "position as in the graph's node ids = an activation, or Nx for N times the current)")
     max_new_tokens: int = arg(40, "longest LLM-written description")
     dtype: str = arg("auto", "explainer weights: auto, bfloat16, float32, float16")
     load_in_8bit: bool = arg(False, "load the explainer in 8 bits (CUDA)")
@@ -44,6 +47,7 @@ class ExplainConfig(SamplingFlags, ShapeFlags, RunFlags):
                self.graph_batch_size) <= 0:
             raise ValueError("--features_per_layer, --max_new_tokens, --faithfulness_features, --random_draws and "
                              "--graph_batch_size must be positive")
+        parse_changes(self.intervene)  # a malformed --intervene fails before any work
         for name in ("node_threshold", "edge_threshold"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"--{name} must lie in [0, 1]")

@@ -36,7 +36,8 @@ def _scores(step: dict) -> str:
     mi = sc.get("mi_score")
     rating = lambda v: "n/a" if v is None else v  # noqa: E731
     measured = (f"<b>MI score {mi:.1f}/10</b> (replacement {sc['replacement']:.2f} · completeness "
-                f"{sc['completeness']:.2f} · faithfulness {sc['faithfulness']:.2f}; "
+                f"{sc['completeness']:.2f} · faithfulness {sc['faithfulness']:.2f} = specificity "
+                f"{sc['specificity']:.2f} × agreement {sc['agreement']:.2f}; "
                 f"{sc['mi_score_if_random']:.1f} if the cited "
                 f"features were random)" if mi is not None
                 else "MI score n/a")

@@ -24,6 +24,7 @@ from interp.explain_step import (
 )
 from interp.graph import FEATURE, MASK, TARGET, TOKEN
 from interp.graph_export import graph_json, write_graph
+from interp.interventions import parse_changes
 from interp.step_analysis import MI_FORMULA, StepSettings, analyse_step
 from model.explainer import Explainer
 from model.precision import autocast
@@ -93,7 +94,8 @@ def graph_record(res: dict, tok, descriptions: dict) -> dict:
             "nodes": int(g.adjacency.shape[0]), "feature_nodes": g.n_features,
             "pruned_nodes": int(pr.node_mask.sum()), "pruned_edges": pr.n_edges,
             "faithfulness": res["faith"].as_dict() if res["faith"] else None,
-            "scores": res["scores"], "logprobs": [round(x, 5) for x in res["base_logprobs"]]}
+            "scores": res["scores"], "logprobs": [round(x, 5) for x in res["base_logprobs"]],
+            "intervention": res["intervention"]}
 
 
 def explain_step(model, transcoders, tok, row: list[int], positions: list[int], targets: list[int], probs: list[float],
@@ -104,7 +106,10 @@ def explain_step(model, transcoders, tok, row: list[int], positions: list[int], 
         return {"committed": [], "per_layer_description": [], "total_description": "no token committed at this step",
                 "output_score": None, "interpretation_score": None, "raw_ratings": None, "graph": None}, {}
     x = torch.tensor(row, device=next(model.parameters()).device)
-    res = analyse_step(model, transcoders, x, positions, targets, settings)
+    try:
+        res = analyse_step(model, transcoders, x, positions, targets, settings)
+    except ValueError as e:  # an --intervene that does not fit this run
+        raise UserError(str(e)) from None
     rec = graph_record(res, tok, descriptions)
     layers = sorted(rec["layers"], key=int)
     path = " → ".join(rec["path"])
@@ -151,8 +156,9 @@ def print_step(state_text: str, prompt: str, step: int, s: dict) -> None:
     print(f"        models output score={show(s['output_score'], why)}"
           + (" (the explainer's rating)" if s["output_score"] is not None else ""))
     measured = (f"{mi:.1f}/10 measured (replacement {sc['replacement']:.2f}, completeness {sc['completeness']:.2f}, "
-                f"faithfulness {sc['faithfulness']:.2f}; {sc['mi_score_if_random']:.1f} if the cited features were "
-                "random)" if mi is not None else
+                f"faithfulness {sc['faithfulness']:.2f} = specificity {sc['specificity']:.2f} × agreement "
+                f"{sc['agreement']:.2f}; {sc['mi_score_if_random']:.1f} if the cited features were random)"
+                if mi is not None else
                 "unavailable (no committed token or no cited feature)")
     print(f"        models mechanistic interpretability score={measured}; the explainer's rating: "
           f"{show(s['interpretation_score'], why)}")
@@ -168,6 +174,12 @@ def print_step(state_text: str, prompt: str, step: int, s: dict) -> None:
             print(f"          ablating the top {f['n_ablated']} cited features: log-prob drop {f['cited_drop']:+.3f} "
                   f"measured ({f['cited_predicted_drop']:+.3f} predicted) vs {f['random_drop_mean']:+.3f} for random "
                   f"features of the same layers ({f['random_draws']} draws); committed tokens changed: {flips}")
+        iv = g.get("intervention")
+        if iv:
+            predicted = iv["predicted_dlogp"]
+            predicted = "n/a (a feature not in the graph)" if predicted is None else predicted
+            print(f"          --intervene {','.join(iv['changes'])}: Δ log p measured {iv['measured_dlogp']}, "
+                  f"predicted {predicted}; committed tokens change: {iv['committed_token_changes']}")
 
 
 def recurring(steps: list[dict]) -> list[dict]:
@@ -200,7 +212,7 @@ def run_explanations(cfg, explainer_factory=None) -> Path:
     prompts = cfg.prompts()
     cfg.check_lengths(prompts, tok, config["train"]["train_seq_len"])
     settings = StepSettings(cfg.features_per_layer, cfg.node_threshold, cfg.edge_threshold, cfg.faithfulness_features,
-                            cfg.random_draws, cfg.graph_batch_size, cfg.seed)
+                            cfg.random_draws, cfg.graph_batch_size, cfg.seed, parse_changes(cfg.intervene))
     stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
     json_path = Path(cfg.output) if cfg.output else paths.explanations(stamp) / EXPLANATIONS_FILE
     graphs = json_path.parent / (json_path.stem + "_graphs" if cfg.output else GRAPHS_DIR)

@@ -172,28 +172,52 @@ def random_like(g: Graph, nodes: list[int], rng: random.Random) -> list[int]:
     return chosen
 
 
+def agreement(measured: float, predicted: float) -> float:
+    """1 − |measured − predicted| / (|measured| + |predicted|): 1 when the graph predicted the change
+    exactly, 0.5 when off by a factor of 3, 0 for opposite signs or a change it did not see at all."""
+    size = abs(measured) + abs(predicted)
+    return 1.0 - abs(measured - predicted) / size if size > 1e-9 else 1.0
+
+
 @dataclass
 class Faithfulness:
     cited: Check  # the top-n features ablated together
     random_drops: list[float]  # the mean log-prob drop for each random draw of n features of the same layers
-    score: float  # the share of random draws whose drop the cited features' drop exceeds (ties count ½)
+    specificity: float  # the share of random draws whose drop the cited features' drop exceeds (ties ½; chance ½)
 
     @property
     def cited_drop(self) -> float:
         return -sum(self.cited.measured) / max(1, len(self.cited.measured))
 
+    @property
+    def predicted_drop(self) -> float:
+        return -sum(self.cited.predicted) / max(1, len(self.cited.predicted))
+
+    @property
+    def agreement(self) -> float:
+        """How well the graph predicted the cited features' joint ablation (see `agreement`)."""
+        return agreement(self.cited_drop, self.predicted_drop)
+
+    @property
+    def score(self) -> float:
+        """Faithfulness = specificity × agreement: the cited features matter more than random ones, and as
+        much as the graph says."""
+        return self.specificity * self.agreement
+
     def as_dict(self) -> dict:
         r = self.random_drops
         return {"n_ablated": len(self.cited.nodes), "cited_drop": round(self.cited_drop, 5),
-                "cited_predicted_drop": round(-sum(self.cited.predicted) / max(1, len(self.cited.predicted)), 5),
+                "cited_predicted_drop": round(self.predicted_drop, 5),
                 "random_drop_mean": round(sum(r) / len(r), 5) if r else None, "random_draws": len(r),
-                "faithfulness": round(self.score, 4), "chance": 0.5,
+                "specificity": round(self.specificity, 4), "specificity_chance": 0.5,
+                "agreement": round(self.agreement, 4), "faithfulness": round(self.score, 4),
                 "committed_token_changes": self.cited.flipped}
 
 
 def faithfulness(model, transcoders, fz, g: Graph, effects: torch.Tensor, nodes: list[int], base: torch.Tensor,
                  base_top: list[int], draws: int, seed: int = 0) -> Faithfulness:
-    """Ablate the cited nodes, then `draws` random sets like them; score = how often the cited drop is larger."""
+    """Ablate the cited nodes, then `draws` random sets like them: how often the cited drop is larger
+    (specificity), and how close the graph's predicted drop came (agreement)."""
     rng = random.Random(seed)
     others = [o for o in (random_like(g, nodes, rng) for _ in range(draws)) if o]
     cited, *randoms = ablate(model, transcoders, fz, g, effects, [nodes] + others, base, base_top, replacement=False)
@@ -201,3 +225,55 @@ def faithfulness(model, transcoders, fz, g: Graph, effects: torch.Tensor, nodes:
     mine = -sum(cited.measured) / max(1, len(cited.measured))
     score = sum(1.0 if mine > d else 0.5 if mine == d else 0.0 for d in drops) / len(drops) if drops else float("nan")
     return Faithfulness(cited, drops, score)
+
+
+@dataclass
+class Change:
+    """One feature change asked for on the command line: `{layer}_{feature}_{position}=value`, the node id
+    circuit-tracer's viewer shows; the value is an activation, or `Nx` for N × the current one."""
+    layer: int
+    feature: int
+    position: int
+    value: float
+    relative: bool
+
+    def target(self, fz: FrozenStep) -> float:
+        return self.value * current_value(fz, self.layer, self.position, self.feature) if self.relative else self.value
+
+
+def parse_changes(spec: str) -> list[Change]:
+    """'1_329_9=0,0_44_3=2x' → changes (ValueError naming the bad part)."""
+    out = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        try:
+            node, value = part.split("=")
+            layer, feature, position = (int(x) for x in node.split("_"))
+            relative = value.strip().endswith("x")
+            out.append(Change(layer, feature, position, float(value.strip().rstrip("x")), relative))
+        except ValueError:
+            raise ValueError(f"--intervene: {part!r} is not layer_feature_position=value (value: a number, or "
+                             "Nx for N times the current activation)") from None
+    return out
+
+
+def intervene(model, transcoders, fz: FrozenStep, g: Graph, effects: torch.Tensor, changes: list[Change],
+              base: torch.Tensor, base_top: list[int]) -> dict:
+    """Apply the changes together: the measured Δ log p in the model, whether the committed tokens change,
+    and the graph's first-order prediction (only when every changed feature is a node of the graph)."""
+    for c in changes:
+        if c.layer not in transcoders or not 0 <= c.position < len(fz.tokens):
+            raise ValueError(f"--intervene {c.layer}_{c.feature}_{c.position}: no transcoder at layer {c.layer}, or "
+                             f"position {c.position} is outside the step's {len(fz.tokens)} positions")
+    setting = {(c.layer, c.position, c.feature): c.target(fz) for c in changes}
+    logp, top = run_step(model, transcoders, fz, g.positions, g.targets, setting)
+    keys = {tuple(k): i for i, k in enumerate(g.feature_nodes.tolist())}
+    nodes = [keys.get((c.layer, c.position, c.feature)) for c in changes]
+    predicted = None
+    if all(i is not None for i in nodes):
+        scale = torch.tensor([(setting[(c.layer, c.position, c.feature)] - float(g.activations[i])) /
+                              float(g.activations[i]) for c, i in zip(changes, nodes)], device=effects.device)
+        predicted = [round(x, 5) for x in (effects[:, nodes] * scale).sum(1).tolist()]
+    return {"changes": [f"{c.layer}_{c.feature}_{c.position}={setting[(c.layer, c.position, c.feature)]:.4g}"
+                        for c in changes],
+            "predicted_dlogp": predicted, "measured_dlogp": [round(x, 5) for x in (logp - base).tolist()],
+            "committed_token_changes": [a != b for a, b in zip(top, base_top)]}

@@ -3,21 +3,23 @@ committed tokens' values, the features on the strongest paths, the strongest pat
 intervention checks, and the measured mechanistic-interpretability score.
 
     MI score = 10 × (replacement × completeness × faithfulness)^(1/3)
+    faithfulness = specificity × agreement
 
-replacement and completeness as circuit-tracer defines them (interp/graph.py), faithfulness the share
-of random same-layer feature sets whose ablation hurts the committed tokens less than ablating the
-cited ones (chance 0.5). Any factor near 0 pulls the score to 0; a graph of random features scores
-about 10 × (r × c × 0.5)^(1/3).
+replacement and completeness as circuit-tracer defines them (interp/graph.py); specificity the share of
+random same-layer feature sets whose joint ablation hurts the committed tokens less than ablating the
+top cited features (chance 0.5); agreement how close the graph's predicted drop for that ablation came
+to the measured one (interp/interventions.py). Any factor near 0 pulls the score to 0; with random
+cited features (specificity 0.5) the score would be about 10 × (r × c × 0.5 × agreement)^(1/3).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from interp.graph import FEATURE, MASK, TARGET, TOKEN, Graph, Pruned, build_graph, graph_scores, prune, total_effects
-from interp.interventions import ablate, faithfulness, node_key, run_step
+from interp.graph import MASK, Graph, Pruned, build_graph, graph_scores, prune, total_effects
+from interp.interventions import ablate, faithfulness, intervene, run_step
 
 
 @dataclass
@@ -29,9 +31,11 @@ class StepSettings:
     random_draws: int = 10  # random same-layer sets to compare with
     graph_batch_size: int = 256
     seed: int = 0
+    changes: list = field(default_factory=list)  # interventions.Change: the user's --intervene, at every step
 
 
-MI_FORMULA = "10 × (replacement × completeness × faithfulness)^(1/3)"
+MI_FORMULA = ("10 × (replacement × completeness × faithfulness)^(1/3), faithfulness = specificity × agreement "
+              "(interp/step_analysis.py)")
 
 
 def mi_score(replacement: float, completeness: float, faith: float) -> float | None:
@@ -103,32 +107,26 @@ def analyse_step(model, transcoders, tokens: torch.Tensor, positions: list[int],
     base, base_top = run_step(model, transcoders, fz, positions, targets)
     cited: dict[int, list[int]] = {}
     for lay in range(g.num_layers):
-        idx = (g.feature_nodes[:, 0] == lay).nonzero()[:, 0] if g.n_features else torch.zeros(0, dtype=torch.long)
+        idx = (g.feature_nodes[:, 0] == lay).nonzero()[:, 0]
         vals = mean_effect[idx]
         order = vals.argsort(descending=True)[:st.features_per_layer]
         cited[lay] = [int(idx[o]) for o in order if vals[o] > 0]
     singles = [i for nodes in cited.values() for i in nodes]
-    checks = dict(zip(singles, ablate(model, transcoders, fz, g, effects, [[i] for i in singles], base, base_top)))
+    checks = dict(zip(singles, ablate(model, transcoders, fz, g, effects, [[i] for i in singles], base, base_top)
+                      if singles else []))
     everything = sorted((i for nodes in cited.values() for i in nodes), key=lambda i: -float(mean_effect[i]))
     top = everything[:st.faithfulness_features]
     faith = (faithfulness(model, transcoders, fz, g, effects, top, base, base_top, st.random_draws, st.seed)
              if top else None)
     score = mi_score(replacement, completeness, faith.score) if faith else None
+    asked = intervene(model, transcoders, fz, g, effects, st.changes, base, base_top) if st.changes else None
     return {"graph": g, "pruned": pr, "effects": effects, "cited": cited, "checks": checks, "faith": faith,
             "scores": {"replacement": replacement, "completeness": completeness,
+                       "specificity": faith.specificity if faith else None,
+                       "agreement": faith.agreement if faith else None,
                        "faithfulness": faith.score if faith else None, "mi_score": score,
-                       "mi_score_if_random": mi_score(replacement, completeness, 0.5)},
-            "parts": layer_parts(g), "path": strongest_path(g, pr), "base_logprobs": base.tolist()}
+                       "mi_score_if_random": mi_score(replacement, completeness, 0.5 * faith.agreement)
+                       if faith else None},
+            "parts": layer_parts(g), "path": strongest_path(g, pr), "base_logprobs": base.tolist(),
+            "intervention": asked}
 
-
-def describe_node(g: Graph, i: int, text) -> str:
-    """A short name for node i; `text(ids)` decodes token ids."""
-    kind = g.kind(i)
-    layer, pos = g.where(i)
-    if kind == FEATURE:
-        return f"L{layer} f{node_key(g, i)[2]}@{pos}"
-    if kind == TARGET:
-        return f"{text([g.targets[i - g.target_start]])!r}@{pos}"
-    if kind in (TOKEN, MASK):
-        return f"input {'[MASK]' if kind == MASK else repr(text([g.tokens[pos]]))}@{pos}"
-    return f"L{layer} error@{pos}"

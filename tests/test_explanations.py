@@ -92,7 +92,9 @@ def test_tokens_explainer_end_to_end(tiny_descriptions, tiny_run, tmp_path):
             assert all(c["total_effect"] > 0 and len(c["check"]["measured_dlogp"]) == len(s["committed"])
                        for c in v["cited"])
         assert len(s["per_layer_description"]) == 2 and s["committed"][0]["prob"] > 0
+        sc = g["scores"]
         assert g["path"][0].startswith(("input", "[MASK]")) and 0 <= sc["faithfulness"] <= 1
+        assert sc["faithfulness"] == pytest.approx(sc["specificity"] * sc["agreement"])
         graph = json.loads((out.parent / g["file"]).read_text())
         assert {n["feature_type"] for n in graph["nodes"]} >= {"embedding", "logit"} and graph["links"]
     index = json.loads((out.parent / "x_graphs" / "graph-metadata.json").read_text())
@@ -167,3 +169,10 @@ def test_generate_flags_without_a_meaning_here_are_reported_as_ignored(capsys):
     cfg = cli.parse_config(ExplainConfig, [*REFERENCE, "--batch_size", "4", "--quiet"], ignored=IGNORED)
     assert capsys.readouterr().out.strip() == "ignored by this stage: --batch_size, --quiet"
     assert (cfg.gen_length, cfg.num_generate_steps, cfg.remasking) == (32, 32, "low_confidence")
+
+
+def test_intervene_flag_errors_are_one_line(tiny_descriptions, tiny_run):
+    base = ["generate_descriptions.py", "--train_folder", str(tiny_run), "--explainer", "tokens", "--device", "cpu",
+            "--prompt", "The capital of France is", "--gen_length", "2", "--num_generate_steps", "2"]
+    assert_one_line_error(run_cli([*base, "--intervene", "1_5=0"]), "is not layer_feature_position=value")
+    assert_one_line_error(run_cli([*base, "--intervene", "7_5_3=0"]), "no transcoder at layer 7")

@@ -18,7 +18,16 @@ from interp.graph import (
     prune,
     total_effects,
 )
-from interp.interventions import ablate, faithfulness, run_step
+from interp.interventions import (
+    Change,
+    ablate,
+    agreement,
+    faithfulness,
+    intervene,
+    parse_changes,
+    run_step,
+    run_steps,
+)
 from interp.replacement import _heads, _merge, freeze, linear_forward, target_cotangents
 from interp.step_analysis import StepSettings, analyse_step, layer_parts, mi_score
 from model.diffusion import DiffusionLM, ModelConfig
@@ -216,8 +225,11 @@ def test_faithfulness_and_the_measured_score(setup):
     worst = effects.mean(0)[:g.n_features].argsort()[:3].tolist()
     good = faithfulness(model, tcs, fz, g, effects, best, base, top, draws=10)
     bad = faithfulness(model, tcs, fz, g, effects, worst, base, top, draws=10)
-    assert good.cited_drop > 0 > bad.cited_drop and good.score > 0.5 > bad.score
-    assert len(good.random_drops) == 10 and good.as_dict()["chance"] == 0.5
+    assert good.cited_drop > 0 > bad.cited_drop and good.specificity > 0.5 > bad.specificity
+    assert len(good.random_drops) == 10 and good.as_dict()["specificity_chance"] == 0.5
+    assert good.score == pytest.approx(good.specificity * agreement(good.cited_drop, good.predicted_drop))
+    assert agreement(1.0, 1.0) == 1 and agreement(1.0, -1.0) == 0 and agreement(3.0, 1.0) == 0.5
+    assert agreement(2.0, 0.0) == 0 and agreement(0.0, 0.0) == 1
     check = ablate(model, tcs, fz, g, effects, [best[:1]], base, top)[0]
     assert len(check.measured) == 3 and all(isinstance(x, bool) for x in check.flipped)
     assert mi_score(1.0, 1.0, 1.0) == 10 and mi_score(0.5, 0.5, 0.0) == 0 and mi_score(float("nan"), 1, 1) is None
@@ -229,3 +241,53 @@ def test_faithfulness_and_the_measured_score(setup):
     assert res["scores"]["mi_score"] == pytest.approx(mi_score(res["scores"]["replacement"],
                                                                res["scores"]["completeness"],
                                                                res["scores"]["faithfulness"]))
+
+
+def test_steering_sets_values_in_the_model_and_in_the_replacement_model(setup):
+    model, tcs, tokens = setup
+    g, fz = build_graph(model, tcs, tokens, POSITIONS, TARGETS)
+    base, _ = run_step(model, tcs, fz, POSITIONS, TARGETS)
+    layer, pos, f = g.feature_nodes[0].tolist()
+    same = {(layer, pos, f): float(g.activations[0])}  # set to its own value: nothing changes
+    for replacement in (False, True):
+        torch.testing.assert_close(run_step(model, tcs, fz, POSITIONS, TARGETS, same, replacement)[0], base,
+                                   atol=1e-5, rtol=1e-5)
+    inactive = next(x for x in range(128) if not (fz.idx[0][2] == x).any())
+    steered, _ = run_step(model, tcs, fz, POSITIONS, TARGETS, {(0, 2, inactive): 3.0})
+    delta = torch.zeros_like(fz.embed)
+    delta[2] = 3.0 * tcs[0].W_dec[inactive]  # the reference: add the decoder row by hand
+    handle = model.blocks[0].mlp.register_forward_hook(lambda m, a, out: out + delta)
+    try:
+        with torch.no_grad():
+            logits = model(tokens[None]).logits[0, POSITIONS]
+    finally:
+        handle.remove()
+    logits[:, 0] = float("-inf")
+    expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(TARGETS)[:, None])[:, 0]
+    torch.testing.assert_close(steered, expected, atol=1e-5, rtol=1e-5)
+    # batched settings give the same numbers as one at a time
+    many, _ = run_steps(model, tcs, fz, POSITIONS, TARGETS, [{}, same, {(0, 2, inactive): 3.0}], batch_size=2)
+    torch.testing.assert_close(many, torch.stack([base, base, steered]), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="layer 1 has no transcoder"):
+        run_step(model, tcs, fz, POSITIONS, TARGETS, {(1, 2, 3): 1.0})
+
+
+def test_interventions_asked_for_on_the_command_line(setup):
+    model, tcs, tokens = setup
+    assert parse_changes("2_17_5=0, 0_3_1=2.5x") == [Change(2, 17, 5, 0.0, False), Change(0, 3, 1, 2.5, True)]
+    for bad in ("2_17=0", "a_b_c=1", "2_17_5", "2_17_5=x"):
+        with pytest.raises(ValueError, match="--intervene"):
+            parse_changes(bad)
+    g, fz = build_graph(model, tcs, tokens, POSITIONS, TARGETS)
+    effects = total_effects(g)
+    base, top = run_step(model, tcs, fz, POSITIONS, TARGETS)
+    layer, pos, f = g.feature_nodes[3].tolist()
+    asked = intervene(model, tcs, fz, g, effects, [Change(layer, f, pos, 0.0, False)], base, top)
+    check = ablate(model, tcs, fz, g, effects, [[3]], base, top)[0]
+    assert asked["measured_dlogp"] == pytest.approx(check.measured, abs=1e-5)
+    assert asked["predicted_dlogp"] == pytest.approx(check.predicted, abs=1e-5)
+    doubled = intervene(model, tcs, fz, g, effects, [Change(layer, f, pos, 2.0, True)], base, top)
+    assert doubled["predicted_dlogp"] == pytest.approx([-x for x in check.predicted], abs=1e-5)  # +a vs −a
+    assert doubled["changes"] == [f"{layer}_{f}_{pos}={2 * float(g.activations[3]):.4g}"]
+    with pytest.raises(ValueError, match="no transcoder at layer 1"):
+        intervene(model, tcs, fz, g, effects, [Change(1, 0, 0, 1.0, False)], base, top)
