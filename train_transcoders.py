@@ -6,7 +6,7 @@
     torchrun --nproc_per_node 8 train_transcoders.py ...same flags...
 
 Writes experiments/X/transcoders/<checkpoint stem>/ (config.json, metrics, state_stepNNNNNN.pt and, per
-layer, layer_XX/cfg.json + sae.safetensors in EleutherAI sparsify's layout).
+layer, blocks.N.mlp/cfg.json + sae.safetensors in EleutherAI sparsify's layout, named by module path).
 """
 from __future__ import annotations
 

@@ -26,17 +26,20 @@ from experiment.paths import (
                               StagePaths,
                               checkpoint_name,
                               finished_transcoder_layers,
+                              hookpoint,
                               layer_name,
                               list_checkpoints,
                               new_run_folder,
                               resolve_checkpoint,
                               resolve_run_folder,
+                              transcoder_dir,
 )
 from experiment.record import RunLog, metadata, read_metrics, truncate_metrics
 from experiment.runs import load_run, load_transcoders, open_base_run, open_data, parse_layers, transcoder_layers
 
 __all__ = ["BatchFlags", "CONFIG_FILE", "LayersFlag", "LoopFlags", "METADATA_FILE", "NoiseFlag", "RunFlags", "RunLog",
            "SamplingFlags", "ScanFlags", "ShapeFlags", "StagePaths", "check_shape_flags", "checkpoint_name",
-           "finished_transcoder_layers", "layer_name", "list_checkpoints", "load_run", "load_transcoders", "metadata",
-           "new_run_folder", "open_base_run", "open_data", "parse_layers", "read_metrics", "resolve_checkpoint",
-           "resolve_device", "resolve_run_folder", "setup_distributed", "transcoder_layers", "truncate_metrics"]
+           "finished_transcoder_layers", "hookpoint", "layer_name", "list_checkpoints", "load_run", "load_transcoders",
+           "metadata", "new_run_folder", "open_base_run", "open_data", "parse_layers", "read_metrics",
+           "resolve_checkpoint", "resolve_device", "resolve_run_folder", "setup_distributed", "transcoder_dir",
+           "transcoder_layers", "truncate_metrics"]

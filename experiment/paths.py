@@ -3,12 +3,13 @@
     experiments/<stamp>_<name>/                 config.json, metadata.json, metrics.jsonl, log.txt, loss.png,
                                                 tokenizer.json, state_stepNNNNNN.pt
         transcoders/<checkpoint stem>/          config.json, metrics.jsonl, metrics.json, transcoders.png,
-                                                state_stepNNNNNN.pt, layer_XX/{cfg.json, sae.safetensors}
+                                                state_stepNNNNNN.pt, blocks.N.mlp/{cfg.json, sae.safetensors}
+                                                (older runs: layer_XX/, still read)
         topk/<checkpoint stem>/                 config.json, index.json, index.html, scan_state.pt (while running),
                                                 layer_XX/{features.jsonl, contexts.jsonl, arrays.safetensors,
                                                 index.html, features.js}
         descriptions/<checkpoint stem>/         descriptions.jsonl, summary.json, scores.png
-        explanations/<stamp>/                   explanations.json, report.html
+        explanations/<stamp>/                   explanations.json, report.html, graphs/ (one graph per step)
         ground_truth.json
 """
 from __future__ import annotations
@@ -57,8 +58,20 @@ GROUND_TRUTH_FILE = "ground_truth.json"
 
 
 def layer_name(layer: int) -> str:
-    """The folder of one layer's transcoder, top-k output or pages."""
+    """The folder of one layer's top-k output or pages."""
     return f"layer_{layer:02d}"
+
+
+def hookpoint(layer: int) -> str:
+    """The module a layer's transcoder reads, as `DiffusionLM.named_modules()` names it: the name of its
+    folder, so sparsify's `load_many` keys by module path and delphi's hookpoint lookup finds the module."""
+    return f"blocks.{layer}.mlp"
+
+
+def transcoder_dir(tc_dir: Path, layer: int) -> Path:
+    """A layer's transcoder folder: `blocks.N.mlp`, or a run's older `layer_XX` when only that exists."""
+    new, old = tc_dir / hookpoint(layer), tc_dir / layer_name(layer)
+    return old if not (new / WEIGHTS_FILE).exists() and (old / WEIGHTS_FILE).exists() else new
 
 
 @dataclass(frozen=True)
@@ -93,10 +106,11 @@ class StagePaths:
 
 
 def finished_transcoder_layers(tc_dir: Path) -> list[int]:
-    """The layers whose transcoder files were written (at a checkpoint or at the end of training)."""
-    pattern = re.compile(r"^layer_(\d+)$")
-    return sorted(int(m.group(1)) for p in tc_dir.glob("layer_*")
-                  if (m := pattern.match(p.name)) and (p / WEIGHTS_FILE).exists())
+    """The layers whose transcoder files were written (at a checkpoint or at the end of training), in
+    `blocks.N.mlp` folders or a run's older `layer_XX` ones."""
+    pattern = re.compile(r"^(?:blocks\.(\d+)\.mlp|layer_(\d+))$")
+    return sorted({int(m.group(1) or m.group(2)) for p in tc_dir.iterdir() if p.is_dir()
+                   and (m := pattern.match(p.name)) and (p / WEIGHTS_FILE).exists()} if tc_dir.is_dir() else set())
 
 
 def new_run_folder(name: str, root: str | os.PathLike = RUNS_DIR) -> Path:

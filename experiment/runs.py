@@ -12,7 +12,13 @@ from core.files import UserError, read_json
 from data.prepare import PrepareConfig, PreparedData, prepare_dataset
 from data.tokenizer import load_tokenizer
 from experiment.flags import check_shape_flags
-from experiment.paths import CONFIG_FILE, finished_transcoder_layers, layer_name, resolve_checkpoint, resolve_run_folder
+from experiment.paths import (
+    CONFIG_FILE,
+    finished_transcoder_layers,
+    resolve_checkpoint,
+    resolve_run_folder,
+    transcoder_dir,
+)
 from model.diffusion import DiffusionLM, ModelConfig
 from model.transcoder import Transcoder
 
@@ -68,7 +74,7 @@ def transcoder_layers(tc_dir: Path, spec: str, num_layers: int) -> list[int]:
         raise UserError(f"no transcoders in {tc_dir}: run train_transcoders.py for this checkpoint first")
     available = finished_transcoder_layers(tc_dir)
     if not available:
-        raise UserError(f"{tc_dir} has no finished transcoder (layer_XX/sae.safetensors); train_transcoders.py "
+        raise UserError(f"{tc_dir} has no finished transcoder (blocks.N.mlp/sae.safetensors); train_transcoders.py "
                         "writes them at its checkpoints and at the end")
     if spec == "all":
         return available
@@ -82,7 +88,7 @@ def transcoder_layers(tc_dir: Path, spec: str, num_layers: int) -> list[int]:
 def load_transcoders(tc_dir: Path, layers: list[int], device: torch.device | str,
                      model_dim: int) -> dict[int, Transcoder]:
     """Each layer's transcoder, checked to read the model's width."""
-    transcoders = {layer: Transcoder.load(tc_dir / layer_name(layer), device) for layer in layers}
+    transcoders = {layer: Transcoder.load(transcoder_dir(tc_dir, layer), device) for layer in layers}
     for layer, tc in transcoders.items():
         if tc.cfg.d_in != model_dim:
             raise UserError(f"the transcoder of layer {layer} expects width {tc.cfg.d_in}, the model has {model_dim}")

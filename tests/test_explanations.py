@@ -22,13 +22,13 @@ REFERENCE = ("--train_folder experiments/X --checkpoint_name state_step020000.pt
 @pytest.fixture(scope="module")
 def loaded(tiny_run, tiny_transcoders):
     config, model, tok, _ = load_run(tiny_run, "latest", "cpu")
-    tcs = {layer: Transcoder.load(tiny_transcoders / f"layer_{layer:02d}") for layer in (0, 1)}
+    tcs = {layer: Transcoder.load(tiny_transcoders / f"blocks.{layer}.mlp") for layer in (0, 1)}
     ids = [tok.bos_id] + tok.encode("The capital of France is") + [model.cfg.mask_id] * 3 + tok.encode(" and more")
     return model, tcs, tok, torch.tensor([ids])
 
 
 def test_graph_predictions_on_the_trained_model(loaded):
-    """On a trained model, small single-feature ablations: the graph's first-order predictions against the
+    """On a trained model, small (0.1%) single-feature ablations: the graph's first-order predictions against the
     replacement model with attention and norms live (they differ only there, so they agree to first
     order), and the model's own change (its MLPs live too: the transcoders' misses show up here)."""
     model, tcs, tok, x = loaded
@@ -40,7 +40,7 @@ def test_graph_predictions_on_the_trained_model(loaded):
     torch.testing.assert_close(base, g.logprobs, atol=1e-4, rtol=1e-4)
     replaced, _ = run_step(model, tcs, fz, positions, targets, replacement=True)
     torch.testing.assert_close(replaced, base, atol=1e-4, rtol=1e-4)  # the errors make it exact
-    eps, pred, repl, real = 0.01, [], [], []
+    eps, pred, repl, real = 1e-3, [], [], []  # small: a 1% change can already move a later TopK boundary
     for i in effects.abs().sum(0)[:g.n_features].topk(12).indices.tolist():
         layer, pos, f = g.feature_nodes[i].tolist()
         setting = {(layer, pos, f): (1 - eps) * float(g.activations[i])}
@@ -49,8 +49,8 @@ def test_graph_predictions_on_the_trained_model(loaded):
         real += (run_step(model, tcs, fz, positions, targets, setting)[0] - base).tolist()
     pred, repl, real = torch.tensor(pred), torch.tensor(repl), torch.tensor(real)
     corr = lambda a, b: float(torch.corrcoef(torch.stack([a, b]))[0, 1])  # noqa: E731
-    assert corr(pred, repl) > 0.9, (pred, repl)
-    assert corr(pred, real) > 0.5, (pred, real)  # looser: 0.78 measured; the tiny transcoders miss much
+    assert corr(pred, repl) > 0.85, (pred, repl)  # measured 0.96 (native bf16 training), 0.93 (emulated)
+    assert corr(pred, real) > 0.5, (pred, real)  # looser: 0.77 measured; the tiny transcoders miss much
 
 
 @pytest.mark.parametrize("raw,value", [("7", 7), ("I would say 8/10.", 8), ("Rating: 10", 10), ("0", None),

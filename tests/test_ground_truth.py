@@ -72,7 +72,7 @@ def test_benchmark_on_the_tiny_model(tiny_descriptions, tiny_run, tiny_transcode
     concepts = json.loads(open(f"{data}/concepts.json").read())
     best = max(result["categories"], key=lambda r: r["f1_selection"])
     ids = {c["id"] for c in concepts if c["category"] == best["category"]}
-    tc = Transcoder.load(tiny_transcoders / f"layer_{best['layer']:02d}")
+    tc = Transcoder.load(tiny_transcoders / f"blocks.{best['layer']}.mlp")
     loader = ShardLoader(data, "val", config["train"]["train_seq_len"], 8)
     fires, member = [], []
     for b, batch in enumerate(loader.sequential(4096)):

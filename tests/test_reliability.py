@@ -74,7 +74,7 @@ def test_sigkilled_transcoder_training_resumes_to_the_same_transcoders(tiny_run,
     a = torch.load(out_a / "state_step000040.pt", weights_only=True)
     b = torch.load(out_b / "state_step000040.pt", weights_only=True)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    for layer in ("layer_00", "layer_01"):
+    for layer in ("blocks.0.mlp", "blocks.1.mlp"):
         assert (out_a / layer / "sae.safetensors").read_bytes() == (out_b / layer / "sae.safetensors").read_bytes()
 
 

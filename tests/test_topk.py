@@ -76,7 +76,7 @@ def _all_latents(tiny_run, tiny_transcoders, cfg, layer):
     from experiment import load_run
 
     config, model, _, _ = load_run(tiny_run, "latest", "cpu")
-    tc = Transcoder.load(tiny_transcoders / f"layer_{layer:02d}")
+    tc = Transcoder.load(tiny_transcoders / f"blocks.{layer}.mlp")
     loader = ShardLoader(config["data"]["folder"], "train", cfg.train_seq_len, cfg.batch_size, cfg.seed)
     s = ScanSettings(n_batches=cfg.n_batches(), seed=cfg.seed, mask_ratio=cfg.mask_ratio)
     fp32 = torch.autocast("cpu", enabled=False)

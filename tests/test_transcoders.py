@@ -102,7 +102,7 @@ def test_transcoders_on_the_tiny_model(tiny_transcoders, tiny_run):
         assert summary["base_nelbo"] < m["spliced_nelbo"] < summary["base_nelbo"] + 0.5, m
     assert summary["all_nelbo"] >= max(m["spliced_nelbo"] for m in summary["layers"].values()) - 0.05
     names = {p.name for p in tiny_transcoders.iterdir()}
-    assert {"config.json", "metrics.json", "metrics.jsonl", "transcoders.png", "layer_00", "layer_01",
+    assert {"config.json", "metrics.json", "metrics.jsonl", "transcoders.png", "blocks.0.mlp", "blocks.1.mlp",
             "state_step000400.pt"} <= names
     assert tiny_transcoders == tiny_run / "transcoders" / "state_step000400"
 
@@ -114,7 +114,7 @@ def test_spliced_nelbo_goes_through_the_real_model(tiny_transcoders, tiny_run):
     from experiment import load_run
 
     config, model, tok, _ = load_run(tiny_run, "latest", "cpu")
-    tc = Transcoder.load(tiny_transcoders / "layer_01")
+    tc = Transcoder.load(tiny_transcoders / "blocks.1.mlp")
     loader = ShardLoader(config["data"]["folder"], "val", 128, 8)
     n = loader.n_sequential(8192)
     sums = {"base": torch.zeros(2, dtype=torch.float64), "tc": torch.zeros(2, dtype=torch.float64),
@@ -141,11 +141,31 @@ def test_sparsify_loads_the_files_and_computes_the_same(tiny_transcoders, tiny_r
     with torch.no_grad(), capture_mlps(model, [0]) as seen:
         model(tokens)
     x = seen[0][0].reshape(-1, model.cfg.model_dim)
-    ours = Transcoder.load(tiny_transcoders / "layer_00")
-    theirs = sparsify.SparseCoder.load_from_disk(tiny_transcoders / "layer_00")
+    ours = Transcoder.load(tiny_transcoders / "blocks.0.mlp")
+    theirs = sparsify.SparseCoder.load_from_disk(tiny_transcoders / "blocks.0.mlp")
     assert theirs.cfg.transcode and theirs.cfg.k == 8 and theirs.num_latents == 512
     with torch.no_grad():
         torch.testing.assert_close(theirs(x).sae_out, ours(x), atol=1e-4, rtol=1e-4)
+    # the folders are named by the module they read: load_many keys by module path, and each key is a module
+    many = sparsify.SparseCoder.load_many(str(tiny_transcoders), local=True)
+    assert list(many) == ["blocks.0.mlp", "blocks.1.mlp"]
+    modules = dict(model.named_modules())
+    assert all(isinstance(modules[name], type(model.blocks[0].mlp)) for name in many)
+
+
+def test_runs_with_the_older_layer_folders_still_load(tiny_transcoders, tmp_path):
+    from experiment import finished_transcoder_layers, load_transcoders, transcoder_dir
+
+    old = tmp_path / "old"
+    old.mkdir()
+    for layer in (0, 1):
+        shutil.copytree(tiny_transcoders / f"blocks.{layer}.mlp", old / f"layer_{layer:02d}")
+    assert finished_transcoder_layers(old) == [0, 1] and transcoder_dir(old, 1) == old / "layer_01"
+    loaded = load_transcoders(old, [0, 1], "cpu", 128)
+    new = Transcoder.load(tiny_transcoders / "blocks.1.mlp")
+    assert all(torch.equal(a, b) for a, b in zip(loaded[1].state_dict().values(), new.state_dict().values()))
+    shutil.copytree(tiny_transcoders / "blocks.1.mlp", old / "blocks.1.mlp")  # both: the module path wins
+    assert transcoder_dir(old, 1) == old / "blocks.1.mlp" and finished_transcoder_layers(old) == [0, 1]
 
 
 def test_resume_equals_an_uninterrupted_run(tiny_run, tmp_path, monkeypatch):

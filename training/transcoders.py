@@ -24,7 +24,7 @@ from experiment import (
     RunLog,
     StagePaths,
     checkpoint_name,
-    layer_name,
+    hookpoint,
     list_checkpoints,
     open_base_run,
     open_data,
@@ -378,7 +378,7 @@ def loop(r: Run) -> Path:
             "dead_tokens": {str(k): v.cpu() for k, v in r.dead.items()},
             "scales": {str(k): v for k, v in r.scales.items()}, "config": r.settings})
         for layer, tc in r.scaled().items():
-            tc.save(r.out_dir / layer_name(layer))
+            tc.save(r.out_dir / hookpoint(layer))
 
     run_steps(cfg, r.start, r.per_step * cfg.train_seq_len, dist.main, step, log_train, validate, save)
     dist.barrier()  # no process tears the group down while another still writes or validates
