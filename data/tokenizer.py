@@ -85,6 +85,19 @@ class Tokenizer:
         """What config.json stores to rebuild this tokenizer."""
         raise NotImplementedError
 
+    def save_for_transformers(self, folder: str | os.PathLike) -> None:
+        """Save as a `transformers` fast tokenizer with [MASK] and [PAD] registered as special tokens at
+        this project's ids, so `AutoTokenizer.from_pretrained(folder)` encodes and decodes as we do."""
+        fast = self._transformers_tokenizer()
+        fast.add_special_tokens({"mask_token": "[MASK]", "pad_token": "[PAD]"})
+        if (fast.mask_token_id, fast.pad_token_id) != (self.mask_id, self.pad_id):
+            raise UserError(f"the transformers tokenizer put [MASK]/[PAD] at {fast.mask_token_id}/"
+                            f"{fast.pad_token_id}, not {self.mask_id}/{self.pad_id}")
+        fast.save_pretrained(str(folder))
+
+    def _transformers_tokenizer(self):
+        raise NotImplementedError
+
     def save(self, folder: str | os.PathLike) -> None:
         """Write whatever `load_tokenizer(spec, folder)` needs into `folder`."""
 
@@ -140,6 +153,17 @@ class TiktokenTokenizer(Tokenizer):
     def spec(self) -> dict:
         return {"kind": "tiktoken", "name": self.name}
 
+    def _transformers_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        if self.name != "gpt2":
+            raise UserError(f"no transformers tokenizer is known for the tiktoken encoding {self.name!r}")
+        try:
+            return AutoTokenizer.from_pretrained("gpt2")  # the same BPE as tiktoken's gpt2 encoding
+        except OSError as e:
+            raise UserError(f"could not fetch the gpt2 tokenizer from the Hugging Face hub ({e.__class__.__name__})"
+                            "; export where the hub is reachable") from None
+
 
 class BPETokenizer(Tokenizer):
     """A byte-level BPE from the `tokenizers` library, stored as tokenizer.json."""
@@ -180,6 +204,13 @@ class BPETokenizer(Tokenizer):
 
     def spec(self) -> dict:
         return {"kind": "bpe", "file": TOKENIZER_FILE, "n_vocab": self.n_vocab}
+
+    def _transformers_tokenizer(self):
+        from tokenizers import Tokenizer as HFTokenizer
+        from transformers import PreTrainedTokenizerFast
+
+        tok = HFTokenizer.from_str(self.tok.to_str())  # a copy: adding tokens must not touch ours
+        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOT, eos_token=EOT)
 
     def save(self, folder: str | os.PathLike) -> None:
         write_text_atomic(Path(folder) / TOKENIZER_FILE, self.tok.to_str(pretty=True))

@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from core.files import UserError, load_checkpoint, save_checkpoint
@@ -113,9 +114,14 @@ class ModelOutput(NamedTuple):
     hidden: torch.Tensor  # (B, T, D) final normalised residual stream
 
 
-class DiffusionLM(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+class DiffusionLM(nn.Module, PyTorchModelHubMixin, library_name="pytorch", tags=["masked-diffusion", "text-diffusion"]):
+    """`save_pretrained` / `from_pretrained` / `push_to_hub` come from huggingface_hub's mixin: config.json
+    (the ModelConfig under "cfg") and model.safetensors. The training checkpoints (`save`/`load`) stay
+    the resumable format; experiment/hub.py exports a run's checkpoint with its tokenizer and model card."""
+
+    def __init__(self, cfg: ModelConfig | dict) -> None:
         super().__init__()
+        cfg = ModelConfig(**cfg) if isinstance(cfg, dict) else cfg  # from_pretrained passes config.json's dict
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.model_dim)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))

@@ -1,0 +1,92 @@
+"""A run's checkpoint on the Hugging Face Hub's terms: `python -m experiment.hub`.
+
+    python -m experiment.hub --train_folder experiments/X --checkpoint_name latest [--output DIR]
+        [--push_to_hub user/name]
+
+Writes (default `experiments/X/hub/<checkpoint stem>/`) config.json and model.safetensors through
+huggingface_hub's mixin (`DiffusionLM.from_pretrained(DIR)` loads it), the tokenizer as a `transformers`
+fast tokenizer with [MASK] and [PAD] as special tokens, and a model card (README.md) with the data,
+tokenizer, steps and validation NELBO. `--push_to_hub` uploads the folder (needs a login). The
+`state_stepNNNNNN.pt` checkpoints stay the format training resumes from.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from core import cli
+from core.cli import arg
+from experiment.flags import RunFlags
+from experiment.record import read_metrics
+from experiment.runs import load_run
+
+HUB_DIR = "hub"
+
+
+def model_card(config: dict, step: int, metrics: list[dict], tokenizer_name: str, repo: str) -> str:
+    m, t, d = config["model"], config["train"], config["data"]
+    vals = [r for r in metrics if r.get("event") == "val" and r.get("step", 0) <= step]
+    nelbo = (f"{vals[-1]['val_nelbo']:.4f} nats/token ({vals[-1]['val_bits_per_token']:.4f} bits/token, "
+             f"perplexity bound {vals[-1]['val_ppl_bound']:.2f}) on {vals[-1]['val_tokens']:,} validation tokens "
+             f"at step {vals[-1]['step']:,}") if vals else "not measured"
+    data = d.get("params", {}).get("dataset", t.get("dataset", "?"))
+    return f"""---
+library_name: pytorch
+tags: [masked-diffusion, text-diffusion, interpretability]
+---
+# {repo or "A masked-diffusion language model"}
+
+A bidirectional transformer trained as a masked (absorbing-state) diffusion language model
+(MDLM-style NELBO): {m['num_layers']} layers, width {m['model_dim']}, {m['num_heads']} heads, ReLU² MLPs,
+rotary positions, logit soft-cap {m['logit_softcap']}.
+
+- **Data:** {data} (`{Path(d.get('folder', '')).name}`)
+- **Tokenizer:** {tokenizer_name}; `[MASK]` = id {m['mask_id']}, `[PAD]` = id {m['pad_id']}, BOS = id {m['bos_id']}
+- **Training:** {step:,} steps of {t.get('batch_size')} × {t.get('grad_acc_steps', 1)} sequences of
+  {t.get('train_seq_len')} tokens, seed {t.get('seed')}
+- **Validation NELBO:** {nelbo}
+
+```python
+from model.diffusion import DiffusionLM          # this project's code
+from transformers import AutoTokenizer
+model = DiffusionLM.from_pretrained("{repo or 'DIR'}")
+tok = AutoTokenizer.from_pretrained("{repo or 'DIR'}")
+```
+"""
+
+
+def export(train_folder: str, checkpoint_name: str = "latest", output: str = "", repo: str = "") -> Path:
+    config, model, tok, ckpt = load_run(train_folder, checkpoint_name, "cpu")
+    out = Path(output) if output else Path(train_folder) / HUB_DIR / ckpt.stem
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_for_transformers(out)
+    step = int(ckpt.stem.rsplit("step", 1)[-1]) if "step" in ckpt.stem else 0
+    (out / "README.md").write_text(model_card(config, step, read_metrics(Path(train_folder)), tok.name, repo))
+    return out
+
+
+@dataclass
+class HubConfig(RunFlags):
+    """Export a run's checkpoint as a Hugging Face Hub model folder (and optionally upload it)."""
+
+    output: str = arg("", "the folder to write (default: experiments/X/hub/<checkpoint stem>/)")
+    push_to_hub: str = arg("", "upload to this Hub repository (user/name; needs `huggingface-cli login`)")
+    private: bool = arg(False, "with --push_to_hub: create the repository private")
+
+
+def main(cfg: HubConfig) -> Path:
+    out = export(cfg.train_folder, cfg.checkpoint_name, cfg.output, cfg.push_to_hub)
+    print(f"exported: {out}")
+    if cfg.push_to_hub:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        api.create_repo(cfg.push_to_hub, private=cfg.private, exist_ok=True)
+        api.upload_folder(folder_path=str(out), repo_id=cfg.push_to_hub)
+        print(f"uploaded: https://huggingface.co/{cfg.push_to_hub}")
+    return out
+
+
+if __name__ == "__main__":
+    cli.run(main, HubConfig, description=HubConfig.__doc__)
