@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import types
 import typing
+from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
 from core.files import UserError
@@ -112,14 +114,53 @@ def build_parser(cls: type, description: str, ignored: Sequence[str] = ()) -> ar
         # nargs="?": a value is optional, so a boolean flag given alone ("--quiet") is accepted too
         parser.add_argument(f"--{name}", default=None, nargs="?", const="",
                             help="accepted for a shared command line; ignored by this stage")
+    parser.add_argument("--config", default=None, metavar="FILE.json|yaml",
+                        help="flag values from a JSON or YAML file (a mapping of flag names to values); flags "
+                             "given on the command line override it")
     return parser
+
+
+def read_config_file(path: str) -> dict:
+    """A JSON or YAML mapping of flag names (without dashes) to values; anything else is a UserError."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"--config {path}: cannot read it ({e.strerror or e})") from None
+    try:
+        if p.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(text)
+        else:
+            values = json.loads(text)
+    except Exception as e:  # json.JSONDecodeError, yaml.YAMLError
+        raise UserError(f"--config {path}: not valid {'YAML' if p.suffix.lower() in ('.yaml', '.yml') else 'JSON'} "
+                        f"({str(e).splitlines()[0][:120]})") from None
+    if not isinstance(values, dict):
+        raise UserError(f"--config {path}: expected a mapping of flag names to values")
+    return {str(k).lstrip("-"): v for k, v in values.items()}
 
 
 def parse_config(cls: type, argv: Sequence[str] | None = None, description: str = "",
                  ignored: Sequence[str] = ()) -> Any:
     """Parse argv into `cls`; flags in `ignored` are accepted and reported once."""
     parser = build_parser(cls, description or (cls.__doc__ or ""), ignored)
+    known, _ = parser.parse_known_args(argv)
+    if known.config:  # the file's values become defaults, so the command line still wins
+        values = read_config_file(known.config)
+        names = {f.name for f in dataclasses.fields(cls)} | set(ignored)
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise UserError(f"--config {known.config}: unknown flag(s) {', '.join(unknown)}")
+        lists = {a.dest for a in parser._actions if isinstance(a, argparse._AppendAction)}
+        parser.set_defaults(**{k: v for k, v in values.items() if k not in lists})
     ns = vars(parser.parse_args(argv))
+    if known.config:  # a list flag given on the command line replaces the file's list instead of extending it
+        for k in lists & set(values):
+            if ns[k] is None:
+                ns[k] = list(values[k]) if isinstance(values[k], list) else [values[k]]
+    ns.pop("config")
     given_ignored = [n for n in ignored if ns.pop(n) is not None]
     if given_ignored:
         print("ignored by this stage: " + ", ".join(f"--{n}" for n in given_ignored))
@@ -146,6 +187,13 @@ def run(main: Callable[[Any], Any], cls: type, argv: Sequence[str] | None = None
 
 
 def given_flags(argv: Sequence[str] | None = None) -> set[str]:
-    """The names of the flags that appear on the command line (to tell a typed value from a default)."""
-    argv = sys.argv[1:] if argv is None else argv
-    return {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
+    """The names of the flags that appear on the command line or in its --config file (to tell a value the
+    user gave from a default)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    names = {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
+    for i, a in enumerate(argv):
+        path = a.split("=", 1)[1] if a.startswith("--config=") else argv[i + 1] if a == "--config" and i + 1 < len(
+            argv) else None
+        if path:
+            names |= set(read_config_file(path))
+    return names - {"config"}

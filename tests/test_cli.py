@@ -56,3 +56,44 @@ def test_help_lists_every_field_with_default():
 def test_validation_error_is_one_line():
     proc = run_cli(["-m", "data.prepare", "--dataset", "synthetic", "--shard_size", "0"])
     assert_one_line_error(proc, "--shard_size must be positive")
+
+
+def test_config_files_with_the_command_line_on_top(tmp_path):
+    from core.files import UserError
+
+    js = tmp_path / "c.json"
+    js.write_text('{"train_seq_len": 4096, "save_model": true, "prompt": ["x", "y"], "mode": "b"}')
+    cfg = parse_config(Demo, ["--config", str(js)])
+    assert (cfg.train_seq_len, cfg.save_model, cfg.prompt, cfg.mode, cfg.lr) == (4096, True, ["x", "y"], "b", 0.02)
+    cfg = parse_config(Demo, ["--config", str(js), "--train_seq_len", "512", "--prompt", "z", "--save_model", "False"])
+    assert (cfg.train_seq_len, cfg.prompt, cfg.save_model, cfg.mode) == (512, ["z"], False, "b")  # flags win
+    yml = tmp_path / "c.yaml"
+    yml.write_text("train_seq_len: 4_096\nlr: 0.001\nlimit: 7\n")
+    cfg = parse_config(Demo, ["--config", str(yml)])
+    assert (cfg.train_seq_len, cfg.lr, cfg.limit) == (4096, 0.001, 7)
+    bad = {"u.json": '{"train_seq_len": 4096, "trian_steps": 3}', "v.json": "{not json", "w.yaml": "- a list",
+           "x.json": '{"train_seq_len": -1}'}
+    messages = {"u.json": "unknown flag(s) trian_steps", "v.json": "not valid JSON", "w.yaml": "expected a mapping",
+                "x.json": "--train_seq_len must be positive"}
+    for name, text in bad.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(UserError, match=messages[name].replace("(", r"\(").replace(")", r"\)")):
+            parse_config(Demo, ["--config", str(tmp_path / name)])
+    with pytest.raises(UserError, match="cannot read it"):
+        parse_config(Demo, ["--config", str(tmp_path / "missing.json")])
+
+
+def test_a_stage_reads_a_config_file(tmp_path):
+    (tmp_path / "gen.yaml").write_text("gen_length: 8\nnum_generate_step: 3\n")  # a typo
+    assert_one_line_error(run_cli(["generate.py", "--train_folder", str(tmp_path / "none"), "--config",
+                                   str(tmp_path / "gen.yaml")]), "unknown flag(s) num_generate_step")
+    (tmp_path / "gen.yaml").write_text(f"gen_length: 8\ntrain_folder: {tmp_path / 'none'}\n")
+    assert_one_line_error(run_cli(["generate.py", "--config", str(tmp_path / "gen.yaml")]), "none does not exist")
+
+
+def test_values_from_a_config_file_count_as_given(tmp_path):
+    from core.cli import given_flags
+
+    (tmp_path / "c.json").write_text('{"train_steps": 10, "lr": 0.1}')
+    assert given_flags(["--config", str(tmp_path / "c.json"), "--seed", "3"]) == {"train_steps", "lr", "seed"}
+    assert given_flags([f"--config={tmp_path / 'c.json'}"]) == {"train_steps", "lr"}
