@@ -43,7 +43,7 @@ class TrainConfig(BatchFlags, LoopFlags):
     device: Optional[str] = arg(None, "cpu, cuda or cuda:N (default: cuda:0 if available, else cpu)")
     compile: Optional[bool] = arg(None, "torch.compile the blocks (default: on for CUDA, off on the CPU)")
     resume: str = arg("", "continue a run: its folder, a checkpoint file, or 'latest'")
-    wandb: bool = arg(False, "also log to Weights & Biases (needs the wandb package)")
+    wandb: bool = arg(False, "also log to Weights & Biases (needs the wandb package; a resumed run continues its run)")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -33,6 +33,7 @@ class TranscoderTrainConfig(BatchFlags, LoopFlags, LayersFlag, NoiseFlag, ShapeF
     skip_connection: bool = arg(False, "add a linear skip connection from input to output")
     resume: str = arg("", "resume (an interrupted job also resumes without it: same folder, same settings)")
     overwrite: bool = arg(False, "replace existing transcoders for this checkpoint")
+    wandb: bool = arg(False, "also log to Weights & Biases (needs the wandb package; a resumed job continues its run)")
 
     def __post_init__(self) -> None:
         super().__post_init__()

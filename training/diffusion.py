@@ -34,7 +34,7 @@ from model.distributed import Dist
 from model.objective import VAL_SEED, diffusion_loss, train_noise, val_noise
 from model.optim import build_optimizers, lr_factor, set_lr
 from model.precision import autocast as autocast_for, describe
-from training.loop import run_steps
+from training.loop import open_wandb, run_steps
 
 # Flags a resumed run must keep: they fix the model, the data or the order of batches.
 RESUME_FIXED = ("dataset", "tokenizer", "synthetic_mb", "num_layers", "num_heads", "model_dim", "mlp_ratio",
@@ -261,7 +261,7 @@ def loop(r: Run) -> Path | None:
     """Train from `r.start` to --train_steps; validate, log and save on the way."""
     cfg, dist, device, log = r.cfg, r.dist, r.device, r.log
     autocast = autocast_for(device)
-    wandb = _wandb(cfg, r.folder) if dist.main and cfg.wandb else None
+    wandb = open_wandb(dist.main and cfg.wandb, r.folder, "train_diffusion", asdict(cfg))
     interval = torch.zeros(3, dtype=torch.float64, device=device)  # loss terms since the last log line
     if r.state is not None and "loss_since_log" in r.state:  # so a resumed curve equals the uninterrupted one
         interval += r.state["loss_since_log"].to(device)
@@ -322,10 +322,3 @@ def loop(r: Run) -> Path | None:
         log(f"done: {cfg.train_steps} steps; files in {r.folder}")
     return r.folder
 
-
-def _wandb(cfg, folder: Path):
-    try:
-        import wandb
-    except ImportError:
-        raise UserError("--wandb True needs the wandb package: pip install wandb") from None
-    return wandb.init(project="diffusion-interp", name=folder.name, config=asdict(cfg), dir=str(folder))

@@ -2,7 +2,9 @@
 the same log / validate / save tail."""
 from __future__ import annotations
 
+import hashlib
 import time
+from pathlib import Path
 from typing import Callable
 
 from tqdm import tqdm
@@ -39,3 +41,19 @@ def run_steps(cfg, start: int, tokens_per_step: int, show: bool, step: Callable[
         if due(done, cfg.save_every, cfg.train_steps):
             save(done)
     bar.close()
+
+
+def open_wandb(enabled: bool, folder: Path, job: str, config: dict):
+    """A Weights & Biases run for this output folder, or None. Its id is derived from the folder, so an
+    interrupted job that resumes logs into the same W&B run (resume="allow")."""
+    if not enabled:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        from core.files import UserError
+
+        raise UserError("--wandb True needs the wandb package: pip install wandb") from None
+    run_id = hashlib.sha1(str(Path(folder).resolve()).encode()).hexdigest()[:16]
+    return wandb.init(project="diffusion-interp", name=f"{Path(folder).name} ({job})", id=run_id, resume="allow",
+                      job_type=job, config=config, dir=str(folder))

@@ -41,7 +41,7 @@ from model.objective import VAL_SEED, apply_noise, diffusion_loss, train_noise, 
 from model.optim import lr_factor
 from model.precision import autocast as autocast_for
 from model.transcoder import Transcoder, TranscoderConfig
-from training.loop import run_steps
+from training.loop import open_wandb, run_steps
 
 # Flags that define what is trained: a resumed or rerun job must keep them.
 FIXED = ("checkpoint", "layers", "expansion_factor", "k", "skip_connection", "mask_ratio", "train_seq_len",
@@ -339,6 +339,7 @@ def loop(r: Run) -> Path:
     cfg, dist, device = r.cfg, r.dist, r.device
     autocast = autocast_for(device)
     fvu: list[float] = []
+    wandb = open_wandb(dist.main and cfg.wandb, r.out_dir, "train_transcoders", asdict(cfg))
 
     def step(index: int) -> None:
         nonlocal fvu
@@ -355,8 +356,11 @@ def loop(r: Run) -> Path:
             raise UserError(f"transcoder training diverged at step {index + 1} (FVU {fvu}); lower --lr")
 
     def log_train(done: int, tokens_per_s: float) -> dict:
-        r.log.metrics({"event": "train", "step": done, "fvu": dict(zip(map(str, r.layers), fvu)),
-                       "tokens_per_s": tokens_per_s})
+        record = {"event": "train", "step": done, "fvu": dict(zip(map(str, r.layers), fvu)),
+                  "tokens_per_s": tokens_per_s}
+        r.log.metrics(record)
+        if wandb:
+            wandb.log(record, step=done)
         return {"fvu": f"{sum(fvu) / len(fvu):.3f}", "tok_s": f"{tokens_per_s:,.0f}"}
 
     def validate(done: int) -> None:
@@ -365,6 +369,8 @@ def loop(r: Run) -> Path:
               + "; ".join(f"L{layer} FVU {m['fvu']:.3f} L0 {m['l0']:.1f} dead {m['dead_fraction']:.1%} "
                           f"NELBO {m['spliced_nelbo']:.4f}" for layer, m in result["layers"].items()))
         r.log.metrics({"event": "val", "step": done, **result})
+        if wandb:
+            wandb.log(result, step=done)
         if dist.main:
             write_json_atomic(r.out_dir / TRANSCODER_SUMMARY_FILE, {"step": done, "train_steps": cfg.train_steps,
                                                                     **result})
