@@ -25,6 +25,7 @@ from experiment.paths import (
     SCORES_PLOT,
 )
 from interp.describe import clean, explain_examples, fit_prompt, tokens_description
+from interp.feature_pages import write_page_descriptions
 from interp.feature_store import PROTOCOL, read_jsonl
 from interp.scoring import judge_scores, score_sets, simulation, token_match
 from model.explainer import Explainer
@@ -270,6 +271,9 @@ def run_descriptions(cfg, explainer_factory=None) -> Path:
     write_json_atomic(out_dir / DESCRIPTIONS_SUMMARY_FILE, {"checkpoint": ckpt.name, "explainers": summary,
                                                             "held_out_noise": noise})
     plot_scores(records, out_dir / SCORES_PLOT)
+    for layer in sorted({r["layer"] for r in records}):  # the feature browser shows them
+        if (topk_dir / layer_name(layer)).is_dir():
+            write_page_descriptions(topk_dir / layer_name(layer), [r for r in records if r["layer"] == layer])
     for layer, s in sorted(summary.get(tag, {}).items(), key=lambda kv: int(kv[0])):
         parts = [(f"{k} {v['mean']:.3f}" if v["mean"] is not None else f"{k} undefined")
                  + (f" ({v['n_undefined']} of {v['n'] + v['n_undefined']} undefined)" if v["n_undefined"] else "")

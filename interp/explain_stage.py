@@ -3,13 +3,14 @@ transcoder features of every layer, describe each step, score it, print, write J
 from __future__ import annotations
 
 import datetime
+import os
 from pathlib import Path
 
 import torch
 
 from core.files import UserError, write_json_atomic
 from experiment import StagePaths, load_run, load_transcoders, resolve_device, transcoder_layers
-from experiment.paths import EXPLANATIONS_FILE, GRAPHS_DIR, REPORT_FILE
+from experiment.paths import EXPLANATIONS_FILE, GRAPHS_DIR, PAGE_FILE, REPORT_FILE, layer_name
 from interp.descriptions_stage import TOKENS, read_records
 from interp.explain_report import write_report
 from interp.explain_step import (
@@ -62,7 +63,7 @@ def node_name(g, i: int, tok, descriptions: dict) -> str:
     return f"L{layer} error@{pos}"
 
 
-def graph_record(res: dict, tok, descriptions: dict) -> dict:
+def graph_record(res: dict, tok, descriptions: dict, page_of=lambda layer, feature: None) -> dict:
     """The step's graph in numbers (means over the committed tokens, which weigh equally). `whole` is the
     targets' value, which the parts (inputs and layers) add up to; shares are parts over the gross flow
     Σ|parts|, so they stay readable when pushes for and against nearly cancel."""
@@ -84,7 +85,7 @@ def graph_record(res: dict, tok, descriptions: dict) -> dict:
                           "direct": direct, "direct_share": direct / gross, "total_effect": float(effects[:, i].mean()),
                           "description": rec.get("description", UNDESCRIBED),
                           "detection_auroc": ((rec.get("scores") or {}).get("detection") or {}).get("auroc"),
-                          "check": res["checks"][i].as_dict()})
+                          "check": res["checks"][i].as_dict(), "page": page_of(lay, feature)})
         layers[str(lay)] = {"part": totals[str(lay)], "share": totals[str(lay)] / gross, **p,
                             "other_features": p["features"] - sum(c["direct"] for c in cited), "cited": cited}
     pr = res["pruned"]
@@ -99,7 +100,8 @@ def graph_record(res: dict, tok, descriptions: dict) -> dict:
 
 
 def explain_step(model, transcoders, tok, row: list[int], positions: list[int], targets: list[int], probs: list[float],
-                 descriptions: dict, explainer, cfg, prompt_text: str, settings: StepSettings) -> tuple[dict, dict]:
+                 descriptions: dict, explainer, cfg, prompt_text: str, settings: StepSettings,
+                 page_of=lambda layer, feature: None) -> tuple[dict, dict]:
     """Everything about one denoising step (`row` is the model's input before the step), and its graph JSON."""
     committed = tok.decode(targets)
     if not positions:
@@ -110,7 +112,7 @@ def explain_step(model, transcoders, tok, row: list[int], positions: list[int], 
         res = analyse_step(model, transcoders, x, positions, targets, settings)
     except ValueError as e:  # an --intervene that does not fit this run
         raise UserError(str(e)) from None
-    rec = graph_record(res, tok, descriptions)
+    rec = graph_record(res, tok, descriptions, page_of)
     layers = sorted(rec["layers"], key=int)
     path = " → ".join(rec["path"])
     context = tok.decode(row, mask_text=" _").replace(tok.decode([tok.bos_id]), "").strip()
@@ -217,6 +219,12 @@ def run_explanations(cfg, explainer_factory=None) -> Path:
     json_path = Path(cfg.output) if cfg.output else paths.explanations(stamp) / EXPLANATIONS_FILE
     graphs = json_path.parent / (json_path.stem + "_graphs" if cfg.output else GRAPHS_DIR)
     scan = f"{folder.name}/{ckpt.name}"
+
+    def page_of(layer: int, feature: int) -> str | None:  # the feature browser's page, relative to the report
+        page = paths.topk / layer_name(layer) / PAGE_FILE
+        if not page.exists():
+            return None
+        return Path(os.path.relpath(page.resolve(), json_path.parent.resolve())).as_posix() + f"#{feature}"
     results = []
     for p, prompt in enumerate(prompts):
         with autocast(device):
@@ -231,7 +239,7 @@ def run_explanations(cfg, explainer_factory=None) -> Path:
             targets = [states[step][i] for i in new]
             probs = [float(out.probs[0, i]) for i in new]
             s, export = explain_step(model, transcoders, tok, prefix + states[step - 1], positions, targets, probs,
-                                     descriptions, explainer, cfg, prompt, settings)
+                                     descriptions, explainer, cfg, prompt, settings, page_of)
             s["step"] = step
             s["state_ids"] = states[step]
             s["state_text"] = tok.decode(states[step], mask_text=" _")

@@ -16,6 +16,9 @@ from experiment.paths import PAGE_DATA_FILE, PAGE_FILE, layer_name
 
 CHUNK = 256
 SHOWN_PER_CATEGORY = 50
+DESCRIPTIONS_JS = "descriptions.js"  # stage 5 fills it; stage 4 writes it empty so the page never misses it
+SCORE_KEYS = (("detection", "auroc", 0.5), ("fuzzing", "balanced_accuracy", 0.5), ("token_match", "correlation", 0.0),
+              ("simulation", "correlation", 0.0))  # (scorer, number, chance)
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 # The styles and the script live in assets/ as plain .css and .js files.
@@ -61,6 +64,8 @@ def write_layer_pages(folder: Path, layer: int, stats: list[dict], examples: lis
         write_text_atomic(folder / "chunks" / f"chunk_{start // CHUNK:04d}.js",
                           f"onChunk({start // CHUNK}, {json.dumps(data, ensure_ascii=False, separators=(',', ':'))});"
                           "\n")
+    if not (folder / DESCRIPTIONS_JS).exists():
+        write_text_atomic(folder / DESCRIPTIONS_JS, _js("const DESCRIPTIONS", {}))
     write_text_atomic(folder / PAGE_DATA_FILE, _js("const FEATURES", stats)
                       + _js("const META", {**meta, "layer": layer})
                       + f"const CHUNK = {CHUNK};\n")
@@ -72,10 +77,14 @@ def write_layer_pages(folder: Path, layer: int, stats: list[dict], examples: lis
                    f'activation; pick another on the left</p><h3>Top activations</h3>'
                    + static_examples(by_feature[first["feature"]]["top"][:10], first["max_activation"]))
     n_dead = sum(s["dead"] for s in stats)
+    # a link to page.html#123 opens feature 123 (stage 6's report links its cited features so)
+    start = (f"pick(hashFeature() ?? {first['feature']});" if first
+             else "if (hashFeature() !== null) pick(hashFeature());")
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>Layer {layer} features</title>
 <style>{STYLE}</style>
 <script src="{PAGE_DATA_FILE}"></script>
+<script src="{DESCRIPTIONS_JS}"></script>
 <script>{SCRIPT}</script></head>
 <body>
 <div id="list">
@@ -88,7 +97,7 @@ hidden from the model ([MASK]).</div>
 <option value="frequency">by frequency</option><option value="max_activation">by max activation</option></select>
 <div id="items"></div></div>
 <div id="detail">{initial}</div>
-<script>list(); {f"pick({first['feature']});" if first else ""}</script>
+<script>list(); {start}</script>
 </body></html>
 """
     write_text_atomic(folder / PAGE_FILE, page)
@@ -104,3 +113,21 @@ def write_root_page(out_dir: Path, layers: list[int], summary: dict) -> Path:
 <body><h1>Transcoder features</h1><ul>{items}</ul></body></html>
 """)
     return out_dir / PAGE_FILE
+
+
+def write_page_descriptions(folder: Path, records: list[dict]) -> Path:
+    """descriptions.js for one layer's page: every explainer's description of each feature with its
+    held-out scores (and their chance levels), from stage 5's records of that layer."""
+    data: dict = {}
+    for r in records:
+        if not r.get("description"):
+            continue
+        scores = {}
+        for name, key, chance in SCORE_KEYS:
+            value = (r.get("scores", {}).get(name) or {}).get(key)
+            if value is not None:
+                scores[name] = {"value": round(value, 4), "key": key, "chance": chance}
+        data.setdefault(str(r["feature"]), []).append({"explainer": r["explainer"], "description": r["description"],
+                                                      "scores": scores})
+    write_text_atomic(folder / DESCRIPTIONS_JS, _js("const DESCRIPTIONS", data))
+    return folder / DESCRIPTIONS_JS

@@ -21,6 +21,7 @@ from experiment import (
     transcoder_layers,
 )
 from experiment.paths import ARRAYS_FILE, CONTEXTS_FILE, FEATURES_FILE, INDEX_FILE, PAGE_FILE, SCAN_STATE_FILE
+from interp.feature_logits import decoder_logits
 from interp.feature_pages import write_layer_pages, write_root_page
 from interp.feature_store import (
     PROTOCOL,
@@ -102,7 +103,8 @@ def run_topk(cfg) -> Path:
         st = states[layer]
         ldir = out_dir / layer_name(layer)
         ldir.mkdir(exist_ok=True)
-        stats = feature_stats(st, n_tokens, model.cfg.vocab_size, pieces)
+        stats = [dict(row, **lens) for row, lens in zip(feature_stats(st, n_tokens, model.cfg.vocab_size, pieces),
+                                                        decoder_logits(model, transcoders[layer], pieces))]
         examples = list(feature_examples(st, s, pieces, cfg.train_seq_len, window_of))
         write_jsonl(ldir / FEATURES_FILE, stats)
         write_jsonl(ldir / CONTEXTS_FILE, examples)

@@ -59,3 +59,18 @@ def test_explanation_report_renders(tiny_descriptions, tiny_run, tmp_path):
     dom, log = browse(out.with_name("e_report.html"), tmp_path, "explanation_report.png")
     assert not console_errors(log), console_errors(log)
     assert dom.count("<tr>") >= 5 and 'class="new"' in dom and "strongest path" in dom and "MI score" in dom
+
+
+def test_feature_pages_show_descriptions_scores_and_logit_effects(tiny_descriptions, tiny_topk, tmp_path):
+    import html
+    import json
+
+    records = [json.loads(line) for line in (tiny_descriptions / "descriptions.jsonl").read_text().splitlines()]
+    rec = next(r for r in records if r["layer"] == 1 and (r["scores"].get("token_match") or {}).get("correlation"))
+    page = tiny_topk / "layer_01" / "index.html"
+    dom, log = browse_url(page.resolve().as_uri() + f"#{rec['feature']}", tmp_path, "feature_page_description.png")
+    assert not console_errors(log), console_errors(log)
+    assert f"feature {rec['feature']}</h2>" in dom and "<h3>Descriptions</h3>" in dom  # rendered, not the script
+    assert html.escape(rec["description"][:40], quote=False) in dom
+    assert f"token_match correlation {rec['scores']['token_match']['correlation']:.3f} (chance 0)" in dom
+    assert "promotes (logit)" in dom and "suppresses (logit)" in dom

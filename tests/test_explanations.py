@@ -91,6 +91,9 @@ def test_tokens_explainer_end_to_end(tiny_descriptions, tiny_run, tmp_path):
             assert abs(v["other_features"] + sum(c["direct"] for c in v["cited"]) - v["features"]) < 1e-6
             assert all(c["total_effect"] > 0 and len(c["check"]["measured_dlogp"]) == len(s["committed"])
                        for c in v["cited"])
+            for c in v["cited"]:  # each cited feature links to its page in the feature browser
+                page, _, feature = c["page"].partition("#")
+                assert (out.parent / page).exists() and int(feature) == c["feature"]
         assert len(s["per_layer_description"]) == 2 and s["committed"][0]["prob"] > 0
         sc = g["scores"]
         assert g["path"][0].startswith(("input", "[MASK]")) and 0 <= sc["faithfulness"] <= 1

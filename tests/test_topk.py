@@ -359,3 +359,22 @@ def test_a_window_read_again_in_a_later_epoch_stays_in_one_half():
     assign_splits(record, seq_len, window_of)
     halves = {e["position"] // seq_len: e["split"] for e in record["top"]}
     assert halves[0] == halves[3]
+
+
+def test_decoder_logits_match_the_models_own_readout(tiny_transcoders, tiny_run):
+    from experiment import load_run
+    from interp.feature_logits import decoder_logits
+    from model.diffusion import norm
+
+    _, model, tok, _ = load_run(tiny_run, "latest", "cpu")
+    tc = Transcoder.load(tiny_transcoders / "blocks.1.mlp")
+    pieces = [f"p{i}" for i in range(model.cfg.n_vocab)]
+    lens = decoder_logits(model, tc, pieces, k=5, chunk=100)  # chunks that do not divide the 512 features
+    assert len(lens) == tc.cfg.num_latents
+    for f in (0, 137, 511):
+        with torch.no_grad():
+            ref = model.logits(norm(tc.W_dec[f:f + 1]))[0]  # the model's own readout of a write along the row
+        assert [p for p, _ in lens[f]["promotes"]] == [f"p{i}" for i in ref.topk(5).indices.tolist()]
+        assert [p for p, _ in lens[f]["suppresses"]] == [f"p{i}" for i in (-ref).topk(5).indices.tolist()]
+        values = [v for _, v in lens[f]["promotes"]]
+        assert values == sorted(values, reverse=True) and lens[f]["suppresses"][0][1] < 0

@@ -11,7 +11,7 @@ function show(p, s){
     h += `<p>strongest path: ${esc(g.path.join(' → ') || '(none)')}</p>`;
     for (const [layer, v] of Object.entries(g.layers)) {
       h += `<h4>layer ${layer}: ${num(v.part)} (features ${num(v.features)}, error ${num(v.error)}, bias ${num(v.bias)})</h4><ol>` +
-        v.cited.map(f => `<li>#${f.feature}@${f.position} total effect ${num(f.total_effect)}, direct ${num(f.direct)}; ` +
+        v.cited.map(f => `<li>${f.page ? `<a href="${f.page}">#${f.feature}</a>` : '#' + f.feature}@${f.position} total effect ${num(f.total_effect)}, direct ${num(f.direct)}; ` +
           `ablated: predicted ${num(mean(f.check.predicted_dlogp))}, measured ${num(mean(f.check.measured_dlogp))}: ${esc(f.description)}</li>`).join('') + '</ol>';
     }
   }

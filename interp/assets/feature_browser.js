@@ -24,6 +24,11 @@ function render(f){
   h += `<tr><td>mean / max activation</td><td>${s.mean_activation.toFixed(3)} / ${s.max_activation.toFixed(3)}</td></tr>`;
   h += `<tr><td>fires at masked positions</td><td>${s.masked_fraction === null ? '–' : (100*s.masked_fraction).toFixed(1)+'%'}</td></tr>`;
   h += `<tr><td>top tokens</td><td>${s.top_tokens.map(t => esc(JSON.stringify(t[0]))+' ×'+t[1]).join(', ')}</td></tr></table>`;
+  if (s.promotes) h += `<table class="stats"><tr><td>promotes (logit)</td><td>${s.promotes.map(t => esc(JSON.stringify(t[0]))+' +'+t[1].toFixed(2)).join(', ')}</td></tr>` +
+    `<tr><td>suppresses (logit)</td><td>${s.suppresses.map(t => esc(JSON.stringify(t[0]))+' '+t[1].toFixed(2)).join(', ')}</td></tr></table>`;
+  const ds = (typeof DESCRIPTIONS !== 'undefined' ? DESCRIPTIONS : {})[f] || [];
+  if (ds.length) h += '<h3>Descriptions</h3>' + ds.map(d => `<div class="desc"><b>${esc(d.explainer)}</b>: ${esc(d.description)}<div class="meta">` +
+    (Object.entries(d.scores).map(([n, v]) => `${n} ${v.key.replace('_', ' ')} ${v.value.toFixed(3)} (chance ${v.chance})`).join(' · ') || 'not scored') + '</div></div>').join('');
   h += histSvg(s.histogram);
   if (c) for (const [cat, title] of [['top','Top activations'],['quantile','Across the activation range'],['random','Contexts where it does not fire']]) {
     if (!c[cat].length) continue;
@@ -49,5 +54,6 @@ function list(){
   document.getElementById('items').innerHTML = fs.slice(0, 2000).map(s =>
     `<div class="feat${s.dead ? ' dead' : ''}${s.feature === sel.f ? ' sel' : ''}" data-f="${s.feature}" onclick="pick(${s.feature})">#${s.feature} · ${(100*s.frequency).toFixed(3)}% · ${esc(s.top_tokens.slice(0,3).map(t => t[0]).join(' '))}</div>`).join('');
 }
+function hashFeature(){ const m = location.hash.match(/^#(\d+)$/); return m && +m[1] < FEATURES.length ? +m[1] : null; }
 window.CHUNKS = window.CHUNKS || {};
 window.onChunk = (n, data) => { window.CHUNKS[n] = data; };
