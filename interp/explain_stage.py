@@ -161,7 +161,7 @@ def print_step(state_text: str, prompt: str, step: int, s: dict) -> None:
                 f"faithfulness {sc['faithfulness']:.2f} = specificity {sc['specificity']:.2f} × agreement "
                 f"{sc['agreement']:.2f}; {sc['mi_score_if_random']:.1f} if the cited features were random)"
                 if mi is not None else
-                "unavailable (no committed token or no cited feature)")
+                "unavailable (no committed token, no cited feature, or no random set to compare with)")
     print(f"        models mechanistic interpretability score={measured}; the explainer's rating: "
           f"{show(s['interpretation_score'], why)}")
     if g:
@@ -172,16 +172,18 @@ def print_step(state_text: str, prompt: str, step: int, s: dict) -> None:
               f"nodes and {g['pruned_edges']} edges; strongest path: {' → '.join(g['path']) or '(none)'}")
         f = g["faithfulness"]
         if f:
-            flips = sum(c for c in f.get("committed_token_changes", []))
+            flips = sum(c for c in f.get("top_token_changes", []))
+            randoms = ("no random set of the same size (too few other active features)" if f["random_drop_mean"] is None
+                       else f"{f['random_drop_mean']:+.3f} for random features of the same layers "
+                            f"({f['random_draws']} draws)")
             print(f"          ablating the top {f['n_ablated']} cited features: log-prob drop {f['cited_drop']:+.3f} "
-                  f"measured ({f['cited_predicted_drop']:+.3f} predicted) vs {f['random_drop_mean']:+.3f} for random "
-                  f"features of the same layers ({f['random_draws']} draws); committed tokens changed: {flips}")
+                  f"measured ({f['cited_predicted_drop']:+.3f} predicted) vs {randoms}; top tokens changed: {flips}")
         iv = g.get("intervention")
         if iv:
             predicted = iv["predicted_dlogp"]
             predicted = "n/a (a feature not in the graph)" if predicted is None else predicted
             print(f"          --intervene {','.join(iv['changes'])}: Δ log p measured {iv['measured_dlogp']}, "
-                  f"predicted {predicted}; committed tokens change: {iv['committed_token_changes']}")
+                  f"predicted {predicted}; top tokens change: {iv['top_token_changes']}")
 
 
 def recurring(steps: list[dict]) -> list[dict]:

@@ -2,8 +2,10 @@
 
 An intervention sets features to new values at given positions (0 ablates; a multiple of the value, or
 a value for a feature that was not active, steers) and re-runs the denoising step through the real
-model: at each intervened layer the MLP's real output gets (new − old) × the feature's decoder row at
-that position, and everything downstream (attention, norms, later MLPs) is the model's own. So the
+model: at each intervened layer the MLP's real output gets (new − recorded value) × the feature's
+decoder row at that position, and everything downstream (attention, norms, later MLPs) is the model's
+own. For a set spanning layers each feature is shifted by that amount, so a later one also keeps what
+the earlier changes did to it: the same semantics as the graph's prediction, −Σ total effects. So the
 measured change is the model's, and the graph's prediction (its total effects, computed with attention
 and norms frozen) is checked against it, not against itself. The same intervention in the replacement
 model (every MLP its transcoder plus the frozen error, attention and norms live) separates the two
@@ -49,8 +51,9 @@ def _model_hook(transcoders: dict[int, Transcoder], fz: FrozenStep, layer: int, 
 
 
 def _replacement_hook(tc: Transcoder | None, fz: FrozenStep, layer: int, settings: list[Setting]):
-    """The transcoder (its TopK recomputed on the live input, changed features set) plus the frozen error;
-    a layer without a transcoder keeps its recorded output."""
+    """The transcoder (its TopK recomputed on the live input) plus the frozen error, each changed feature
+    shifted by (new − recorded value) as in the model's mode; a layer without a transcoder keeps its
+    recorded output."""
     def hook(mod, args, out):
         B, T, D = out.shape
         if tc is None:
@@ -63,11 +66,12 @@ def _replacement_hook(tc: Transcoder | None, fz: FrozenStep, layer: int, setting
                 if lay != layer:
                     continue
                 row = b * T + pos
+                shift = value - current_value(fz, layer, pos, feature)
                 hit = enc.indices[row] == feature
                 if hit.any():
-                    acts[row][hit] = value
+                    acts[row][hit] += shift
                 else:
-                    extra[row] += value * tc.W_dec[feature]
+                    extra[row] += shift * tc.W_dec[feature]
         y = tc.decode(acts, enc.indices, m) + extra
         return (y.view(B, T, D) + fz.error[layer]).to(out.dtype)
     return hook
@@ -137,12 +141,12 @@ class Check:
     predicted: list[float]  # per target (first order, frozen attention and norms)
     measured: list[float]  # per target, in the model
     replacement: list[float]  # per target, in the replacement model (transcoders + frozen errors)
-    flipped: list[bool]  # per target: the model's top token at that position changed
+    flipped: list[bool]  # per target: the model's most likely token there changed (what temperature 0 commits)
 
     def as_dict(self) -> dict:
         return {"predicted_dlogp": [round(x, 5) for x in self.predicted],
                 "measured_dlogp": [round(x, 5) for x in self.measured],
-                "replacement_dlogp": [round(x, 5) for x in self.replacement], "committed_token_changes": self.flipped}
+                "replacement_dlogp": [round(x, 5) for x in self.replacement], "top_token_changes": self.flipped}
 
 
 def ablate(model, transcoders, fz: FrozenStep, g: Graph, effects: torch.Tensor, node_sets: list[list[int]],
@@ -162,28 +166,36 @@ def ablate(model, transcoders, fz: FrozenStep, g: Graph, effects: torch.Tensor, 
     return checks
 
 
-def random_like(g: Graph, nodes: list[int], rng: random.Random) -> list[int]:
-    """As many random active feature nodes per layer as `nodes` has (none of `nodes` itself)."""
+def random_like(g: Graph, nodes: list[int], rng: random.Random) -> list[int] | None:
+    """As many random active feature nodes per layer as `nodes` has (none of `nodes` itself); None when a
+    layer has too few others for a draw of the same size (a smaller draw would flatter the cited set)."""
     chosen = []
     for layer in sorted({int(g.feature_nodes[i, 0]) for i in nodes}):
         want = sum(int(g.feature_nodes[i, 0]) == layer for i in nodes)
         pool = [i for i in (g.feature_nodes[:, 0] == layer).nonzero()[:, 0].tolist() if i not in nodes]
-        chosen += rng.sample(pool, min(want, len(pool)))
+        if len(pool) < want:
+            return None
+        chosen += rng.sample(pool, want)
     return chosen
+
+
+NOISE = 1e-5  # nats: below this a log-probability change is float32 noise
 
 
 def agreement(measured: float, predicted: float) -> float:
     """1 − |measured − predicted| / (|measured| + |predicted|): 1 when the graph predicted the change
-    exactly, 0.5 when off by a factor of 3, 0 for opposite signs or a change it did not see at all."""
+    exactly, 0.5 when off by a factor of 3, 0 for opposite signs or a change it did not see at all; 1
+    when both are below the noise floor."""
     size = abs(measured) + abs(predicted)
-    return 1.0 - abs(measured - predicted) / size if size > 1e-9 else 1.0
+    return 1.0 - abs(measured - predicted) / size if size > NOISE else 1.0
 
 
 @dataclass
 class Faithfulness:
     cited: Check  # the top-n features ablated together
     random_drops: list[float]  # the mean log-prob drop for each random draw of n features of the same layers
-    specificity: float  # the share of random draws whose drop the cited features' drop exceeds (ties ½; chance ½)
+    specificity: float | None  # the share of random draws whose drop the cited drop exceeds (ties ½; chance ½);
+    # None when no layer had enough other active features for a draw of the same size
 
     @property
     def cited_drop(self) -> float:
@@ -195,23 +207,26 @@ class Faithfulness:
 
     @property
     def agreement(self) -> float:
-        """How well the graph predicted the cited features' joint ablation (see `agreement`)."""
-        return agreement(self.cited_drop, self.predicted_drop)
+        """How well the graph predicted the cited features' joint ablation: `agreement` per committed token,
+        averaged (so errors of opposite sign on two tokens cannot cancel)."""
+        pairs = list(zip(self.cited.measured, self.cited.predicted))
+        return sum(agreement(m, p) for m, p in pairs) / len(pairs) if pairs else 1.0
 
     @property
-    def score(self) -> float:
+    def score(self) -> float | None:
         """Faithfulness = specificity × agreement: the cited features matter more than random ones, and as
         much as the graph says."""
-        return self.specificity * self.agreement
+        return None if self.specificity is None else self.specificity * self.agreement
 
     def as_dict(self) -> dict:
         r = self.random_drops
         return {"n_ablated": len(self.cited.nodes), "cited_drop": round(self.cited_drop, 5),
                 "cited_predicted_drop": round(self.predicted_drop, 5),
                 "random_drop_mean": round(sum(r) / len(r), 5) if r else None, "random_draws": len(r),
-                "specificity": round(self.specificity, 4), "specificity_chance": 0.5,
-                "agreement": round(self.agreement, 4), "faithfulness": round(self.score, 4),
-                "committed_token_changes": self.cited.flipped}
+                "specificity": None if self.specificity is None else round(self.specificity, 4),
+                "specificity_chance": 0.5, "agreement": round(self.agreement, 4),
+                "faithfulness": None if self.score is None else round(self.score, 4),
+                "top_token_changes": self.cited.flipped}
 
 
 def faithfulness(model, transcoders, fz, g: Graph, effects: torch.Tensor, nodes: list[int], base: torch.Tensor,
@@ -223,7 +238,7 @@ def faithfulness(model, transcoders, fz, g: Graph, effects: torch.Tensor, nodes:
     cited, *randoms = ablate(model, transcoders, fz, g, effects, [nodes] + others, base, base_top, replacement=False)
     drops = [-sum(c.measured) / len(c.measured) for c in randoms]
     mine = -sum(cited.measured) / max(1, len(cited.measured))
-    score = sum(1.0 if mine > d else 0.5 if mine == d else 0.0 for d in drops) / len(drops) if drops else float("nan")
+    score = sum(1.0 if mine > d else 0.5 if mine == d else 0.0 for d in drops) / len(drops) if drops else None
     return Faithfulness(cited, drops, score)
 
 
@@ -260,6 +275,9 @@ def intervene(model, transcoders, fz: FrozenStep, g: Graph, effects: torch.Tenso
               base: torch.Tensor, base_top: list[int]) -> dict:
     """Apply the changes together: the measured Δ log p in the model, whether the committed tokens change,
     and the graph's first-order prediction (only when every changed feature is a node of the graph)."""
+    keys = [(c.layer, c.feature, c.position) for c in changes]
+    if len(set(keys)) < len(keys):
+        raise ValueError("--intervene names the same layer_feature_position more than once")
     for c in changes:
         if c.layer not in transcoders or not 0 <= c.position < len(fz.tokens):
             raise ValueError(f"--intervene {c.layer}_{c.feature}_{c.position}: no transcoder at layer {c.layer}, or "
@@ -276,4 +294,4 @@ def intervene(model, transcoders, fz: FrozenStep, g: Graph, effects: torch.Tenso
     return {"changes": [f"{c.layer}_{c.feature}_{c.position}={setting[(c.layer, c.position, c.feature)]:.4g}"
                         for c in changes],
             "predicted_dlogp": predicted, "measured_dlogp": [round(x, 5) for x in (logp - base).tolist()],
-            "committed_token_changes": [a != b for a, b in zip(top, base_top)]}
+            "top_token_changes": [a != b for a, b in zip(top, base_top)]}

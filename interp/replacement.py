@@ -170,7 +170,8 @@ def target_cotangents(model: DiffusionLM, fz: FrozenStep, positions: list[int],
     with respect to the last residual (final norm frozen), (n, D), and its value as a graph target (n,):
     that gradient · the residual. With the gradient held, log p(r) ≈ log p(0) + g·r and r = 0 gives the
     uniform distribution, so the value is the first-order estimate of how far the residual stream lifts
-    the token's log-probability above log(1/V); its changes are log p's changes to first order."""
+    the token's log-probability above log(1/(n_vocab − 1)) (BOS excluded); its changes are log p's
+    changes to first order."""
     pos = torch.tensor(positions, device=fz.residual.device)
     r = fz.residual[pos].detach().requires_grad_(True)
     with torch.enable_grad():

@@ -38,8 +38,8 @@ MI_FORMULA = ("10 × (replacement × completeness × faithfulness)^(1/3), faithf
               "(interp/step_analysis.py)")
 
 
-def mi_score(replacement: float, completeness: float, faith: float) -> float | None:
-    if any(math.isnan(x) for x in (replacement, completeness, faith)):
+def mi_score(replacement: float, completeness: float, faith: float | None) -> float | None:
+    if faith is None or any(math.isnan(x) for x in (replacement, completeness, faith)):
         return None
     return 10 * max(0.0, replacement * completeness * faith) ** (1 / 3)
 

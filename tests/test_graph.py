@@ -227,9 +227,15 @@ def test_faithfulness_and_the_measured_score(setup):
     bad = faithfulness(model, tcs, fz, g, effects, worst, base, top, draws=10)
     assert good.cited_drop > 0 > bad.cited_drop and good.specificity > 0.5 > bad.specificity
     assert len(good.random_drops) == 10 and good.as_dict()["specificity_chance"] == 0.5
-    assert good.score == pytest.approx(good.specificity * agreement(good.cited_drop, good.predicted_drop))
+    per_token = [agreement(m, p) for m, p in zip(good.cited.measured, good.cited.predicted)]
+    assert good.score == pytest.approx(good.specificity * sum(per_token) / len(per_token))
     assert agreement(1.0, 1.0) == 1 and agreement(1.0, -1.0) == 0 and agreement(3.0, 1.0) == 0.5
-    assert agreement(2.0, 0.0) == 0 and agreement(0.0, 0.0) == 1
+    assert agreement(2.0, 0.0) == 0 and agreement(0.0, 0.0) == 1 and agreement(2e-9, -2e-9) == 1  # noise floor
+    # every feature of a layer cited: no random set of the same size exists, so no specificity (not NaN)
+    layer0 = (g.feature_nodes[:, 0] == 0).nonzero()[:, 0].tolist()
+    none = faithfulness(model, tcs, fz, g, effects, layer0, base, top, draws=3)
+    assert none.specificity is None and none.score is None and none.as_dict()["faithfulness"] is None
+    assert mi_score(0.9, 0.9, None) is None
     check = ablate(model, tcs, fz, g, effects, [best[:1]], base, top)[0]
     assert len(check.measured) == 3 and all(isinstance(x, bool) for x in check.flipped)
     assert mi_score(1.0, 1.0, 1.0) == 10 and mi_score(0.5, 0.5, 0.0) == 0 and mi_score(float("nan"), 1, 1) is None
@@ -291,3 +297,30 @@ def test_interventions_asked_for_on_the_command_line(setup):
     assert doubled["changes"] == [f"{layer}_{f}_{pos}={2 * float(g.activations[3]):.4g}"]
     with pytest.raises(ValueError, match="no transcoder at layer 1"):
         intervene(model, tcs, fz, g, effects, [Change(1, 0, 0, 1.0, False)], base, top)
+    with pytest.raises(ValueError, match="more than once"):
+        intervene(model, tcs, fz, g, effects, [Change(layer, f, pos, 0.0, False)] * 2, base, top)
+
+
+def test_unsorted_positions_and_a_set_across_layers(setup):
+    """Targets in any order get their own rows; a change is a shift by (new − recorded value): naming a
+    later feature at its recorded value beside an earlier ablation leaves it where that ablation moved it,
+    in both modes (a clamp would pin it back)."""
+    model, tcs, tokens = setup
+    positions, targets = [7, 4, 5], [2, 11, 13]
+    g, fz = build_graph(model, tcs, tokens, positions, targets)
+    base, _ = run_step(model, tcs, fz, positions, targets)
+    sorted_g, _ = build_graph(model, tcs, tokens, sorted(positions), [11, 13, 2])
+    torch.testing.assert_close(base, sorted_g.logprobs[[2, 0, 1]], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(base, g.logprobs, atol=1e-5, rtol=1e-5)
+    effects = total_effects(g)
+    first = int(effects[:, :g.n_features][:, g.feature_nodes[:, 0] == 0].abs().sum(0).argmax())
+    later = [i for i in range(g.n_features) if g.feature_nodes[i, 0] == 2]
+    last = max(later, key=lambda i: float(g.adjacency[i, first].abs()))  # the layer-2 feature it moves most
+    (l0, p0, f0), (l2, p2, f2) = g.feature_nodes[first].tolist(), g.feature_nodes[last].tolist()
+    alone = {(l0, p0, f0): 0.0}
+    both = {(l0, p0, f0): 0.0, (l2, p2, f2): float(g.activations[last])}  # a shift of 0 for the later one
+    for replacement in (False, True):
+        a, _ = run_step(model, tcs, fz, positions, targets, alone, replacement)
+        b, _ = run_step(model, tcs, fz, positions, targets, both, replacement)
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+        assert (a - base).abs().max() > 1e-4  # the earlier ablation does move the targets
