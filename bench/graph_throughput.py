@@ -21,10 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import CUDA as cuda, DEVICE as device, device_name, model_config  # noqa: E402
+from bench.common import CUDA as cuda, DEVICE as device, device_name, random_model  # noqa: E402
 from interp.graph import build_graph, graph_scores, prune, total_effects  # noqa: E402
 from interp.step_analysis import StepSettings, analyse_step  # noqa: E402
-from model.diffusion import DiffusionLM  # noqa: E402
 from model.sampler import SamplerConfig, generate  # noqa: E402
 from model.transcoder import Transcoder, TranscoderConfig  # noqa: E402
 
@@ -57,11 +56,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3 if cuda else 1)
     p.add_argument("--check", action="store_true", help="build the same graph on the CPU too and compare")
     args = p.parse_args()
-    torch.manual_seed(0)
-    model = DiffusionLM(model_config(args))
-    with torch.no_grad():
-        for prm in model.parameters():
-            prm.normal_(0, 0.02)
+    model = random_model(args)  # seeded, std 0.02, on the device, frozen
     tcfg = TranscoderConfig(args.model_dim, args.expansion_factor * args.model_dim, args.k)
     transcoders = {layer: Transcoder(tcfg) for layer in range(args.num_layers)}
     mc = model.cfg
@@ -71,8 +66,7 @@ def main() -> None:
     first = 1 + args.prompt_len + args.gen_length // 2
     positions = list(range(first, first + args.committed))
     targets = torch.randint(0, mc.n_vocab - 1, (args.committed,)).tolist()
-    cpu_copy = (copy.deepcopy(model), copy.deepcopy(transcoders)) if args.check else None
-    model.to(device).requires_grad_(False)
+    cpu_copy = (copy.deepcopy(model).cpu(), copy.deepcopy(transcoders)) if args.check else None
     for tc in transcoders.values():
         tc.to(device).requires_grad_(False)
     x = tokens.to(device)

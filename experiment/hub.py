@@ -17,6 +17,7 @@ from pathlib import Path
 from core import cli
 from core.cli import arg
 from experiment.flags import RunFlags
+from experiment.paths import CHECKPOINT_RE
 from experiment.record import read_metrics
 from experiment.runs import load_run
 
@@ -61,7 +62,8 @@ def export(train_folder: str, checkpoint_name: str = "latest", output: str = "",
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tok.save_for_transformers(out)
-    step = int(ckpt.stem.rsplit("step", 1)[-1]) if "step" in ckpt.stem else 0
+    m = CHECKPOINT_RE.match(ckpt.name)
+    step = int(m.group(1)) if m else 0
     (out / "README.md").write_text(model_card(config, step, read_metrics(Path(train_folder)), tok.name, repo))
     return out
 

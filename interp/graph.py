@@ -19,6 +19,7 @@ import torch
 
 from interp.replacement import FrozenStep, backward, freeze, target_cotangents
 from model.diffusion import DiffusionLM
+from model.sampler import exclude_bos
 from model.transcoder import Transcoder
 
 NODE_THRESHOLD = 0.8  # circuit-tracer's defaults
@@ -139,10 +140,8 @@ def build_graph(model: DiffusionLM, transcoders: dict[int, Transcoder], tokens: 
     A[N - n:, :N - n], B[N - n:] = columns(d), torch.stack(d.biases, 1)
     enc_bias = torch.cat([A.new_zeros(0)] + [transcoders[layer].encoder.bias[fz.idx[layer][a]]
                                              for layer, a in enumerate(active) if layer in transcoders])
-    logits = fz.logits[positions].clone()
-    logits[:, model.cfg.bos_id] = float("-inf")
-    logprobs = torch.log_softmax(logits, -1).gather(-1, torch.tensor(targets)[:, None].to(
-        fz.logits.device))[:, 0]
+    logprobs = torch.log_softmax(exclude_bos(fz.logits[positions].clone(), model.cfg.bos_id), -1)
+    logprobs = logprobs.gather(-1, torch.tensor(targets, device=logprobs.device)[:, None])[:, 0]
     graph = Graph(A, feat_nodes, acts, L, tokens.tolist(), model.cfg.mask_id, list(positions), list(targets),
                   target_values, logprobs, B, enc_bias)
     return graph, fz
@@ -240,17 +239,18 @@ def prune(g: Graph, node_threshold: float = NODE_THRESHOLD, edge_threshold: floa
             return Pruned(mask, nodes, edges, influence)
 
 
-def graph_scores(g: Graph) -> tuple[float, float]:
+def graph_scores(g: Graph, influence: torch.Tensor | None = None) -> tuple[float, float]:
     """circuit-tracer's replacement score (share of the inputs' influence on the targets that starts at an
     input node rather than an error node) and completeness score (influence-weighted share of every node's
-    inputs that do not come from error nodes)."""
+    inputs that do not come from error nodes). `influence`: `node_influence(g)` when already computed
+    (`prune` keeps it)."""
     w = target_weights(g)
-    Ahat = normalized(g.adjacency)
-    influence = propagate(Ahat, w)
+    influence = node_influence(g) if influence is None else influence
     inputs = float(influence[g.embed_start:g.target_start].sum())
     errors = float(influence[g.error_start:g.embed_start].sum())
     replacement = inputs / max(inputs + errors, 1e-30)
-    not_error = 1 - Ahat[:, g.error_start:g.embed_start].sum(1)
+    mag = g.adjacency.abs()  # the share of each row of normalized() that comes from error nodes:
+    not_error = 1 - mag[:, g.error_start:g.embed_start].sum(1) / mag.sum(1).clamp_min(1e-10)
     weight = influence + w
     return replacement, float((not_error * weight).sum() / weight.sum())
 
@@ -261,9 +261,7 @@ def total_effects(g: Graph) -> torch.Tensor:
     feature switches on or off); the direct parts are the one-edge paths."""
     values = g.values()
     unit = g.adjacency / torch.where(values == 0, torch.ones_like(values), values)[None, :]
-    out = []
-    for t in range(len(g.targets)):
-        e = torch.zeros(g.adjacency.shape[0], device=unit.device)
-        e[g.target_start + t] = 1.0
-        out.append(propagate(unit, e) * values)
-    return torch.stack(out)
+    n = len(g.targets)
+    rows = torch.zeros(n, len(unit), device=unit.device)
+    rows[torch.arange(n), g.target_start + torch.arange(n)] = 1.0  # one row per target, propagated together
+    return propagate(unit, rows) * values

@@ -23,6 +23,7 @@ import torch
 from interp.graph import Graph
 from interp.replacement import FrozenStep
 from model.diffusion import DiffusionLM
+from model.sampler import exclude_bos
 from model.transcoder import Transcoder
 
 Setting = dict[tuple[int, int, int], float]  # (layer, position, feature) → new activation
@@ -115,8 +116,7 @@ def run_steps(model: DiffusionLM, transcoders: dict[int, Transcoder], fz: Frozen
         with patched(model, transcoders, fz, part, replacement):
             logits = model(fz.tokens.expand(B, -1), select=select.expand(B, -1)).logits.float()
         logits = logits.view(B, len(positions), -1)[:, back]
-        logits[..., model.cfg.bos_id] = float("-inf")  # as the sampler: a continuation never starts a document
-        logp = torch.log_softmax(logits, -1)
+        logp = torch.log_softmax(exclude_bos(logits, model.cfg.bos_id), -1)  # as the sampler saw them
         logps.append(logp.gather(-1, wanted.expand(B, -1, -1))[..., 0])
         tops += logp.argmax(-1).tolist()
     return torch.cat(logps), tops

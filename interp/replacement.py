@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from model.diffusion import DiffusionLM, norm
+from model.sampler import exclude_bos
 from model.transcoder import Transcoder
 
 
@@ -175,9 +176,7 @@ def target_cotangents(model: DiffusionLM, fz: FrozenStep, positions: list[int],
     pos = torch.tensor(positions, device=fz.residual.device)
     r = fz.residual[pos].detach().requires_grad_(True)
     with torch.enable_grad():
-        logits = model.logits(r * fz.final_inv[pos])
-        logits[:, model.cfg.bos_id] = float("-inf")  # as the sampler: a continuation never starts a document
-        logp = torch.log_softmax(logits, -1)
+        logp = torch.log_softmax(exclude_bos(model.logits(r * fz.final_inv[pos]), model.cfg.bos_id), -1)
         picked = logp.gather(-1, torch.tensor(targets, device=r.device)[:, None]).sum()
         (grad,) = torch.autograd.grad(picked, r)
     return grad, (grad * fz.residual[pos]).sum(-1)

@@ -103,7 +103,7 @@ def analyse_step(model, transcoders, tokens: torch.Tensor, positions: list[int],
     pr = prune(g, st.node_threshold, st.edge_threshold)
     effects = total_effects(g)  # (n, N)
     mean_effect = effects.mean(0)
-    replacement, completeness = graph_scores(g)
+    replacement, completeness = graph_scores(g, pr.influence)
     base, base_top = run_step(model, transcoders, fz, positions, targets)
     cited: dict[int, list[int]] = {}
     for lay in range(g.num_layers):

@@ -56,6 +56,13 @@ class Generation(NamedTuple):
     probs: torch.Tensor  # (B, L) the model's probability of each committed token when it was committed
 
 
+def exclude_bos(logits: torch.Tensor, bos_id: int) -> torch.Tensor:
+    """The logits as the sampler draws from them, in place: BOS excluded (a continuation never starts a
+    new document)."""
+    logits[..., bos_id] = float("-inf")
+    return logits
+
+
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """Keep the top-k logits and the smallest set whose probability reaches top-p; the rest → -inf."""
     if top_k and top_k < logits.shape[-1]:
@@ -97,7 +104,7 @@ def generate(model: DiffusionLM, prompts: list[list[int]], cfg: SamplerConfig) -
             cont = x[:, P:]
             if k:
                 logits = model(x, select=region).logits.view(B, L, -1)  # (B, L, n_vocab)
-                logits[..., mc.bos_id] = float("-inf")  # a continuation never starts a new document
+                exclude_bos(logits, mc.bos_id)
                 p_model = torch.softmax(logits, dim=-1)
                 if cfg.temperature == 0:
                     draw = logits.argmax(-1)
