@@ -81,13 +81,18 @@ def main(cfg: HubConfig) -> Path:
     out = export(cfg.train_folder, cfg.checkpoint_name, cfg.output, cfg.push_to_hub)
     print(f"exported: {out}")
     if cfg.push_to_hub:
-        from huggingface_hub import HfApi
-
-        api = HfApi()
-        api.create_repo(cfg.push_to_hub, private=cfg.private, exist_ok=True)
-        api.upload_folder(folder_path=str(out), repo_id=cfg.push_to_hub)
-        print(f"uploaded: https://huggingface.co/{cfg.push_to_hub}")
+        upload(out, cfg.push_to_hub, cfg.private)
     return out
+
+
+def upload(folder: Path, repo: str, private: bool = False) -> None:
+    """Upload a folder as a Hub model repository (created when missing; needs `huggingface-cli login`)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo, private=private, exist_ok=True)
+    api.upload_folder(folder_path=str(folder), repo_id=repo)
+    print(f"uploaded: https://huggingface.co/{repo}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,9 @@
                                                 index.html, features.js}
         descriptions/<checkpoint stem>/         descriptions.jsonl, summary.json, scores.png
         explanations/<stamp>/                   explanations.json, report.html, graphs/ (one graph per step)
+        hub/<checkpoint stem>/                  the model as a Hub folder (python -m experiment.hub)
+        exports/circuit-tracer/<checkpoint stem>/  the transcoders for circuit-tracer (interp.export_circuit_tracer)
+        exports/delphi/<checkpoint stem>/       delphi's latent cache, explanations and scores (interp.export_delphi)
         ground_truth.json
 """
 from __future__ import annotations
@@ -55,6 +58,7 @@ REPORT_FILE = "report.html"
 GRAPHS_DIR = "graphs"  # one attribution graph per step, in circuit-tracer's frontend schema
 
 GROUND_TRUTH_FILE = "ground_truth.json"
+EXPORTS_DIR = "exports"
 
 
 def layer_name(layer: int) -> str:

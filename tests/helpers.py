@@ -56,6 +56,24 @@ def tiny_topk_config(train_folder, **overrides):
     return TopKConfig(**kw)
 
 
+def side_package_python(target: str, code: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `code` in a Python whose path starts with `.venv/<target>`, a folder `make venv` fills with a
+    package of the field and the versions it pins (it would clash with the project's), or skip where it is
+    missing outside CI. The project's own modules stay importable."""
+    import pytest
+
+    folder = Path(sys.prefix) / target
+    if not folder.is_dir():
+        if os.environ.get("CI"):
+            raise FileNotFoundError(f"{folder}: `make venv` installs it")
+        pytest.skip(f"{folder} is missing (make venv installs it)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(folder), str(ROOT)])}
+    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
 def circuit_tracer_module(relative: str):
     """A module of circuit-tracer 0.5.0 loaded from its file (the Makefile installs the package without its
     dependencies into .venv/circuit-tracer), or a skip where it is missing outside CI."""

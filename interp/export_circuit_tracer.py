@@ -1,0 +1,109 @@
+"""A checkpoint's transcoders in circuit-tracer's transcoder-set format: `python -m interp.export_circuit_tracer`.
+
+    python -m interp.export_circuit_tracer --train_folder experiments/X [--checkpoint_name latest] [--output DIR]
+        [--push_to_hub user/name]
+
+Writes (default `experiments/X/exports/circuit-tracer/<checkpoint stem>/`) one `layer_{i}.safetensors` per
+layer with circuit-tracer's names (`W_enc` (M, D), `b_enc`, `W_dec` (M, D), `b_dec`, and `W_skip` where the
+transcoder has one) and `config.yaml` (`model_kind: transcoder_set`, the hook names, and this project's
+activation: `activation_function: topk`, `k`). The folder is what circuit-tracer's cache and Hub loaders
+read (`load_transcoder_from_hub`, `load_transcoders_from_cache`).
+
+circuit-tracer 0.5.0 builds every transcoder it loads from files with a ReLU (or a JumpReLU when a threshold
+is stored): it has a `TopK` module but no loader sets it. After loading, set each transcoder's
+`activation_function` to ReLU then `TopK(k)` (k from config.yaml, see the README): the outputs are then this
+project's (tested with the real package); left at ReLU they are not.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from core import cli
+from core.cli import arg
+from core.files import UserError, atomic_path, read_json
+from experiment import (
+    CONFIG_FILE,
+    RunFlags,
+    StagePaths,
+    finished_transcoder_layers,
+    load_transcoders,
+    resolve_checkpoint,
+)
+from experiment.hub import upload
+from experiment.paths import EXPORTS_DIR, resolve_run_folder
+
+EXPORT_NAME = "circuit-tracer"
+# TransformerLens's names of the points a transcoder reads and writes: the MLP's input here is the
+# normalised residual stream after attention (a norm without weights: ln2's output), its output the MLP's
+INPUT_HOOK, OUTPUT_HOOK = "ln2.hook_normalized", "hook_mlp_out"
+
+
+def circuit_tracer_tensors(tc) -> dict[str, torch.Tensor]:
+    """One transcoder's weights under circuit-tracer's names (its encoder is (M, D), as ours)."""
+    out = {"W_enc": tc.encoder.weight, "b_enc": tc.encoder.bias, "W_dec": tc.W_dec, "b_dec": tc.b_dec}
+    if tc.W_skip is not None:
+        out["W_skip"] = tc.W_skip
+    return {k: v.detach().float().cpu().contiguous() for k, v in out.items()}
+
+
+def config_yaml(k: int, num_layers: int, num_latents: int, checkpoint: str) -> str:
+    return (f"# {num_layers} per-layer TopK transcoders of {checkpoint}, {num_latents} latents each\n"
+            "model_kind: transcoder_set\n"
+            f"feature_input_hook: {INPUT_HOOK}\n"
+            f"feature_output_hook: {OUTPUT_HOOK}\n"
+            "module: blocks.{layer}.mlp  # the DiffusionLM module each transcoder reads and replaces\n"
+            "# circuit-tracer 0.5.0 loads these with a ReLU: set activation_function to ReLU then TopK(k)\n"
+            "activation_function: topk\n"
+            f"k: {k}\n")
+
+
+def export(train_folder: str, checkpoint_name: str = "latest", output: str = "") -> Path:
+    from safetensors.torch import save_file
+
+    folder = resolve_run_folder(train_folder)
+    ckpt = resolve_checkpoint(folder, checkpoint_name)
+    tc_dir = StagePaths(folder, ckpt.name).transcoders
+    model_cfg = read_json(folder / CONFIG_FILE)["model"]
+    n = model_cfg["num_layers"]
+    have = finished_transcoder_layers(tc_dir)
+    if have != list(range(n)):
+        raise UserError(f"circuit-tracer needs a transcoder for every layer 0..{n - 1}; {tc_dir} has "
+                        f"{have or 'none'} (train_transcoders.py --layers all)")
+    transcoders = load_transcoders(tc_dir, have, "cpu", model_cfg["model_dim"])
+    ks = {tc.cfg.k for tc in transcoders.values()}
+    widths = {tc.cfg.num_latents for tc in transcoders.values()}
+    if len(ks) > 1 or len(widths) > 1:
+        raise UserError(f"circuit-tracer's transcoder set needs one k and one width for all layers; these have k "
+                        f"{sorted(ks)} and widths {sorted(widths)}")
+    out = Path(output) if output else folder / EXPORTS_DIR / EXPORT_NAME / ckpt.stem
+    out.mkdir(parents=True, exist_ok=True)
+    for layer, tc in transcoders.items():
+        with atomic_path(out / f"layer_{layer}.safetensors") as tmp:
+            save_file(circuit_tracer_tensors(tc), str(tmp))
+    with atomic_path(out / "config.yaml") as tmp:  # last: circuit-tracer takes its presence as complete
+        tmp.write_text(config_yaml(ks.pop(), n, widths.pop(), ckpt.name))
+    return out
+
+
+@dataclass
+class CircuitTracerExportConfig(RunFlags):
+    """Export a checkpoint's transcoders in circuit-tracer's format (and optionally upload them)."""
+
+    output: str = arg("", "the folder to write (default: experiments/X/exports/circuit-tracer/<checkpoint stem>/)")
+    push_to_hub: str = arg("", "upload to this Hub repository (user/name; needs `huggingface-cli login`)")
+    private: bool = arg(False, "with --push_to_hub: create the repository private")
+
+
+def main(cfg: CircuitTracerExportConfig) -> Path:
+    out = export(cfg.train_folder, cfg.checkpoint_name, cfg.output)
+    print(f"exported: {out}")
+    if cfg.push_to_hub:
+        upload(out, cfg.push_to_hub, cfg.private)
+    return out
+
+
+if __name__ == "__main__":
+    cli.run(main, CircuitTracerExportConfig, description=CircuitTracerExportConfig.__doc__)

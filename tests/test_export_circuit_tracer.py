@@ -1,0 +1,76 @@
+"""The transcoders as circuit-tracer reads them: loaded by its own loaders (in a subprocess with the
+package and the versions it pins), they compute this project's outputs once TopK is set as config.yaml says."""
+from __future__ import annotations
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from model.transcoder import Transcoder
+from tests.helpers import assert_one_line_error, run_cli, side_package_python
+
+LOAD = r"""
+import sys, torch, yaml
+from safetensors.torch import load_file, save_file
+from circuit_tracer.utils.hf_utils import load_transcoder_from_hub
+from circuit_tracer.transcoder.single_layer_transcoder import load_transcoder_set
+from circuit_tracer.transcoder.activation_functions import TopK
+
+cache_dir, ref, inputs, out = sys.argv[1:5]
+x = load_file(inputs)
+ts, cfg = load_transcoder_from_hub(ref, cache_dir=cache_dir, lazy_decoder=False)   # the cache/Hub path
+paths = {i: f"{cache_dir}/{ref}/layer_{i}.safetensors" for i in range(len(ts))}
+lazy = load_transcoder_set(paths, scan="x", feature_input_hook=cfg["feature_input_hook"],   # lazy weights
+                           feature_output_hook=cfg["feature_output_hook"], device=torch.device("cpu"))
+result = {}
+for i, t in enumerate(ts):
+    result[f"relu_{i}"] = t(x[str(i)])
+    assert cfg["activation_function"] == "topk"
+    for s in (t, lazy[i]):
+        s.activation_function = torch.nn.Sequential(torch.nn.ReLU(), TopK(cfg["k"]))
+    result[f"out_{i}"] = t(x[str(i)])
+    result[f"lazy_{i}"] = lazy[i](x[str(i)])
+    result[f"acts_{i}"] = t.encode(x[str(i)])
+save_file({k: v.detach().contiguous() for k, v in result.items()}, out)
+print(cfg["feature_input_hook"], cfg["feature_output_hook"], cfg["k"], type(ts).__name__, len(ts))
+"""
+
+
+def test_circuit_tracer_loads_the_transcoders_with_the_same_outputs(tiny_run, tiny_transcoders, tmp_path):
+    from interp.export_circuit_tracer import CircuitTracerExportConfig, main
+
+    out = main(CircuitTracerExportConfig(train_folder=str(tiny_run)))
+    assert out == tiny_run / "exports" / "circuit-tracer" / tiny_transcoders.name
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["model_kind"] == "transcoder_set" and cfg["activation_function"] == "topk"
+    assert sorted(load_file(str(out / "layer_0.safetensors"))) == ["W_dec", "W_enc", "b_dec", "b_enc"]
+    torch.manual_seed(0)
+    ours = {i: Transcoder.load(tiny_transcoders / f"blocks.{i}.mlp") for i in (0, 1)}
+    assert cfg["k"] == ours[0].cfg.k
+    # inputs at the scale the MLPs see (a normalised residual stream: unit RMS), some rows with fewer than
+    # k positive pre-activations, where TopK alone and ReLU-then-TopK differ
+    x = {str(i): torch.randn(64, ours[i].cfg.d_in) for i in ours}
+    x["0"][:4] = -ours[0].encoder.weight[:4] * 5
+    save_file(x, str(tmp_path / "x.safetensors"))
+    proc = side_package_python("circuit-tracer", LOAD, str(out.parent.parent), f"circuit-tracer/{out.name}",
+                               str(tmp_path / "x.safetensors"), str(tmp_path / "y.safetensors"))
+    assert proc.stdout.split() == ["ln2.hook_normalized", "hook_mlp_out", str(cfg["k"]), "TranscoderSet", "2"]
+    y = load_file(str(tmp_path / "y.safetensors"))
+    for i, tc in ours.items():
+        with torch.no_grad():
+            want, dense = tc(x[str(i)]), tc.dense_latents(x[str(i)])
+        torch.testing.assert_close(y[f"acts_{i}"], dense, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(y[f"out_{i}"], want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(y[f"lazy_{i}"], want, rtol=1e-5, atol=1e-5)
+        # left at the ReLU its loader builds, circuit-tracer computes something else: the swap matters
+        assert (y[f"relu_{i}"] - want).abs().max() > 1e-2
+
+
+def test_export_refuses_an_incomplete_transcoder_set(tiny_run, tiny_transcoders, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("exports", "topk", "descriptions", "explanations"))
+    shutil.rmtree(run / "transcoders" / tiny_transcoders.name / "blocks.1.mlp")
+    proc = run_cli(["-m", "interp.export_circuit_tracer", "--train_folder", str(run)])
+    assert_one_line_error(proc, "every layer 0..1", "[0]")
