@@ -11,13 +11,14 @@ BIN := $(VENV)/bin
 # folder first on its path and loads the exported transcoders with circuit-tracer's own code
 CIRCUIT_TRACER := $(VENV)/circuit-tracer
 CIRCUIT_TRACER_PINS := circuit-tracer==0.5.0 huggingface-hub==0.36.2 transformers==4.57.3 tokenizers==0.22.1
-# delphi (EleutherAI) for its latent-cache loader and score analysis: the package and what those import,
-# without its GPU dependencies (vllm, bitsandbytes), in a folder a test subprocess puts on its path
+# delphi (EleutherAI) for its latent-cache loader and score analysis: the package and what those import
+# (plotly: the analysis module's), without its GPU dependencies (vllm, bitsandbytes), in a folder a test
+# subprocess puts on its path
 DELPHI := $(VENV)/delphi
 DELPHI_PINS := eai-delphi==0.1.3 faiss-cpu==1.15.1 sentence-transformers==6.2.0 asyncer==0.0.18 sniffio==1.3.1 \
   jaxtyping==0.3.11 wadler-lindig==0.1.8 blobfile==3.3.0 lxml==6.1.3 orjson==3.13.0 simple-parsing==0.1.9 \
   docstring-parser==0.18.0 scipy==1.17.1 scikit-learn==1.9.1 joblib==1.6.0 threadpoolctl==3.8.0 \
-  cloudpickle==3.1.3 narwhals==2.29.0
+  cloudpickle==3.1.3 narwhals==2.29.0 plotly==7.1.0
 # the scripts its viewer loads from public CDNs, from the npm registry instead (the tests run offline):
 # tests/viewer/ holds their versions and the d3 + d3-jetpack bundle's entry
 VIEWER_JS := $(VENV)/viewer-js

@@ -131,16 +131,23 @@ def judge_scores(description: str, record: dict, judge: Callable[[list[str]], li
     probs = judge(prompts) if prompts else []
     d_pos, d_neg = probs[:len(pos)], probs[len(pos):len(pos) + len(neg)]
     f_right, f_wrong = probs[len(pos) + len(neg):len(pos) * 2 + len(neg)], probs[len(pos) * 2 + len(neg):]
+    # each judgement kept, in score_sets' order, so the scores can be recomputed (and exported to delphi)
     detection = {"auroc": auroc(d_pos, d_neg), "balanced_accuracy": balanced_accuracy(d_pos, d_neg),
-                 "n_activating": len(d_pos), "n_non_activating": len(d_neg)}
+                 "n_activating": len(d_pos), "n_non_activating": len(d_neg),
+                 "probabilities": {"activating": _floats(d_pos), "non_activating": _floats(d_neg)}}
     fuzzing = {"balanced_accuracy": balanced_accuracy(f_right, f_wrong), "auroc": auroc(f_right, f_wrong),
-               "n": len(f_right)}
+               "n": len(f_right), "probabilities": {"right": _floats(f_right), "wrong": _floats(f_wrong)}}
     # an undefined score is reported as such: never a number, never a crash
     if why := missing_class(len(d_pos), len(d_neg)):
         detection["undefined"] = why
     if not pos:
         fuzzing["undefined"] = "no activating contexts in the score half"
     return {"detection": detection, "fuzzing": fuzzing}
+
+
+def _floats(xs: Sequence[float]) -> list[float]:
+    """Plain floats at full precision: the scores recomputed from them are the scores reported."""
+    return [float(x) for x in xs]
 
 
 def simulation_request(description: str, example: dict) -> tuple[str, list[str]]:

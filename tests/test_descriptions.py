@@ -103,6 +103,10 @@ def test_scorer_arithmetic_with_oracle_and_constant_judges():
     good = judge_scores("the word Paris", record, oracle, seed=0)
     assert good["detection"]["auroc"] == 1.0 and good["detection"]["balanced_accuracy"] == 1.0
     assert good["fuzzing"]["balanced_accuracy"] == 1.0
+    # every judgement is kept, in score_sets' order: the scores can be recomputed from them
+    pos, neg = score_sets(record)
+    assert good["detection"]["probabilities"] == {"activating": [1.0] * len(pos), "non_activating": [0.0] * len(neg)}
+    assert good["fuzzing"]["probabilities"] == {"right": [1.0] * len(pos), "wrong": [0.0] * len(pos)}
     flat = judge_scores("anything", record, lambda ps: [0.7] * len(ps), seed=0)
     assert flat["detection"]["auroc"] == 0.5 and flat["fuzzing"]["auroc"] == 0.5
     assert flat["detection"]["balanced_accuracy"] == 0.5
