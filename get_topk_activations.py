@@ -36,6 +36,7 @@ class TopKConfig(BatchFlags, ScanFlags, LayersFlag, ShapeFlags, RunFlags):
     grad_acc_steps: int = arg(8, "see --train_steps")
     layers: str = arg("all", "comma-separated layer indices, or all (those with transcoders)")
     overwrite: bool = arg(False, "replace an existing finished output")
+    compile: Optional[bool] = arg(None, "torch.compile the model's blocks for the scan (default: on for CUDA)")
 
     def __post_init__(self) -> None:
         super().__post_init__()

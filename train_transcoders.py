@@ -31,6 +31,7 @@ class TranscoderTrainConfig(BatchFlags, LoopFlags, LayersFlag, NoiseFlag, ShapeF
     auxk_alpha: float = arg(1 / 32, "weight of the AuxK loss (dead latents predict the residual)")
     dead_tokens: int = arg(10_000_000, "tokens without firing after which a latent counts as dead")
     skip_connection: bool = arg(False, "add a linear skip connection from input to output")
+    compile: Optional[bool] = arg(None, "torch.compile each transcoder's loss (default: on for CUDA, off on the CPU)")
     resume: str = arg("", "resume (an interrupted job also resumes without it: same folder, same settings)")
     overwrite: bool = arg(False, "replace existing transcoders for this checkpoint")
     wandb: bool = arg(False, "also log to Weights & Biases (needs the wandb package; a resumed job continues its run)")

@@ -37,8 +37,8 @@ from model.precision import autocast as autocast_for
 
 # Flags that do not change what the scan produces (the checkpoint counts by its resolved file name, so
 # `latest` and the name it stands for are the same output).
-NOT_SETTINGS = ("train_folder", "checkpoint_name", "overwrite", "cuda", "device", "checkpoint_every", "num_layers",
-                "num_heads", "model_dim", "scan_batches", "train_steps", "grad_acc_steps")
+NOT_SETTINGS = ("train_folder", "checkpoint_name", "overwrite", "cuda", "device", "compile", "checkpoint_every",
+                "num_layers", "num_heads", "model_dim", "scan_batches", "train_steps", "grad_acc_steps")
 
 
 def scan_settings(cfg, checkpoint: str, layers: list[int]) -> dict:
@@ -82,6 +82,8 @@ def run_topk(cfg) -> Path:
     write_json_atomic(out_dir / CONFIG_FILE, settings)
 
     transcoders = load_transcoders(tc_dir, layers, device, model.cfg.model_dim)
+    if cfg.compile if cfg.compile is not None else device.type == "cuda":
+        model.compile_blocks()
     tok = load_tokenizer(run_cfg["tokenizer"], folder)
     data = open_data(run_cfg)
     loader = ShardLoader(data.folder, "train", cfg.train_seq_len, cfg.batch_size, cfg.seed,

@@ -126,12 +126,23 @@ class DiffusionLM(nn.Module, PyTorchModelHubMixin, library_name="pytorch", tags=
         self.embed = nn.Embedding(cfg.vocab_size, cfg.model_dim)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.head = zero_linear(cfg.model_dim, cfg.vocab_size)
+        self.attn_impl: AttnImpl | None = None  # None: FlexAttention on CUDA, masked SDPA elsewhere
+
+    def compile_blocks(self, attn_impl: AttnImpl | None = None) -> None:
+        """torch.compile every block (one graph serves them all: same code, same shapes), optionally fixing
+        the attention path (e.g. "flex" on the CPU, whose compiled forward torch supports). Shapes are
+        static: a stage's batches share one shape, and a second shape compiles a second graph instead of a
+        dynamic one (torch 2.13's compiled CPU FlexAttention fails to build with a dynamic batch size)."""
+        if attn_impl is not None:
+            self.attn_impl = attn_impl
+        for block in self.blocks:
+            block.compile(dynamic=False)
 
     def forward(self, tokens: torch.Tensor, select: torch.Tensor | None = None,
                 attn_impl: AttnImpl | None = None) -> ModelOutput:
         """tokens: (B, T) with [MASK] at noised positions. `select` (B, T) bool restricts the (costly)
         vocabulary projection to those positions, e.g. the masked ones during training."""
-        impl = attn_impl or ("flex" if tokens.is_cuda else "sdpa")
+        impl = attn_impl or self.attn_impl or ("flex" if tokens.is_cuda else "sdpa")
         mask = DocMask(document_ids(tokens, self.cfg.bos_id), impl)
         x = norm(self.embed(tokens))  # (B, T, D)
         for block in self.blocks:

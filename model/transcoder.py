@@ -103,20 +103,28 @@ class Transcoder(nn.Module):
         return torch.zeros_like(enc.pre_acts).scatter(-1, enc.indices, enc.acts)
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, dead: torch.Tensor | None = None) -> TranscoderLoss:
-        """Reconstruction terms, and AuxK: the top dead latents must predict what the live ones missed."""
+        """Reconstruction terms, and AuxK where `dead` (a bool mask of latents) is given: the top dead
+        latents must predict what the live ones missed. Shapes never depend on the data (no graph break,
+        no recompilation under torch.compile)."""
         enc = self.encode(x)
         y_hat = self.decode(enc.acts, enc.indices, x)
         err = y - y_hat
         total_variance = (y - y.mean(0)).pow(2).sum()
-        auxk = y.new_zeros(())
-        if dead is not None and (n_dead := int(dead.sum())) > 0:
-            k_aux = min(self.cfg.d_in // 2, n_dead)
-            scale = min(n_dead / (self.cfg.d_in // 2), 1.0)  # weaker while few latents are dead
-            aux_acts, aux_idx = enc.pre_acts.masked_fill(~dead, float("-inf")).topk(k_aux, dim=-1, sorted=False)
-            aux_acts = aux_acts.clamp_min(0)  # a dead latent below zero contributes nothing
-            err_hat = F.embedding_bag(aux_idx, self.W_dec, per_sample_weights=aux_acts.to(self.W_dec.dtype), mode="sum")
-            auxk = scale * (err_hat - err.detach()).pow(2).sum() / total_variance
+        auxk = y.new_zeros(()) if dead is None else self.auxk_loss(enc.pre_acts, err, dead, total_variance)
         return TranscoderLoss(y_hat, enc, err.pow(2).sum(), total_variance, auxk)
+
+    def auxk_loss(self, pre_acts: torch.Tensor, err: torch.Tensor, dead: torch.Tensor,
+                  total_variance: torch.Tensor) -> torch.Tensor:
+        """The d_in/2 largest pre-activations among dead latents reconstruct the error; weaker while few
+        latents are dead (× min(dead / (d_in/2), 1), so 0 with none). Where fewer than d_in/2 are dead,
+        the rest of the top d_in/2 are live latents at -inf, weighted 0: the same sum as taking only the
+        dead ones, at a fixed shape."""
+        half = self.cfg.d_in // 2
+        scale = (dead.sum() / half).clamp(max=1.0)
+        aux_acts, aux_idx = pre_acts.masked_fill(~dead, float("-inf")).topk(half, dim=-1, sorted=False)
+        aux_acts = torch.where(torch.isfinite(aux_acts), aux_acts.clamp_min(0), torch.zeros_like(aux_acts))
+        err_hat = F.embedding_bag(aux_idx, self.W_dec, per_sample_weights=aux_acts.to(self.W_dec.dtype), mode="sum")
+        return scale * (err_hat - err.detach()).pow(2).sum() / total_variance
 
     @torch.no_grad()
     def scaled(self, scale: float) -> "Transcoder":

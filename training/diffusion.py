@@ -248,8 +248,7 @@ def set_up(cfg, given: set[str] | None, dist: Dist, device: torch.device) -> Run
 
     use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
     if use_compile:
-        for block in model.blocks:
-            block.compile()
+        model.compile_blocks()
     net: Any = model
     if dist.world > 1:
         net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -86,9 +86,11 @@ def _all_reduce_grads(transcoders: torch.nn.ModuleDict, dist: Dist) -> None:
 
 def train_step(model, transcoders: torch.nn.ModuleDict, layers: list[int], micro_batches, acc: int,
                scales: dict[int, float], dead: dict[int, torch.Tensor], cfg, optimizer, dist: Dist, autocast,
-               device) -> list[float]:
+               device, loss_fns: dict | None = None) -> list[float]:
     """One optimizer step of every layer's transcoder over `acc` micro-batches of (tokens, t, u); updates
-    the dead-latent counters; returns each layer's training FVU."""
+    the dead-latent counters; returns each layer's training FVU. `loss_fns` (layer → a transcoder's loss,
+    e.g. compiled) default to the transcoders' own."""
+    loss_fns = loss_fns or {layer: transcoders[str(layer)].loss for layer in layers}
     fired = {layer: torch.zeros(len(dead[layer]), dtype=torch.bool, device=device) for layer in layers}
     sums = torch.zeros(len(layers), 2, dtype=torch.float64, device=device)  # SSE, total variance
     n_tokens = torch.zeros((), dtype=torch.long, device=device)
@@ -98,7 +100,7 @@ def train_step(model, transcoders: torch.nn.ModuleDict, layers: list[int], micro
         for i, layer in enumerate(layers):
             x, y = pairs.pairs[layer]
             with autocast:
-                out = transcoders[str(layer)].loss(x, y / scales[layer], dead[layer] > cfg.dead_tokens)
+                out = loss_fns[layer](x, y / scales[layer], dead[layer] > cfg.dead_tokens)
             ((out.fvu + cfg.auxk_alpha * out.auxk) / acc).backward()
             fired[layer][out.encoded.indices[out.encoded.acts > 0]] = True
             sums[i] += torch.stack([out.sse.detach().double(), out.total_variance.detach().double()])
@@ -193,7 +195,7 @@ def plot(out_dir: Path) -> None:
 def _settings(cfg, ckpt: Path, layers: list[int], num_latents: int, lr: float) -> dict:
     s = asdict(cfg)
     s.update(checkpoint=ckpt.name, layers=layers, num_latents=num_latents, lr=lr)
-    for name in ("train_folder", "checkpoint_name", "resume", "overwrite", "cuda", "device"):
+    for name in ("train_folder", "checkpoint_name", "resume", "overwrite", "cuda", "device", "compile"):
         s.pop(name, None)
     return s
 
@@ -219,6 +221,7 @@ class Run:
     log: RunLog
     start: int
     acc: int  # micro-batches per process per step
+    loss_fns: dict = dataclasses.field(default_factory=dict)  # layer → its transcoder's loss (compiled or not)
 
     @property
     def per_step(self) -> int:
@@ -327,6 +330,9 @@ def set_up(cfg, dist: Dist, device: torch.device) -> tuple[Run | None, Path]:
             write_json_atomic(out_dir / CONFIG_FILE, {**settings, "base_run": str(folder), "d_in": mc.model_dim})
             truncate_metrics(out_dir, -1)  # a start that died before its first checkpoint left stale lines
         _initial_scales(r, autocast_for(device))
+    use_compile = cfg.compile if getattr(cfg, "compile", None) is not None else device.type == "cuda"
+    r.loss_fns = {layer: torch.compile(transcoders[str(layer)].loss) if use_compile else transcoders[str(layer)].loss
+                  for layer in layers}
     r.log.folder = out_dir if dist.main else None
     r.log(f"transcoders for {ckpt} layers {layers}: {num_latents} latents (×{cfg.expansion_factor}), k={cfg.k}, "
           f"lr {lr:.2e}, inputs noised with t={cfg.mask_ratio}; {r.per_step * cfg.train_seq_len:,} tokens per step; "
@@ -351,7 +357,7 @@ def loop(r: Run) -> Path:
                 yield batch.tokens, *noise_for(cfg, batch, index, r.per_step, cfg.train_seq_len)
 
         fvu = train_step(r.model, r.transcoders, r.layers, micro_batches(), r.acc, r.scales, r.dead, cfg,
-                         r.optimizer, dist, autocast, device)
+                         r.optimizer, dist, autocast, device, r.loss_fns)
         if not all(math.isfinite(v) for v in fvu):
             raise UserError(f"transcoder training diverged at step {index + 1} (FVU {fvu}); lower --lr")
 
