@@ -14,6 +14,12 @@ each feature's activation histogram (bins over (0, max]).
 
 The batches and their noise depend only on (seed, batch index), so both passes and a resumed scan see
 the same data. The state is saved every `checkpoint_every` batches.
+
+Under torchrun each process scans the batches b with b mod world = rank; after each pass the processes'
+states are merged (`merge_states`) into exactly what one process would have: the top-k buffers by (value,
+then position: one process's arrival order), counts summed, the pool's firings or-ed, each window taken from
+the process that scanned its batch. Only the float64 activation sums can differ, in their last bits (another
+summation order). Each process keeps its own state file, so a killed job resumes with the same world size.
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ from data.loader import ShardLoader
 from interp.topk import PairCounter, TopKBuffer
 from interp.windows import document_bounds, window_columns
 from model.diffusion import DiffusionLM
+from model.distributed import Dist
 from model.hooks import capture_mlps
 from model.objective import apply_noise, train_noise
 from model.transcoder import Transcoder
@@ -212,10 +219,19 @@ def choose_examples(st: LayerState, s: ScanSettings, pool_pos: torch.Tensor, gen
                                                           device=chosen.device)], dim=1)
 
 
+def state_file(state_path: Path, dist: Dist) -> Path:
+    """This process's state file: `state_path` for one process, one per rank under torchrun."""
+    return state_path if dist.world == 1 else state_path.with_name(
+        f"{state_path.stem}.rank{dist.rank}of{dist.world}{state_path.suffix}")
+
+
 def scan(model: DiffusionLM, transcoders: dict[int, Transcoder], loader: ShardLoader, s: ScanSettings, device,
-         state_path: Path, autocast=None) -> tuple[dict[int, LayerState], int]:
-    """Run (or resume) both passes; returns the per-layer states and the number of tokens scanned."""
+         state_path: Path, autocast=None, dist: Dist | None = None) -> tuple[dict[int, LayerState], int]:
+    """Run (or resume) both passes; returns the per-layer states (merged over the processes, on every one of
+    them) and the number of tokens scanned."""
     autocast = autocast or contextlib.nullcontext()
+    dist = dist or Dist()
+    state_path = state_file(state_path, dist)
     layers = sorted(transcoders)
     V = model.cfg.vocab_size
     n_total = s.n_batches * loader.batch_size * loader.seq_len
@@ -232,17 +248,31 @@ def scan(model: DiffusionLM, transcoders: dict[int, Transcoder], loader: ShardLo
         phase, start, seq_t = saved["phase"], saved["next_batch"], saved["seq_t"].to(device)
         for layer in layers:
             states[layer].load_state_dict(saved["layers"][str(layer)], device)
-        print(f"resuming the scan: pass {phase}, batch {start}")
+        if dist.main:
+            print(f"resuming the scan: pass {phase}, batch {start}")
 
     def checkpoint(phase_: int, next_batch: int) -> None:
         save_checkpoint(state_path, {"phase": phase_, "next_batch": next_batch, "seq_t": seq_t.cpu(),
                                      "layers": {str(k): v.state_dict() for k, v in states.items()}})
 
     def run_pass(phase_: int, begin: int, body: Callable[[Batch, int], None]) -> None:
-        for b in tqdm(range(begin, s.n_batches), desc=f"pass {phase_}/2", unit="batch", dynamic_ncols=True):
+        mine = [b for b in range(s.n_batches) if b % dist.world == dist.rank]
+        todo = [b for b in mine if b >= begin]
+        for i, b in enumerate(tqdm(todo, desc=f"pass {phase_}/2", unit="batch", dynamic_ncols=True,
+                                   disable=not dist.main, initial=len(mine) - len(todo), total=len(mine))):
             body(Batch(model, loader, b, s, layers, device, autocast), b)
-            if (b + 1) % s.checkpoint_every == 0 and b + 1 < s.n_batches:
+            if (len(mine) - len(todo) + i + 1) % s.checkpoint_every == 0 and b != mine[-1]:
                 checkpoint(phase_, b + 1)
+
+    def merge(phase_: int) -> None:
+        nonlocal seq_t
+        if dist.world == 1:
+            return
+        gathered = all_gather_states(dist, {"seq_t": seq_t.cpu(),
+                                            "layers": {str(k): v.state_dict() for k, v in states.items()}})
+        seq_t = _first_finite([g["seq_t"] for g in gathered]).to(device)
+        for layer in layers:
+            states[layer].load_state_dict(merge_states([g["layers"][str(layer)] for g in gathered], phase_), device)
 
     def pass1(batch: Batch, b: int) -> None:
         in_pool = (pool_pos >= batch.base) & (pool_pos < batch.base + batch.N)
@@ -292,6 +322,7 @@ def scan(model: DiffusionLM, transcoders: dict[int, Transcoder], loader: ShardLo
 
     if phase == 1:
         run_pass(1, start, pass1)
+        merge(1)
         for layer in layers:
             st = states[layer]
             choose_examples(st, s, pool_pos, _generator(device, s.seed, 11, layer),
@@ -306,4 +337,65 @@ def scan(model: DiffusionLM, transcoders: dict[int, Transcoder], loader: ShardLo
         phase, start = 2, 0
         checkpoint(2, 0)
     run_pass(2, start, pass2)
+    merge(2)
     return states, n_total
+
+
+def _first_finite(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Element-wise, the value of the part where it is finite (each element is set by one process)."""
+    out = parts[0].clone()
+    for p in parts[1:]:
+        out = torch.where(torch.isfinite(p), p, out)
+    return out
+
+
+def all_gather_states(dist: Dist, state: dict) -> list[dict]:
+    """Every process's state (CPU tensors), on every process."""
+    import torch.distributed as torch_dist
+
+    gathered: list = [None] * dist.world
+    torch_dist.all_gather_object(gathered, state)
+    return gathered
+
+
+def merge_topk(parts: list[dict], k: int) -> dict:
+    """The buffers of processes that saw disjoint data, merged into the one buffer one process would hold
+    after seeing it all: candidates enter in position order (one process's arrival order), so ties between
+    equal values fall to the earlier position, as they do in one process."""
+    values = torch.cat([p["values"] for p in parts], dim=1)
+    ids = torch.cat([p["ids"] for p in parts], dim=1)
+    payload = torch.cat([p["payload"] for p in parts], dim=1)
+    groups = torch.arange(values.shape[0])[:, None].expand_as(ids)
+    valid = ids >= 0
+    order = torch.argsort(ids[valid], stable=True)
+    buf = TopKBuffer(values.shape[0], k, dtype=values.dtype)
+    buf.merge(groups[valid][order], values[valid][order], ids[valid][order], payload[valid][order])
+    return buf.state_dict()
+
+
+def merge_states(parts: list[dict], phase: int) -> dict:
+    """LayerState.state_dict()s of processes that scanned disjoint batches in pass `phase` → the state of one
+    process that scanned them all. Pass 1 merges the buffers and counts; pass 2 (which starts from the merged
+    pass-1 state on every process) its histograms and windows, each window from the process whose batch held it."""
+    first = parts[0]
+    out = dict(first)
+    if phase == 1:
+        out["top"] = merge_topk([p["top"] for p in parts], first["top"]["values"].shape[1])
+        out["sample"] = merge_topk([p["sample"] for p in parts], first["sample"]["values"].shape[1])
+        for name in ("fire_count", "act_sum", "masked_count"):
+            out[name] = sum(p[name] for p in parts)
+        out["pool_has"] = torch.stack([p["pool_has"] for p in parts]).any(0)
+        counter = PairCounter()
+        for p in parts:
+            counter.add_counts(p["tokens"]["keys"], p["tokens"]["counts"])
+        out["tokens"] = counter.state_dict()
+        return out
+    out["hist"] = sum(p["hist"] for p in parts)
+    for name in ("win_tokens", "win_acts", "t", "masked", "win_masked"):
+        out[name] = {c: v.clone() for c, v in first[name].items()}
+    for p in parts[1:]:
+        for c in p["t"]:
+            filled = torch.isfinite(p["t"][c])  # the slots whose batch this process scanned
+            for name in ("win_tokens", "win_acts", "t", "masked", "win_masked"):
+                out[name][c][filled] = p[name][c][filled]
+    return out

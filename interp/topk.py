@@ -73,7 +73,11 @@ class PairCounter:
         self.counts = torch.zeros(0, dtype=torch.long, device=device)
 
     def add(self, keys: torch.Tensor) -> None:
-        new_keys, new_counts = torch.unique(keys, return_counts=True)
+        self.add_counts(*torch.unique(keys, return_counts=True))
+
+    def add_counts(self, new_keys: torch.Tensor, new_counts: torch.Tensor) -> None:
+        """Fold in distinct keys with their counts (another counter's state, for instance)."""
+        new_keys, new_counts = new_keys.to(self.keys.device), new_counts.to(self.keys.device)
         merged, inverse = torch.unique(torch.cat([self.keys, new_keys]), return_inverse=True)
         counts = torch.zeros(len(merged), dtype=torch.long, device=merged.device)
         counts.scatter_add_(0, inverse, torch.cat([self.counts, new_counts]))

@@ -17,7 +17,7 @@ from experiment import (
     load_transcoders,
     open_base_run,
     open_data,
-    resolve_device,
+    setup_distributed,
     transcoder_layers,
 )
 from experiment.paths import ARRAYS_FILE, CONTEXTS_FILE, FEATURES_FILE, INDEX_FILE, PAGE_FILE, SCAN_STATE_FILE
@@ -33,6 +33,7 @@ from interp.feature_store import (
     write_jsonl,
 )
 from interp.scan import ScanSettings, scan
+from model.distributed import Dist
 from model.precision import autocast as autocast_for
 
 # Flags that do not change what the scan produces (the checkpoint counts by its resolved file name, so
@@ -59,14 +60,23 @@ def saved_settings(path: Path) -> dict:
 
 
 def run_topk(cfg) -> Path:
-    device = resolve_device(cfg.cuda, cfg.device)
+    """One process, or one per device under torchrun (each scans a share of the batches; rank 0 writes)."""
+    dist, device = setup_distributed(cfg)
+    try:
+        return _run_topk(cfg, dist, device)
+    finally:
+        dist.close()
+
+
+def _run_topk(cfg, dist: Dist, device) -> Path:
     folder, run_cfg, ckpt, model = open_base_run(cfg, device)
     paths = StagePaths(folder, ckpt.name)
     tc_dir, out_dir = paths.transcoders, paths.topk
     layers = transcoder_layers(tc_dir, cfg.layers, model.cfg.num_layers)
     settings = scan_settings(cfg, ckpt.name, layers)
-    if cfg.overwrite and out_dir.exists():
+    if cfg.overwrite and out_dir.exists() and dist.main:
         shutil.rmtree(out_dir)
+    dist.barrier()
     if (out_dir / CONFIG_FILE).exists():
         saved = saved_settings(out_dir / CONFIG_FILE)
         if saved != settings:
@@ -76,10 +86,14 @@ def run_topk(cfg) -> Path:
             if read_json(out_dir / INDEX_FILE).get("protocol", 1) < PROTOCOL:
                 raise UserError(f"{out_dir} was made by an older protocol (windows without their mask pattern, "
                                 "halves that could share positions); rerun with --overwrite True to remake it")
-            print(f"{out_dir} is complete; --overwrite True recomputes it. Pages: {out_dir / PAGE_FILE}")
+            if dist.main:
+                print(f"{out_dir} is complete; --overwrite True recomputes it. Pages: {out_dir / PAGE_FILE}")
             return out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / CONFIG_FILE, settings)
+    dist.barrier()  # every process has read the old config before rank 0 writes the new one
+    if dist.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out_dir / CONFIG_FILE, settings)
+    dist.barrier()
 
     transcoders = load_transcoders(tc_dir, layers, device, model.cfg.model_dim)
     if cfg.compile if cfg.compile is not None else device.type == "cuda":
@@ -89,14 +103,19 @@ def run_topk(cfg) -> Path:
     loader = ShardLoader(data.folder, "train", cfg.train_seq_len, cfg.batch_size, cfg.seed,
                          files=run_cfg["data"].get("train_files"))
     n_batches = cfg.n_batches()
-    print(f"scanning {n_batches:,} batches × {cfg.batch_size} × {cfg.train_seq_len} = "
-          f"{n_batches * cfg.batch_size * cfg.train_seq_len:,} tokens through layers {layers} "
-          f"({', '.join(str(transcoders[layer].cfg.num_latents) for layer in layers)} features), twice")
+    if dist.main:
+        print(f"scanning {n_batches:,} batches × {cfg.batch_size} × {cfg.train_seq_len} = "
+              f"{n_batches * cfg.batch_size * cfg.train_seq_len:,} tokens through layers {layers} "
+              f"({', '.join(str(transcoders[layer].cfg.num_latents) for layer in layers)} features), twice"
+              + (f", over {dist.world} processes" if dist.world > 1 else ""))
     s = ScanSettings(n_batches=n_batches, top_k=cfg.top_k, context_before=cfg.context_before,
                      context_after=cfg.context_after, n_quantile=cfg.n_quantile, n_random=cfg.n_random,
                      mask_ratio=cfg.mask_ratio, seed=cfg.seed, checkpoint_every=cfg.checkpoint_every)
     autocast = autocast_for(device)
-    states, n_tokens = scan(model, transcoders, loader, s, device, out_dir / SCAN_STATE_FILE, autocast)
+    states, n_tokens = scan(model, transcoders, loader, s, device, out_dir / SCAN_STATE_FILE, autocast, dist)
+    if not dist.main:  # the merged states are on every process; rank 0 writes them
+        dist.barrier()
+        return out_dir
 
     pieces = vocab_pieces(tok)
     window_of = np.concatenate([loader.window_ids(b) for b in range(n_batches)])  # scan sequence → data window
@@ -123,6 +142,8 @@ def run_topk(cfg) -> Path:
         "n_batches": n_batches,
         "settings": settings, "summary": summary, "files": {"features": FEATURES_FILE, "contexts": CONTEXTS_FILE,
                                                            "arrays": ARRAYS_FILE, "page": PAGE_FILE}})
-    (out_dir / SCAN_STATE_FILE).unlink(missing_ok=True)
+    for f in out_dir.glob(f"{Path(SCAN_STATE_FILE).stem}*{Path(SCAN_STATE_FILE).suffix}"):
+        f.unlink(missing_ok=True)  # this run's state files, one per process under torchrun
+    dist.barrier()
     print(f"feature browser: {out_dir / PAGE_FILE}")
     return out_dir
