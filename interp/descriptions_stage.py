@@ -4,6 +4,11 @@ held-out contexts, append one JSON line per feature the moment it is done.
 descriptions.jsonl holds the records of every explainer that was run (each line names its
 explainer); a rerun skips the (explainer, layer, feature) triples already there, and --overwrite drops
 only the current explainer's lines.
+
+Under torchrun every process loads its own explainer (one per GPU) and takes every world-th batch of
+features (the batches one process would make, so the outputs do not depend on the process count),
+appending to its own part file; rank 0 folds the parts into descriptions.jsonl in one process's order
+(and folds a killed job's parts at the next start, so nothing finished is lost or redone).
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ from typing import Callable
 from tqdm import tqdm
 
 from core.files import UserError, atomic_path, write_json_atomic
-from experiment import StagePaths, layer_name, resolve_checkpoint, resolve_device, resolve_run_folder
+from experiment import StagePaths, layer_name, resolve_checkpoint, resolve_run_folder, setup_distributed
 from experiment.paths import (
     CONTEXTS_FILE,
     DESCRIPTIONS_SUMMARY_FILE,
@@ -28,6 +33,7 @@ from interp.describe import clean, explain_examples, fit_prompt, tokens_descript
 from interp.feature_pages import write_page_descriptions
 from interp.feature_store import PROTOCOL, read_jsonl
 from interp.scoring import judge_scores, score_sets, simulation, token_match
+from model.distributed import Dist
 from model.explainer import Explainer
 
 SCORERS = ("detection", "fuzzing", "token_match", "simulation")
@@ -53,6 +59,25 @@ def read_records(path: Path) -> list[dict]:
 def _rewrite(path: Path, records: list[dict]) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+
+
+def part_path(path: Path, rank: int) -> Path:
+    """Where process `rank` of a torchrun job appends its records until they are folded into `path`."""
+    return path.with_name(f"{path.stem}.part{rank}{path.suffix}")
+
+
+def fold_parts(path: Path, key=None) -> None:
+    """Append the records of every process's part file to `path` (sorted by `key`, e.g. one process's
+    order), then remove the parts; a line cut short by a kill is dropped."""
+    parts = sorted(path.parent.glob(f"{path.stem}.part*{path.suffix}"))
+    if not parts:
+        return
+    new = [r for p in parts for r in read_records(p)]
+    if key is not None:
+        new.sort(key=key)
+    _rewrite(path, read_records(path) + new)
+    for p in parts:
+        p.unlink()
 
 
 def append_record(path: Path, record: dict) -> None:
@@ -203,7 +228,16 @@ def run_descriptions(cfg, explainer_factory=None) -> Path:
     if unknown:
         raise UserError(f"--scorers: unknown {unknown}; choose from {', '.join(SCORERS)}")
 
-    device = resolve_device(cfg.cuda, cfg.device)
+    dist, device = setup_distributed(cfg)
+    try:
+        return _describe(cfg, dist, device, explainer_factory, paths, ckpt, index, layers, wanted, scorers)
+    finally:
+        dist.close()
+
+
+def _describe(cfg, dist: Dist, device, explainer_factory, paths: StagePaths, ckpt: Path, index: dict,
+              layers: list[int], wanted, scorers: list[str]) -> Path:
+    topk_dir = paths.topk
     make = explainer_factory or (lambda name: Explainer(name, device, cfg.dtype, cfg.load_in_8bit,
                                                         cfg.trust_remote_code))
     explainer = None if cfg.explainer == TOKENS else make(cfg.explainer)
@@ -214,12 +248,14 @@ def run_descriptions(cfg, explainer_factory=None) -> Path:
     tag = cfg.explainer if explainer is None else explainer.name
 
     out_dir = paths.descriptions
-    out_dir.mkdir(parents=True, exist_ok=True)
     path = paths.records
-    records = read_records(path)
-    if cfg.overwrite:
-        records = [r for r in records if r["explainer"] != tag]
-        _rewrite(path, records)
+    if dist.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fold_parts(path)  # a killed torchrun job's finished records
+        if cfg.overwrite:
+            _rewrite(path, [r for r in read_records(path) if r["explainer"] != tag])
+    dist.barrier()
+    records = read_records(path)  # rank 0 has dropped any cut line: nothing to rewrite here
     if any(r.get("protocol", 1) < PROTOCOL for r in records if r["explainer"] == tag):
         raise UserError(f"{path} holds {tag}'s descriptions made under an older protocol; --overwrite True "
                         "redoes them")
@@ -237,13 +273,18 @@ def run_descriptions(cfg, explainer_factory=None) -> Path:
             contexts = {r["feature"]: r for r in read_jsonl(ldir / CONTEXTS_FILE) if r["feature"] in keep}
             todo += [(layer, s, contexts[s["feature"]]) for s in live if s["feature"] in keep]
     judged = judge_name or "none: detection, fuzzing and simulation are not scored"
-    print(f"describing {len(todo)} features with {tag} (judge: {judged}); {len(done)} already done; writing {path}")
+    if dist.main:
+        print(f"describing {len(todo)} features with {tag} (judge: {judged}); {len(done)} already done; writing "
+              f"{path}" + (f" (from {dist.world} processes)" if dist.world > 1 else ""))
     judge_fn = batched(judge.yes_probability, cfg.batch_size) if judge is not None else None
     simulate = judge is not None and "simulation" in scorers
     digits_fn = batched(judge.expected_digits_all_at_once, cfg.batch_size) if simulate else None
-    bar = tqdm(total=len(todo), unit="feature", dynamic_ncols=True)
-    for i in range(0, len(todo), cfg.batch_size):
-        chunk = todo[i:i + cfg.batch_size]
+    # batches of features as one process makes them, dealt out to the processes in turn: every batch
+    # reaches the explainer as it would in one process, so the outputs do not depend on the process count
+    chunks = [todo[i:i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)][dist.rank::dist.world]
+    out_path = path if dist.world == 1 else part_path(path, dist.rank)
+    bar = tqdm(total=sum(map(len, chunks)), unit="feature", dynamic_ncols=True, disable=not dist.main)
+    for chunk in chunks:
         described = describe_batch([(s, r) for _, s, r in chunk], explainer, cfg)
         for (layer, stats, record), d in zip(chunk, described):
             pos, neg = score_sets(record, cfg.n_score)
@@ -262,10 +303,17 @@ def run_descriptions(cfg, explainer_factory=None) -> Path:
                    "feature": stats["feature"], **d, "scores": scores,
                    "score_contexts": {"activating": [e["position"] for e in pos],
                                       "non_activating": [e["position"] for e in neg]}}
-            append_record(path, rec)
+            append_record(out_path, rec)
             records.append(rec)
             bar.update(1)
     bar.close()
+    if dist.world > 1:
+        dist.barrier()
+        if not dist.main:
+            return out_dir
+        order = {(layer, st["feature"]): i for i, (layer, st, _) in enumerate(todo)}
+        fold_parts(path, key=lambda r: order.get((r["layer"], r["feature"]), len(order)))
+        records = read_records(path)
     summary = summarise(records)
     noise = {layer: s.get("held_out_noise") for layer, s in index.get("summary", {}).items()}
     write_json_atomic(out_dir / DESCRIPTIONS_SUMMARY_FILE, {"checkpoint": ckpt.name, "explainers": summary,
