@@ -32,7 +32,7 @@ from experiment.paths import (
 from interp.describe import clean, explain_examples, fit_prompt, tokens_description
 from interp.feature_pages import write_page_descriptions
 from interp.feature_store import PROTOCOL, read_jsonl
-from interp.scoring import judge_scores, score_sets, simulation, token_match
+from interp.scoring import judge_many, score_sets, simulation, token_match
 from model.distributed import Dist
 from model.explainer import Explainer
 
@@ -286,13 +286,16 @@ def _describe(cfg, dist: Dist, device, explainer_factory, paths: StagePaths, ckp
     bar = tqdm(total=sum(map(len, chunks)), unit="feature", dynamic_ncols=True, disable=not dist.main)
     for chunk in chunks:
         described = describe_batch([(s, r) for _, s, r in chunk], explainer, cfg)
-        for (layer, stats, record), d in zip(chunk, described):
+        judged_here = [i for i, d in enumerate(described) if d["description"] is not None] if judge_fn else []
+        judgements = dict(zip(judged_here, judge_many(
+            [(described[i]["description"], chunk[i][2], cfg.seed + chunk[i][1]["feature"]) for i in judged_here],
+            judge_fn, cfg.n_score))) if judged_here else {}
+        for i, ((layer, stats, record), d) in enumerate(zip(chunk, described)):
             pos, neg = score_sets(record, cfg.n_score)
             scores: dict = {}
             if d["description"] is not None:
-                if judge_fn is not None:
-                    js = judge_scores(d["description"], record, judge_fn, cfg.seed + stats["feature"], cfg.n_score)
-                    scores.update({k: v for k, v in js.items() if k in scorers})
+                if i in judgements:
+                    scores.update({k: v for k, v in judgements[i].items() if k in scorers})
                 if "token_match" in scorers:
                     scores["token_match"] = token_match(d["description"], pos + neg)
                 if "simulation" in scorers and digits_fn is not None:

@@ -120,17 +120,21 @@ def pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
     return sum((a - mx) * (b - my) for a, b in zip(x, y)) / (sxx * syy) ** 0.5
 
 
-def judge_scores(description: str, record: dict, judge: Callable[[list[str]], list[float]], seed: int,
-                 n: int | None = None) -> dict:
-    """Detection and fuzzing with `judge` (prompts → P(yes)); both computed from one batched call."""
+def judge_prompts(description: str, record: dict, seed: int, n: int | None = None) -> tuple[list[str], int, int]:
+    """Detection's and fuzzing's questions about one description, and the numbers of held-out activating and
+    non-activating contexts they ask about."""
     pos, neg = score_sets(record, n)
     rng = random.Random(seed)
     prompts = [detection_prompt(description, e) for e in pos + neg]
     prompts += [fuzzing_prompt(description, mark(e)) for e in pos]
     prompts += [fuzzing_prompt(description, wrongly_marked(e, rng)) for e in pos]
-    probs = judge(prompts) if prompts else []
-    d_pos, d_neg = probs[:len(pos)], probs[len(pos):len(pos) + len(neg)]
-    f_right, f_wrong = probs[len(pos) + len(neg):len(pos) * 2 + len(neg)], probs[len(pos) * 2 + len(neg):]
+    return prompts, len(pos), len(neg)
+
+
+def scores_from_judgements(probs: Sequence[float], n_pos: int, n_neg: int) -> dict:
+    """Detection and fuzzing from the judge's answers (P(yes)) to `judge_prompts`' questions, in order."""
+    d_pos, d_neg = probs[:n_pos], probs[n_pos:n_pos + n_neg]
+    f_right, f_wrong = probs[n_pos + n_neg:n_pos * 2 + n_neg], probs[n_pos * 2 + n_neg:]
     # each judgement kept, in score_sets' order, so the scores can be recomputed (and exported to delphi)
     detection = {"auroc": auroc(d_pos, d_neg), "balanced_accuracy": balanced_accuracy(d_pos, d_neg),
                  "n_activating": len(d_pos), "n_non_activating": len(d_neg),
@@ -140,9 +144,30 @@ def judge_scores(description: str, record: dict, judge: Callable[[list[str]], li
     # an undefined score is reported as such: never a number, never a crash
     if why := missing_class(len(d_pos), len(d_neg)):
         detection["undefined"] = why
-    if not pos:
+    if not n_pos:
         fuzzing["undefined"] = "no activating contexts in the score half"
     return {"detection": detection, "fuzzing": fuzzing}
+
+
+def judge_scores(description: str, record: dict, judge: Callable[[list[str]], list[float]], seed: int,
+                 n: int | None = None) -> dict:
+    """Detection and fuzzing with `judge` (prompts → P(yes)); both computed from one batched call."""
+    return judge_many([(description, record, seed)], judge, n)[0]
+
+
+def judge_many(items: Sequence[tuple[str, dict, int]], judge: Callable[[list[str]], list[float]],
+               n: int | None = None) -> list[dict]:
+    """`judge_scores` of many (description, record, seed) at once: every question of every description in
+    one call to `judge`, so that its batches fill up (a feature has only about 4n questions) and group
+    prompts of similar length from all of them."""
+    asked = [judge_prompts(d, r, seed, n) for d, r, seed in items]
+    flat = [p for prompts, _, _ in asked for p in prompts]
+    probs = judge(flat) if flat else []
+    out, at = [], 0
+    for prompts, n_pos, n_neg in asked:
+        out.append(scores_from_judgements(probs[at:at + len(prompts)], n_pos, n_neg))
+        at += len(prompts)
+    return out
 
 
 def _floats(xs: Sequence[float]) -> list[float]:

@@ -9,13 +9,14 @@ from core import cli
 from experiment.paths import RECORDS_FILE
 from get_activation_descriptions import IGNORED, DescriptionsConfig, main
 from interp.describe import clean, explain_examples, explain_prompt, fit_prompt, mark, plain, tokens_description
-from interp.descriptions_stage import run_descriptions, summarise
+from interp.descriptions_stage import batched, run_descriptions, summarise
 from interp.feature_store import read_jsonl
 from interp.scoring import (
     auroc,
     balanced_accuracy,
     detection_prompt,
     fuzzing_prompt,
+    judge_many,
     judge_scores,
     quoted_words,
     score_sets,
@@ -302,6 +303,31 @@ def test_tiny_t5_and_gpt2_load_batch_and_judge(tiny_llms):
         assert later[:2] == pytest.approx(rows[0][:2], abs=1e-5)  # a line never sees the lines after it
         # each value is read where the answer so far ends in "=": the same as a pass over that prefix alone
         assert rows[0] == pytest.approx(_digits_read_one_prefix_at_a_time(ex, prompts[0], lines[0]), abs=1e-4)
+
+
+def test_judging_many_features_at_once_equals_one_at_a_time(tiny_topk, tiny_llms):
+    """The stage asks the judge every question of a batch of features in one call (fuller, length-sorted
+    batches): the same scores as one call per feature, exactly for a judge that reads each prompt alone,
+    and within 1e-5 in every probability for a real model (padding changes the float sums' order)."""
+    contexts = read_jsonl(tiny_topk / "layer_01" / "contexts.jsonl")[:6]
+    items = [(f"description {i}: the word Paris", r, 7 + i) for i, r in enumerate(contexts)]
+
+    def pure(prompts):
+        return [(hash(p) % 1000) / 1000 for p in prompts]
+
+    assert judge_many(items, pure, 3) == [judge_scores(d, r, pure, seed, 3) for d, r, seed in items]
+    ex = Explainer(str(tiny_llms["t5"]), torch.device("cpu"))
+    fn = batched(ex.yes_probability, 8)
+    together = judge_many(items, fn, 3)
+    alone = [judge_scores(d, r, fn, seed, 3) for d, r, seed in items]
+    for a, b in zip(together, alone, strict=True):
+        for name in ("detection", "fuzzing"):
+            pa, pb = a[name].pop("probabilities"), b[name].pop("probabilities")
+            for key in pa:
+                assert pa[key] == pytest.approx(pb[key], abs=1e-5)
+            assert a[name].keys() == b[name].keys()
+            for key, value in a[name].items():  # the scores from them: equal, or within the same 1e-5
+                assert value == (pytest.approx(b[name][key], abs=1e-5) if isinstance(value, float) else b[name][key])
 
 
 def test_tiny_t5_end_to_end(run_copy, tiny_llms):

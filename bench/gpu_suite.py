@@ -1,0 +1,92 @@
+"""Every GPU benchmark in one call, within 8 minutes on one H100 or H200, ending in one markdown table.
+
+    python bench/gpu_suite.py              # on a GPU: the reference shapes; on a CPU: the scripts' tiny shapes
+    python bench/gpu_suite.py --only train,explainer
+
+Each benchmark runs as its own process under a time limit (one failure or time-out does not stop the
+others); its full output goes to $OUT/<name>.log when OUT is set (the device tool brings $OUT back). The
+table has each benchmark's headline lines (throughput, peak memory, ratios against the plain path), its
+wall time and how it ended. Budget: the limits below add up to 7 min 30 s, plus the card's start.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+CUDA = torch.cuda.is_available()
+# name, time limit (s), script and flags: on a GPU the reference shape, sized to the budget
+SUITE = [
+    ("train", 90, ["bench/train_throughput.py", "--steps", "20", "--warmup", "4"]),
+    ("transcoders", 60, ["bench/transcoder_throughput.py", "--steps", "10", "--warmup", "2"]),
+    ("topk", 60, ["bench/topk_throughput.py", "--batches", "8"]),
+    ("generate", 45, ["bench/generate_throughput.py", "--steps", "16,64", "--batch_sizes", "1,32"]),
+    ("explainer", 135, ["bench/explainer_throughput.py", "--compare", "--rounds", "2"]),
+    ("graph", 60, ["bench/graph_throughput.py", "--repeats", "2"]),
+]
+# the lines a table row keeps: the numbers, not the set-up chatter
+HEADLINE = re.compile(r"tokens/s|descriptions/s|judgements/s|peak memory|MFU|ratio|graph:|whole step|"
+                      r"^device |vs CPU", re.I)
+
+
+def run(name: str, limit: int, cmd: list[str], logs: Path | None) -> dict:
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True, timeout=limit,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        out, status = proc.stdout + proc.stderr, "ok" if proc.returncode == 0 else f"exit {proc.returncode}"
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        status = f"time-out ({limit} s)"
+    wall = time.perf_counter() - t0
+    if logs is not None:
+        (logs / f"{name}.log").write_text(out)
+    lines = [line.strip() for line in out.splitlines() if HEADLINE.search(line) and "Warning" not in line]
+    if status != "ok" and not lines:
+        lines = [line.strip() for line in out.splitlines() if line.strip()][-2:]
+    return {"name": name, "status": status, "wall": wall, "lines": lines}
+
+
+def table(rows: list[dict]) -> str:
+    out = ["| benchmark | result | wall | status |", "|---|---|---|---|"]
+    for r in rows:
+        result = "<br>".join(line.replace("|", "\\|") for line in r["lines"]) or "–"
+        out.append(f"| {r['name']} | {result} | {r['wall']:.0f} s | {r['status']} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", default="", help="comma-separated benchmark names (default: all)")
+    args = p.parse_args()
+    wanted = {x for x in args.only.split(",") if x}
+    logs = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
+    if CUDA:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True)
+        print(smi.stdout.strip(), flush=True)
+    rows = []
+    for name, limit, cmd in SUITE:
+        if wanted and name not in wanted:
+            continue
+        if not CUDA and name == "explainer":
+            cmd = [*cmd, "--tiny"]  # Flan-T5-small's shape would take minutes on a CPU
+        if not CUDA and name == "graph":  # its default is the reference shape, 40 s a step on a CPU
+            cmd = [*cmd, "--num_layers", "2", "--model_dim", "64", "--num_heads", "2", "--n_vocab", "1317",
+                   "--expansion_factor", "8", "--k", "8"]
+        print(f"== {name} (limit {limit} s)", flush=True)
+        rows.append(run(name, limit, cmd, logs))
+        print("\n".join(rows[-1]["lines"]) + f"\n== {name}: {rows[-1]['status']}, {rows[-1]['wall']:.0f} s", flush=True)
+    print()
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
