@@ -43,7 +43,7 @@ def run(name: str, limit: int, cmd: list[str], logs: Path | None) -> dict:
                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
         out, status = proc.stdout + proc.stderr, "ok" if proc.returncode == 0 else f"exit {proc.returncode}"
     except subprocess.TimeoutExpired as e:
-        out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        out = "".join(x.decode() if isinstance(x, bytes) else x for x in (e.stdout or "", e.stderr or ""))
         status = f"time-out ({limit} s)"
     wall = time.perf_counter() - t0
     if logs is not None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from core import cli
 from core.cli import arg
-from experiment.flags import RunFlags
+from experiment.flags import FlagGroup, RunFlags
 from experiment.paths import CHECKPOINT_RE
 from experiment.record import read_metrics
 from experiment.runs import load_run
@@ -69,30 +69,34 @@ def export(train_folder: str, checkpoint_name: str = "latest", output: str = "",
 
 
 @dataclass
-class HubConfig(RunFlags):
-    """Export a run's checkpoint as a Hugging Face Hub model folder (and optionally upload it)."""
+class UploadFlags(FlagGroup):
+    """Where an export may go besides its folder: a Hub repository."""
 
-    output: str = arg("", "the folder to write (default: experiments/X/hub/<checkpoint stem>/)")
     push_to_hub: str = arg("", "upload to this Hub repository (user/name; needs `huggingface-cli login`)")
     private: bool = arg(False, "with --push_to_hub: create the repository private")
 
+    def finish(self, out: Path) -> Path:
+        """Report the written folder and upload it when asked (the repository is created when missing)."""
+        print(f"exported: {out}")
+        if self.push_to_hub:
+            from huggingface_hub import HfApi
+
+            api = HfApi()
+            api.create_repo(self.push_to_hub, private=self.private, exist_ok=True)
+            api.upload_folder(folder_path=str(out), repo_id=self.push_to_hub)
+            print(f"uploaded: https://huggingface.co/{self.push_to_hub}")
+        return out
+
+
+@dataclass
+class HubConfig(UploadFlags, RunFlags):
+    """Export a run's checkpoint as a Hugging Face Hub model folder (and optionally upload it)."""
+
+    output: str = arg("", "the folder to write (default: experiments/X/hub/<checkpoint stem>/)")
+
 
 def main(cfg: HubConfig) -> Path:
-    out = export(cfg.train_folder, cfg.checkpoint_name, cfg.output, cfg.push_to_hub)
-    print(f"exported: {out}")
-    if cfg.push_to_hub:
-        upload(out, cfg.push_to_hub, cfg.private)
-    return out
-
-
-def upload(folder: Path, repo: str, private: bool = False) -> None:
-    """Upload a folder as a Hub model repository (created when missing; needs `huggingface-cli login`)."""
-    from huggingface_hub import HfApi
-
-    api = HfApi()
-    api.create_repo(repo, private=private, exist_ok=True)
-    api.upload_folder(folder_path=str(folder), repo_id=repo)
-    print(f"uploaded: https://huggingface.co/{repo}")
+    return cfg.finish(export(cfg.train_folder, cfg.checkpoint_name, cfg.output, cfg.push_to_hub))
 
 
 if __name__ == "__main__":

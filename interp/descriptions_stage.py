@@ -66,15 +66,13 @@ def part_path(path: Path, rank: int) -> Path:
     return path.with_name(f"{path.stem}.part{rank}{path.suffix}")
 
 
-def fold_parts(path: Path, key=None) -> None:
-    """Append the records of every process's part file to `path` (sorted by `key`, e.g. one process's
-    order), then remove the parts; a line cut short by a kill is dropped."""
+def fold_parts(path: Path) -> None:
+    """Append the records of every process's part file to `path` in one process's order (by layer, then
+    feature: the order it describes them in), then remove the parts; a line cut short by a kill is dropped."""
     parts = sorted(path.parent.glob(f"{path.stem}.part*{path.suffix}"))
     if not parts:
         return
-    new = [r for p in parts for r in read_records(p)]
-    if key is not None:
-        new.sort(key=key)
+    new = sorted((r for p in parts for r in read_records(p)), key=lambda r: (r["layer"], r["feature"]))
     _rewrite(path, read_records(path) + new)
     for p in parts:
         p.unlink()
@@ -252,10 +250,11 @@ def _describe(cfg, dist: Dist, device, explainer_factory, paths: StagePaths, ckp
     if dist.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         fold_parts(path)  # a killed torchrun job's finished records
+        records = read_records(path)  # drops a line cut short by a kill
         if cfg.overwrite:
-            _rewrite(path, [r for r in read_records(path) if r["explainer"] != tag])
+            _rewrite(path, [r for r in records if r["explainer"] != tag])
     dist.barrier()
-    records = read_records(path)  # rank 0 has dropped any cut line: nothing to rewrite here
+    records = read_records(path)  # rank 0 has dropped any cut line: nothing left to rewrite
     if any(r.get("protocol", 1) < PROTOCOL for r in records if r["explainer"] == tag):
         raise UserError(f"{path} holds {tag}'s descriptions made under an older protocol; --overwrite True "
                         "redoes them")
@@ -314,8 +313,7 @@ def _describe(cfg, dist: Dist, device, explainer_factory, paths: StagePaths, ckp
         dist.barrier()
         if not dist.main:
             return out_dir
-        order = {(layer, st["feature"]): i for i, (layer, st, _) in enumerate(todo)}
-        fold_parts(path, key=lambda r: order.get((r["layer"], r["feature"]), len(order)))
+        fold_parts(path)
         records = read_records(path)
     summary = summarise(records)
     noise = {layer: s.get("held_out_noise") for layer, s in index.get("summary", {}).items()}

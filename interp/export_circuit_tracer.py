@@ -32,7 +32,7 @@ from experiment import (
     load_transcoders,
     resolve_checkpoint,
 )
-from experiment.hub import upload
+from experiment.hub import UploadFlags
 from experiment.paths import EXPORTS_DIR, resolve_run_folder
 
 EXPORT_NAME = "circuit-tracer"
@@ -80,6 +80,8 @@ def export(train_folder: str, checkpoint_name: str = "latest", output: str = "")
                         f"{sorted(ks)} and widths {sorted(widths)}")
     out = Path(output) if output else folder / EXPORTS_DIR / EXPORT_NAME / ckpt.stem
     out.mkdir(parents=True, exist_ok=True)
+    for stale in [out / "config.yaml", *out.glob("layer_*.safetensors")]:  # an earlier export: incomplete until
+        stale.unlink(missing_ok=True)  # config.yaml is written again, and no layer of a deeper model may linger
     for layer, tc in transcoders.items():
         with atomic_path(out / f"layer_{layer}.safetensors") as tmp:
             save_file(circuit_tracer_tensors(tc), str(tmp))
@@ -89,20 +91,14 @@ def export(train_folder: str, checkpoint_name: str = "latest", output: str = "")
 
 
 @dataclass
-class CircuitTracerExportConfig(RunFlags):
+class CircuitTracerExportConfig(UploadFlags, RunFlags):
     """Export a checkpoint's transcoders in circuit-tracer's format (and optionally upload them)."""
 
     output: str = arg("", "the folder to write (default: experiments/X/exports/circuit-tracer/<checkpoint stem>/)")
-    push_to_hub: str = arg("", "upload to this Hub repository (user/name; needs `huggingface-cli login`)")
-    private: bool = arg(False, "with --push_to_hub: create the repository private")
 
 
 def main(cfg: CircuitTracerExportConfig) -> Path:
-    out = export(cfg.train_folder, cfg.checkpoint_name, cfg.output)
-    print(f"exported: {out}")
-    if cfg.push_to_hub:
-        upload(out, cfg.push_to_hub, cfg.private)
-    return out
+    return cfg.finish(export(cfg.train_folder, cfg.checkpoint_name, cfg.output))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ Writes (default `experiments/X/exports/delphi/<checkpoint stem>/`):
     <explainer>/scores/detection|fuzz/blocks.N.mlp_latent<F>.txt   one entry per held-out judgement
     <explainer>/log/hookpoint_firing_counts.pt  firing counts per latent, as delphi's analysis reads them
     <explainer>/latents -> ../latents           so `<explainer>/` is a complete delphi run folder
+                                               (<explainer>: its name as one folder, "google--flan-t5-xxl")
 
 The cache is a collection pass of its own over exactly the scan's batches and noise (both depend only on the
 scan's seed and batch index), so delphi sees every activation of the tokens the scan saw, not only the
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections import defaultdict
 from dataclasses import dataclass
@@ -122,6 +124,25 @@ def _examples_by_position(record: dict) -> dict[int, tuple[str, int, dict]]:
     return {e["position"]: (c, i, e) for c in ("top", "quantile", "random") for i, e in enumerate(record[c])}
 
 
+def run_folder_name(explainer: str) -> str:
+    """An explainer's name as one folder name ("google/flan-t5-xxl" → "google--flan-t5-xxl")."""
+    return re.sub(r"[^\w.-]+", "--", explainer).strip("-") or "explainer"
+
+
+def read_description_records(path: Path) -> list[dict]:
+    """Stage 5's records, read only: descriptions.jsonl and the part files of a torchrun job not yet folded
+    in; a line cut short by a kill is skipped (stage 5 drops it too)."""
+    out = []
+    for p in [path, *sorted(path.parent.glob(f"{path.stem}.part*{path.suffix}"))]:
+        if p.is_file():
+            for line in p.read_text(encoding="utf-8").splitlines():
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+    return out
+
+
 def _entry(example: dict, category: str, index: int, activating: bool, p: float) -> dict:
     hidden = set(example.get("masked_at", ()))
     prediction = p >= 0.5
@@ -133,6 +154,11 @@ def _entry(example: dict, category: str, index: int, activating: bool, p: float)
 def score_entries(record: dict, contexts: dict) -> dict[str, list[dict]]:
     """delphi's per-example entries ("detection", "fuzz") of one judged description record."""
     by_pos = _examples_by_position(contexts)
+    wanted = record["score_contexts"]["activating"] + record["score_contexts"]["non_activating"]
+    if any(p not in by_pos for p in wanted):
+        raise UserError(f"the description of layer {record['layer']} feature {record['feature']} was scored on "
+                        "contexts the current scan does not have (the scan was redone after stage 5): rerun "
+                        "get_activation_descriptions.py with --overwrite True")
     pos = [by_pos[p] for p in record["score_contexts"]["activating"]]
     neg = [by_pos[p] for p in record["score_contexts"]["non_activating"]]
     out = {}
@@ -156,23 +182,23 @@ def write_descriptions(out: Path, records: list[dict], topk_dir: Path, counts: d
         contexts.update({(layer, c["feature"]): c for c in read_jsonl(path) if c["feature"] in wanted})
     written: dict = defaultdict(lambda: defaultdict(int))
     for r in records:
-        run = out / r["explainer"]
+        run = out / run_folder_name(r["explainer"])
         name = f"{hookpoint(r['layer'])}_latent{r['feature']}.txt"
         if r["description"] is None:
             continue
         (run / "explanations").mkdir(parents=True, exist_ok=True)
         (run / "explanations" / name).write_text(json.dumps(r["description"]))
-        written[r["explainer"]]["explanations"] += 1
+        written[run.name]["explanations"] += 1
         for scorer, entries in score_entries(r, contexts[(r["layer"], r["feature"])]).items():
             (run / "scores" / scorer).mkdir(parents=True, exist_ok=True)
             (run / "scores" / scorer / name).write_text(json.dumps(entries))
-            written[r["explainer"]][scorer] += 1
-    for tag in {r["explainer"] for r in records}:
+            written[run.name][scorer] += 1
+    for tag in {run_folder_name(r["explainer"]) for r in records}:
         (out / tag / "log").mkdir(parents=True, exist_ok=True)
         torch.save(counts, out / tag / "log" / FIRING_COUNTS)
         link = out / tag / LATENTS_DIR
         if not link.exists():
-            os.symlink(Path("..") / LATENTS_DIR, link)
+            os.symlink(os.path.relpath(out / LATENTS_DIR, out / tag), link)
     return {k: dict(v) for k, v in written.items()}
 
 
@@ -193,10 +219,8 @@ def main(cfg: DelphiExportConfig) -> Path:
     index = read_json(paths.topk / INDEX_FILE)
     settings, layers = index["settings"], index["layers"]
     out = Path(cfg.output) if cfg.output else folder / EXPORTS_DIR / EXPORT_NAME / ckpt.stem
-    if out.exists():
-        if not cfg.overwrite:
-            raise UserError(f"{out} exists; --overwrite True replaces it")
-        shutil.rmtree(out)
+    if out.exists() and not cfg.overwrite:
+        raise UserError(f"{out} exists; --overwrite True replaces it")
     transcoders = load_transcoders(paths.transcoders, layers, device, model.cfg.model_dim)
     tok = load_tokenizer(run_cfg["tokenizer"], folder)
     data = open_data(run_cfg)
@@ -220,10 +244,16 @@ def main(cfg: DelphiExportConfig) -> Path:
                 {layer: transcoders[layer].cfg.num_latents for layer in layers})
     counts = {hookpoint(layer): torch.bincount(collected["locations"][layer][:, 2].long(),
                                                minlength=transcoders[layer].cfg.num_latents) for layer in layers}
-    records = read_jsonl(paths.records) if paths.records.is_file() else []
-    records = [r for r in records if r["layer"] in layers]
+    records = [r for r in read_description_records(paths.records) if r["layer"] in layers]
     written = write_descriptions(tmp, records, paths.topk, counts) if records else {}
-    os.replace(tmp, out)
+    if out.exists():  # --overwrite: the old export goes only once the new one is complete
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
     for layer in layers:
         n = len(collected["activations"][layer])
         print(f"{hookpoint(layer)}: {n:,} activations over {n_tokens:,} tokens "

@@ -43,6 +43,7 @@ from model.transcoder import Transcoder
 
 CATEGORIES = ("top", "quantile", "random")
 WINDOW_FIELDS = ("chosen", "win_tokens", "win_acts", "t", "masked", "win_masked")
+PASS2_WINDOWS = WINDOW_FIELDS[1:]  # filled in pass 2; "chosen" is fixed between the passes
 HIST_BINS = 20
 T_BINS = 10  # noise-level bins over [0, 1] for matching non-activating contexts to activating ones
 
@@ -119,6 +120,22 @@ class LayerState:
         self.masked: dict[str, torch.Tensor] = {}  # category → (M, n) whether the centre was masked
         self.win_masked: dict[str, torch.Tensor] = {}  # category → (M, n, C) whether each token was masked
         self.hist = torch.zeros(M, HIST_BINS, dtype=torch.long, device=device)
+
+    def start_pass2(self, width: int) -> None:
+        """Empty windows and histograms for the examples in `chosen` (pass 2 fills them)."""
+        for cat, chosen in self.chosen.items():
+            shape, device = chosen.shape, chosen.device
+            self.win_tokens[cat] = torch.full((*shape, width), -1, dtype=torch.int32, device=device)
+            self.win_acts[cat] = torch.zeros((*shape, width), device=device)
+            self.t[cat] = torch.full(shape, float("nan"), device=device)
+            self.masked[cat] = torch.zeros(shape, dtype=torch.bool, device=device)
+            self.win_masked[cat] = torch.zeros((*shape, width), dtype=torch.bool, device=device)
+        self.hist.zero_()
+
+    def pass2_state_dict(self) -> dict:
+        """What pass 2 changes (the rest is the merged pass-1 state, the same on every process)."""
+        return {"hist": self.hist.cpu(), **{name: {k: v.cpu() for k, v in getattr(self, name).items()}
+                                            for name in PASS2_WINDOWS}}
 
     def state_dict(self) -> dict:
         out = {"top": self.top.state_dict(), "sample": self.sample.state_dict(), "fire_count": self.fire_count.cpu(),
@@ -231,7 +248,7 @@ def scan(model: DiffusionLM, transcoders: dict[int, Transcoder], loader: ShardLo
     them) and the number of tokens scanned."""
     autocast = autocast or contextlib.nullcontext()
     dist = dist or Dist()
-    state_path = state_file(state_path, dist)
+    base, state_path = state_path, state_file(state_path, dist)
     layers = sorted(transcoders)
     V = model.cfg.vocab_size
     n_total = s.n_batches * loader.batch_size * loader.seq_len
@@ -250,6 +267,24 @@ def scan(model: DiffusionLM, transcoders: dict[int, Transcoder], loader: ShardLo
             states[layer].load_state_dict(saved["layers"][str(layer)], device)
         if dist.main:
             print(f"resuming the scan: pass {phase}, batch {start}")
+    elif dist.main and (others := [p.name for p in base.parent.glob(f"{base.stem}*{base.suffix}")
+                                   if dist.world == 1 or not p.name.endswith(f"of{dist.world}{base.suffix}")]):
+        print(f"note: {', '.join(sorted(others))} belong to a scan with another number of processes; "
+              f"this one starts over (resume with that number to continue it)")
+    if dist.world > 1:
+        phases = all_gather_states(dist, phase)
+        if len(set(phases)) > 1:
+            # killed between the processes' pass-2 checkpoints: a process in pass 2 holds the merged pass-1
+            # state (the same on all of them); the others take it and begin pass 2
+            src = phases.index(2)
+            shared = broadcast_state(dist, src, {"seq_t": seq_t.cpu(), "layers": {
+                str(k): v.state_dict() for k, v in states.items()}} if dist.rank == src else None)
+            if phase == 1:
+                seq_t = shared["seq_t"].to(device)
+                for layer in layers:
+                    states[layer].load_state_dict(shared["layers"][str(layer)], device)
+                    states[layer].start_pass2(s.width)
+                phase, start = 2, 0
 
     def checkpoint(phase_: int, next_batch: int) -> None:
         save_checkpoint(state_path, {"phase": phase_, "next_batch": next_batch, "seq_t": seq_t.cpu(),
@@ -268,11 +303,13 @@ def scan(model: DiffusionLM, transcoders: dict[int, Transcoder], loader: ShardLo
         nonlocal seq_t
         if dist.world == 1:
             return
-        gathered = all_gather_states(dist, {"seq_t": seq_t.cpu(),
-                                            "layers": {str(k): v.state_dict() for k, v in states.items()}})
+        mine = {str(k): v.state_dict() if phase_ == 1 else v.pass2_state_dict() for k, v in states.items()}
+        gathered = all_gather_states(dist, {"seq_t": seq_t.cpu(), "layers": mine})
         seq_t = _first_finite([g["seq_t"] for g in gathered]).to(device)
         for layer in layers:
-            states[layer].load_state_dict(merge_states([g["layers"][str(layer)] for g in gathered], phase_), device)
+            parts = [g["layers"][str(layer)] for g in gathered]
+            base = states[layer].state_dict() if phase_ == 2 else None
+            states[layer].load_state_dict(merge_states(parts, phase_, base), device)
 
     def pass1(batch: Batch, b: int) -> None:
         in_pool = (pool_pos >= batch.base) & (pool_pos < batch.base + batch.N)
@@ -327,13 +364,7 @@ def scan(model: DiffusionLM, transcoders: dict[int, Transcoder], loader: ShardLo
             st = states[layer]
             choose_examples(st, s, pool_pos, _generator(device, s.seed, 11, layer),
                             lambda pos: seq_t.reshape(-1)[pos // loader.seq_len])
-            for cat in CATEGORIES:
-                shape = st.chosen[cat].shape
-                st.win_tokens[cat] = torch.full((*shape, s.width), -1, dtype=torch.int32, device=device)
-                st.win_acts[cat] = torch.zeros((*shape, s.width), device=device)
-                st.t[cat] = torch.full(shape, float("nan"), device=device)
-                st.masked[cat] = torch.zeros(shape, dtype=torch.bool, device=device)
-                st.win_masked[cat] = torch.zeros((*shape, s.width), dtype=torch.bool, device=device)
+            st.start_pass2(s.width)
         phase, start = 2, 0
         checkpoint(2, 0)
     run_pass(2, start, pass2)
@@ -349,13 +380,22 @@ def _first_finite(parts: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def all_gather_states(dist: Dist, state: dict) -> list[dict]:
+def all_gather_states(dist: Dist, state):
     """Every process's state (CPU tensors), on every process."""
     import torch.distributed as torch_dist
 
     gathered: list = [None] * dist.world
     torch_dist.all_gather_object(gathered, state)
     return gathered
+
+
+def broadcast_state(dist: Dist, src: int, state):
+    """Process `src`'s state, on every process."""
+    import torch.distributed as torch_dist
+
+    box = [state]
+    torch_dist.broadcast_object_list(box, src=src)
+    return box[0]
 
 
 def merge_topk(parts: list[dict], k: int) -> dict:
@@ -373,12 +413,13 @@ def merge_topk(parts: list[dict], k: int) -> dict:
     return buf.state_dict()
 
 
-def merge_states(parts: list[dict], phase: int) -> dict:
-    """LayerState.state_dict()s of processes that scanned disjoint batches in pass `phase` → the state of one
-    process that scanned them all. Pass 1 merges the buffers and counts; pass 2 (which starts from the merged
-    pass-1 state on every process) its histograms and windows, each window from the process whose batch held it."""
+def merge_states(parts: list[dict], phase: int, base: dict | None = None) -> dict:
+    """The states of processes that scanned disjoint batches in pass `phase` → the state of one process that
+    scanned them all. Pass 1 merges whole LayerState.state_dict()s: buffers and counts. Pass 2 starts from the
+    merged pass-1 state on every process (`base`, this process's whole state) and merges the processes'
+    `pass2_state_dict()`s: histograms summed, each window from the process whose batch held it."""
     first = parts[0]
-    out = dict(first)
+    out = dict(first if phase == 1 else base)
     if phase == 1:
         out["top"] = merge_topk([p["top"] for p in parts], first["top"]["values"].shape[1])
         out["sample"] = merge_topk([p["sample"] for p in parts], first["sample"]["values"].shape[1])
@@ -391,11 +432,11 @@ def merge_states(parts: list[dict], phase: int) -> dict:
         out["tokens"] = counter.state_dict()
         return out
     out["hist"] = sum(p["hist"] for p in parts)
-    for name in ("win_tokens", "win_acts", "t", "masked", "win_masked"):
+    for name in PASS2_WINDOWS:
         out[name] = {c: v.clone() for c, v in first[name].items()}
     for p in parts[1:]:
         for c in p["t"]:
             filled = torch.isfinite(p["t"][c])  # the slots whose batch this process scanned
-            for name in ("win_tokens", "win_acts", "t", "masked", "win_masked"):
+            for name in PASS2_WINDOWS:
                 out[name][c][filled] = p[name][c][filled]
     return out

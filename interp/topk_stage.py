@@ -114,7 +114,6 @@ def _run_topk(cfg, dist: Dist, device) -> Path:
     autocast = autocast_for(device)
     states, n_tokens = scan(model, transcoders, loader, s, device, out_dir / SCAN_STATE_FILE, autocast, dist)
     if not dist.main:  # the merged states are on every process; rank 0 writes them
-        dist.barrier()
         return out_dir
 
     pieces = vocab_pieces(tok)
@@ -144,6 +143,5 @@ def _run_topk(cfg, dist: Dist, device) -> Path:
                                                            "arrays": ARRAYS_FILE, "page": PAGE_FILE}})
     for f in out_dir.glob(f"{Path(SCAN_STATE_FILE).stem}*{Path(SCAN_STATE_FILE).suffix}"):
         f.unlink(missing_ok=True)  # this run's state files, one per process under torchrun
-    dist.barrier()
     print(f"feature browser: {out_dir / PAGE_FILE}")
     return out_dir

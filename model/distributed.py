@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 
 import torch
@@ -46,5 +47,7 @@ def join_process_group(dist: Dist, wants_cpu: bool) -> torch.device:
     device = torch.device("cpu") if use_cpu else torch.device(f"cuda:{dist.local_rank}")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    torch_dist.init_process_group("gloo" if use_cpu else "nccl")
+    # a long timeout: processes wait at barriers while rank 0 alone writes a stage's outputs, which for a
+    # large scan takes longer than NCCL's default 10 minutes
+    torch_dist.init_process_group("gloo" if use_cpu else "nccl", timeout=datetime.timedelta(hours=3))
     return device

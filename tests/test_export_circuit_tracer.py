@@ -36,17 +36,12 @@ print(cfg["feature_input_hook"], cfg["feature_output_hook"], cfg["k"], type(ts).
 """
 
 
-def test_circuit_tracer_loads_the_transcoders_with_the_same_outputs(tiny_run, tiny_transcoders, tmp_path):
-    from interp.export_circuit_tracer import CircuitTracerExportConfig, main
-
-    out = main(CircuitTracerExportConfig(train_folder=str(tiny_run)))
-    assert out == tiny_run / "exports" / "circuit-tracer" / tiny_transcoders.name
+def check_circuit_tracer_outputs(out, ours: dict, tmp_path) -> None:
+    """circuit-tracer's loaders read `out` and, with TopK set as config.yaml says, compute `ours`' outputs."""
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["model_kind"] == "transcoder_set" and cfg["activation_function"] == "topk"
-    assert sorted(load_file(str(out / "layer_0.safetensors"))) == ["W_dec", "W_enc", "b_dec", "b_enc"]
-    torch.manual_seed(0)
-    ours = {i: Transcoder.load(tiny_transcoders / f"blocks.{i}.mlp") for i in (0, 1)}
     assert cfg["k"] == ours[0].cfg.k
+    torch.manual_seed(0)
     # inputs at the scale the MLPs see (a normalised residual stream: unit RMS), some rows with fewer than
     # k positive pre-activations, where TopK alone and ReLU-then-TopK differ
     x = {str(i): torch.randn(64, ours[i].cfg.d_in) for i in ours}
@@ -64,6 +59,47 @@ def test_circuit_tracer_loads_the_transcoders_with_the_same_outputs(tiny_run, ti
         torch.testing.assert_close(y[f"lazy_{i}"], want, rtol=1e-5, atol=1e-5)
         # left at the ReLU its loader builds, circuit-tracer computes something else: the swap matters
         assert (y[f"relu_{i}"] - want).abs().max() > 1e-2
+
+
+def test_circuit_tracer_loads_the_transcoders_with_the_same_outputs(tiny_run, tiny_transcoders, tmp_path):
+    from interp.export_circuit_tracer import CircuitTracerExportConfig, main
+
+    out = main(CircuitTracerExportConfig(train_folder=str(tiny_run)))
+    assert out == tiny_run / "exports" / "circuit-tracer" / tiny_transcoders.name
+    assert sorted(load_file(str(out / "layer_0.safetensors"))) == ["W_dec", "W_enc", "b_dec", "b_enc"]
+    ours = {i: Transcoder.load(tiny_transcoders / f"blocks.{i}.mlp") for i in (0, 1)}
+    check_circuit_tracer_outputs(out, ours, tmp_path)
+
+
+def test_skip_connections_and_a_second_export(tiny_run, tiny_transcoders, tmp_path):
+    """Transcoders with a skip connection (W_skip: x W_skipᵀ in both tools); a second export into the same
+    folder replaces the first and leaves no layer of it behind."""
+    import shutil
+
+    from interp.export_circuit_tracer import export
+    from model.transcoder import TranscoderConfig
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("transcoders", "topk", "descriptions",
+                                                                 "explanations", "exports", "hub"))
+    base = Transcoder.load(tiny_transcoders / "blocks.0.mlp")
+    torch.manual_seed(1)
+    ours = {}
+    for i in (0, 1):
+        tc = Transcoder(TranscoderConfig(base.cfg.d_in, base.cfg.num_latents, base.cfg.k, skip_connection=True))
+        with torch.no_grad():
+            tc.encoder.bias.normal_(0, 0.1)
+            tc.W_skip.normal_(0, 0.1)
+        tc.save(run / "transcoders" / tiny_transcoders.name / f"blocks.{i}.mlp")
+        ours[i] = tc
+    out = tmp_path / "exports" / "circuit-tracer" / "skip"
+    out.mkdir(parents=True)
+    (out / "layer_7.safetensors").write_text("from a deeper model")
+    (out / "config.yaml").write_text("model_kind: stale")
+    export(str(run), output=str(out))
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "layer_0.safetensors", "layer_1.safetensors"]
+    assert "W_skip" in load_file(str(out / "layer_1.safetensors"))
+    check_circuit_tracer_outputs(out, ours, tmp_path)
 
 
 def test_export_refuses_an_incomplete_transcoder_set(tiny_run, tiny_transcoders, tmp_path):

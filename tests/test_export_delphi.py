@@ -79,12 +79,15 @@ def test_delphi_reads_the_cache_and_recomputes_our_scores(judged_run):
         assert len(r["train"]) >= 1 and r["n_not_active"] >= 1
     assert any("[MASK]" in text for r in got["records"].values() for text in r["train"])
     # delphi's analysis of the exported judgements: our balanced accuracy and AUROC, feature by feature
+    compared = 0
     for r in judged:
         for ours, theirs in (("detection", "detection"), ("fuzzing", "fuzz")):
             mine, d = r["scores"][ours], got["scores"][f"{theirs}/{r['feature']}"]
             assert d["accuracy"] == pytest.approx(mine["balanced_accuracy"])
             if mine["auroc"] is not None and d["auc"] is not None:
                 assert d["auc"] == pytest.approx(mine["auroc"])
+                compared += 1
+    assert compared >= len(judged)
     assert (out / "tokens" / "latents" / "blocks.1.mlp").is_dir()  # the explainer's folder is a delphi run
     assert json.loads((out / "tokens" / "explanations" / f"blocks.1.mlp_latent{judged[0]['feature']}.txt")
                       .read_text()) == judged[0]["description"]
@@ -99,3 +102,21 @@ def test_export_needs_a_finished_scan_and_keeps_an_existing_export(judged_run, t
     (judged_run / "exports" / "delphi" / stem).mkdir(parents=True, exist_ok=True)
     proc = run_cli(["-m", "interp.export_delphi", "--train_folder", str(judged_run), "--device", "cpu"])
     assert_one_line_error(proc, "exists", "--overwrite True")
+
+
+def test_an_explainer_named_by_hub_id_or_path_gets_one_folder(judged_run, tmp_path):
+    """"google/flan-t5-xxl" or "/models/t5" become one folder inside the export, whose latents link works."""
+    from interp.export_delphi import run_folder_name, write_descriptions
+
+    assert run_folder_name("google/flan-t5-xxl") == "google--flan-t5-xxl"
+    assert run_folder_name("/models/t5") == "models--t5"
+    (tmp_path / "latents").mkdir()
+    topk = next((judged_run / "topk").iterdir())
+    record = json.loads((next((judged_run / "descriptions").iterdir()) / "descriptions.jsonl").read_text()
+                        .splitlines()[0])
+    for name in ("google/flan-t5-xxl", "/models/t5"):
+        write_descriptions(tmp_path, [dict(record, explainer=name)], topk, {})
+        run = tmp_path / run_folder_name(name)
+        assert (run / "latents").resolve() == (tmp_path / "latents").resolve()
+        assert len(list((run / "explanations").iterdir())) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["google--flan-t5-xxl", "latents", "models--t5"]

@@ -86,10 +86,11 @@ def _all_reduce_grads(transcoders: torch.nn.ModuleDict, dist: Dist) -> None:
 
 def train_step(model, transcoders: torch.nn.ModuleDict, layers: list[int], micro_batches, acc: int,
                scales: dict[int, float], dead: dict[int, torch.Tensor], cfg, optimizer, dist: Dist, autocast,
-               device, loss_fns: dict | None = None) -> list[float]:
+               device, loss_fns: dict | None = None, compiled: bool = False) -> list[float]:
     """One optimizer step of every layer's transcoder over `acc` micro-batches of (tokens, t, u); updates
     the dead-latent counters; returns each layer's training FVU. `loss_fns` (layer → a transcoder's loss,
-    e.g. compiled) default to the transcoders' own."""
+    `compiled` when they are) default to the transcoders' own. Uncompiled, AuxK is skipped while no latent is
+    dead (its value is then 0); compiled, it always runs, so that the graph never changes."""
     loss_fns = loss_fns or {layer: transcoders[str(layer)].loss for layer in layers}
     fired = {layer: torch.zeros(len(dead[layer]), dtype=torch.bool, device=device) for layer in layers}
     sums = torch.zeros(len(layers), 2, dtype=torch.float64, device=device)  # SSE, total variance
@@ -100,7 +101,8 @@ def train_step(model, transcoders: torch.nn.ModuleDict, layers: list[int], micro
         for i, layer in enumerate(layers):
             x, y = pairs.pairs[layer]
             with autocast:
-                out = loss_fns[layer](x, y / scales[layer], dead[layer] > cfg.dead_tokens)
+                dead_now = dead[layer] > cfg.dead_tokens
+                out = loss_fns[layer](x, y / scales[layer], dead_now if compiled or bool(dead_now.any()) else None)
             ((out.fvu + cfg.auxk_alpha * out.auxk) / acc).backward()
             fired[layer][out.encoded.indices[out.encoded.acts > 0]] = True
             sums[i] += torch.stack([out.sse.detach().double(), out.total_variance.detach().double()])
@@ -222,6 +224,7 @@ class Run:
     start: int
     acc: int  # micro-batches per process per step
     loss_fns: dict = dataclasses.field(default_factory=dict)  # layer → its transcoder's loss (compiled or not)
+    compiled: bool = False
 
     @property
     def per_step(self) -> int:
@@ -331,6 +334,7 @@ def set_up(cfg, dist: Dist, device: torch.device) -> tuple[Run | None, Path]:
             truncate_metrics(out_dir, -1)  # a start that died before its first checkpoint left stale lines
         _initial_scales(r, autocast_for(device))
     use_compile = cfg.compile if getattr(cfg, "compile", None) is not None else device.type == "cuda"
+    r.compiled = use_compile
     r.loss_fns = {layer: torch.compile(transcoders[str(layer)].loss) if use_compile else transcoders[str(layer)].loss
                   for layer in layers}
     r.log.folder = out_dir if dist.main else None
@@ -357,7 +361,7 @@ def loop(r: Run) -> Path:
                 yield batch.tokens, *noise_for(cfg, batch, index, r.per_step, cfg.train_seq_len)
 
         fvu = train_step(r.model, r.transcoders, r.layers, micro_batches(), r.acc, r.scales, r.dead, cfg,
-                         r.optimizer, dist, autocast, device, r.loss_fns)
+                         r.optimizer, dist, autocast, device, r.loss_fns, r.compiled)
         if not all(math.isfinite(v) for v in fvu):
             raise UserError(f"transcoder training diverged at step {index + 1} (FVU {fvu}); lower --lr")
 
