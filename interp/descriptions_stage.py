@@ -18,6 +18,7 @@ import statistics
 from pathlib import Path
 from typing import Callable
 
+import torch
 from tqdm import tqdm
 
 from core.files import UserError, atomic_path, write_json_atomic
@@ -85,16 +86,39 @@ def append_record(path: Path, record: dict) -> None:
         os.fsync(fh.fileno())
 
 
-def batched(fn: Callable[..., list], size: int) -> Callable[..., list]:
+class BatchSize:
+    """Prompts per forward pass: --batch_size, halved for the rest of the run each time the device runs out
+    of memory, so that a generous --batch_size settles on the largest batch that fits."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+
+def batched(fn: Callable[..., list], size: int | BatchSize) -> Callable[..., list]:
     """`fn` over batches of `size`, the prompts sorted by length first (little padding), results in order.
-    Lists that go with the prompts item by item (a window's lines) are passed along in the same batches."""
+    Lists that go with the prompts item by item (a window's lines) are passed along in the same batches. A
+    batch that runs out of memory is retried at half the size (a `BatchSize` keeps the new size)."""
+    limit = size if isinstance(size, BatchSize) else BatchSize(size)
+
     def run(prompts: list[str], *alongside: list) -> list:
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         out: list = [None] * len(prompts)
-        for i in range(0, len(order), size):
-            chunk = order[i:i + size]
-            for j, value in zip(chunk, fn(*([items[j] for j in chunk] for items in (prompts, *alongside)))):
+        i = 0
+        while i < len(order):
+            chunk = order[i:i + limit.size]
+            try:
+                values = fn(*([items[j] for j in chunk] for items in (prompts, *alongside)))
+            except torch.OutOfMemoryError:
+                if limit.size == 1:
+                    raise
+                limit.size = max(1, limit.size // 2)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                print(f"out of memory: batches of {limit.size} prompts from now on", flush=True)
+                continue
+            for j, value in zip(chunk, values):
                 out[j] = value
+            i += len(chunk)
         return out
     return run
 
@@ -108,7 +132,7 @@ def parse_features(spec: str) -> set[int] | None:
         raise UserError(f"--features {spec!r}: give comma-separated feature indices") from None
 
 
-def describe_batch(items: list[tuple[dict, dict]], explainer, cfg) -> list[dict]:
+def describe_batch(items: list[tuple[dict, dict]], explainer, cfg, limit: BatchSize | None = None) -> list[dict]:
     """Descriptions for (stats, contexts) pairs: one batched generation, one batched retry with sampling
     for the empty or echoed answers, failures recorded as such."""
     if explainer is None:  # the tokens baseline
@@ -120,7 +144,8 @@ def describe_batch(items: list[tuple[dict, dict]], explainer, cfg) -> list[dict]
         prompt, examples = fit_prompt(explain_examples(record, cfg.n_examples), stats, explainer.count_tokens, budget)
         prompts.append(prompt)
         shown.append([e["position"] for e in examples])
-    gen = batched(lambda ps: explainer.generate(ps, cfg.max_new_tokens), cfg.batch_size)
+    limit = limit or BatchSize(cfg.batch_size)
+    gen = batched(lambda ps: explainer.generate(ps, cfg.max_new_tokens), limit)
     raws = gen(prompts)
     results = []
     for prompt, raw, pos in zip(prompts, raws, shown):
@@ -129,7 +154,7 @@ def describe_batch(items: list[tuple[dict, dict]], explainer, cfg) -> list[dict]
     retry = [i for i, r in enumerate(results) if r["failure"]]
     if retry:
         again = batched(lambda ps: explainer.generate(ps, cfg.max_new_tokens, sample=True, seed=cfg.seed),
-                        cfg.batch_size)([prompts[i] for i in retry])
+                        limit)([prompts[i] for i in retry])
         for i, raw in zip(retry, again):
             desc, why = clean(raw, prompts[i])
             results[i].update(description=desc, failure=why, retried=True)
@@ -275,16 +300,18 @@ def _describe(cfg, dist: Dist, device, explainer_factory, paths: StagePaths, ckp
     if dist.main:
         print(f"describing {len(todo)} features with {tag} (judge: {judged}); {len(done)} already done; writing "
               f"{path}" + (f" (from {dist.world} processes)" if dist.world > 1 else ""))
-    judge_fn = batched(judge.yes_probability, cfg.batch_size) if judge is not None else None
+    # one size per kind of call, kept over the run: a size that ran out of memory is not tried again
+    limit, judge_limit, digits_limit = (BatchSize(cfg.batch_size) for _ in range(3))
+    judge_fn = batched(judge.yes_probability, judge_limit) if judge is not None else None
     simulate = judge is not None and "simulation" in scorers
-    digits_fn = batched(judge.expected_digits_all_at_once, cfg.batch_size) if simulate else None
+    digits_fn = batched(judge.expected_digits_all_at_once, digits_limit) if simulate else None
     # batches of features as one process makes them, dealt out to the processes in turn: every batch
     # reaches the explainer as it would in one process, so the outputs do not depend on the process count
     chunks = [todo[i:i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)][dist.rank::dist.world]
     out_path = path if dist.world == 1 else part_path(path, dist.rank)
     bar = tqdm(total=sum(map(len, chunks)), unit="feature", dynamic_ncols=True, disable=not dist.main)
     for chunk in chunks:
-        described = describe_batch([(s, r) for _, s, r in chunk], explainer, cfg)
+        described = describe_batch([(s, r) for _, s, r in chunk], explainer, cfg, limit)
         judged_here = [i for i, d in enumerate(described) if d["description"] is not None] if judge_fn else []
         judgements = dict(zip(judged_here, judge_many(
             [(described[i]["description"], chunk[i][2], cfg.seed + chunk[i][1]["feature"]) for i in judged_here],

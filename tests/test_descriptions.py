@@ -486,3 +486,29 @@ def test_older_protocol_inputs_are_refused(run_copy):
     run_descriptions(dataclasses.replace(tokens_cfg, overwrite=True))  # redone under the new protocol
     assert all(r["protocol"] == 2 for r in read_jsonl(out / RECORDS_FILE))
 
+
+
+def test_a_batch_that_runs_out_of_memory_is_halved_for_the_rest_of_the_run():
+    from interp.descriptions_stage import BatchSize
+
+    seen = []
+
+    def fn(prompts):  # a device that holds at most 3 prompts at a time
+        seen.append(len(prompts))
+        if len(prompts) > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return [p.upper() for p in prompts]
+
+    limit = BatchSize(16)
+    prompts = [f"prompt {i}" + "x" * (i % 5) for i in range(20)]
+    assert batched(fn, limit)(prompts) == [p.upper() for p in prompts]  # every answer, in order
+    assert limit.size == 2 and seen[:4] == [16, 8, 4, 2]
+    seen.clear()
+    assert batched(fn, limit)(prompts[:5]) == [p.upper() for p in prompts[:5]]
+    assert seen == [2, 2, 1]  # the smaller size stays
+
+    def never(prompts):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(torch.OutOfMemoryError):
+        batched(never, BatchSize(4))(prompts)
