@@ -2,7 +2,7 @@
 table keeps the headline numbers."""
 from __future__ import annotations
 
-from bench.gpu_suite import run, table
+from bench.gpu_suite import SUITE, run, table
 
 
 def test_rows_for_a_result_a_failure_and_a_time_out(tmp_path):
@@ -20,3 +20,9 @@ def test_rows_for_a_result_a_failure_and_a_time_out(tmp_path):
     rendered = table([ok, failed, hung]).splitlines()
     assert rendered[0] == "| benchmark | result | wall | status |" and len(rendered) == 5
     assert "tokens/s: 1,234 \\| a" in rendered[2] and rendered[4].endswith("| time-out (2 s) |")
+
+
+def test_the_suite_fits_a_lent_gpus_budget():
+    """Every benchmark of the issue is in it, and their limits leave room in 8 minutes for the card's start."""
+    assert {name for name, _, _ in SUITE} >= {"train", "transcoders", "topk", "generate", "explainer"}
+    assert sum(limit for _, limit, _ in SUITE) <= 450
