@@ -28,6 +28,11 @@ def resolve_device(cuda: int | None = None, device: str | None = None) -> torch.
     return torch.device(name)
 
 
+def use_compile(flag: bool | None, device: torch.device) -> bool:
+    """--compile: as given, or by default on CUDA only (on the CPU the compile time outweighs the gain)."""
+    return flag if flag is not None else device.type == "cuda"
+
+
 def setup_distributed(cfg) -> tuple[Dist, torch.device]:
     """Under torchrun: one process per device, NCCL on CUDA and gloo on the CPU. Otherwise one process
     on the device the flags name."""

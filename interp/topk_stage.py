@@ -19,6 +19,7 @@ from experiment import (
     open_data,
     setup_distributed,
     transcoder_layers,
+    use_compile,
 )
 from experiment.paths import ARRAYS_FILE, CONTEXTS_FILE, FEATURES_FILE, INDEX_FILE, PAGE_FILE, SCAN_STATE_FILE
 from interp.feature_logits import decoder_logits
@@ -96,7 +97,7 @@ def _run_topk(cfg, dist: Dist, device) -> Path:
     dist.barrier()
 
     transcoders = load_transcoders(tc_dir, layers, device, model.cfg.model_dim)
-    if cfg.compile if cfg.compile is not None else device.type == "cuda":
+    if use_compile(cfg.compile, device):
         model.compile_blocks()
     tok = load_tokenizer(run_cfg["tokenizer"], folder)
     data = open_data(run_cfg)

@@ -26,6 +26,7 @@ from experiment import (
     read_metrics,
     setup_distributed,
     truncate_metrics,
+    use_compile,
 )
 from experiment.paths import LOSS_PLOT
 from model.attention import FLEX_BLOCK
@@ -246,8 +247,7 @@ def set_up(cfg, given: set[str] | None, dist: Dist, device: torch.device) -> Run
     log(f"data: {data.folder} ({data.meta['train_tokens']:,} training tokens); {tokens_per_step:,} tokens per step "
         f"= {cfg.grad_acc_steps} micro-batches × {cfg.batch_size} sequences × {cfg.train_seq_len} tokens")
 
-    use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
-    if use_compile:
+    if use_compile(cfg.compile, device):
         model.compile_blocks()
     net: Any = model
     if dist.world > 1:

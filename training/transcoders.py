@@ -32,6 +32,7 @@ from experiment import (
     read_metrics,
     setup_distributed,
     truncate_metrics,
+    use_compile,
 )
 from experiment.paths import TRANSCODER_PLOT, TRANSCODER_SUMMARY_FILE
 from model.diffusion import DiffusionLM
@@ -333,9 +334,8 @@ def set_up(cfg, dist: Dist, device: torch.device) -> tuple[Run | None, Path]:
             write_json_atomic(out_dir / CONFIG_FILE, {**settings, "base_run": str(folder), "d_in": mc.model_dim})
             truncate_metrics(out_dir, -1)  # a start that died before its first checkpoint left stale lines
         _initial_scales(r, autocast_for(device))
-    use_compile = cfg.compile if getattr(cfg, "compile", None) is not None else device.type == "cuda"
-    r.compiled = use_compile
-    r.loss_fns = {layer: torch.compile(transcoders[str(layer)].loss) if use_compile else transcoders[str(layer)].loss
+    r.compiled = use_compile(cfg.compile, device)
+    r.loss_fns = {layer: torch.compile(transcoders[str(layer)].loss) if r.compiled else transcoders[str(layer)].loss
                   for layer in layers}
     r.log.folder = out_dir if dist.main else None
     r.log(f"transcoders for {ckpt} layers {layers}: {num_latents} latents (×{cfg.expansion_factor}), k={cfg.k}, "
