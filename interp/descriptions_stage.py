@@ -42,8 +42,9 @@ JUDGED = ("detection", "fuzzing", "simulation")
 TOKENS = "tokens"
 
 
-def read_records(path: Path) -> list[dict]:
-    """Finished records; a line cut short by a kill is dropped (and the file rewritten without it)."""
+def read_records(path: Path, rewrite: bool = True) -> list[dict]:
+    """Finished records; a line cut short by a kill is dropped (and, with `rewrite`, the file rewritten
+    without it)."""
     if not path.exists():
         return []
     good, lines = [], path.read_text(encoding="utf-8").splitlines()
@@ -52,9 +53,14 @@ def read_records(path: Path) -> list[dict]:
             good.append(json.loads(line))
         except json.JSONDecodeError:
             continue
-    if len(good) != len([x for x in lines if x.strip()]):
+    if rewrite and len(good) != len([x for x in lines if x.strip()]):
         _rewrite(path, good)
     return good
+
+
+def all_records(path: Path) -> list[dict]:
+    """Read only: the records of `path` and of the part files of a torchrun job not yet folded into it."""
+    return [r for p in [path, *part_files(path)] for r in read_records(p, rewrite=False)]
 
 
 def _rewrite(path: Path, records: list[dict]) -> None:
@@ -67,10 +73,15 @@ def part_path(path: Path, rank: int) -> Path:
     return path.with_name(f"{path.stem}.part{rank}{path.suffix}")
 
 
+def part_files(path: Path) -> list[Path]:
+    """Every process's part file of `path` (see `part_path`)."""
+    return sorted(path.parent.glob(f"{path.stem}.part*{path.suffix}"))
+
+
 def fold_parts(path: Path) -> None:
     """Append the records of every process's part file to `path` in one process's order (by layer, then
     feature: the order it describes them in), then remove the parts; a line cut short by a kill is dropped."""
-    parts = sorted(path.parent.glob(f"{path.stem}.part*{path.suffix}"))
+    parts = part_files(path)
     if not parts:
         return
     new = sorted((r for p in parts for r in read_records(p)), key=lambda r: (r["layer"], r["feature"]))

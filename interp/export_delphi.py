@@ -56,13 +56,14 @@ from experiment import (
     layer_name,
     load_transcoders,
     open_base_run,
-    open_data,
     resolve_device,
 )
 from experiment.paths import CONTEXTS_FILE, EXPORTS_DIR, INDEX_FILE
 from interp.describe import MASK_SHOWN
+from interp.descriptions_stage import all_records
 from interp.feature_store import read_jsonl
 from interp.scan import Batch, ScanSettings, _active
+from interp.topk_stage import scan_inputs
 from model.precision import autocast as autocast_for
 
 EXPORT_NAME = "delphi"
@@ -127,20 +128,6 @@ def _examples_by_position(record: dict) -> dict[int, tuple[str, int, dict]]:
 def run_folder_name(explainer: str) -> str:
     """An explainer's name as one folder name ("google/flan-t5-xxl" → "google--flan-t5-xxl")."""
     return re.sub(r"[^\w.-]+", "--", explainer).strip("-") or "explainer"
-
-
-def read_description_records(path: Path) -> list[dict]:
-    """Stage 5's records, read only: descriptions.jsonl and the part files of a torchrun job not yet folded
-    in; a line cut short by a kill is skipped (stage 5 drops it too)."""
-    out = []
-    for p in [path, *sorted(path.parent.glob(f"{path.stem}.part*{path.suffix}"))]:
-        if p.is_file():
-            for line in p.read_text(encoding="utf-8").splitlines():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
-    return out
 
 
 def _entry(example: dict, category: str, index: int, activating: bool, p: float) -> dict:
@@ -223,12 +210,7 @@ def main(cfg: DelphiExportConfig) -> Path:
         raise UserError(f"{out} exists; --overwrite True replaces it")
     transcoders = load_transcoders(paths.transcoders, layers, device, model.cfg.model_dim)
     tok = load_tokenizer(run_cfg["tokenizer"], folder)
-    data = open_data(run_cfg)
-    loader = ShardLoader(data.folder, "train", settings["train_seq_len"], settings["batch_size"], settings["seed"],
-                         files=run_cfg["data"].get("train_files"))
-    s = ScanSettings(n_batches=settings["scan_batches"], top_k=settings["top_k"],
-                     context_before=settings["context_before"], context_after=settings["context_after"],
-                     mask_ratio=settings["mask_ratio"], seed=settings["seed"])
+    loader, s = scan_inputs(settings, run_cfg)
     tmp = out.with_name(f".{out.name}.partial")  # the export appears whole or not at all
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -244,7 +226,7 @@ def main(cfg: DelphiExportConfig) -> Path:
                 {layer: transcoders[layer].cfg.num_latents for layer in layers})
     counts = {hookpoint(layer): torch.bincount(collected["locations"][layer][:, 2].long(),
                                                minlength=transcoders[layer].cfg.num_latents) for layer in layers}
-    records = [r for r in read_description_records(paths.records) if r["layer"] in layers]
+    records = [r for r in all_records(paths.records) if r["layer"] in layers]
     written = write_descriptions(tmp, records, paths.topk, counts) if records else {}
     if out.exists():  # --overwrite: the old export goes only once the new one is complete
         old = out.with_name(f".{out.name}.old")

@@ -60,6 +60,18 @@ def saved_settings(path: Path) -> dict:
     return saved
 
 
+def scan_inputs(settings: dict, run_cfg: dict, checkpoint_every: int = 200) -> tuple[ShardLoader, ScanSettings]:
+    """A scan's data loader and settings from its recorded settings (its config.json): what the scan reads,
+    and what the delphi export reads again, batch for batch."""
+    loader = ShardLoader(open_data(run_cfg).folder, "train", settings["train_seq_len"], settings["batch_size"],
+                         settings["seed"], files=run_cfg["data"].get("train_files"))
+    s = ScanSettings(n_batches=settings["scan_batches"], top_k=settings["top_k"],
+                     context_before=settings["context_before"], context_after=settings["context_after"],
+                     n_quantile=settings["n_quantile"], n_random=settings["n_random"],
+                     mask_ratio=settings["mask_ratio"], seed=settings["seed"], checkpoint_every=checkpoint_every)
+    return loader, s
+
+
 def run_topk(cfg) -> Path:
     """One process, or one per device under torchrun (each scans a share of the batches; rank 0 writes)."""
     dist, device = setup_distributed(cfg)
@@ -100,18 +112,13 @@ def _run_topk(cfg, dist: Dist, device) -> Path:
     if use_compile(cfg.compile, device):
         model.compile_blocks()
     tok = load_tokenizer(run_cfg["tokenizer"], folder)
-    data = open_data(run_cfg)
-    loader = ShardLoader(data.folder, "train", cfg.train_seq_len, cfg.batch_size, cfg.seed,
-                         files=run_cfg["data"].get("train_files"))
-    n_batches = cfg.n_batches()
+    loader, s = scan_inputs(settings, run_cfg, cfg.checkpoint_every)
+    n_batches = s.n_batches
     if dist.main:
         print(f"scanning {n_batches:,} batches × {cfg.batch_size} × {cfg.train_seq_len} = "
               f"{n_batches * cfg.batch_size * cfg.train_seq_len:,} tokens through layers {layers} "
               f"({', '.join(str(transcoders[layer].cfg.num_latents) for layer in layers)} features), twice"
               + (f", over {dist.world} processes" if dist.world > 1 else ""))
-    s = ScanSettings(n_batches=n_batches, top_k=cfg.top_k, context_before=cfg.context_before,
-                     context_after=cfg.context_after, n_quantile=cfg.n_quantile, n_random=cfg.n_random,
-                     mask_ratio=cfg.mask_ratio, seed=cfg.seed, checkpoint_every=cfg.checkpoint_every)
     autocast = autocast_for(device)
     states, n_tokens = scan(model, transcoders, loader, s, device, out_dir / SCAN_STATE_FILE, autocast, dist)
     if not dist.main:  # the merged states are on every process; rank 0 writes them
