@@ -27,11 +27,14 @@ class ExplainConfig(SamplingFlags, ShapeFlags, RunFlags):
 
     explainer: str = arg("google/flan-t5-xxl", "whose feature descriptions to use and who writes the step "
                                                "descriptions and ratings; 'tokens': composed, no ratings")
-    features_per_layer: int = arg(10, "features cited per layer and step (those with the largest total effect)")
+    features_per_layer: int = arg(10, "features cited per layer, step and direction (the largest total effects "
+                                      "for and against the committed tokens)")
     node_threshold: float = arg(0.8, "graph pruning: keep the nodes carrying this share of the influence")
     edge_threshold: float = arg(0.98, "graph pruning: keep the edges carrying this share of the influence")
-    faithfulness_features: int = arg(10, "the top cited features ablated together for the faithfulness check")
-    random_draws: int = arg(10, "random same-layer feature sets ablated for comparison")
+    faithfulness_features: int = arg(10, "the top cited features (pushing for the tokens) ablated together for the "
+                                         "explanation's score")
+    random_draws: int = arg(20, "random citations (as many per layer, active at the step) scored the same way: the "
+                                "measured chance level")
     graph_batch_size: int = arg(256, "graph rows (feature inputs) computed per batched backward pass")
     intervene: str = arg("", "at every step also set these features, e.g. '1_329_9=0,0_44_3=2x' (layer_feature_"
                              "position as in the graph's node ids = an activation, or Nx for N times the current)")

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from core.files import write_text_atomic
+from interp.explain_step import where
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 # The styles and the script live in assets/ as plain .css and .js files.
@@ -35,12 +36,13 @@ def _scores(step: dict) -> str:
     sc = g.get("scores") or {}
     mi = sc.get("mi_score")
     rating = lambda v: "n/a" if v is None else v  # noqa: E731
-    measured = (f"<b>MI score {mi:.1f}/10</b> (replacement {sc['replacement']:.2f} · completeness "
-                f"{sc['completeness']:.2f} · faithfulness {sc['faithfulness']:.2f} = specificity "
-                f"{sc['specificity']:.2f} × agreement {sc['agreement']:.2f}; "
-                f"{sc['mi_score_if_random']:.1f} if the cited "
-                f"features were random)" if mi is not None
-                else "MI score n/a")
+    chance = ("no random citation of the same size" if sc.get("random_mean") is None else
+              f"random citations {sc['random_mean']:.1f} on average, 95th percentile {sc['random_p95']:.1f}; this "
+              f"explanation {where(sc['percentile'], sc['random_draws'])}") if mi is not None else ""
+    measured = (f"<b>MI score {mi:.1f}/10</b> (carried {sc['carried']:.2f} × agreement {sc['agreement']:.2f}; "
+                f"{chance}; "
+                f"most active features {sc['most_active']:.1f}) · graph quality: replacement {sc['replacement']:.2f}, "
+                f"completeness {sc['completeness']:.2f}" if mi is not None else "MI score n/a")
     link = f" · <a href='{html.escape(g['file'])}'>graph JSON</a>" if g.get("file") else ""
     return (f"{measured}<br>explainer's ratings: output {rating(step['output_score'])}, interpretation "
             f"{rating(step['interpretation_score'])}{link}")
@@ -56,7 +58,8 @@ def _timeline(r: dict, n_steps: int) -> str:
         cells = "".join(f"<td class='hit' title='{at[s]:+.3f}'>{at[s]:+.2f}</td>" if s in at else "<td></td>"
                         for s in range(1, n_steps + 1))
         rows.append(f"<tr><td>L{f['layer']}#{f['feature']} {html.escape(f['description'][:60])}</td>{cells}</tr>")
-    return (f"<h3>Features cited at several steps (total effect on the committed tokens)</h3><table class='tl'>"
+    return ("<h3>Features cited at several steps (total effect on the committed tokens' demeaned logit)</h3>"
+            "<table class='tl'>"
             f"<tr><td><b>feature \\ step</b></td>{head}</tr>{''.join(rows)}</table>")
 
 

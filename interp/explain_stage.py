@@ -3,6 +3,7 @@ transcoder features of every layer, describe each step, score it, print, write J
 from __future__ import annotations
 
 import datetime
+import math
 import os
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import torch
 
 from core.files import UserError, write_json_atomic
 from experiment import StagePaths, load_run, load_transcoders, resolve_device, transcoder_layers
-from experiment.paths import EXPLANATIONS_FILE, GRAPHS_DIR, PAGE_FILE, REPORT_FILE, layer_name
+from experiment.paths import EXPLANATIONS_FILE, FEATURES_FILE, GRAPHS_DIR, PAGE_FILE, REPORT_FILE, layer_name
 from interp.descriptions_stage import TOKENS, read_records
 from interp.explain_report import write_report
 from interp.explain_step import (
@@ -22,16 +23,19 @@ from interp.explain_step import (
     parse_rating,
     short,
     total_prompt,
+    where,
 )
+from interp.feature_store import read_jsonl
 from interp.graph import FEATURE, MASK, TARGET, TOKEN
 from interp.graph_export import graph_json, write_graph
 from interp.interventions import parse_changes
-from interp.step_analysis import MI_FORMULA, StepSettings, analyse_step
+from interp.step_analysis import EFFECT_FLOOR, MI_FORMULA, StepSettings, analyse_step
 from model.explainer import Explainer
 from model.precision import autocast
 from model.sampler import generate
 
 UNDESCRIBED = "(no description)"
+GENERIC_FREQUENCY = 0.2  # a feature active on at least this share of the scanned tokens is labelled generic
 
 
 def load_descriptions(path: Path, tag: str) -> dict[tuple[int, int], dict]:
@@ -47,13 +51,15 @@ def mean(xs) -> float:
     return sum(xs) / len(xs) if xs else 0.0
 
 
-def node_name(g, i: int, tok, descriptions: dict) -> str:
+def node_name(g, i: int, tok, descriptions: dict, frequency: dict | None = None) -> str:
     kind = g.kind(i)
     layer, pos = g.where(i)
     if kind == FEATURE:
         feature = int(g.feature_nodes[i, 2])
         rec = descriptions.get((layer, feature))
-        return f'L{layer}#{feature} "{short(rec["description"], 40) if rec else UNDESCRIBED}"'
+        freq = (frequency or {}).get((layer, feature))
+        generic = f" [generic: fires on {freq:.0%} of tokens]" if freq is not None and freq >= GENERIC_FREQUENCY else ""
+        return f'L{layer}#{feature} "{short(rec["description"], 40) if rec else UNDESCRIBED}"{generic}'
     if kind == TARGET:
         return repr(tok.decode([g.targets[i - g.target_start]]))
     if kind == TOKEN:
@@ -63,45 +69,77 @@ def node_name(g, i: int, tok, descriptions: dict) -> str:
     return f"L{layer} error@{pos}"
 
 
-def graph_record(res: dict, tok, descriptions: dict, page_of=lambda layer, feature: None) -> dict:
-    """The step's graph in numbers (means over the committed tokens, which weigh equally). `whole` is the
-    targets' value, which the parts (inputs and layers) add up to; shares are parts over the gross flow
-    Σ|parts|, so they stay readable when pushes for and against nearly cancel."""
-    g, parts, effects = res["graph"], res["parts"], res["effects"]
-    rows = g.adjacency[g.target_start:]
+def cited_entry(res: dict, i: int, gross: float, descriptions: dict, frequency: dict, page_of) -> dict:
+    g, effects = res["graph"], res["effects"]
+    lay, pos, feature = g.feature_nodes[i].tolist()
+    rec = descriptions.get((lay, feature)) or {}
+    total = float(effects[:, i].mean())
+    freq = frequency.get((lay, feature))
+    direct = float(g.adjacency[g.target_start:, i].mean())
+    return {"feature": feature, "position": pos, "activation": round(float(g.activations[i]), 4),
+            "direct": direct, "direct_share": direct / gross, "total_effect": total,
+            "negligible": abs(total) < EFFECT_FLOOR, "frequency": freq,
+            "generic": freq is not None and freq >= GENERIC_FREQUENCY,
+            "description": rec.get("description", UNDESCRIBED),
+            "detection_auroc": ((rec.get("scores") or {}).get("detection") or {}).get("auroc"),
+            "check": res["checks"][i].as_dict(), "page": page_of(lay, feature)}
+
+
+def graph_record(res: dict, tok, descriptions: dict, page_of=lambda layer, feature: None,
+                 frequency: dict | None = None) -> dict:
+    """The step's graph in numbers (means over the committed tokens, which weigh equally), in logit units:
+    `whole` is the targets' value (their demeaned pre-cap logit), which the parts (inputs and layers) add up
+    to; shares are parts over the gross flow Σ|parts|, so they stay readable when pushes for and against
+    nearly cancel. `target` has the real log-probability (nats) and its lift above uniform beside it."""
+    g, parts = res["graph"], res["parts"]
+    frequency = frequency or {}
     inputs = {k: mean(v) for k, v in parts["inputs"].items()}
     layer_parts = {lay: {k: mean(v) for k, v in p.items()} for lay, p in parts["layers"].items()}
     totals = {lay: sum(p.values()) for lay, p in layer_parts.items()}
     gross = sum(abs(v) for v in inputs.values()) + sum(abs(v) for v in totals.values()) or 1.0
     layers = {}
-    for lay, nodes in res["cited"].items():
+    for lay, sides in res["cited"].items():
         p = layer_parts[str(lay)]
-        cited = []
-        for i in nodes:
-            _, pos, feature = g.feature_nodes[i].tolist()
-            rec = descriptions.get((lay, feature)) or {}
-            direct = float(rows[:, i].mean())
-            cited.append({"feature": feature, "position": pos, "activation": round(float(g.activations[i]), 4),
-                          "direct": direct, "direct_share": direct / gross, "total_effect": float(effects[:, i].mean()),
-                          "description": rec.get("description", UNDESCRIBED),
-                          "detection_auroc": ((rec.get("scores") or {}).get("detection") or {}).get("auroc"),
-                          "check": res["checks"][i].as_dict(), "page": page_of(lay, feature)})
+        cited = {side: [cited_entry(res, i, gross, descriptions, frequency, page_of) for i in nodes]
+                 for side, nodes in sides.items()}
+        shown = sum(c["direct"] for side in cited.values() for c in side)
         layers[str(lay)] = {"part": totals[str(lay)], "share": totals[str(lay)] / gross, **p,
-                            "other_features": p["features"] - sum(c["direct"] for c in cited), "cited": cited}
-    pr = res["pruned"]
+                            "other_features": p["features"] - shown, **cited}
+    pr, path, score = res["pruned"], res["path"], res["score"]
+    t_end = path[-1] - g.target_start if path else None
+    columns = zip(g.targets, g.target_values.tolist(), g.logprobs.tolist(), g.lift.tolist())
+    per_token = [{"token": t, "text": tok.decode([t]), "value": round(v, 5), "logprob": round(lp, 5),
+                  "lift": round(h, 5)} for t, v, lp, h in columns]
     return {"whole": mean(parts["whole"]), "gross": gross, "inputs": inputs,
             "input_shares": {k: v / gross for k, v in inputs.items()}, "layers": layers,
-            "path": [node_name(g, i, tok, descriptions) for i in res["path"]],
+            "target": {"value": mean(parts["whole"]), "logprob": float(g.logprobs.mean()), "lift": float(g.lift.mean()),
+                       "uniform_logprob": -math.log(g.n_choices), "per_token": per_token,
+                       "unit": "logit (pre-soft-cap, demeaned over the tokens a step can commit)"},
+            "path": [node_name(g, i, tok, descriptions, frequency) for i in path], "path_value": res["path_value"],
+            "path_share": (res["path_value"] / float(g.target_values[t_end])
+                           if res["path_value"] is not None and float(g.target_values[t_end]) else None),
             "nodes": int(g.adjacency.shape[0]), "feature_nodes": g.n_features,
             "pruned_nodes": int(pr.node_mask.sum()), "pruned_edges": pr.n_edges,
-            "faithfulness": res["faith"].as_dict() if res["faith"] else None,
-            "scores": res["scores"], "logprobs": [round(x, 5) for x in res["base_logprobs"]],
-            "intervention": res["intervention"]}
+            "graph_quality": res["graph_quality"], "single_ablations": res["single_ablations"],
+            "explanation_score": score.as_dict() if score else None,
+            "scores": headline_scores(score, res["graph_quality"]),
+            "logprobs": [round(x, 5) for x in res["base"].logp.tolist()], "intervention": res["intervention"]}
+
+
+def headline_scores(score, quality: dict) -> dict:
+    if score is None:
+        return {"mi_score": None, **quality}
+    d = score.as_dict()
+    return {"mi_score": d["explanation"]["score"], "carried": d["explanation"]["carried"],
+            "carried_measured": d["explanation"]["carried_measured"],
+            "agreement": d["explanation"]["agreement"], "random_mean": d["random"]["mean"],
+            "random_p95": d["random"]["p95"], "random_draws": d["random"]["draws"], "percentile": d["percentile"],
+            "most_active": d["most_active"]["score"], **quality}
 
 
 def explain_step(model, transcoders, tok, row: list[int], positions: list[int], targets: list[int], probs: list[float],
                  descriptions: dict, explainer, cfg, prompt_text: str, settings: StepSettings,
-                 page_of=lambda layer, feature: None) -> tuple[dict, dict]:
+                 page_of=lambda layer, feature: None, frequency: dict | None = None) -> tuple[dict, dict]:
     """Everything about one denoising step (`row` is the model's input before the step), and its graph JSON."""
     committed = tok.decode(targets)
     if not positions:
@@ -112,7 +150,7 @@ def explain_step(model, transcoders, tok, row: list[int], positions: list[int], 
         res = analyse_step(model, transcoders, x, positions, targets, settings)
     except ValueError as e:  # an --intervene that does not fit this run
         raise UserError(str(e)) from None
-    rec = graph_record(res, tok, descriptions, page_of)
+    rec = graph_record(res, tok, descriptions, page_of, frequency)
     layers = sorted(rec["layers"], key=int)
     path = " → ".join(rec["path"])
     context = tok.decode(row, mask_text=" _").replace(tok.decode([tok.bos_id]), "").strip()
@@ -122,7 +160,8 @@ def explain_step(model, transcoders, tok, row: list[int], positions: list[int], 
     parts += [("input tokens", rec["input_shares"]["tokens"]), ("[MASK] inputs", rec["input_shares"]["masks"])]
     if explainer is None:
         layer_texts = [compose_layer(rec["layers"][lay]) for lay in layers]
-        total, out_score, interp_score, raws = compose_total(committed, path, parts), None, None, None
+        total = compose_total(committed, rec["target"], path, rec["path_value"], parts)
+        out_score, interp_score, raws = None, None, None
     else:
         gen = lambda ps, n: explainer.generate(ps, n)  # noqa: E731
         layer_texts = [t.strip().splitlines()[0] if t.strip() else "(empty answer)" for t in
@@ -157,33 +196,57 @@ def print_step(state_text: str, prompt: str, step: int, s: dict) -> None:
     print(f"        total description={s['total_description']}")
     print(f"        models output score={show(s['output_score'], why)}"
           + (" (the explainer's rating)" if s["output_score"] is not None else ""))
-    measured = (f"{mi:.1f}/10 measured (replacement {sc['replacement']:.2f}, completeness {sc['completeness']:.2f}, "
-                f"faithfulness {sc['faithfulness']:.2f} = specificity {sc['specificity']:.2f} × agreement "
-                f"{sc['agreement']:.2f}; {sc['mi_score_if_random']:.1f} if the cited features were random)"
-                if mi is not None else
-                "unavailable (no committed token, no cited feature, or no random set to compare with)")
+    if mi is None:
+        measured = "unavailable (no committed token above uniform, or no feature pushing for it)"
+    else:
+        chance = ("no random citation of the same size (too few other active features)" if sc["random_mean"] is None
+                  else f"random citations {sc['random_mean']:.1f} on average, 95th percentile {sc['random_p95']:.1f} "
+                       f"({sc['random_draws']} draws; this explanation {where(sc['percentile'], sc['random_draws'])})")
+        measured = (f"{mi:.1f}/10 measured (carried {sc['carried']:.2f} of the demeaned logit, "
+                    f"{sc['carried_measured']:+.2f} unclipped, × agreement {sc['agreement']:.2f}); chance: {chance}; "
+                    f"the most active features {sc['most_active']:.1f}")
     print(f"        models mechanistic interpretability score={measured}; the explainer's rating: "
           f"{show(s['interpretation_score'], why)}")
     if g:
-        parts = ", ".join(f"layer {lay} {v['part']:+.2f}" for lay, v in g["layers"].items())
-        print(f"          target value {g['whole']:+.2f} nats = input tokens {g['inputs']['tokens']:+.2f} + "
-              f"[MASK] inputs {g['inputs']['masks']:+.2f} + {parts}")
-        print(f"          graph: {g['nodes']} nodes ({g['feature_nodes']} features), pruned to {g['pruned_nodes']} "
-              f"nodes and {g['pruned_edges']} edges; strongest path: {' → '.join(g['path']) or '(none)'}")
-        f = g["faithfulness"]
-        if f:
-            flips = sum(c for c in f.get("top_token_changes", []))
-            randoms = ("no random set of the same size (too few other active features)" if f["random_drop_mean"] is None
-                       else f"{f['random_drop_mean']:+.3f} for random features of the same layers "
-                            f"({f['random_draws']} draws)")
-            print(f"          ablating the top {f['n_ablated']} cited features: log-prob drop {f['cited_drop']:+.3f} "
-                  f"measured ({f['cited_predicted_drop']:+.3f} predicted) vs {randoms}; top tokens changed: {flips}")
-        iv = g.get("intervention")
-        if iv:
-            predicted = iv["predicted_dlogp"]
-            predicted = "n/a (a feature not in the graph)" if predicted is None else predicted
-            print(f"          --intervene {','.join(iv['changes'])}: Δ log p measured {iv['measured_dlogp']}, "
-                  f"predicted {predicted}; top tokens change: {iv['top_token_changes']}")
+        print_graph(g)
+
+
+def print_graph(g: dict) -> None:
+    for t in g["target"]["per_token"]:
+        print(f"          target {t['text']!r}: demeaned logit {t['value']:+.2f} (pre-cap logit units); log p "
+              f"{t['logprob']:.2f} nats, {t['lift']:+.2f} above uniform ({g['target']['uniform_logprob']:.2f})")
+    parts = " + ".join(f"layer {lay} {v['part']:+.2f} (features {v['features']:+.2f}, error {v['error']:+.2f}, "
+                       f"bias {v['bias']:+.2f})" for lay, v in g["layers"].items())
+    print(f"          value {g['whole']:+.2f} logit = input tokens {g['inputs']['tokens']:+.2f} + "
+          f"[MASK] inputs {g['inputs']['masks']:+.2f} + {parts}")
+    q = g["graph_quality"]
+    carried = ("" if g["path_value"] is None else f", carrying {g['path_value']:+.2f} logit"
+               + (f" ({g['path_share']:+.0%} of its target)" if g["path_share"] is not None else ""))
+    print(f"          graph quality (not the explanation's): replacement {q['replacement']:.2f}, completeness "
+          f"{q['completeness']:.2f}; {g['nodes']} nodes ({g['feature_nodes']} features), pruned to "
+          f"{g['pruned_nodes']} nodes and {g['pruned_edges']} edges; strongest path: "
+          f"{' → '.join(g['path']) or '(none)'}{carried}")
+    a = g["single_ablations"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+    print(f"          single ablations of the cited features ({a['n']} points): graph vs model Pearson "
+          f"{fmt(a['pearson_graph_model'])}, sign agreement {fmt(a['sign_agreement'])}; graph vs replacement "
+          f"model {fmt(a['pearson_graph_replacement'])}, replacement model vs model "
+          f"{fmt(a['pearson_replacement_model'])}")
+    e = g["explanation_score"]
+    if e:
+        x, r = e["explanation"], e["random"]
+        randoms = ("" if r["logp_drop_mean"] is None else
+                   f"; random citations {r['logp_drop_mean']:+.3f}, the most active "
+                   f"{e['most_active']['logp_drop']:+.3f}")
+        print(f"          ablating the top {x['n_ablated']} cited features together: log p drop {x['logp_drop']:+.3f} "
+              f"nats measured{randoms}; value change {mean(x['measured_dvalue']):+.3f} measured, "
+              f"{mean(x['predicted_dvalue']):+.3f} predicted")
+    iv = g.get("intervention")
+    if iv:
+        predicted = iv["predicted_dvalue"]
+        predicted = "n/a (a feature not in the graph)" if predicted is None else predicted
+        print(f"          --intervene {','.join(iv['changes'])}: Δ value measured {iv['measured_dvalue']}, predicted "
+              f"{predicted}; Δ log p {iv['measured_dlogp']} nats; top tokens change: {iv['top_token_changes']}")
 
 
 def recurring(steps: list[dict]) -> list[dict]:
@@ -191,13 +254,23 @@ def recurring(steps: list[dict]) -> list[dict]:
     seen: dict[tuple[int, int], dict] = {}
     for st in steps:
         for lay, info in ((st.get("graph") or {}).get("layers") or {}).items():
-            for c in info["cited"]:
+            for c in info["for"] + info["against"]:
                 r = seen.setdefault((int(lay), c["feature"]), {"layer": int(lay), "feature": c["feature"],
                                                                "description": c["description"], "steps": {}})
-                r["steps"][st["step"]] = max(r["steps"].get(st["step"], float("-inf")), c["total_effect"])
+                r["steps"][st["step"]] = max(r["steps"].get(st["step"], 0.0), c["total_effect"], key=abs)
     out = [dict(r, steps=[{"step": k, "total_effect": round(v, 4)} for k, v in sorted(r["steps"].items())])
            for r in seen.values() if len(r["steps"]) > 1]
     return sorted(out, key=lambda r: (-len(r["steps"]), r["layer"], r["feature"]))
+
+
+def feature_frequencies(topk: Path, layers: list[int]) -> dict[tuple[int, int], float]:
+    """(layer, feature) → the share of scanned tokens it is active on, from the top-k scan (empty without one)."""
+    out = {}
+    for layer in layers:
+        path = topk / layer_name(layer) / FEATURES_FILE
+        if path.exists():
+            out.update({(layer, r["feature"]): r["frequency"] for r in read_jsonl(path)})
+    return out
 
 
 def run_explanations(cfg, explainer_factory=None) -> Path:
@@ -227,6 +300,7 @@ def run_explanations(cfg, explainer_factory=None) -> Path:
         if not page.exists():
             return None
         return Path(os.path.relpath(page.resolve(), json_path.parent.resolve())).as_posix() + f"#{feature}"
+    frequency = feature_frequencies(paths.topk, layers)
     results = []
     for p, prompt in enumerate(prompts):
         with autocast(device):
@@ -241,8 +315,9 @@ def run_explanations(cfg, explainer_factory=None) -> Path:
             targets = [states[step][i] for i in new]
             probs = [float(out.probs[0, i]) for i in new]
             s, export = explain_step(model, transcoders, tok, prefix + states[step - 1], positions, targets, probs,
-                                     descriptions, explainer, cfg, prompt, settings, page_of)
+                                     descriptions, explainer, cfg, prompt, settings, page_of, frequency)
             s["step"] = step
+            s["input_ids"] = prefix + states[step - 1]  # what the model read at this step
             s["state_ids"] = states[step]
             s["state_text"] = tok.decode(states[step], mask_text=" _")
             if export:

@@ -35,11 +35,27 @@ def short(description: str, limit: int = 80) -> str:
     return head if len(head) <= limit else head[:limit - 1].rstrip() + "…"
 
 
+def _flags(c: dict) -> str:
+    out = []
+    if c.get("generic"):
+        out.append(f"generic: fires on {c['frequency']:.0%} of tokens")
+    if c.get("negligible"):
+        out.append("negligible")
+    return f" [{', '.join(out)}]" if out else ""
+
+
+def _cited(c: dict, limit: int = 80) -> str:
+    """`#feature@position description (total effect) [flags]`: a feature is a node per position, so the same
+    feature can push for the token at one position and against it at another."""
+    return f"#{c['feature']}@{c['position']} {short(c['description'], limit)} ({c['total_effect']:+.2f}){_flags(c)}"
+
+
 def layer_prompt(layer: int, committed: str, info: dict) -> str:
-    lines = "".join(f"{i + 1}. {c['description']} (effect {c['total_effect']:+.2f})\n"
-                    for i, c in enumerate(info["cited"]))
+    def lines(side):
+        return "".join(f"- {_cited(c, 200)}\n" for c in info[side]) or "- none\n"
     return (f'A language model filled in "{committed}". In its layer {layer}, these features pushed for it most '
-            f"(effect on the token's log-probability):\n{lines}Summarise in one short phrase what this layer "
+            f"(effect on the token's logit):\n{lines('for')}and these pushed against it:\n{lines('against')}"
+            f"The layer's net effect was {info['part']:+.2f}. Summarise in one short phrase what this layer "
             "contributed.")
 
 
@@ -50,14 +66,32 @@ def total_prompt(committed: str, context: str, layer_texts: list[str], path: str
 
 
 def compose_layer(info: dict, n: int = 3) -> str:
-    """The deterministic per-layer description: the layer's direct part of the target value (and its share
-    of the gross flow), then its strongest cited features, shortened, with their total effects."""
-    head = f"{info['part']:+.2f} nats ({info['share']:+.0%} of the flow)"
-    if not info["cited"]:
-        return f"{head}; no feature pushed for the committed tokens"
-    return head + ": " + "; ".join(f"{short(c['description'])} ({c['total_effect']:+.2f})" for c in info["cited"][:n])
+    """The deterministic per-layer description: the layer's direct part of the target value (logit units)
+    split into features, error and decoder bias, then its strongest cited features for and against the
+    committed tokens, with their total effects; generic and negligible ones flagged."""
+    head = (f"{info['part']:+.2f} logit ({info['share']:+.0%} of the gross flow) = features {info['features']:+.2f}"
+            f" + error {info['error']:+.2f} + bias {info['bias']:+.2f}")
+    sides = [f"{side}: " + "; ".join(_cited(c) for c in info[side][:n]) for side in ("for", "against") if info[side]]
+    return head + ("; " + "; ".join(sides) if sides else "; no active feature pushed either way")
 
 
-def compose_total(committed: str, path: str, parts: list[tuple[str, float]]) -> str:
+def compose_total(committed: str, target: dict, path: str, path_value: float | None,
+                  parts: list[tuple[str, float]]) -> str:
     lead = ", ".join(f"{name} {share:+.0%}" for name, share in sorted(parts, key=lambda p: -abs(p[1]))[:3])
-    return f'"{committed}": strongest path {path or "(none kept)"}; largest direct parts: {lead}'
+    carried = ("" if path_value is None else
+               f", carrying {path_value:+.2f} logit ({path_value / target['value']:+.0%} of it)"
+               if target["value"] else f", carrying {path_value:+.2f} logit")
+    return (f'"{committed}": demeaned logit {target["value"]:+.2f}, log p {target["logprob"]:.2f} nats '
+            f'({target["lift"]:+.2f} above uniform); strongest path {path or "(none kept)"}{carried}; '
+            f"largest direct parts (share of the gross flow): {lead}")
+
+
+def where(percentile: float | None, draws: int) -> str:
+    """Where a score falls among `draws` random ones, at the resolution the draws allow."""
+    if percentile is None:
+        return "unranked"
+    if percentile == 100:
+        return f"above all {draws}"
+    if percentile == 0:
+        return f"below all {draws}"
+    return f"at the {percentile:.0f}th percentile"

@@ -3,9 +3,10 @@
 Nodes, in this order (circuit-tracer's): active features (layer, position, feature), error terms
 (layer, position), input embeddings (position; a [MASK] input is a node of its own kind), and the
 targets: the tokens committed at this step. The adjacency A[target, source] holds direct effects.
-A target's value is the first-order part of its log-probability carried by the last residual
-(interp/replacement.py, target_cotangents); the direct effects into it plus the decoder biases add up
-to it exactly, and an active feature's direct inputs plus its biases add up to its activation.
+A target's value is the committed token's demeaned logit before the soft cap, in logit units
+(interp/replacement.py, target_cotangents): the model's own number, which the direct effects into it plus
+the decoder biases add up to exactly; an active feature's direct inputs plus its biases add up to its
+activation. The token's real log-probability (nats) and its lift above the uniform choice are kept beside it.
 
 Influence, pruning and the two graph scores follow circuit-tracer's definitions (row-normalised |A|,
 influence = w·(Â + Â² + …), cumulative thresholds 0.8 for nodes and 0.98 for edges); total effects
@@ -13,6 +14,7 @@ influence = w·(Â + Â² + …), cumulative thresholds 0.8 for nodes and 0.98 f
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -37,15 +39,21 @@ class Graph:
     mask_id: int
     positions: list[int]  # the committed tokens' positions
     targets: list[int]  # the committed tokens
-    target_values: torch.Tensor  # (n,) each target's value (g · r)
-    logprobs: torch.Tensor  # (n,) each target's log-probability
+    target_values: torch.Tensor  # (n,) each target's value: its demeaned pre-cap logit (g · r, logit units)
+    logprobs: torch.Tensor  # (n,) each target's log-probability (nats), as the sampler saw it (BOS excluded)
     bias_inputs: torch.Tensor  # (N, L) each node's direct input from each layer's decoder bias (0 for inputs)
     encoder_bias: torch.Tensor  # (F,) each feature's encoder bias
+    n_choices: int = 0  # tokens a step can commit (the text vocabulary less BOS): uniform log p = −ln n_choices
     weights: torch.Tensor = field(init=False)  # (n,) the targets' weights in influence: equal, summing to 1
 
     def __post_init__(self) -> None:
         n = len(self.targets)
         self.weights = torch.full((n,), 1.0 / max(1, n), device=self.adjacency.device)
+
+    @property
+    def lift(self) -> torch.Tensor:
+        """(n,) nats: each target's log-probability above the uniform choice, log p + ln n_choices."""
+        return self.logprobs + math.log(self.n_choices)
 
     @property
     def n_features(self) -> int:
@@ -143,7 +151,7 @@ def build_graph(model: DiffusionLM, transcoders: dict[int, Transcoder], tokens: 
     logprobs = torch.log_softmax(exclude_bos(fz.logits[positions].clone(), model.cfg.bos_id), -1)
     logprobs = logprobs.gather(-1, torch.tensor(targets, device=logprobs.device)[:, None])[:, 0]
     graph = Graph(A, feat_nodes, acts, L, tokens.tolist(), model.cfg.mask_id, list(positions), list(targets),
-                  target_values, logprobs, B, enc_bias)
+                  target_values, logprobs, B, enc_bias, model.cfg.n_vocab - 1)
     return graph, fz
 
 

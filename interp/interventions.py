@@ -17,11 +17,12 @@ from __future__ import annotations
 import contextlib
 import random
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from interp.graph import Graph
-from interp.replacement import FrozenStep
+from interp.replacement import FrozenStep, demean
 from model.diffusion import DiffusionLM
 from model.sampler import exclude_bos
 from model.transcoder import Transcoder
@@ -99,34 +100,40 @@ def patched(model: DiffusionLM, transcoders: dict[int, Transcoder], fz: FrozenSt
             h.remove()
 
 
+class StepRun(NamedTuple):
+    """A step re-run under interventions, one row per setting."""
+    logp: torch.Tensor  # (S, n) nats: the targets' log-probabilities as the sampler saw them (BOS excluded)
+    value: torch.Tensor  # (S, n) logit units: the targets' demeaned pre-cap logits (the graph's target values)
+    top: list[list[int]]  # (S, n) the model's top token at each position (what a temperature-0 step commits)
+
+
 @torch.no_grad()
 def run_steps(model: DiffusionLM, transcoders: dict[int, Transcoder], fz: FrozenStep, positions: list[int],
               targets: list[int], settings: list[Setting], replacement: bool = False, batch_size: int = 64
-              ) -> tuple[torch.Tensor, list[list[int]]]:
-    """Re-run the step once per setting, `batch_size` at a time: the targets' log-probabilities (S, n) and
-    the model's top token at each position (what a temperature-0 step would commit there)."""
-    select = torch.zeros_like(fz.tokens, dtype=torch.bool)
-    select[positions] = True  # the vocabulary projection only where it is read
-    back = torch.tensor(positions).argsort().argsort()  # rows come in ascending position order
+              ) -> StepRun:
+    """Re-run the step once per setting, `batch_size` at a time."""
+    pos = torch.tensor(positions, device=fz.tokens.device)
     wanted = torch.tensor(targets, device=fz.tokens.device)[None, :, None]
-    logps, tops = [], []
+    no_vocab = torch.zeros_like(fz.tokens, dtype=torch.bool)  # the vocabulary projection only where it is read
+    logps, values, tops = [], [], []
     for i in range(0, len(settings), batch_size):
         part = settings[i:i + batch_size]
         B = len(part)
         with patched(model, transcoders, fz, part, replacement):
-            logits = model(fz.tokens.expand(B, -1), select=select.expand(B, -1)).logits.float()
-        logits = logits.view(B, len(positions), -1)[:, back]
-        logp = torch.log_softmax(exclude_bos(logits, model.cfg.bos_id), -1)  # as the sampler saw them
+            hidden = model(fz.tokens.expand(B, -1), select=no_vocab.expand(B, -1)).hidden
+        z = model.raw_logits(hidden[:, pos])  # (B, n, n_vocab)
+        logp = torch.log_softmax(exclude_bos(model.soft_cap(z), model.cfg.bos_id), -1)
         logps.append(logp.gather(-1, wanted.expand(B, -1, -1))[..., 0])
+        values.append(demean(z, model.cfg.bos_id).gather(-1, wanted.expand(B, -1, -1))[..., 0])
         tops += logp.argmax(-1).tolist()
-    return torch.cat(logps), tops
+    return StepRun(torch.cat(logps), torch.cat(values), tops)
 
 
 def run_step(model, transcoders, fz: FrozenStep, positions: list[int], targets: list[int],
-             setting: Setting | None = None, replacement: bool = False) -> tuple[torch.Tensor, list[int]]:
-    """One setting (none: the step as it ran): the targets' log-probabilities (n,) and top tokens."""
-    logp, tops = run_steps(model, transcoders, fz, positions, targets, [setting or {}], replacement)
-    return logp[0], tops[0]
+             setting: Setting | None = None, replacement: bool = False) -> StepRun:
+    """One setting (none: the step as it ran): a StepRun whose rows are (n,) and (n,) top tokens."""
+    run = run_steps(model, transcoders, fz, positions, targets, [setting or {}], replacement)
+    return StepRun(run.logp[0], run.value[0], run.top[0])
 
 
 def node_key(g: Graph, i: int) -> tuple[int, int, int]:
@@ -136,33 +143,37 @@ def node_key(g: Graph, i: int) -> tuple[int, int, int]:
 
 @dataclass
 class Check:
-    """One intervention: the graph's predicted and the model's measured change of the targets' log-probability."""
+    """One intervention: the graph's predicted and the model's measured change of each target's value
+    (its demeaned pre-cap logit, logit units), and the measured change of its log-probability (nats)."""
     nodes: list[int]
-    predicted: list[float]  # per target (first order, frozen attention and norms)
-    measured: list[float]  # per target, in the model
-    replacement: list[float]  # per target, in the replacement model (transcoders + frozen errors)
+    predicted: list[float]  # per target: Δ value, first order with attention and norms frozen (−Σ total effects)
+    measured: list[float]  # per target: Δ value in the model
+    measured_logp: list[float]  # per target: Δ log p in the model (nats)
+    replacement: list[float]  # per target: Δ value in the replacement model (transcoders + frozen errors)
     flipped: list[bool]  # per target: the model's most likely token there changed (what temperature 0 commits)
 
     def as_dict(self) -> dict:
-        return {"predicted_dlogp": [round(x, 5) for x in self.predicted],
-                "measured_dlogp": [round(x, 5) for x in self.measured],
-                "replacement_dlogp": [round(x, 5) for x in self.replacement], "top_token_changes": self.flipped}
+        r5 = lambda xs: [round(x, 5) for x in xs]  # noqa: E731
+        return {"predicted_dvalue": r5(self.predicted), "measured_dvalue": r5(self.measured),
+                "measured_dlogp": r5(self.measured_logp), "replacement_dvalue": r5(self.replacement),
+                "top_token_changes": self.flipped}
 
 
 def ablate(model, transcoders, fz: FrozenStep, g: Graph, effects: torch.Tensor, node_sets: list[list[int]],
-           base: torch.Tensor, base_top: list[int], replacement: bool = True) -> list[Check]:
-    """Ablate each set of feature nodes (a set's nodes together), all sets batched; predicted Δ log p =
-    −Σ total effects (d log p = d value to first order). Measured in the model, and (with `replacement`)
-    in the replacement model, whose base is the model's own (its errors make it exact)."""
+           base: StepRun, replacement: bool = True) -> list[Check]:
+    """Ablate each set of feature nodes (a set's nodes together), all sets batched; predicted Δ value =
+    −Σ total effects. Measured in the model, and (with `replacement`) in the replacement model, whose base
+    is the model's own (its errors make it exact)."""
     settings = [{node_key(g, i): 0.0 for i in nodes} for nodes in node_sets]
-    logp, tops = run_steps(model, transcoders, fz, g.positions, g.targets, settings)
-    in_replacement = (run_steps(model, transcoders, fz, g.positions, g.targets, settings, replacement=True)[0]
-                      - base).tolist() if replacement else [[] for _ in node_sets]
+    run = run_steps(model, transcoders, fz, g.positions, g.targets, settings)
+    in_replacement = ((run_steps(model, transcoders, fz, g.positions, g.targets, settings, replacement=True).value
+                       - base.value).tolist() if replacement else [[] for _ in node_sets])
     checks = []
     for k, nodes in enumerate(node_sets):
         predicted = (-effects[:, nodes].sum(1)).tolist()
-        flipped = [a != b for a, b in zip(tops[k], base_top)]
-        checks.append(Check(nodes, predicted, (logp[k] - base).tolist(), in_replacement[k], flipped))
+        flipped = [a != b for a, b in zip(run.top[k], base.top)]
+        checks.append(Check(nodes, predicted, (run.value[k] - base.value).tolist(),
+                            (run.logp[k] - base.logp).tolist(), in_replacement[k], flipped))
     return checks
 
 
@@ -179,7 +190,7 @@ def random_like(g: Graph, nodes: list[int], rng: random.Random) -> list[int] | N
     return chosen
 
 
-NOISE = 1e-5  # nats: below this a log-probability change is float32 noise
+NOISE = 1e-5  # below this a change of a target value (logit units) is float32 noise
 
 
 def agreement(measured: float, predicted: float) -> float:
@@ -188,58 +199,6 @@ def agreement(measured: float, predicted: float) -> float:
     when both are below the noise floor."""
     size = abs(measured) + abs(predicted)
     return 1.0 - abs(measured - predicted) / size if size > NOISE else 1.0
-
-
-@dataclass
-class Faithfulness:
-    cited: Check  # the top-n features ablated together
-    random_drops: list[float]  # the mean log-prob drop for each random draw of n features of the same layers
-    specificity: float | None  # the share of random draws whose drop the cited drop exceeds (ties ½; chance ½);
-    # None when no layer had enough other active features for a draw of the same size
-
-    @property
-    def cited_drop(self) -> float:
-        return -sum(self.cited.measured) / max(1, len(self.cited.measured))
-
-    @property
-    def predicted_drop(self) -> float:
-        return -sum(self.cited.predicted) / max(1, len(self.cited.predicted))
-
-    @property
-    def agreement(self) -> float:
-        """How well the graph predicted the cited features' joint ablation: `agreement` per committed token,
-        averaged (so errors of opposite sign on two tokens cannot cancel)."""
-        pairs = list(zip(self.cited.measured, self.cited.predicted))
-        return sum(agreement(m, p) for m, p in pairs) / len(pairs) if pairs else 1.0
-
-    @property
-    def score(self) -> float | None:
-        """Faithfulness = specificity × agreement: the cited features matter more than random ones, and as
-        much as the graph says."""
-        return None if self.specificity is None else self.specificity * self.agreement
-
-    def as_dict(self) -> dict:
-        r = self.random_drops
-        return {"n_ablated": len(self.cited.nodes), "cited_drop": round(self.cited_drop, 5),
-                "cited_predicted_drop": round(self.predicted_drop, 5),
-                "random_drop_mean": round(sum(r) / len(r), 5) if r else None, "random_draws": len(r),
-                "specificity": None if self.specificity is None else round(self.specificity, 4),
-                "specificity_chance": 0.5, "agreement": round(self.agreement, 4),
-                "faithfulness": None if self.score is None else round(self.score, 4),
-                "top_token_changes": self.cited.flipped}
-
-
-def faithfulness(model, transcoders, fz, g: Graph, effects: torch.Tensor, nodes: list[int], base: torch.Tensor,
-                 base_top: list[int], draws: int, seed: int = 0) -> Faithfulness:
-    """Ablate the cited nodes, then `draws` random sets like them: how often the cited drop is larger
-    (specificity), and how close the graph's predicted drop came (agreement)."""
-    rng = random.Random(seed)
-    others = [o for o in (random_like(g, nodes, rng) for _ in range(draws)) if o]
-    cited, *randoms = ablate(model, transcoders, fz, g, effects, [nodes] + others, base, base_top, replacement=False)
-    drops = [-sum(c.measured) / len(c.measured) for c in randoms]
-    mine = -sum(cited.measured) / max(1, len(cited.measured))
-    score = sum(1.0 if mine > d else 0.5 if mine == d else 0.0 for d in drops) / len(drops) if drops else None
-    return Faithfulness(cited, drops, score)
 
 
 @dataclass
@@ -272,9 +231,10 @@ def parse_changes(spec: str) -> list[Change]:
 
 
 def intervene(model, transcoders, fz: FrozenStep, g: Graph, effects: torch.Tensor, changes: list[Change],
-              base: torch.Tensor, base_top: list[int]) -> dict:
-    """Apply the changes together: the measured Δ log p in the model, whether the committed tokens change,
-    and the graph's first-order prediction (only when every changed feature is a node of the graph)."""
+              base: StepRun) -> dict:
+    """Apply the changes together: the measured Δ value (logit units) and Δ log p (nats) in the model, whether
+    the committed tokens change, and the graph's first-order Δ value (only when every changed feature is a
+    node of the graph)."""
     keys = [(c.layer, c.feature, c.position) for c in changes]
     if len(set(keys)) < len(keys):
         raise ValueError("--intervene names the same layer_feature_position more than once")
@@ -283,7 +243,7 @@ def intervene(model, transcoders, fz: FrozenStep, g: Graph, effects: torch.Tenso
             raise ValueError(f"--intervene {c.layer}_{c.feature}_{c.position}: no transcoder at layer {c.layer}, or "
                              f"position {c.position} is outside the step's {len(fz.tokens)} positions")
     setting = {(c.layer, c.position, c.feature): c.target(fz) for c in changes}
-    logp, top = run_step(model, transcoders, fz, g.positions, g.targets, setting)
+    run = run_step(model, transcoders, fz, g.positions, g.targets, setting)
     keys = {tuple(k): i for i, k in enumerate(g.feature_nodes.tolist())}
     nodes = [keys.get((c.layer, c.position, c.feature)) for c in changes]
     predicted = None
@@ -293,5 +253,6 @@ def intervene(model, transcoders, fz: FrozenStep, g: Graph, effects: torch.Tenso
         predicted = [round(x, 5) for x in (effects[:, nodes] * scale).sum(1).tolist()]
     return {"changes": [f"{c.layer}_{c.feature}_{c.position}={setting[(c.layer, c.position, c.feature)]:.4g}"
                         for c in changes],
-            "predicted_dlogp": predicted, "measured_dlogp": [round(x, 5) for x in (logp - base).tolist()],
-            "top_token_changes": [a != b for a, b in zip(top, base_top)]}
+            "predicted_dvalue": predicted, "measured_dvalue": [round(x, 5) for x in (run.value - base.value).tolist()],
+            "measured_dlogp": [round(x, 5) for x in (run.logp - base.logp).tolist()],
+            "top_token_changes": [a != b for a, b in zip(run.top, base.top)]}

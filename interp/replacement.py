@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 
 from model.diffusion import DiffusionLM, norm
-from model.sampler import exclude_bos
 from model.transcoder import Transcoder
 
 
@@ -165,18 +164,24 @@ def backward(model: DiffusionLM, transcoders: dict[int, Transcoder], fz: FrozenS
     return DirectEffects(feats, errors, biases, torch.einsum("rtd,td->rt", g, fz.embed))
 
 
+def demean(z: torch.Tensor, bos_id: int) -> torch.Tensor:
+    """Pre-cap logits (..., n_vocab) minus their mean over the tokens a step can commit (BOS excluded)."""
+    keep = torch.ones(z.shape[-1], dtype=torch.bool, device=z.device)
+    keep[bos_id] = False
+    return z - z[..., keep].mean(-1, keepdim=True)
+
+
 def target_cotangents(model: DiffusionLM, fz: FrozenStep, positions: list[int],
                       targets: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each committed token: the gradient of its log-probability (as the sampler saw it, BOS excluded)
-    with respect to the last residual (final norm frozen), (n, D), and its value as a graph target (n,):
-    that gradient · the residual. With the gradient held, log p(r) ≈ log p(0) + g·r and r = 0 gives the
-    uniform distribution, so the value is the first-order estimate of how far the residual stream lifts
-    the token's log-probability above log(1/(n_vocab − 1)) (BOS excluded); its changes are log p's
-    changes to first order."""
+    """Each committed token's target: its logit before the soft cap, demeaned over the tokens the step
+    could commit (BOS excluded), circuit-tracer's choice of target. With the final norm's scale frozen it
+    is exactly linear in the last residual r: value = g · r, g = final_inv · (W_head[t] − mean_v W_head[v])
+    (the head has no bias). Returns g (n, D) and the values (n,), which equal the model's own demeaned
+    pre-cap logits (tested). The unit is the logit's: a change of 1 multiplies the token's odds against
+    the average token by e before the cap (log p moves by less, the more probable the token already is)."""
     pos = torch.tensor(positions, device=fz.residual.device)
-    r = fz.residual[pos].detach().requires_grad_(True)
-    with torch.enable_grad():
-        logp = torch.log_softmax(exclude_bos(model.logits(r * fz.final_inv[pos]), model.cfg.bos_id), -1)
-        picked = logp.gather(-1, torch.tensor(targets, device=r.device)[:, None]).sum()
-        (grad,) = torch.autograd.grad(picked, r)
+    W = model.head.weight[:model.cfg.n_vocab].float()
+    keep = torch.ones(len(W), dtype=torch.bool, device=W.device)
+    keep[model.cfg.bos_id] = False
+    grad = (W[torch.tensor(targets, device=W.device)] - W[keep].mean(0)) * fz.final_inv[pos]
     return grad, (grad * fz.residual[pos]).sum(-1)

@@ -1,47 +1,45 @@
 """What one denoising step's attribution graph says, in numbers: per-layer parts that partition the
-committed tokens' values, the features on the strongest paths, the strongest path itself, the
-intervention checks, and the measured mechanistic-interpretability score.
+committed tokens' values (logit units: each token's demeaned pre-cap logit), the features that push each
+layer's part for and against the tokens, the strongest path and how much of the value it carries, the
+intervention checks, and the explanation's score beside its measured chance level.
 
-    MI score = 10 × (replacement × completeness × faithfulness)^(1/3)
-    faithfulness = specificity × agreement
+    explanation score = 10 × carried × agreement   (interp/explanation_score.py)
 
-replacement and completeness as circuit-tracer defines them (interp/graph.py); specificity the share of
-random same-layer feature sets whose joint ablation hurts the committed tokens less than ablating the
-top cited features (chance 0.5); agreement how close the graph's predicted drop for that ablation came
-to the measured one (interp/interventions.py). Any factor near 0 pulls the score to 0; with random
-cited features (specificity 0.5) the score would be about 10 × (r × c × 0.5 × agreement)^(1/3).
+carried: the share of the committed tokens' value that the top cited features carry, measured by ablating
+them together in the real model; agreement: how close the graph's predicted change came to the
+measured one. Its chance level is measured: the same score of random citations drawn the same way, and
+of the most active features. replacement and completeness (circuit-tracer's, interp/graph.py) describe
+the graph, not the explanation, and are reported apart as the graph's quality.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 
+from interp.explanation_score import score_explanation, single_ablation_agreement
 from interp.graph import MASK, Graph, Pruned, build_graph, graph_scores, prune, total_effects
-from interp.interventions import ablate, faithfulness, intervene, run_step
+from interp.interventions import ablate, intervene, run_step
 
 
 @dataclass
 class StepSettings:
-    features_per_layer: int = 10
+    features_per_layer: int = 10  # cited per layer and direction (for and against the committed tokens)
     node_threshold: float = 0.8
     edge_threshold: float = 0.98
-    faithfulness_features: int = 10  # top cited features ablated together
-    random_draws: int = 10  # random same-layer sets to compare with
+    faithfulness_features: int = 10  # top cited "for" features ablated together for the explanation's score
+    random_draws: int = 20  # random citations scored the same way: the chance level
     graph_batch_size: int = 256
     seed: int = 0
     changes: list = field(default_factory=list)  # interventions.Change: the user's --intervene, at every step
 
 
-MI_FORMULA = ("10 × (replacement × completeness × faithfulness)^(1/3), faithfulness = specificity × agreement "
-              "(interp/step_analysis.py)")
-
-
-def mi_score(replacement: float, completeness: float, faith: float | None) -> float | None:
-    if faith is None or any(math.isnan(x) for x in (replacement, completeness, faith)):
-        return None
-    return 10 * max(0.0, replacement * completeness * faith) ** (1 / 3)
+EFFECT_FLOOR = 0.01  # logit units: a cited feature whose total effect is smaller is flagged as negligible
+MI_FORMULA = ("10 × carried × agreement: carried = the drop of each committed token's demeaned logit when the top "
+              "cited features are ablated together in the model, as a share of that logit (clipped to [0, 1]); "
+              "agreement = how close the graph's predicted change came to the measured one; chance level = the "
+              "same score of random citations (same number per layer, active at the step) and of the most active "
+              "features (interp/explanation_score.py)")
 
 
 def layer_parts(g: Graph) -> dict:
@@ -96,6 +94,30 @@ def strongest_path(g: Graph, pr: Pruned) -> list[int]:
     return [int(nodes[k]) for k in path]
 
 
+def path_value(g: Graph, path: list[int]) -> float | None:
+    """What the path carries into its target (logit units): the first edge's direct effect, scaled along the
+    path by each later edge's effect per unit of its source (exact in the frozen model)."""
+    if len(path) < 2:
+        return None
+    values = g.values()
+    carried = float(g.adjacency[path[1], path[0]])
+    for src, dst in zip(path[1:], path[2:]):
+        carried *= float(g.adjacency[dst, src] / values[src])
+    return carried
+
+
+def cite(g: Graph, mean_effect: torch.Tensor, n: int) -> dict[int, dict[str, list[int]]]:
+    """Per layer, the n features with the largest positive and the n with the most negative total effect."""
+    cited = {}
+    for lay in range(g.num_layers):
+        idx = (g.feature_nodes[:, 0] == lay).nonzero()[:, 0]
+        vals = mean_effect[idx]
+        up, down = vals.argsort(descending=True)[:n], vals.argsort()[:n]
+        cited[lay] = {"for": [int(idx[o]) for o in up if vals[o] > 0],
+                      "against": [int(idx[o]) for o in down if vals[o] < 0]}
+    return cited
+
+
 def analyse_step(model, transcoders, tokens: torch.Tensor, positions: list[int], targets: list[int],
                  st: StepSettings) -> dict:
     """The graph of one step and everything measured on it (JSON-ready, plus the graph objects)."""
@@ -104,29 +126,19 @@ def analyse_step(model, transcoders, tokens: torch.Tensor, positions: list[int],
     effects = total_effects(g)  # (n, N)
     mean_effect = effects.mean(0)
     replacement, completeness = graph_scores(g, pr.influence)
-    base, base_top = run_step(model, transcoders, fz, positions, targets)
-    cited: dict[int, list[int]] = {}
-    for lay in range(g.num_layers):
-        idx = (g.feature_nodes[:, 0] == lay).nonzero()[:, 0]
-        vals = mean_effect[idx]
-        order = vals.argsort(descending=True)[:st.features_per_layer]
-        cited[lay] = [int(idx[o]) for o in order if vals[o] > 0]
-    singles = [i for nodes in cited.values() for i in nodes]
-    checks = dict(zip(singles, ablate(model, transcoders, fz, g, effects, [[i] for i in singles], base, base_top)
+    base = run_step(model, transcoders, fz, positions, targets)
+    cited = cite(g, mean_effect, st.features_per_layer)
+    singles = [i for sides in cited.values() for side in sides.values() for i in side]
+    checks = dict(zip(singles, ablate(model, transcoders, fz, g, effects, [[i] for i in singles], base)
                       if singles else []))
-    everything = sorted((i for nodes in cited.values() for i in nodes), key=lambda i: -float(mean_effect[i]))
-    top = everything[:st.faithfulness_features]
-    faith = (faithfulness(model, transcoders, fz, g, effects, top, base, base_top, st.random_draws, st.seed)
+    pushing = sorted((i for sides in cited.values() for i in sides["for"]), key=lambda i: -float(mean_effect[i]))
+    top = pushing[:st.faithfulness_features]
+    score = (score_explanation(model, transcoders, fz, g, effects, top, base, st.random_draws, st.seed)
              if top else None)
-    score = mi_score(replacement, completeness, faith.score) if faith else None
-    asked = intervene(model, transcoders, fz, g, effects, st.changes, base, base_top) if st.changes else None
-    return {"graph": g, "pruned": pr, "effects": effects, "cited": cited, "checks": checks, "faith": faith,
-            "scores": {"replacement": replacement, "completeness": completeness,
-                       "specificity": faith.specificity if faith else None,
-                       "agreement": faith.agreement if faith else None,
-                       "faithfulness": faith.score if faith else None, "mi_score": score,
-                       "mi_score_if_random": mi_score(replacement, completeness, 0.5 * faith.agreement)
-                       if faith else None},
-            "parts": layer_parts(g), "path": strongest_path(g, pr), "base_logprobs": base.tolist(),
-            "intervention": asked}
-
+    asked = intervene(model, transcoders, fz, g, effects, st.changes, base) if st.changes else None
+    path = strongest_path(g, pr)
+    return {"graph": g, "pruned": pr, "effects": effects, "cited": cited, "checks": checks, "score": score,
+            "single_ablations": single_ablation_agreement(list(checks.values())),
+            "graph_quality": {"replacement": replacement, "completeness": completeness},
+            "parts": layer_parts(g), "path": path, "path_value": path_value(g, path),
+            "base": base, "intervention": asked}

@@ -152,7 +152,13 @@ class DiffusionLM(nn.Module, PyTorchModelHubMixin, library_name="pytorch", tags=
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """(..., D) → (..., n_vocab), soft-capped; ids ≥ n_vocab ([MASK], [PAD], padding) are never logits."""
-        z = self.head(h)[..., :self.cfg.n_vocab].float()
+        return self.soft_cap(self.raw_logits(h))
+
+    def raw_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """(..., D) → (..., n_vocab) before the soft cap: linear in h (the head has no bias)."""
+        return self.head(h)[..., :self.cfg.n_vocab].float()
+
+    def soft_cap(self, z: torch.Tensor) -> torch.Tensor:
         c = self.cfg.logit_softcap
         return c * torch.tanh(z / c)
 

@@ -1,4 +1,5 @@
 import json
+import math
 import shutil
 
 import pytest
@@ -7,11 +8,11 @@ import torch
 from core import cli
 from experiment import load_run
 from generate_descriptions import IGNORED, ExplainConfig, main
-from interp.explain_stage import run_explanations
-from interp.explain_step import parse_rating
+from interp.explain_stage import GENERIC_FREQUENCY, run_explanations
+from interp.explain_step import parse_rating, where
 from interp.graph import build_graph, total_effects
 from interp.interventions import run_step
-from interp.step_analysis import MI_FORMULA
+from interp.step_analysis import EFFECT_FLOOR, MI_FORMULA
 from model.transcoder import Transcoder
 from tests.helpers import assert_one_line_error, run_cli
 
@@ -36,17 +37,19 @@ def test_graph_predictions_on_the_trained_model(loaded):
     targets = model(x).logits[0, positions].argmax(-1).tolist()
     g, fz = build_graph(model, tcs, x[0], positions, targets)
     effects = total_effects(g)
-    base, _ = run_step(model, tcs, fz, positions, targets)
-    torch.testing.assert_close(base, g.logprobs, atol=1e-4, rtol=1e-4)
-    replaced, _ = run_step(model, tcs, fz, positions, targets, replacement=True)
+    base_run = run_step(model, tcs, fz, positions, targets)
+    base = base_run.value
+    torch.testing.assert_close(base_run.logp, g.logprobs, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(base, g.target_values, atol=1e-4, rtol=1e-4)
+    replaced = run_step(model, tcs, fz, positions, targets, replacement=True).value
     torch.testing.assert_close(replaced, base, atol=1e-4, rtol=1e-4)  # the errors make it exact
     eps, pred, repl, real = 1e-3, [], [], []  # small: a 1% change can already move a later TopK boundary
     for i in effects.abs().sum(0)[:g.n_features].topk(12).indices.tolist():
         layer, pos, f = g.feature_nodes[i].tolist()
         setting = {(layer, pos, f): (1 - eps) * float(g.activations[i])}
         pred += (-eps * effects[:, i]).tolist()
-        repl += (run_step(model, tcs, fz, positions, targets, setting, replacement=True)[0] - base).tolist()
-        real += (run_step(model, tcs, fz, positions, targets, setting)[0] - base).tolist()
+        repl += (run_step(model, tcs, fz, positions, targets, setting, replacement=True).value - base).tolist()
+        real += (run_step(model, tcs, fz, positions, targets, setting).value - base).tolist()
     pred, repl, real = torch.tensor(pred), torch.tensor(repl), torch.tensor(real)
     corr = lambda a, b: float(torch.corrcoef(torch.stack([a, b]))[0, 1])  # noqa: E731
     assert corr(pred, repl) > 0.85, (pred, repl)  # measured 0.96 (native bf16 training), 0.93 (emulated)
@@ -73,38 +76,76 @@ def test_tokens_explainer_end_to_end(tiny_descriptions, tiny_run, tmp_path):
     assert lines[i + 5] == "        models output score=unavailable (no LLM explainer)"
     mi_line = lines[i + 6]
     assert mi_line.startswith("        models mechanistic interpretability score=")
-    assert " measured (replacement " in mi_line
     assert mi_line.endswith("; the explainer's rating: unavailable (no LLM explainer)")
     data = json.loads(out.read_text())
     steps = data["prompts"][0]["steps"]
     assert len(steps) == 4 and all(s["output_score"] is None and s["interpretation_score"] is None for s in steps)
     sc = steps[0]["graph"]["scores"]
-    head = f"{sc['mi_score']:.1f}/10 measured (replacement {sc['replacement']:.2f}"
+    # the chance level is measured: random citations' scores, their 95th percentile and where the explanation falls
+    head = (f"{sc['mi_score']:.1f}/10 measured (carried {sc['carried']:.2f} of the demeaned logit, "
+            f"{sc['carried_measured']:+.2f} unclipped, × agreement {sc['agreement']:.2f}); chance: random citations "
+            f"{sc['random_mean']:.1f} on average, 95th percentile {sc['random_p95']:.1f} ({sc['random_draws']} draws; "
+            f"this explanation {where(sc['percentile'], 20)})")
     assert mi_line.split("score=")[1].startswith(head)
+    assert sc["random_draws"] == 20 and "graph quality (not the explanation's): replacement" in proc.stdout
     assert data["mi_score_formula"] == MI_FORMULA
+    config, model, tok, _ = load_run(tiny_run, "latest", "cpu")
+    stats = [json.loads(x) for x in (tiny_run / "topk" / "state_step000400" / "layer_00" / "features.jsonl")
+             .read_text().splitlines()]
+    frequency = {r["feature"]: r["frequency"] for r in stats}
     for s in steps:
         g = s["graph"]
+        # the printed target value is the model's own demeaned pre-cap logit; log p and its lift are the model's
+        with torch.no_grad():
+            hidden = model(torch.tensor([s["input_ids"]])).hidden[0]
+        for c, t in zip(s["committed"], g["target"]["per_token"]):
+            z = model.raw_logits(hidden[c["position"]])
+            keep = torch.ones_like(z, dtype=torch.bool)
+            keep[tok.bos_id] = False
+            logp = torch.log_softmax(model.soft_cap(z)[keep], -1)[c["token"] - (c["token"] > tok.bos_id)]
+            assert t["value"] == pytest.approx(float(z[c["token"]] - z[keep].mean()), abs=1e-4)
+            assert t["logprob"] == pytest.approx(float(logp), abs=1e-4)
+            assert t["lift"] == pytest.approx(float(logp) + math.log(int(keep.sum())), abs=1e-4)
+            shown = f"target {t['text']!r}: demeaned logit {t['value']:+.2f} (pre-cap logit units); log p "
+            assert shown in proc.stdout
         total = g["inputs"]["tokens"] + g["inputs"]["masks"] + sum(v["part"] for v in g["layers"].values())
         assert abs(total - g["whole"]) < 1e-4 * max(1, abs(g["whole"]))  # the parts partition the target value
-        for v in g["layers"].values():
+        for lay, v in g["layers"].items():
             assert abs(v["features"] + v["error"] + v["bias"] - v["part"]) < 1e-6
-            assert abs(v["other_features"] + sum(c["direct"] for c in v["cited"]) - v["features"]) < 1e-6
-            assert all(c["total_effect"] > 0 and len(c["check"]["measured_dlogp"]) == len(s["committed"])
-                       for c in v["cited"])
-            for c in v["cited"]:  # each cited feature links to its page in the feature browser
-                page, _, feature = c["page"].partition("#")
+            cited = v["for"] + v["against"]
+            assert abs(v["other_features"] + sum(c["direct"] for c in cited) - v["features"]) < 1e-6
+            assert all(c["total_effect"] > 0 for c in v["for"]) and all(c["total_effect"] < 0 for c in v["against"])
+            for c in cited:
+                assert len(c["check"]["measured_dvalue"]) == len(s["committed"])
+                assert c["negligible"] == (abs(c["total_effect"]) < EFFECT_FLOOR)
+                if lay == "0":
+                    assert c["frequency"] == frequency[c["feature"]]
+                    assert c["generic"] == (c["frequency"] >= GENERIC_FREQUENCY)
+                page, _, feature = c["page"].partition("#")  # each cited feature links to its feature-browser page
                 assert (out.parent / page).exists() and int(feature) == c["feature"]
+        for lay, text in zip(sorted(g["layers"], key=int), s["per_layer_description"]):  # both directions, by name
+            v = g["layers"][lay]
+            assert text.startswith(f"{v['part']:+.2f} logit") and f"error {v['error']:+.2f}" in text
+            assert f"bias {v['bias']:+.2f}" in text
+            assert ("against: " in text) == bool(v["against"]) and ("for: " in text) == bool(v["for"])
+            for c in v["for"][:3] + v["against"][:3]:
+                shown = f"#{c['feature']}@{c['position']} "
+                assert shown in text and ("negligible" in text.split(shown)[1].split(";")[0]) == c["negligible"]
         assert len(s["per_layer_description"]) == 2 and s["committed"][0]["prob"] > 0
+        assert "demeaned logit" in s["total_description"] and "above uniform" in s["total_description"]
         sc = g["scores"]
-        assert g["path"][0].startswith(("input", "[MASK]")) and 0 <= sc["faithfulness"] <= 1
-        assert sc["faithfulness"] == pytest.approx(sc["specificity"] * sc["agreement"])
+        assert g["path"][0].startswith(("input", "[MASK]"))
+        if sc["mi_score"] is not None:
+            assert 0 <= sc["mi_score"] <= 10 and sc["mi_score"] == pytest.approx(10 * sc["carried"] * sc["agreement"],
+                                                                                 abs=1e-3)
+            assert len(g["explanation_score"]["random"]["scores"]) == sc["random_draws"]
         graph = json.loads((out.parent / g["file"]).read_text())
         assert {n["feature_type"] for n in graph["nodes"]} >= {"embedding", "logit"} and graph["links"]
     index = json.loads((out.parent / "x_graphs" / "graph-metadata.json").read_text())
     assert [m["slug"] for m in index["graphs"]] == [f"p0_step{k:03d}" for k in range(1, 5)]
     report = out.with_name("x_report.html").read_text()
     assert 'class="new"' in report and "The capital of France is" in report and "const DATA" in report
-    assert "x_graphs/p0_step001.json" in report
+    assert "x_graphs/p0_step001.json" in report and "graph quality" in report
 
 
 class Scripted:

@@ -4,6 +4,7 @@ and ablations in the frozen and in the real model."""
 import pytest
 import torch
 
+from interp.explanation_score import carried, mean_agreement, most_active, percentile, score_explanation
 from interp.graph import (
     ERROR,
     FEATURE,
@@ -22,14 +23,13 @@ from interp.interventions import (
     Change,
     ablate,
     agreement,
-    faithfulness,
     intervene,
     parse_changes,
     run_step,
     run_steps,
 )
-from interp.replacement import _heads, _merge, freeze, linear_forward, target_cotangents
-from interp.step_analysis import StepSettings, analyse_step, layer_parts, mi_score
+from interp.replacement import _heads, _merge, demean, freeze, linear_forward, target_cotangents
+from interp.step_analysis import EFFECT_FLOOR, StepSettings, analyse_step, cite, layer_parts, path_value
 from model.diffusion import DiffusionLM, ModelConfig
 from model.transcoder import Transcoder, TranscoderConfig
 
@@ -63,6 +63,27 @@ def test_replacement_forward_equals_the_model(setup):
         torch.testing.assert_close(fz.logits, real, atol=1e-5, rtol=1e-5)
         r = linear_forward(model, tcs, fz)
         torch.testing.assert_close(model.logits(r * fz.final_inv), real, atol=1e-5, rtol=1e-5)
+
+
+def test_target_values_are_the_models_own_demeaned_logits(setup):
+    """A target's value is a real quantity: the committed token's pre-cap logit minus the mean over the tokens a
+    step can commit, as the model computes it; its log-probability and lift above uniform are the model's too."""
+    model, tcs, tokens = setup
+    g, fz = build_graph(model, tcs, tokens, POSITIONS, TARGETS)
+    with torch.no_grad():
+        out = model(tokens[None])
+        z = model.head(out.hidden[0, POSITIONS])[:, :model.cfg.n_vocab]  # the model's own pre-cap logits
+        z_rest = torch.cat([z[:, :0], z[:, 1:]], 1)  # BOS (id 0) is never committed
+        expected = z[torch.arange(3), TARGETS] - z_rest.mean(1)
+        logp = torch.log_softmax(out.logits[0, POSITIONS].clone().index_fill_(1, torch.tensor([0]), -torch.inf), -1)
+    torch.testing.assert_close(g.target_values, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(demean(z, 0)[torch.arange(3), TARGETS], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g.logprobs, logp[torch.arange(3), TARGETS], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g.lift, g.logprobs + torch.log(torch.tensor(59.0)), atol=1e-6, rtol=1e-6)
+    # and the re-run of the step reports the same two numbers
+    base = run_step(model, tcs, fz, POSITIONS, TARGETS)
+    torch.testing.assert_close(base.value, g.target_values, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(base.logp, g.logprobs, atol=1e-5, rtol=1e-5)
 
 
 def frozen_features_forward(model, tcs, fz, embed, errors, factors):
@@ -148,7 +169,7 @@ def test_predicted_ablations_match_measured(setup):
     g, fz = build_graph(model, tcs, tokens, POSITIONS, TARGETS)
     effects = total_effects(g)
     grads, _ = target_cotangents(model, fz, POSITIONS, TARGETS)
-    base, _ = run_step(model, tcs, fz, POSITIONS, TARGETS)
+    base = run_step(model, tcs, fz, POSITIONS, TARGETS).value
     eps, pred, real = 0.02, [], []
     for i in range(g.n_features):
         layer, pos, f = g.feature_nodes[i].tolist()
@@ -158,7 +179,8 @@ def test_predicted_ablations_match_measured(setup):
         r = linear_forward(model, tcs, fz, {layer: factor})
         frozen = ((r - fz.residual)[POSITIONS] * grads).sum(-1)
         torch.testing.assert_close(frozen, -effects[:, i], atol=1e-5, rtol=1e-4)
-        small, _ = run_step(model, tcs, fz, POSITIONS, TARGETS, {(layer, pos, f): (1 - eps) * float(g.activations[i])})
+        setting = {(layer, pos, f): (1 - eps) * float(g.activations[i])}
+        small = run_step(model, tcs, fz, POSITIONS, TARGETS, setting).value
         pred += (-eps * effects[:, i]).tolist()
         real += (small - base).tolist()
     pred, real = torch.tensor(pred), torch.tensor(real)
@@ -216,50 +238,103 @@ def test_influence_and_pruning_follow_circuit_tracer(setup):
         prune(g, 1.5, 0.9)
 
 
-def test_faithfulness_and_the_measured_score(setup):
+def test_the_explanation_score_and_its_measured_chance_level(setup):
     model, tcs, tokens = setup
-    g, fz = build_graph(model, tcs, tokens, POSITIONS, TARGETS)
+    with torch.no_grad():  # the tokens a temperature-0 step commits: above the mean logit, so a share exists
+        targets = model(tokens[None]).logits[0, POSITIONS, 1:].argmax(-1).add(1).tolist()
+    g, fz = build_graph(model, tcs, tokens, POSITIONS, targets)
+    assert (g.target_values > 0).all()
     effects = total_effects(g)
-    base, top = run_step(model, tcs, fz, POSITIONS, TARGETS)
-    best = effects.mean(0)[:g.n_features].argsort(descending=True)[:3].tolist()
-    worst = effects.mean(0)[:g.n_features].argsort()[:3].tolist()
-    good = faithfulness(model, tcs, fz, g, effects, best, base, top, draws=10)
-    bad = faithfulness(model, tcs, fz, g, effects, worst, base, top, draws=10)
-    assert good.cited_drop > 0 > bad.cited_drop and good.specificity > 0.5 > bad.specificity
-    assert len(good.random_drops) == 10 and good.as_dict()["specificity_chance"] == 0.5
-    per_token = [agreement(m, p) for m, p in zip(good.cited.measured, good.cited.predicted)]
-    assert good.score == pytest.approx(good.specificity * sum(per_token) / len(per_token))
+    base = run_step(model, tcs, fz, POSITIONS, targets)
+    mean_effect = effects.mean(0)[:g.n_features]
+    best = mean_effect.argsort(descending=True)[:3].tolist()
+    worst = mean_effect.argsort()[:3].tolist()
+    good = score_explanation(model, tcs, fz, g, effects, best, base, draws=12)
+    bad = score_explanation(model, tcs, fz, g, effects, worst, base, draws=12)
+    assert good.explanation.drop > 0 > bad.explanation.drop
+    assert good.explanation.carried > bad.explanation.carried and good.explanation.score > bad.explanation.score
+    values = g.target_values.tolist()
+    for s in (good, bad):
+        assert len(s.random) == 12
+        for c in [s.explanation, s.most_active, *s.random]:  # every set scored by the same formula
+            assert c.carried == pytest.approx(carried(c.check, values))
+            shares = [-d / v for d, v in zip(c.check.measured, values) if v > 0]  # measured drop / value, per token
+            assert c.carried_raw == pytest.approx(sum(shares) / len(shares))
+            assert c.carried == pytest.approx(sum(min(1, max(0, x)) for x in shares) / len(shares))
+            assert c.agreement == pytest.approx(mean_agreement(c.check))
+            assert c.score == pytest.approx(10 * c.carried * c.agreement)
+        d = s.as_dict()
+        assert d["percentile"] == pytest.approx(percentile(s.explanation.score, s.random_scores()))
+        assert d["random"]["mean"] == pytest.approx(sum(s.random_scores()) / 12, abs=1e-4)
+        assert min(s.random_scores()) - 1e-4 <= d["random"]["p95"] <= max(s.random_scores()) + 1e-4  # rounded
+    assert good.as_dict()["percentile"] > 50 > bad.as_dict()["percentile"]
+    # random citations are drawn the same way: as many per layer, active at the step, none of the cited ones
+    layer_of = lambda nodes: sorted(int(g.feature_nodes[i, 0]) for i in nodes)  # noqa: E731
+    for c in good.random:
+        assert layer_of(c.check.nodes) == layer_of(best) and not set(c.check.nodes) & set(best)
+        assert all(float(g.activations[i]) > 0 for i in c.check.nodes)
+    active = most_active(g, best)
+    assert layer_of(active) == layer_of(best)
+    for i in active:  # the most active of its layer
+        same = g.feature_nodes[:, 0] == g.feature_nodes[i, 0]
+        assert float(g.activations[i]) >= sorted(g.activations[same].tolist())[-sum(
+            int(g.feature_nodes[j, 0]) == int(g.feature_nodes[i, 0]) for j in best)]
+    assert percentile(2.0, [1.0, 3.0]) == percentile(2.0, [2.0, 2.0]) == 50 and percentile(1.0, []) is None
+    assert percentile(2.0, [1.0, 2.0, 3.0, 0.0]) == 62.5 and percentile(5.0, [1.0]) == 100
     assert agreement(1.0, 1.0) == 1 and agreement(1.0, -1.0) == 0 and agreement(3.0, 1.0) == 0.5
     assert agreement(2.0, 0.0) == 0 and agreement(0.0, 0.0) == 1 and agreement(2e-9, -2e-9) == 1  # noise floor
-    # every feature of a layer cited: no random set of the same size exists, so no specificity (not NaN)
+    # every feature of a layer cited: no random set of the same size exists, so no chance level (not NaN)
     layer0 = (g.feature_nodes[:, 0] == 0).nonzero()[:, 0].tolist()
-    none = faithfulness(model, tcs, fz, g, effects, layer0, base, top, draws=3)
-    assert none.specificity is None and none.score is None and none.as_dict()["faithfulness"] is None
-    assert mi_score(0.9, 0.9, None) is None
-    check = ablate(model, tcs, fz, g, effects, [best[:1]], base, top)[0]
+    none = score_explanation(model, tcs, fz, g, effects, layer0, base, draws=3)
+    assert none.random == [] and none.as_dict()["percentile"] is None and none.as_dict()["random"]["mean"] is None
+    check = ablate(model, tcs, fz, g, effects, [best[:1]], base)[0]
     assert len(check.measured) == 3 and all(isinstance(x, bool) for x in check.flipped)
-    assert mi_score(1.0, 1.0, 1.0) == 10 and mi_score(0.5, 0.5, 0.0) == 0 and mi_score(float("nan"), 1, 1) is None
+    assert carried(check, [-1.0, 0.0, -2.0]) is None  # no token with a positive value: no share to carry
+
+
+def test_layers_cite_both_directions_and_the_path_says_what_it_carries(setup):
+    model, tcs, tokens = setup
+    g, _ = build_graph(model, tcs, tokens, POSITIONS, TARGETS)
+    mean_effect = total_effects(g).mean(0)
+    cited = cite(g, mean_effect, 4)
+    for lay in (0, 2):
+        in_layer = mean_effect[:g.n_features][g.feature_nodes[:, 0] == lay]
+        assert len(cited[lay]["for"]) == min(4, int((in_layer > 0).sum()))
+        assert len(cited[lay]["against"]) == min(4, int((in_layer < 0).sum())) > 0
+        assert all(mean_effect[i] > 0 for i in cited[lay]["for"])
+        assert all(mean_effect[i] < 0 for i in cited[lay]["against"])
+        assert float(mean_effect[cited[lay]["against"][0]]) == float(in_layer.min())
+    assert cited[1] == {"for": [], "against": []}  # no transcoder
     res = analyse_step(model, tcs, tokens, POSITIONS, TARGETS, StepSettings(features_per_layer=2, random_draws=4,
                                                                             node_threshold=1.0, edge_threshold=1.0))
     g, path = res["graph"], res["path"]
     assert g.kind(path[0]) in (TOKEN, MASK) and g.kind(path[1]) == FEATURE and g.kind(path[-1]) == TARGET
     assert all(g.where(a)[0] is None or g.where(a)[0] < g.where(b)[0] for a, b in zip(path[1:], path[2:]))
-    assert res["scores"]["mi_score"] == pytest.approx(mi_score(res["scores"]["replacement"],
-                                                               res["scores"]["completeness"],
-                                                               res["scores"]["faithfulness"]))
+    # what the path carries: its first edge, then each later edge per unit of its source
+    expected = float(g.adjacency[path[1], path[0]])
+    for src, dst in zip(path[1:], path[2:]):
+        expected *= float(g.adjacency[dst, src]) / float(g.activations[src])
+    assert res["path_value"] == pytest.approx(expected) and path_value(g, path[:1]) is None
+    singles = res["single_ablations"]
+    pred = [x for c in res["checks"].values() for x in c.predicted]
+    real = [x for c in res["checks"].values() for x in c.measured]
+    assert singles["n"] == len(pred) == 3 * len(res["checks"])
+    assert singles["pearson_graph_model"] == pytest.approx(float(torch.corrcoef(torch.tensor([pred, real]))[0, 1]),
+                                                           abs=1e-4)
+    assert EFFECT_FLOOR > 0
 
 
 def test_steering_sets_values_in_the_model_and_in_the_replacement_model(setup):
     model, tcs, tokens = setup
     g, fz = build_graph(model, tcs, tokens, POSITIONS, TARGETS)
-    base, _ = run_step(model, tcs, fz, POSITIONS, TARGETS)
+    base = run_step(model, tcs, fz, POSITIONS, TARGETS).logp
     layer, pos, f = g.feature_nodes[0].tolist()
     same = {(layer, pos, f): float(g.activations[0])}  # set to its own value: nothing changes
     for replacement in (False, True):
-        torch.testing.assert_close(run_step(model, tcs, fz, POSITIONS, TARGETS, same, replacement)[0], base,
+        torch.testing.assert_close(run_step(model, tcs, fz, POSITIONS, TARGETS, same, replacement).logp, base,
                                    atol=1e-5, rtol=1e-5)
     inactive = next(x for x in range(128) if not (fz.idx[0][2] == x).any())
-    steered, _ = run_step(model, tcs, fz, POSITIONS, TARGETS, {(0, 2, inactive): 3.0})
+    steered = run_step(model, tcs, fz, POSITIONS, TARGETS, {(0, 2, inactive): 3.0}).logp
     delta = torch.zeros_like(fz.embed)
     delta[2] = 3.0 * tcs[0].W_dec[inactive]  # the reference: add the decoder row by hand
     handle = model.blocks[0].mlp.register_forward_hook(lambda m, a, out: out + delta)
@@ -272,7 +347,7 @@ def test_steering_sets_values_in_the_model_and_in_the_replacement_model(setup):
     expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(TARGETS)[:, None])[:, 0]
     torch.testing.assert_close(steered, expected, atol=1e-5, rtol=1e-5)
     # batched settings give the same numbers as one at a time
-    many, _ = run_steps(model, tcs, fz, POSITIONS, TARGETS, [{}, same, {(0, 2, inactive): 3.0}], batch_size=2)
+    many = run_steps(model, tcs, fz, POSITIONS, TARGETS, [{}, same, {(0, 2, inactive): 3.0}], batch_size=2).logp
     torch.testing.assert_close(many, torch.stack([base, base, steered]), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="layer 1 has no transcoder"):
         run_step(model, tcs, fz, POSITIONS, TARGETS, {(1, 2, 3): 1.0})
@@ -286,19 +361,20 @@ def test_interventions_asked_for_on_the_command_line(setup):
             parse_changes(bad)
     g, fz = build_graph(model, tcs, tokens, POSITIONS, TARGETS)
     effects = total_effects(g)
-    base, top = run_step(model, tcs, fz, POSITIONS, TARGETS)
+    base = run_step(model, tcs, fz, POSITIONS, TARGETS)
     layer, pos, f = g.feature_nodes[3].tolist()
-    asked = intervene(model, tcs, fz, g, effects, [Change(layer, f, pos, 0.0, False)], base, top)
-    check = ablate(model, tcs, fz, g, effects, [[3]], base, top)[0]
-    assert asked["measured_dlogp"] == pytest.approx(check.measured, abs=1e-5)
-    assert asked["predicted_dlogp"] == pytest.approx(check.predicted, abs=1e-5)
-    doubled = intervene(model, tcs, fz, g, effects, [Change(layer, f, pos, 2.0, True)], base, top)
-    assert doubled["predicted_dlogp"] == pytest.approx([-x for x in check.predicted], abs=1e-5)  # +a vs −a
+    asked = intervene(model, tcs, fz, g, effects, [Change(layer, f, pos, 0.0, False)], base)
+    check = ablate(model, tcs, fz, g, effects, [[3]], base)[0]
+    assert asked["measured_dvalue"] == pytest.approx(check.measured, abs=1e-5)
+    assert asked["measured_dlogp"] == pytest.approx(check.measured_logp, abs=1e-5)
+    assert asked["predicted_dvalue"] == pytest.approx(check.predicted, abs=1e-5)
+    doubled = intervene(model, tcs, fz, g, effects, [Change(layer, f, pos, 2.0, True)], base)
+    assert doubled["predicted_dvalue"] == pytest.approx([-x for x in check.predicted], abs=1e-5)  # +a vs −a
     assert doubled["changes"] == [f"{layer}_{f}_{pos}={2 * float(g.activations[3]):.4g}"]
     with pytest.raises(ValueError, match="no transcoder at layer 1"):
-        intervene(model, tcs, fz, g, effects, [Change(1, 0, 0, 1.0, False)], base, top)
+        intervene(model, tcs, fz, g, effects, [Change(1, 0, 0, 1.0, False)], base)
     with pytest.raises(ValueError, match="more than once"):
-        intervene(model, tcs, fz, g, effects, [Change(layer, f, pos, 0.0, False)] * 2, base, top)
+        intervene(model, tcs, fz, g, effects, [Change(layer, f, pos, 0.0, False)] * 2, base)
 
 
 def test_unsorted_positions_and_a_set_across_layers(setup):
@@ -308,7 +384,7 @@ def test_unsorted_positions_and_a_set_across_layers(setup):
     model, tcs, tokens = setup
     positions, targets = [7, 4, 5], [2, 11, 13]
     g, fz = build_graph(model, tcs, tokens, positions, targets)
-    base, _ = run_step(model, tcs, fz, positions, targets)
+    base = run_step(model, tcs, fz, positions, targets).logp
     sorted_g, _ = build_graph(model, tcs, tokens, sorted(positions), [11, 13, 2])
     torch.testing.assert_close(base, sorted_g.logprobs[[2, 0, 1]], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(base, g.logprobs, atol=1e-5, rtol=1e-5)
@@ -320,7 +396,7 @@ def test_unsorted_positions_and_a_set_across_layers(setup):
     alone = {(l0, p0, f0): 0.0}
     both = {(l0, p0, f0): 0.0, (l2, p2, f2): float(g.activations[last])}  # a shift of 0 for the later one
     for replacement in (False, True):
-        a, _ = run_step(model, tcs, fz, positions, targets, alone, replacement)
-        b, _ = run_step(model, tcs, fz, positions, targets, both, replacement)
+        a = run_step(model, tcs, fz, positions, targets, alone, replacement).logp
+        b = run_step(model, tcs, fz, positions, targets, both, replacement).logp
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
         assert (a - base).abs().max() > 1e-4  # the earlier ablation does move the targets
