@@ -162,10 +162,17 @@ def show_fact_accuracy(run, prepared) -> None:
     _, model, tok, _ = load_run(run, "latest", "cpu")
     facts = [json.loads(line) for line in (prepared.folder / prepared.meta["facts"]).read_text().splitlines()]
     result = fact_accuracy(model, tok, facts)
-    print("\nfact completion (greedy, one token per step):")
+    print("\nfact completion (greedy, one token per step); chance is the strongest of a uniform guess among the "
+          "candidates, always the most common answer, and the model's completions scored against shuffled answers:")
     for name, part in result["by_phrasing"].items():
-        print(f"  {name:8s} phrasing: {part['accuracy']:.1%} of {part['n']} facts (chance {part['chance']:.1%}); "
-              f"mean over relations {part['macro_accuracy']:.1%} (chance {part['macro_chance']:.1%})")
+        print(f"  {name:8s} phrasing: {part['accuracy']:.1%} of {part['n']} facts (chance {part['chance']:.1%}: "
+              f"uniform {part['chance_uniform']:.1%}, majority {part['chance_majority']:.1%}, "
+              f"shuffled {part['chance_shuffled']:.1%}); mean over relations {part['macro_accuracy']:.1%} "
+              f"(chance {part['macro_chance']:.1%})")
+        stuck = [f"{r} {x['top_completion']!r} {x['top_completion_share']:.0%}" for r, x in part["by_relation"].items()
+                 if x["top_completion_share"] >= 0.5]
+        if stuck:
+            print(f"    one answer to most facts of a relation: {', '.join(stuck)}")
 
 
 if __name__ == "__main__":

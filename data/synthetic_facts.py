@@ -1,7 +1,8 @@
 """The knowledge behind the synthetic corpus: concept categories, their members, and the relations.
 
 Every relation maps one member of a category to one member of another, so a completion has exactly one
-right answer among a known set of candidates (chance = 1 / number of candidates).
+right answer among a known set of candidates (model/fact_eval.py measures chance against the strongest
+of three guessers: uniform among the candidates, the majority answer, and shuffled answers).
 """
 from __future__ import annotations
 
