@@ -30,7 +30,8 @@ class DescriptionsConfig(LayersFlag, RunFlags):
     judge: str = arg("", "the model that scores (default: the explainer's model; none for 'tokens')")
     scorers: str = arg("detection,fuzzing,token_match,simulation",
                        "comma-separated scorers: detection, fuzzing, simulation (the judge predicts every token's "
-                       "activation) and token_match (the model-free keyword correlation, called simulation before)")
+                       "activation) and token_match (the model-free keyword correlation over the visible words, "
+                       "called simulation before)")
     n_examples: int = arg(10, "explain-half contexts shown per feature (fewer if the prompt does not fit)")
     n_score: int = arg(10, "held-out contexts scored per feature: this many activating and as many non-activating")
     n_simulate: int = arg(5, "simulation: held-out windows of each kind (activating, non-activating) whose every "

@@ -13,6 +13,7 @@ from collections import Counter
 
 MARK_OPEN, MARK_CLOSE = "<<", ">>"
 MASK_SHOWN = "[MASK]"
+NEWLINE_SHOWN, SPACE_SHOWN = "⏎", "␣"  # a marked token that is only whitespace (no word characters: no keyword)
 QUESTION = "\nIn a few words, what do the marked words have in common? Answer with one short description."
 
 
@@ -23,7 +24,10 @@ def mark(example: dict, marked: set[int] | None = None) -> str:
     A masked token reads " [MASK]" (its own spacing hidden too). Where a masked token is marked, the
     hidden text is given as <<[MASK=Paris]>>: a feature active at a masked position responds to what
     belongs there, which is the information the reader needs, and it is given at every marked position
-    alike (right or wrong marks), so it cannot tell the two apart."""
+    alike (right or wrong marks), so it cannot tell the two apart.
+
+    Every chosen token shows a mark: a visible token that is only whitespace reads <<⏎>> (a line break)
+    or <<␣>>, so a feature that fires on line breaks is not shown as no mark at all."""
     chosen = {i for i, a in enumerate(example["acts"]) if a > 0} if marked is None else marked
     hidden = set(example.get("masked_at", ()))
     out = []
@@ -34,6 +38,8 @@ def mark(example: dict, marked: set[int] | None = None) -> str:
         elif i in chosen and piece.strip():
             lead = piece[:len(piece) - len(piece.lstrip())]
             out.append(f"{lead}{MARK_OPEN}{piece.strip()}{MARK_CLOSE}")
+        elif i in chosen:
+            out.append(f" {MARK_OPEN}{NEWLINE_SHOWN if chr(10) in piece else SPACE_SHOWN}{MARK_CLOSE}")
         else:
             out.append(piece)
     return "".join(out).replace("\n", " ")

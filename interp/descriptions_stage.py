@@ -33,7 +33,7 @@ from experiment.paths import (
 from interp.describe import clean, explain_examples, fit_prompt, tokens_description
 from interp.feature_pages import write_page_descriptions
 from interp.feature_store import PROTOCOL, read_jsonl
-from interp.scoring import judge_many, score_sets, simulation, token_match
+from interp.scoring import TOKEN_MATCH_LABEL, judge_many, score_sets, simulation, token_match
 from model.distributed import Dist
 from model.explainer import Explainer
 
@@ -150,7 +150,7 @@ def describe_batch(items: list[tuple[dict, dict]], explainer, cfg, limit: BatchS
         return [{"description": tokens_description(s, r, cfg.n_examples), "raw": [], "failure": None,
                  "prompt_examples": [e["position"] for e in explain_examples(r, cfg.n_examples)]} for s, r in items]
     prompts, shown = [], []
-    budget = explainer.max_prompt_tokens - 8
+    budget = explainer.prompt_budget(cfg.max_new_tokens) - 8  # room left for the description it writes
     for stats, record in items:
         prompt, examples = fit_prompt(explain_examples(record, cfg.n_examples), stats, explainer.count_tokens, budget)
         prompts.append(prompt)
@@ -173,10 +173,25 @@ def describe_batch(items: list[tuple[dict, dict]], explainer, cfg, limit: BatchS
     return results
 
 
+OLDER_TOKEN_MATCH = "token_match_all_words"  # the keyword match of older records, which read hidden words too
+LABELS = {"token_match": TOKEN_MATCH_LABEL, OLDER_TOKEN_MATCH: "token_match (hidden words too: older records)"}
+
+
 def _scores(record: dict) -> dict:
-    """A record's scores; older records called the keyword match "simulation" (it has "words")."""
-    return {("token_match" if k == "simulation" and "words" in (v or {}) else k): v
-            for k, v in record.get("scores", {}).items()}
+    """A record's scores by what they measured. Older records called the keyword match "simulation" (it has
+    "words"); before it read the text as the model saw it (it has "reads"), it matched the hidden words
+    too, and those are kept apart, as OLDER_TOKEN_MATCH."""
+    out = {}
+    for k, v in record.get("scores", {}).items():
+        k = "token_match" if k == "simulation" and "words" in (v or {}) else k
+        out[OLDER_TOKEN_MATCH if k == "token_match" and "reads" not in (v or {}) else k] = v
+    return out
+
+
+def printed(summary_key: str) -> str:
+    """A summary entry's name as printed: the keyword match says what it reads."""
+    return next((f"{label} correlation" for name, label in LABELS.items() if summary_key == f"{name}_correlation"),
+                summary_key)
 
 
 def summarise(records: list[dict]) -> dict:
@@ -189,7 +204,7 @@ def summarise(records: list[dict]) -> dict:
         layer["failures"] += r["failure"] is not None
         scores = _scores(r)
         for name, key in (("detection", "auroc"), ("fuzzing", "balanced_accuracy"), ("token_match", "correlation"),
-                          ("simulation", "correlation")):
+                          (OLDER_TOKEN_MATCH, "correlation"), ("simulation", "correlation")):
             score = scores.get(name)
             if score is not None:
                 layer["scores"].setdefault(f"{name}_{key}", []).append(score.get(key))
@@ -215,7 +230,7 @@ def plot_scores(records: list[dict], path: Path) -> None:
     explainers = sorted({r["explainer"] for r in records})
     layers = sorted({r["layer"] for r in records})
     metrics = [("detection", "auroc", "detection AUROC"), ("fuzzing", "balanced_accuracy", "fuzzing balanced acc."),
-               ("token_match", "correlation", "token-match correlation"),
+               ("token_match", "correlation", f"{TOKEN_MATCH_LABEL} correlation"),
                ("simulation", "correlation", "simulation correlation")]
     fig, axes = plt.subplots(1, 4, figsize=(19, 4))
     width = 0.8 / max(1, len(explainers))
@@ -362,7 +377,7 @@ def _describe(cfg, dist: Dist, device, explainer_factory, paths: StagePaths, ckp
         if (topk_dir / layer_name(layer)).is_dir():
             write_page_descriptions(topk_dir / layer_name(layer), [r for r in records if r["layer"] == layer])
     for layer, s in sorted(summary.get(tag, {}).items(), key=lambda kv: int(kv[0])):
-        parts = [(f"{k} {v['mean']:.3f}" if v["mean"] is not None else f"{k} undefined")
+        parts = [(f"{printed(k)} {v['mean']:.3f}" if v["mean"] is not None else f"{printed(k)} undefined")
                  + (f" ({v['n_undefined']} of {v['n'] + v['n_undefined']} undefined)" if v["n_undefined"] else "")
                  for k, v in s["scores"].items()]
         print(f"layer {layer}: {s['n']} features, {s['failures']} failures; mean " + (", ".join(parts) or "no scores"))

@@ -19,6 +19,9 @@ SHOWN_PER_CATEGORY = 50
 DESCRIPTIONS_JS = "descriptions.js"  # stage 5 fills it; stage 4 writes it empty so the page never misses it
 SCORE_KEYS = (("detection", "auroc", 0.5), ("fuzzing", "balanced_accuracy", 0.5), ("token_match", "correlation", 0.0),
               ("simulation", "correlation", 0.0))  # (scorer, number, chance)
+# the keyword match is shown by what it reads: the text as the model saw it (its score says "reads"), or, in
+# older records, hidden words too (older still called it "simulation" and recorded its "words")
+TOKEN_MATCH_SHOWN = {True: "token_match (visible words)", False: "token_match (hidden words too)"}
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 # The styles and the script live in assets/ as plain .css and .js files.
@@ -124,9 +127,14 @@ def write_page_descriptions(folder: Path, records: list[dict]) -> Path:
             continue
         scores = {}
         for name, key, chance in SCORE_KEYS:
-            value = (r.get("scores", {}).get(name) or {}).get(key)
-            if value is not None:
-                scores[name] = {"value": round(value, 4), "key": key, "chance": chance}
+            score = r.get("scores", {}).get(name) or {}
+            if name == "simulation" and "words" in score:
+                continue  # an older record's keyword match, shown as token_match
+            if name == "token_match":
+                score = score or r.get("scores", {}).get("simulation") or {}
+                name = TOKEN_MATCH_SHOWN["reads" in score]
+            if score.get(key) is not None:
+                scores[name] = {"value": round(score[key], 4), "key": key, "chance": chance}
         data.setdefault(str(r["feature"]), []).append({"explainer": r["explainer"], "description": r["description"],
                                                       "scores": scores})
     write_text_atomic(folder / DESCRIPTIONS_JS, _js("const DESCRIPTIONS", data))

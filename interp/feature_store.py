@@ -128,15 +128,21 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def noise_levels(records: list[dict]) -> dict:
-    """The noise levels t of the held-out ("score") examples of every feature of a layer, activating and
+    """The noise levels t of the held-out ("score") examples of a layer's live features, activating and
     non-activating apart, as histograms over [0, 1] and means: the two should match (the non-activating
-    contexts are drawn to follow the activating examples' t)."""
+    contexts are drawn to follow the activating examples' t).
+
+    Live here means: with at least one held-out activating example. A dead feature's (or one whose
+    activating examples all went to the explain half) non-activating windows have no activating partner
+    whose t they follow, so counting them would compare the two halves of different features."""
     out = {"bin_edges": [i / T_BINS for i in range(T_BINS + 1)]}
+    live = [r for r in records if any(e["split"] == "score" for c in ("top", "quantile") for e in r[c])]
     for name, cats in (("activating", ("top", "quantile")), ("non_activating", ("random",))):
-        ts = [e["t"] for r in records for c in cats for e in r[c] if e["split"] == "score"]
+        ts = [e["t"] for r in live for c in cats for e in r[c] if e["split"] == "score"]
         counts = [0] * T_BINS
         for t in ts:
             counts[min(T_BINS - 1, int(t * T_BINS))] += 1
         out[name] = {"n": len(ts), "mean_t": sum(ts) / len(ts) if ts else None, "histogram": counts}
+    out["n_features"] = len(live)  # the live features counted
     return out
 

@@ -4,14 +4,25 @@
   AUROC of activating against non-activating contexts, and balanced accuracy at 0.5.
 - fuzzing: activating contexts with the right tokens marked against the same contexts with as many
   wrong tokens marked; the judge says whether the marks fit the description; balanced accuracy (and AUROC).
-- token_match (no LLM; called "simulation" before, which it is not: the simulation of the literature
-  has a model predict every token's activation from the description): predict activation 1 at tokens
-  matching the words the description quotes (its content words when it quotes none), 0 elsewhere;
-  Pearson correlation with the true activations. A keyword match, kept as the model-free score.
+  A marked masked token shows its hidden word (<<[MASK=word]>>, a "reveal"), so a wrong marking reveals
+  in the same share as the right one of its example (`fuzzing_positions`): the share of reveals is no
+  cue to which marking is right.
+- token_match, printed "token_match (visible words)" (no LLM; called "simulation" before, which it is
+  not: the simulation of the literature has a model predict every token's activation from the
+  description): predict activation 1 at tokens matching the words the description quotes (its content
+  words when it quotes none), 0 elsewhere; Pearson correlation with the true activations. It reads the
+  text as the model saw it: a masked token is [MASK] and never matches (records made before it did so
+  lack `"reads"` and are summarised apart). A keyword match, kept as the model-free score.
 - simulation (with the judge, as in the literature's "all at once" simulation): the judge reads the
   description and a held-out window as the model saw it and predicts, for every token, how strongly
   the feature fires there on a 0–9 scale (the expected digit after each token's line, all of a
   window's lines in one forward pass); Pearson correlation with the true activations.
+
+Held out means held out by token position, not by text: no position of a scored window was shown to the
+explainer, and a window whose tokens equal an earlier one's is dropped (interp/feature_store.py), but
+templated text repeats itself, and about a fifth of the demo's held-out activating windows have the same
+±3 tokens around their centre as some explain-half window. A description that quotes its examples'
+words is therefore scored partly on text it has seen (in other positions).
 """
 from __future__ import annotations
 
@@ -24,6 +35,10 @@ from interp.describe import MASK_SHOWN, mark, plain
 STOPWORDS = set("""a an the of in on at to for and or is are was were be by with as from that this these those it its
 fires fire firing feature features word words token tokens mostly positions position visible masked typical context
 on about which when where what often""".split())
+# how hidden words are shown ([MASK], [MASK=word]), never a word of the text: never a keyword
+NOT_KEYWORDS = {"mask"}
+TOKEN_MATCH_READS = "visible words"  # what token_match reads; its printed name says so
+TOKEN_MATCH_LABEL = f"token_match ({TOKEN_MATCH_READS})"
 
 
 def auroc(positive: Sequence[float], negative: Sequence[float]) -> float | None:
@@ -61,12 +76,49 @@ def fuzzing_prompt(description: str, marked_text: str) -> str:
             "Are the marked words exactly the ones this feature fires on? Answer yes or no.")
 
 
+def _shown_as(example: dict, i: int, hidden: set[int]) -> str:
+    """How token i looks when marked: "reveal" (<<[MASK=word]>>), "mask" (a hidden blank: <<[MASK]>>),
+    "word" (a visible word) or "blank" (visible whitespace: <<⏎>> or <<␣>>)."""
+    blank = not example["pieces"][i].strip()
+    return ("mask" if blank else "reveal") if i in hidden else ("blank" if blank else "word")
+
+
+SHOWN_AS = ("reveal", "mask", "word", "blank")
+
+
+def fuzzing_positions(example: dict, rng: random.Random) -> tuple[set[int], set[int]]:
+    """(right, wrong) positions to mark in one activating example for fuzzing; neither is ever empty.
+
+    right: the tokens where the feature is active (the centre when rounding left none). wrong: as many
+    tokens where it is inactive, with as many of each look (`_shown_as`: reveals, hidden blanks, visible
+    words, visible blanks) as the right marking has, so that no look, the share of reveals above all,
+    tells the two apart. Where the example has too few inactive tokens of a look, the rest are drawn from
+    its other inactive tokens, revealing ones for a reveal and others for the rest while there are any
+    (the number of marks is kept: only then, in this example, can the share of reveals differ); where it
+    has too few inactive tokens altogether, every one of them is marked. Where it has none (every token
+    of the window active), the wrong marking is the right one without its strongest token, a strict
+    subset, hence still not exactly the tokens it fires on; a window of one active token has no other
+    marking, and both markings are the same (the pair then scores chance)."""
+    acts, hidden = example["acts"], set(example.get("masked_at", ()))
+    right = {i for i, a in enumerate(acts) if a > 0} or {example["center"]}
+    inactive = [i for i in range(len(acts)) if i not in right]
+    if not inactive:
+        strongest = max(sorted(right), key=lambda i: acts[i])
+        return right, (right - {strongest}) or right
+    look = {i: _shown_as(example, i, hidden) for i in range(len(acts))}
+    wrong: list[int] = []
+    # as many of each look as the right marking; then of each class (revealing or not); then of any
+    for key in (look.get, lambda i: look[i] == "reveal", lambda i: None):
+        for group in sorted({key(i) for i in range(len(acts))}, key=str):  # sorted: the draws do not vary
+            want = sum(key(i) == group for i in right) - sum(key(i) == group for i in wrong)
+            pool = [i for i in inactive if key(i) == group and i not in wrong]
+            wrong += rng.sample(pool, max(0, min(want, len(pool))))
+    return right, set(wrong)
+
+
 def wrongly_marked(example: dict, rng: random.Random) -> str:
-    """The example with as many tokens marked as are active, all of them at inactive positions."""
-    active = {i for i, a in enumerate(example["acts"]) if a > 0}
-    others = [i for i, p in enumerate(example["pieces"]) if i not in active and p.strip()]
-    chosen = set(rng.sample(others, min(len(others), max(1, len(active)))))
-    return mark(example, chosen)
+    """The example with its wrong marking (`fuzzing_positions`)."""
+    return mark(example, fuzzing_positions(example, rng)[1])
 
 
 def score_sets(record: dict, n: int | None = None) -> tuple[list[dict], list[dict]]:
@@ -79,31 +131,48 @@ def score_sets(record: dict, n: int | None = None) -> tuple[list[dict], list[dic
     return (pos, neg) if n is None else (pos[:n], neg[:n])
 
 
-def quoted_words(description: str) -> set[str]:
-    """The words a description quotes; inside a quoted passage with <<marks>>, only the marked words."""
-    words: set[str] = set()
+def _words(text: str) -> set[str]:
+    return {w for w in re.findall(r"\w+", text.lower()) if w not in NOT_KEYWORDS}
+
+
+def quoted_passages(description: str) -> list[str]:
+    """What a description quotes: its quoted passages (of a quoted passage with <<marks>>, only the marked
+    words) and its <<marked>> words."""
+    passages: list[str] = []
     for group in re.findall(r'"([^"]+)"|“([^”]+)”', description):
         part = "".join(group)
-        marked = re.findall(r"<<([^>]+)>>", part)
-        for chunk in marked or [part]:
-            words.update(re.findall(r"\w+", chunk.lower()))
-    words.update(w for chunk in re.findall(r"<<([^>]+)>>", description) for w in re.findall(r"\w+", chunk.lower()))
-    if not words:
-        words = {w for w in re.findall(r"\w+", description.lower()) if w not in STOPWORDS and len(w) > 2}
-    return words
+        passages += re.findall(r"<<([^>]+)>>", part) or [part]
+    return passages + re.findall(r"<<([^>]+)>>", description)
+
+
+def quoted_words(description: str) -> set[str]:
+    """The words a description quotes (`quoted_passages`); its content words when it quotes nothing. Empty
+    when what it quotes has no word (punctuation, [MASK]): unrelated words never stand in for it. "mask"
+    is never a keyword: it is how hidden words are shown, not a word of the text."""
+    passages = quoted_passages(description)
+    if passages:
+        return set().union(*map(_words, passages))
+    return {w for w in _words(description) if w not in STOPWORDS and len(w) > 2}
 
 
 def token_match(description: str, contexts: list[dict]) -> dict:
+    """Correlation of "this token is one of the quoted words" with the activations, the text read as the
+    model saw it: a masked token is [MASK] and matches no keyword."""
     words = quoted_words(description)
-    pred, true = [], []
+    pred, true, n_hidden = [], [], 0
     for ex in contexts:
-        for piece, act in zip(ex["pieces"], ex["acts"]):
-            token_words = re.findall(r"\w+", piece.lower())
+        hidden = set(ex.get("masked_at", ()))
+        for i, (piece, act) in enumerate(zip(ex["pieces"], ex["acts"])):
+            token_words = [] if i in hidden else re.findall(r"\w+", piece.lower())
+            n_hidden += i in hidden
             pred.append(1.0 if token_words and all(w in words for w in token_words) else 0.0)
             true.append(float(act))
-    out = {"correlation": pearson(pred, true), "n_tokens": len(true), "words": sorted(words)[:20]}
+    out = {"correlation": pearson(pred, true), "n_tokens": len(true), "n_hidden": n_hidden,
+           "reads": TOKEN_MATCH_READS, "words": sorted(words)[:20]}
     if out["correlation"] is None:
-        out["undefined"] = ("fewer than two tokens" if len(true) < 2 else "no token matches the description's words"
+        out["undefined"] = ("the description quotes no word (only punctuation or [MASK])"
+                            if not words and quoted_passages(description) else "fewer than two tokens"
+                            if len(true) < 2 else "no token matches the description's words"
                             if len(set(pred)) < 2 else "constant activations")
     return out
 
@@ -126,8 +195,9 @@ def judge_prompts(description: str, record: dict, seed: int, n: int | None = Non
     pos, neg = score_sets(record, n)
     rng = random.Random(seed)
     prompts = [detection_prompt(description, e) for e in pos + neg]
-    prompts += [fuzzing_prompt(description, mark(e)) for e in pos]
-    prompts += [fuzzing_prompt(description, wrongly_marked(e, rng)) for e in pos]
+    marked = [fuzzing_positions(e, rng) for e in pos]
+    prompts += [fuzzing_prompt(description, mark(e, right)) for e, (right, _) in zip(pos, marked)]
+    prompts += [fuzzing_prompt(description, mark(e, wrong)) for e, (_, wrong) in zip(pos, marked)]
     return prompts, len(pos), len(neg)
 
 

@@ -5,6 +5,10 @@ a GPU with native bf16 (Flan-T5 in fp16 overflows and writes garbage), fp32 else
 included. Two operations, both batched: `generate` (greedy, deterministic; or seeded sampling for a
 retry) and `yes_probability` (one forward step: P("yes") / (P("yes") + P("no")) for the next token, no
 free text). Causal models see their chat template when they have one.
+
+A prompt's budget leaves room for the answer (`prompt_budget`): a causal model's prompt and generated
+tokens share one context (prompt + max_new_tokens ≤ its positions, 4,096 at most for the prompt); a
+seq2seq model's prompt has the encoder's 512 to itself.
 """
 from __future__ import annotations
 
@@ -106,7 +110,10 @@ class Explainer:
         limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
         if self.kind == "seq2seq":
             limit = 512  # T5 has relative positions; Flan-T5 was trained on 512-token inputs
-        self.max_prompt_tokens = max_prompt_tokens or min(limit or 2048, 4096)
+        # positions one forward pass may span: a causal model's prompt *and* what it generates; a seq2seq
+        # model's encoder input (the prompt) alone, its decoder having positions of its own
+        self.context = limit or 2048
+        self.max_prompt_tokens = max_prompt_tokens or min(self.context, 4096)
         self.name = name
         self._yes, self._no = yes_no_ids(self.tok, name)
         self._digits: list[list[int]] | None = None  # read when simulation first needs them
@@ -120,13 +127,26 @@ class Explainer:
     def count_tokens(self, prompt: str) -> int:
         return len(self.tok(self._format(prompt), add_special_tokens=True).input_ids)
 
-    def _encode(self, prompts: list[str]):
+    def prompt_budget(self, max_new_tokens: int) -> int:
+        """The longest prompt (in `count_tokens`' tokens) that still leaves room to generate `max_new_tokens`:
+        a causal model's prompt and new tokens share its context (prompt + new ≤ context); a seq2seq
+        model's prompt has the encoder's limit to itself."""
+        if self.kind == "seq2seq":
+            return self.max_prompt_tokens
+        budget = min(self.max_prompt_tokens, self.context - max_new_tokens)
+        if budget < 1:
+            raise UserError(f"--max_new_tokens {max_new_tokens} leaves no room for a prompt in {self.name}'s "
+                            f"context of {self.context} positions")
+        return budget
+
+    def _encode(self, prompts: list[str], max_length: int | None = None):
         return self.tok([self._format(p) for p in prompts], return_tensors="pt", padding=True, truncation=True,
-                        max_length=self.max_prompt_tokens, add_special_tokens=self.kind == "seq2seq").to(self.device)
+                        max_length=max_length or self.max_prompt_tokens,
+                        add_special_tokens=self.kind == "seq2seq").to(self.device)
 
     @torch.no_grad()
     def generate(self, prompts: list[str], max_new_tokens: int, sample: bool = False, seed: int = 0) -> list[str]:
-        batch = self._encode(prompts)
+        batch = self._encode(prompts, self.prompt_budget(max_new_tokens))  # room left for the new tokens
         kwargs = {"max_new_tokens": max_new_tokens, "pad_token_id": self.tok.pad_token_id}
         if sample:
             torch.manual_seed(seed)

@@ -72,5 +72,6 @@ def test_feature_pages_show_descriptions_scores_and_logit_effects(tiny_descripti
     assert not console_errors(log), console_errors(log)
     assert f"feature {rec['feature']}</h2>" in dom and "<h3>Descriptions</h3>" in dom  # rendered, not the script
     assert html.escape(rec["description"][:40], quote=False) in dom
-    assert f"token_match correlation {rec['scores']['token_match']['correlation']:.3f} (chance 0)" in dom
+    corr = rec["scores"]["token_match"]["correlation"]
+    assert f"token_match (visible words) correlation {corr:.3f} (chance 0)" in dom
     assert "promotes (logit)" in dom and "suppresses (logit)" in dom

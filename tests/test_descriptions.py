@@ -171,6 +171,9 @@ class Scripted:
     def count_tokens(self, prompt):
         return len(prompt.split())
 
+    def prompt_budget(self, max_new_tokens):
+        return self.max_prompt_tokens - max_new_tokens
+
     def generate(self, prompts, max_new_tokens, sample=False, seed=0):
         self.calls += 1
         if self.die_after is not None and self.calls > self.die_after:
@@ -365,6 +368,7 @@ def test_tokens_explainer_end_to_end(run_copy):
     assert len(records) == sum(v["live"] for v in index["summary"].values())  # every live feature
     assert all(r["description"].startswith("fires on") and r["failure"] is None for r in records)
     assert all(set(r["scores"]) == {"token_match"} and r["judge"] is None for r in records)
+    assert all(r["scores"]["token_match"]["reads"] == "visible words" for r in records)
     corr = [r["scores"]["token_match"]["correlation"] for r in records if r["scores"]["token_match"]["correlation"]]
     assert sum(corr) / len(corr) > 0.1  # the baseline's quoted tokens do predict activations
 
@@ -448,10 +452,12 @@ def test_yes_and_no_must_be_told_apart_by_their_first_token():
 def test_older_records_scored_simulation_count_as_token_match():
     old = {"explainer": "tokens", "layer": 0, "feature": 1, "failure": None,
            "scores": {"simulation": {"correlation": 0.5, "n_tokens": 40, "words": ["paris"]}}}
-    new = dict(old, feature=2, scores={"token_match": {"correlation": 0.25, "words": []},
+    new = dict(old, feature=2, scores={"token_match": {"correlation": 0.25, "words": [], "reads": "visible words"},
                                        "simulation": {"correlation": 0.1, "n_tokens": 40, "n_windows": 2}})
     scores = summarise([old, new])["tokens"]["0"]["scores"]
-    assert scores["token_match_correlation"]["mean"] == 0.375  # the old keyword "simulation" and the new name
+    # the old keyword "simulation" is a keyword match, one that read hidden words too: summarised apart
+    assert scores["token_match_all_words_correlation"]["mean"] == 0.5
+    assert scores["token_match_correlation"]["mean"] == 0.25 and scores["token_match_correlation"]["n"] == 1
     assert scores["simulation_correlation"]["mean"] == 0.1 and scores["simulation_correlation"]["n"] == 1
 
 
