@@ -17,7 +17,7 @@ function show(p, s){
   let h = `<b>step ${st.step}: ${esc(JSON.stringify(st.committed))}</b> <a href="#" onclick="document.getElementById('panel').style.display='none';return false">close</a>`;
   if (!g) { h += '<p>no graph</p>'; }
   else {
-    h += g.target.per_token.map(t => `<p>target ${esc(t.token)}: demeaned logit ${num(t.value)} (pre-cap logit units); log p ${num(t.logprob)} nats, ${num(t.lift)} above uniform</p>`).join('');
+    h += g.target.per_token.map(t => `<p>target ${esc(JSON.stringify(t.text))}: demeaned logit ${num(t.value)} (pre-cap logit units); log p ${num(t.logprob)} nats, ${num(t.lift)} above uniform</p>`).join('');
     h += `<p>value ${num(g.whole)} logit = input tokens ${num(g.inputs.tokens)} + [MASK] inputs ${num(g.inputs.masks)}` +
          Object.entries(g.layers).map(([l, v]) => ` + layer ${l} ${num(v.part)}`).join('') + '</p>';
     h += `<p>strongest path: ${esc(g.path.join(' → ') || '(none)')}` + (g.path_value === null ? '' : `, carrying ${num(g.path_value)} logit`) + '</p>';
