@@ -158,16 +158,16 @@ def explain_step(model, transcoders, tok, row: list[int], positions: list[int], 
                             for p, t, pr in zip(positions, targets, probs)]}
     parts = [(f"layer {lay}", rec["layers"][lay]["share"]) for lay in layers]
     parts += [("input tokens", rec["input_shares"]["tokens"]), ("[MASK] inputs", rec["input_shares"]["masks"])]
+    numbers = compose_total(committed, rec["target"], path, rec["path_value"], rec["path_share"], parts)
     if explainer is None:
         layer_texts = [compose_layer(rec["layers"][lay]) for lay in layers]
-        total = compose_total(committed, rec["target"], path, rec["path_value"], parts)
-        out_score, interp_score, raws = None, None, None
+        total, out_score, interp_score, raws = numbers, None, None, None
     else:
         gen = lambda ps, n: explainer.generate(ps, n)  # noqa: E731
         layer_texts = [t.strip().splitlines()[0] if t.strip() else "(empty answer)" for t in
                        gen([layer_prompt(int(lay), committed, rec["layers"][lay]) for lay in layers],
                            cfg.max_new_tokens)]
-        total_raw = gen([total_prompt(committed, context, layer_texts, path)], cfg.max_new_tokens)[0]
+        total_raw = gen([total_prompt(committed, context, layer_texts, path, numbers)], cfg.max_new_tokens)[0]
         total = total_raw.strip().splitlines()[0] if total_raw.strip() else "(empty answer)"
         text = f"{prompt_text}{tok.decode(row[len(row) - cfg.gen_length:], mask_text=' _')}"
         rating_raw = gen([OUTPUT_RUBRIC.format(text=text),
@@ -249,6 +249,38 @@ def print_graph(g: dict) -> None:
               f"{predicted}; Δ log p {iv['measured_dlogp']} nats; top tokens change: {iv['top_token_changes']}")
 
 
+def score_summary(steps: list[dict]) -> dict | None:
+    """The explanation's score over a prompt's steps beside its controls; `saturated` when it lies above every
+    random draw at every step (then the percentile says only that it beats chance: random citations carry
+    almost nothing, and the score itself and the most active features are what tell steps apart)."""
+    scored = [st["graph"]["scores"] for st in steps if (st.get("graph") or {}).get("scores", {}).get("mi_score")
+              is not None]
+    ranked = [sc for sc in scored if sc["percentile"] is not None]
+    if not scored:
+        return None
+    return {"steps": len(scored), "mean_score": mean(sc["mi_score"] for sc in scored),
+            "min_score": min(sc["mi_score"] for sc in scored), "max_score": max(sc["mi_score"] for sc in scored),
+            "mean_random": mean(sc["random_mean"] for sc in ranked), "max_random_p95": max(
+                (sc["random_p95"] for sc in ranked), default=None),
+            "mean_most_active": mean(sc["most_active"] for sc in scored),
+            "above_all_draws": sum(sc["percentile"] == 100 for sc in ranked),
+            "saturated": bool(ranked) and all(sc["percentile"] == 100 for sc in ranked)}
+
+
+def print_score_summary(summary: dict | None) -> None:
+    if summary is None:
+        return
+    s = summary
+    note = ("; the percentile is saturated (random citations carry almost nothing): it says only that the "
+            "explanation beats chance, and the score and the most active features tell the steps apart"
+            if s["saturated"] else "")
+    p95 = "n/a" if s["max_random_p95"] is None else f"{s['max_random_p95']:.1f}"
+    print(f"explanation scores over {s['steps']} steps: {s['min_score']:.1f}–{s['max_score']:.1f} (mean "
+          f"{s['mean_score']:.1f}); random citations {s['mean_random']:.1f} on average, 95th percentile at most {p95}; "
+          f"the most active features {s['mean_most_active']:.1f}; above every random draw at {s['above_all_draws']} "
+          f"of {s['steps']} steps{note}")
+
+
 def recurring(steps: list[dict]) -> list[dict]:
     """Features cited at more than one step of a prompt, with the steps and their total effects there."""
     seen: dict[tuple[int, int], dict] = {}
@@ -327,8 +359,11 @@ def run_explanations(cfg, explainer_factory=None) -> Path:
             steps.append(s)
             print_step(s["state_text"], prompt, step, s)
         completion = tok.decode(states[-1])
+        summary = score_summary(steps)
+        print_score_summary(summary)
         print(f"final: {prompt}{completion}\n")
-        results.append({"prompt": prompt, "completion": completion, "steps": steps, "recurring": recurring(steps)})
+        results.append({"prompt": prompt, "completion": completion, "steps": steps, "recurring": recurring(steps),
+                        "score_summary": summary})
     json_path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(json_path, {"checkpoint": str(ckpt), "explainer": tag, "layers": layers,
                                   "sampler": cfg.sampler().__dict__, "settings": settings.__dict__,

@@ -55,14 +55,17 @@ def layer_prompt(layer: int, committed: str, info: dict) -> str:
         return "".join(f"- {_cited(c, 200)}\n" for c in info[side]) or "- none\n"
     return (f'A language model filled in "{committed}". In its layer {layer}, these features pushed for it most '
             f"(effect on the token's logit):\n{lines('for')}and these pushed against it:\n{lines('against')}"
-            f"The layer's net effect was {info['part']:+.2f}. Summarise in one short phrase what this layer "
+            f"The layer's net effect was {info['part']:+.2f} (features {info['features']:+.2f}, reconstruction error "
+            f"{info['error']:+.2f}, bias {info['bias']:+.2f}). Summarise in one short phrase what this layer "
             "contributed.")
 
 
-def total_prompt(committed: str, context: str, layer_texts: list[str], path: str) -> str:
+def total_prompt(committed: str, context: str, layer_texts: list[str], path: str, numbers: str) -> str:
+    """`numbers`: the composed total description (value, log p, what the path carries, the largest parts)."""
     lines = "".join(f"layer {i}: {t}\n" for i, t in enumerate(layer_texts))
     return (f'A language model read "{context}" and filled in "{committed}". What each of its layers contributed:\n'
-            f"{lines}Its strongest path: {path}.\nIn one sentence, explain how the model arrived at its output.")
+            f"{lines}Its strongest path: {path}.\nIn numbers: {numbers}.\n"
+            "In one sentence, explain how the model arrived at its output.")
 
 
 def compose_layer(info: dict, n: int = 3) -> str:
@@ -75,14 +78,18 @@ def compose_layer(info: dict, n: int = 3) -> str:
     return head + ("; " + "; ".join(sides) if sides else "; no active feature pushed either way")
 
 
-def compose_total(committed: str, target: dict, path: str, path_value: float | None,
+def compose_total(committed: str, target: dict, path: str, path_value: float | None, path_share: float | None,
                   parts: list[tuple[str, float]]) -> str:
+    """The deterministic total description: the target value (the mean over the committed tokens when there
+    are several) beside log p, the strongest path with what it carries into its own token (`path_share`: a
+    share of that token's value), and the largest direct parts."""
     lead = ", ".join(f"{name} {share:+.0%}" for name, share in sorted(parts, key=lambda p: -abs(p[1]))[:3])
-    carried = ("" if path_value is None else
-               f", carrying {path_value:+.2f} logit ({path_value / target['value']:+.0%} of it)"
-               if target["value"] else f", carrying {path_value:+.2f} logit")
-    return (f'"{committed}": demeaned logit {target["value"]:+.2f}, log p {target["logprob"]:.2f} nats '
-            f'({target["lift"]:+.2f} above uniform); strongest path {path or "(none kept)"}{carried}; '
+    carried = ("" if path_value is None else f", carrying {path_value:+.2f} logit"
+               + ("" if path_share is None else f" ({path_share:+.0%} of its token's)"))
+    several = len(target["per_token"]) > 1
+    value = (f"{'mean ' if several else ''}demeaned logit {target['value']:+.2f}, {'mean ' if several else ''}"
+             f"log p {target['logprob']:.2f} nats ({target['lift']:+.2f} above uniform)")
+    return (f'"{committed}": {value}; strongest path {path or "(none kept)"}{carried}; '
             f"largest direct parts (share of the gross flow): {lead}")
 
 

@@ -39,7 +39,8 @@ def print_overview(result: dict) -> None:
              ("  token-id lookup", lambda c: c.get("mean_lookup"))]
     lines += [(f"probe k={k}, held out", lambda c, k=k: (c.get("mean_probe_heldout") or {}).get(str(k))) for k in ks]
     lines += [(f"  probe k={ks[-1]}, shuffled", lambda c: (c.get("mean_probe_shuffled") or {}).get(str(ks[-1]))),
-              ("model's ceiling (masked)", lambda c: c.get("mean_ceiling")),
+              ("model's ceiling, accuracy", lambda c: c.get("mean_ceiling_accuracy")),
+              ("model's ceiling, F1", lambda c: c.get("mean_ceiling")),
               ("recovered (F1 ≥ 0.8)", lambda c: c.get("fraction_recovered")),
               ("credited, one feature", lambda c: c.get("fraction_credited")),
               ("credited, probe", lambda c: c.get("fraction_credited_probe"))]
@@ -57,7 +58,7 @@ def print_condition(cond: dict, ks: list[int], explainers: list[str]) -> None:
     print("-" * len(head))
     for r in cond["categories"]:
         probes = " ".join(f"{r['probe'][str(k)]['f1_heldout']:5.2f}" for k in ks)
-        ceiling = f"{r['ceiling']['f1']:5.2f}" if r["ceiling"] else f"{'-':>5s}"
+        ceiling = f"{r['ceiling']['recall']:5.2f}" if r["ceiling"] else f"{'-':>5s}"
         named = "  ".join(f"{r['naming_credit'][e]:>{len(e) + 8}.2f}" if r["recovered"] and "naming_credit" in r
                           else f"{'-':>{len(e) + 8}s}" for e in explainers)
         counts = f"{r['tokens_selection']}/{r['tokens_heldout']}"
@@ -83,15 +84,16 @@ def print_table(result: dict, explainers: list[str]) -> None:
             print_condition(c, ks, explainers)
     print("columns: rnd/p99 = a random live feature's held-out F1 (mean, 99th percentile); shuf = the same choice "
           "on shuffled labels (largest over repeats); look = token-id lookup, no model; ceil = the model's own "
-          "argmax, mapped to categories (masked positions)")
+          "category accuracy (its argmax, mapped to categories; masked positions). The per-category controls of "
+          "the other conditions are in ground_truth.json")
     if result["naming_not_evidence"]:
         print(f"  ({', '.join(result['naming_not_evidence'])}: not evidence, these descriptions list the tokens "
               "a feature fires on)")
     if target:
         share = target["share_either"]
         print(f"\nbenchmark target — masked positions at t={target['t']:g}, categories the model itself infers "
-              f"(ceiling F1 ≥ {target['ceiling_at_least']}): {len(target['eligible'])}; recovered at held-out "
-              f"F1 ≥ {target['recovered_f1']} above the controls: "
+              f"(its category accuracy ≥ {target['ceiling_at_least']}): {len(target['eligible'])}; recovered at "
+              f"held-out F1 ≥ {target['recovered_f1']} above the controls: "
               + ("n/a" if share is None else
                  f"{share:.0%} ({target['share_feature']:.0%} by one feature, {target['share_probe']:.0%} by a "
                  f"k ≤ {ks[-1]} probe)"))
@@ -102,3 +104,8 @@ def print_table(result: dict, explainers: list[str]) -> None:
         detail = f" = strongest of {', '.join(parts)}" if parts else ""
         print(f"fact completion, {name} phrasing: {part['accuracy']:.1%} (chance {part['chance']:.1%}{detail}); "
               f"mean over relations {part['macro_accuracy']:.1%} (chance {part['macro_chance']:.1%})")
+        for relation, r in (part.get("by_relation") or {}).items():
+            print(f"  {relation:24s} {r['accuracy']:6.1%}  chance {r['chance']:6.1%} (uniform "
+                  f"{r['chance_uniform']:.1%}, majority {r['chance_majority']:.1%}, shuffled "
+                  f"{r['chance_shuffled']:.1%}); most common answer "
+                  f"{r['top_completion']!r} {r['top_completion_share']:.0%}")

@@ -178,7 +178,8 @@ def target_cotangents(model: DiffusionLM, fz: FrozenStep, positions: list[int],
     is exactly linear in the last residual r: value = g · r, g = final_inv · (W_head[t] − mean_v W_head[v])
     (the head has no bias). Returns g (n, D) and the values (n,), which equal the model's own demeaned
     pre-cap logits (tested). The unit is the logit's: a change of 1 multiplies the token's odds against
-    the average token by e before the cap (log p moves by less, the more probable the token already is)."""
+    the average token by e before the cap. log p moves by less: the soft cap (c·tanh(z/c), c = 15 here)
+    compresses logits of that order, and the more probable the token already is, the less log p can rise."""
     pos = torch.tensor(positions, device=fz.residual.device)
     W = model.head.weight[:model.cfg.n_vocab].float()
     keep = torch.ones(len(W), dtype=torch.bool, device=W.device)

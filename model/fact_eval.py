@@ -15,7 +15,9 @@ overall, and as a mean over relations):
   credits a model that knows which answers a relation has and how often, but not which fact has which;
   a model that always answers the same thing scores exactly that answer's share here.
 Each component is kept by name, and per relation the model's most common completion and its share
-("Ottawa" to all 15 capitals is a majority guess, not knowledge).
+("Ottawa" to all 15 capitals is a majority guess, not knowledge). The overall and per-phrasing chance is
+the best of the three guessers over those facts; the macro chance averages each relation's best, so it
+is the bar for a guesser that picks its strategy per relation.
 """
 from __future__ import annotations
 

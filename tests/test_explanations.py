@@ -8,8 +8,8 @@ import torch
 from core import cli
 from experiment import load_run
 from generate_descriptions import IGNORED, ExplainConfig, main
-from interp.explain_stage import GENERIC_FREQUENCY, run_explanations
-from interp.explain_step import parse_rating, where
+from interp.explain_stage import GENERIC_FREQUENCY, run_explanations, score_summary
+from interp.explain_step import compose_layer, compose_total, parse_rating, where
 from interp.graph import build_graph, total_effects
 from interp.interventions import run_step
 from interp.step_analysis import EFFECT_FLOOR, MI_FORMULA
@@ -56,6 +56,42 @@ def test_graph_predictions_on_the_trained_model(loaded):
     assert corr(pred, real) > 0.5, (pred, real)  # looser: 0.77 measured; the tiny transcoders miss much
 
 
+def _cited(feature, position, effect, frequency=0.01):
+    return {"feature": feature, "position": position, "total_effect": effect, "description": "fires on x",
+            "negligible": abs(effect) < EFFECT_FLOOR, "frequency": frequency, "generic": frequency >= GENERIC_FREQUENCY}
+
+
+def test_composed_descriptions_cite_both_directions_and_flag_what_they_should():
+    info = {"part": -0.41, "share": -0.2, "features": 0.10, "error": -0.06, "bias": -0.45,
+            "for": [_cited(3, 1, 0.12), _cited(4, 2, 0.999 * EFFECT_FLOOR)],
+            "against": [_cited(5, 1, -0.30, frequency=0.79), _cited(6, 3, -1.001 * EFFECT_FLOOR)]}
+    text = compose_layer(info)
+    assert text.startswith("-0.41 logit (-20% of the gross flow) = features +0.10 + error -0.06 + bias -0.45")
+    assert "for: #3@1 fires on x (+0.12); #4@2 fires on x (+0.01) [negligible]" in text  # just below the floor
+    assert "against: #5@1 fires on x (-0.30) [generic: fires on 79% of tokens]; #6@3 fires on x (-0.01)" in text
+    assert "#6@3 fires on x (-0.01) [" not in text  # just above the floor: not flagged
+    assert compose_layer(dict(info, **{"for": [], "against": []})).endswith("; no active feature pushed either way")
+    # the path's share is of its own token's value, not of the mean over the step's tokens
+    target = {"value": 4.0, "logprob": -1.0, "lift": 6.0, "per_token": [{}, {}, {}]}
+    total = compose_total(" a b c", target, "input → L0#1 → ' b'", 0.5, 0.25, [("layer 0", 0.6)])
+    assert "mean demeaned logit +4.00, mean log p -1.00 nats" in total
+    assert "carrying +0.50 logit (+25% of its token's)" in total
+    one = compose_total(" a", dict(target, per_token=[{}]), "p", None, None, [("layer 0", 0.6)])
+    assert one.startswith('" a": demeaned logit +4.00, log p -1.00 nats (+6.00 above uniform); strongest path p;')
+
+
+def test_a_prompts_scores_are_summarised_and_a_saturated_percentile_is_called_so():
+    def step(score, percentile, random_mean=0.0, p95=0.1, active=0.0):
+        return {"graph": {"scores": {"mi_score": score, "percentile": percentile, "random_mean": random_mean,
+                                     "random_p95": p95, "most_active": active}}}
+    top = score_summary([step(8.0, 100), step(2.0, 100, p95=0.6), {"graph": None}])
+    assert top["saturated"] and top["above_all_draws"] == 2 and (top["min_score"], top["max_score"]) == (2.0, 8.0)
+    assert top["max_random_p95"] == 0.6 and top["mean_score"] == 5.0
+    mixed = score_summary([step(8.0, 100), step(0.1, 40.0)])
+    assert not mixed["saturated"] and mixed["above_all_draws"] == 1
+    assert score_summary([step(None, None)]) is None
+
+
 @pytest.mark.parametrize("raw,value", [("7", 7), ("I would say 8/10.", 8), ("Rating: 10", 10), ("0", None),
                                         ("eleven", None), ("", None), (None, None), ("3.5", None), ("12 then 4", 4)])
 def test_rating_parsing(raw, value):
@@ -88,6 +124,8 @@ def test_tokens_explainer_end_to_end(tiny_descriptions, tiny_run, tmp_path):
             f"this explanation {where(sc['percentile'], 20)})")
     assert mi_line.split("score=")[1].startswith(head)
     assert sc["random_draws"] == 20 and "graph quality (not the explanation's): replacement" in proc.stdout
+    summary = data["prompts"][0]["score_summary"]
+    assert f"explanation scores over {summary['steps']} steps: {summary['min_score']:.1f}" in proc.stdout
     assert data["mi_score_formula"] == MI_FORMULA
     config, model, tok, _ = load_run(tiny_run, "latest", "cpu")
     stats = [json.loads(x) for x in (tiny_run / "topk" / "state_step000400" / "layer_00" / "features.jsonl")
