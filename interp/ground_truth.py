@@ -9,8 +9,9 @@ category of the hidden clean token, i.e. what the model must infer. For each cat
 - the single transcoder feature (any layer) with the best F1 of "fires" against "belongs to the category",
   chosen on one half, its F1 on the other;
 - beside it the controls (interp.ground_truth_counts): a random live feature's held-out F1 (mean, 95th, 99th
-  percentile over all live features), the same choose-then-score on shuffled labels, and a token-id lookup
-  that uses no model (perfect-ish on visible text, no better than "everything" at [MASK]);
+  percentile over all live features), the same choose-then-score on shuffled labels, a token-id lookup
+  that uses no model (perfect-ish on visible text, no better than "everything" at [MASK]), and the same
+  lookup on the neighbouring input ids (i − 1, i + 1), which a templated corpus can make strong at [MASK];
 - k-sparse probes (k = 1, 2, 5) over the features (interp.ground_truth_probe), with their shuffled-label control;
 - at masked positions, the model's own ceiling: how often its argmax token falls in the hidden token's category
   (its category accuracy, which decides the target's eligible categories), and that prediction's F1.
@@ -39,6 +40,8 @@ from interp.descriptions_stage import TOKENS, read_records
 from interp.ground_truth_counts import (
     Positions,
     best_features,
+    context_ids,
+    context_lookup_control,
     feature_counts,
     lookup_control,
     model_ceiling,
@@ -101,9 +104,10 @@ def collect(model, transcoders: dict, loader: ShardLoader, max_tokens: int, t: f
                 feats.append(enc.indices[keep] + offsets[layer])
                 acts.append(enc.acts[keep])
         cats = category_of[batch.labels.to(device).reshape(-1)[keep]]
+        context = context_ids(noised.inputs, mc.vocab_size).reshape(-1)[keep]
         halves[b % 2].append(Positions(cats, noised.mask.reshape(-1)[keep], tokens.reshape(-1)[keep],
                                        noised.inputs.reshape(-1)[keep], predicted.reshape(-1)[keep],
-                                       torch.cat(feats, 1), torch.cat(acts, 1)))
+                                       torch.cat(feats, 1), torch.cat(acts, 1), context))
     return Positions.cat(halves[0]), Positions.cat(halves[1])
 
 
@@ -116,6 +120,7 @@ def score_view(select: Positions, report: Positions, full: tuple[Positions, Posi
     rand = random_live_features(sc, rc)
     shuf = shuffled_label_control(select, report, n_features, C, cfg.shuffle_repeats)
     lookup = lookup_control(select, report, vocab, C)
+    context = context_lookup_control(select, report, C)
     ks = tuple(sorted(set(cfg.probe_k)))
     probes = sparse_probes(select, report, n_features, C, ks, cfg.probe_steps)
     g = torch.Generator().manual_seed(1)
@@ -124,7 +129,8 @@ def score_view(select: Positions, report: Positions, full: tuple[Positions, Posi
     rows = []
     for c, cat in enumerate(categories):
         held = float(best.f1_heldout[c])
-        controls = max(float(rand.p99[c]), float(shuf.max[c]), float(lookup[c]))
+        controls = max(float(rand.p99[c]), float(shuf.max[c]), float(lookup[c]), float(context[c]))
+        no_model = max(float(lookup[c]), float(context[c]))
         probe_rows = {}
         for k in ks:
             p, ps = probes[k], probes_shuf[k]
@@ -132,8 +138,7 @@ def score_view(select: Positions, report: Positions, full: tuple[Positions, Posi
             probe_rows[str(k)] = {"features": [list(locate(int(f))) for f in p.features[c]],
                                   "f1_selection": float(p.f1_selection[c]), "f1_heldout": f1,
                                   "shuffled_labels": float(ps.f1_heldout[c]),
-                                  "credited": f1 >= RECOVERED_F1 and f1 > max(float(ps.f1_heldout[c]),
-                                                                              float(lookup[c]))}
+                                  "credited": f1 >= RECOVERED_F1 and f1 > max(float(ps.f1_heldout[c]), no_model)}
         chosen_k = max(ks, key=lambda k: (round(probe_rows[str(k)]["f1_selection"], 6), -k))
         layer, feature = locate(int(best.feature[c]))
         rows.append({
@@ -143,7 +148,7 @@ def score_view(select: Positions, report: Positions, full: tuple[Positions, Posi
             "random_feature": {"mean": float(rand.mean[c]), "p95": float(rand.p95[c]), "p99": float(rand.p99[c]),
                                "n_live": rand.n},
             "shuffled_labels": {"mean": float(shuf.mean[c]), "max": float(shuf.max[c])},
-            "lookup": float(lookup[c]),
+            "lookup": float(lookup[c]), "context_lookup": float(context[c]),
             "recovered": held >= RECOVERED_F1, "beats_controls": held > controls,
             "credited": held >= RECOVERED_F1 and held > controls,
             "probe": probe_rows, "probe_chosen_k": chosen_k,
@@ -168,6 +173,7 @@ def summarise(rows: list[dict], ks: list[int]) -> dict:
            "mean_random_feature_p99": _mean([r["random_feature"]["p99"] for r in s]),
            "mean_shuffled_labels": _mean([r["shuffled_labels"]["mean"] for r in s]),
            "mean_lookup": _mean([r["lookup"] for r in s]),
+           "mean_context_lookup": _mean([r.get("context_lookup") for r in s]),
            "mean_probe_heldout": {str(k): _mean([r["probe"][str(k)]["f1_heldout"] for r in s]) for k in ks},
            "mean_probe_shuffled": {str(k): _mean([r["probe"][str(k)]["shuffled_labels"] for r in s]) for k in ks},
            "mean_ceiling": _mean([r["ceiling"]["f1"] if r["ceiling"] else None for r in s]),
@@ -275,7 +281,8 @@ def run_ground_truth(cfg: GroundTruthConfig) -> dict:
                            "visible and masked positions scored separately at each noise level",
               "recovered_threshold": RECOVERED_F1,
               "credit": "recovered (held-out F1 ≥ threshold) and above every control: the random live feature's "
-                        "99th percentile, the shuffled-label choice's largest held-out F1, the token-id lookup",
+                        "99th percentile, the shuffled-label choice's largest held-out F1, the token-id lookup, the "
+                        "context lookup (the input ids at i - 1 and i + 1)",
               "conditions": conditions, "benchmark_target": benchmark_target(conditions),
               "naming_not_evidence": [ex for ex in explainers if ex == TOKENS],
               "fact_completion": {k: facts_result[k] for k in fact_keys if k in facts_result}}

@@ -14,7 +14,10 @@ Controls, each computed with the very same choose-on-one-half, score-on-the-othe
   and scored exactly as for the real labels;
 - token-id lookup (no model): predict the category wherever the *input* id is one of the ids chosen for it
   on the choosing half (`lookup_sets`). At visible positions that is the token itself; at masked positions
-  every input is [MASK], so the lookup can do no better than predicting the category everywhere.
+  every input is [MASK], so the lookup can do no better than predicting the category everywhere;
+- context lookup (no model): the same on the pair of input ids at the neighbouring positions (i − 1, i + 1,
+  as the model saw them, [MASK] included): in templated text the words around a masked slot can name its
+  category ("the capital of _ is"), and a feature earns credit at [MASK] only by doing better than that.
 The model's own ceiling at masked positions uses the same kind of id sets, built from the clean tokens.
 """
 from __future__ import annotations
@@ -34,6 +37,7 @@ class Positions(NamedTuple):
     predicted: torch.Tensor  # (N,) the model's argmax token where masked, -1 where visible
     feats: torch.Tensor  # (N, S) global feature ids of the active TopK latents, every layer (S = Σ k)
     acts: torch.Tensor  # (N, S) their activations (a slot with activation 0 does not fire)
+    context: torch.Tensor  # (N,) the input ids at i − 1 and i + 1 as one id (`context_ids`): the local context
 
     def view(self, masked: bool) -> "Positions":
         keep = self.masked == masked
@@ -182,6 +186,25 @@ def lookup_control(select: Positions, report: Positions, vocab: int, n_categorie
     other half's inputs (the same at visible and masked positions; at masked ones every input is [MASK])."""
     sets = lookup_sets(id_counts(select.inputs, select.cats, vocab, n_categories))
     return set_f1(sets, id_counts(report.inputs, report.cats, vocab, n_categories))[0]
+
+
+def context_ids(inputs: torch.Tensor, edge: int) -> torch.Tensor:
+    """(B, T) input ids → (B, T) one id per position for the pair (id at i − 1, id at i + 1); `edge` (an id
+    no input has) stands for a neighbour outside the window."""
+    prev = torch.full_like(inputs, edge)
+    prev[:, 1:] = inputs[:, :-1]
+    nxt = torch.full_like(inputs, edge)
+    nxt[:, :-1] = inputs[:, 1:]
+    return prev * (edge + 1) + nxt
+
+
+def context_lookup_control(select: Positions, report: Positions, n_categories: int) -> torch.Tensor:
+    """(C,) held-out F1 of the context lookup: `lookup_sets` over the neighbour pairs of the choosing half,
+    scored on the other half (pairs are renumbered densely first: only those that occur get a row)."""
+    ids, dense = torch.unique(torch.cat([select.context, report.context]), return_inverse=True)
+    n = len(select.context)
+    sets = lookup_sets(id_counts(dense[:n], select.cats, len(ids), n_categories))
+    return set_f1(sets, id_counts(dense[n:], report.cats, len(ids), n_categories))[0]
 
 
 def model_ceiling(select: Positions, report: Positions, vocab: int,

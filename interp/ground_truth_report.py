@@ -36,7 +36,8 @@ def print_overview(result: dict) -> None:
              ("  random live feature", lambda c: c.get("mean_random_feature")),
              ("  random live, p99", lambda c: c.get("mean_random_feature_p99")),
              ("  shuffled labels", lambda c: c.get("mean_shuffled_labels")),
-             ("  token-id lookup", lambda c: c.get("mean_lookup"))]
+             ("  token-id lookup", lambda c: c.get("mean_lookup")),
+             ("  context lookup (i±1)", lambda c: c.get("mean_context_lookup"))]
     lines += [(f"probe k={k}, held out", lambda c, k=k: (c.get("mean_probe_heldout") or {}).get(str(k))) for k in ks]
     lines += [(f"  probe k={ks[-1]}, shuffled", lambda c: (c.get("mean_probe_shuffled") or {}).get(str(ks[-1]))),
               ("model's ceiling, accuracy", lambda c: c.get("mean_ceiling_accuracy")),
@@ -52,7 +53,8 @@ def print_condition(cond: dict, ks: list[int], explainers: list[str]) -> None:
     print(f"\n{_label(cond)}: {cond['positions_selection']} positions choose, {cond['positions_heldout']} score")
     probe_head = " ".join(f"{'k=' + str(k):>5s}" for k in ks)
     head = (f"{'category':22s} {'tok sel/held':>12s} {'F1 sel':>6s} {'held':>6s} {'layer:feat':>10s} "
-            f"{'rnd':>5s} {'p99':>5s} {'shuf':>5s} {'look':>5s} | probe {probe_head} {'shuf':>5s} | {'ceil':>5s}  "
+            f"{'rnd':>5s} {'p99':>5s} {'shuf':>5s} {'look':>5s} {'ctx':>5s} | probe {probe_head} {'shuf':>5s} | "
+            f"{'ceil':>5s}  "
             + "  ".join(f"named ({e})" for e in explainers))
     print(head)
     print("-" * len(head))
@@ -65,7 +67,8 @@ def print_condition(cond: dict, ks: list[int], explainers: list[str]) -> None:
         where = f"{r['layer']}:{r['feature']}"
         print(f"{r['category']:22s} {counts:>12s} {r['f1_selection']:6.3f} {r['f1_heldout']:6.3f}{_mark(r)}"
               f"{where:>10s} {r['random_feature']['mean']:5.2f} {r['random_feature']['p99']:5.2f} "
-              f"{r['shuffled_labels']['max']:5.2f} {r['lookup']:5.2f} | probe {probes} "
+              f"{r['shuffled_labels']['max']:5.2f} {r['lookup']:5.2f} {r.get('context_lookup', float('nan')):5.2f} "
+              f"| probe {probes} "
               f"{r['probe'][str(ks[-1])]['shuffled_labels']:5.2f} | {ceiling}  {named}")
     for e, v in cond.get("named_among_recovered", {}).items():
         control = cond["named_shuffled_control"][e]
@@ -83,7 +86,8 @@ def print_table(result: dict, explainers: list[str]) -> None:
                 target and c["positions"] == "masked" and c["t"] == target["t"]):
             print_condition(c, ks, explainers)
     print("columns: rnd/p99 = a random live feature's held-out F1 (mean, 99th percentile); shuf = the same choice "
-          "on shuffled labels (largest over repeats); look = token-id lookup, no model; ceil = the model's own "
+          "on shuffled labels (largest over repeats); look = token-id lookup, no model; ctx = the same lookup on the "
+          "input ids at i − 1 and i + 1; ceil = the model's own "
           "category accuracy (its argmax, mapped to categories; masked positions). The per-category controls of "
           "the other conditions are in ground_truth.json")
     if result["naming_not_evidence"]:

@@ -6,6 +6,8 @@ from interp.ground_truth_counts import (
     IdCounts,
     Positions,
     best_features,
+    context_ids,
+    context_lookup_control,
     feature_counts,
     id_counts,
     lookup_control,
@@ -19,7 +21,8 @@ from interp.ground_truth_counts import (
 MASK = 99
 
 
-def make(cats, masked, fires: dict[int, list[int]] | None = None, clean=None, predicted=None, slots: int = 2):
+def make(cats, masked, fires: dict[int, list[int]] | None = None, clean=None, predicted=None, slots: int = 2,
+         context=None):
     """Positions whose feature f fires (activation 1) at the positions in fires[f]."""
     n = len(cats)
     feats = torch.zeros(n, slots, dtype=torch.long)
@@ -33,7 +36,8 @@ def make(cats, masked, fires: dict[int, list[int]] | None = None, clean=None, pr
     clean = torch.tensor(clean if clean is not None else [0] * n)
     inputs = torch.where(masked, torch.full_like(clean, MASK), clean)
     predicted = torch.tensor(predicted if predicted is not None else [-1] * n)
-    return Positions(torch.tensor(cats), masked, clean, inputs, predicted, feats, acts)
+    context = torch.tensor(context if context is not None else [0] * n)
+    return Positions(torch.tensor(cats), masked, clean, inputs, predicted, feats, acts, context)
 
 
 # positions 0-3 visible, 4-7 masked; feature 1 fires on the visible tokens of category 0, feature 2 at the
@@ -119,7 +123,7 @@ def test_the_shuffled_label_choice_scores_near_chance(seed):
         cats = torch.where(torch.rand(n, generator=g) < 0.1, 0, -1)
         feats = torch.stack([torch.randint(0, 40, (n,), generator=g), torch.full((n,), 40)], 1)
         acts = torch.stack([(torch.rand(n, generator=g) < 0.4).float(), (cats == 0).float()], 1)
-        return Positions(cats, torch.zeros(n, dtype=torch.bool), cats, cats, cats, feats, acts)
+        return Positions(cats, torch.zeros(n, dtype=torch.bool), cats, cats, cats, feats, acts, cats)
 
     select, report = half(), half()
     real = best_features(feature_counts(select, F, 1), feature_counts(report, F, 1))
@@ -165,3 +169,25 @@ def test_set_f1_counts_the_ids_in_each_set():
     sets = torch.tensor([[0, 0], [1, 0], [1, 0], [0, 1]], dtype=torch.bool)
     f1, recall = set_f1(sets, counts)
     assert f1.tolist() == pytest.approx([2 * 2 / (3 + 2), 1.0]) and recall.tolist() == pytest.approx([1.0, 1.0])
+
+
+def test_context_ids_pair_the_neighbours_and_mark_the_window_edges():
+    inputs = torch.tensor([[5, 6, 7], [1, 2, 3]])
+    ids = context_ids(inputs, edge=10)
+    assert ids.tolist() == [[10 * 11 + 6, 5 * 11 + 7, 6 * 11 + 10], [10 * 11 + 2, 1 * 11 + 3, 2 * 11 + 10]]
+    assert len(set(ids.flatten().tolist())) == 6  # distinct pairs, distinct ids
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_context_lookup_finds_a_category_its_neighbours_name_where_the_token_lookup_is_blind(seed):
+    """At masked positions the hidden token's category is named by its left neighbour (context 7 before category
+    0, context 8 before category 1): the token-id lookup sees only [MASK], the context lookup is perfect."""
+    g = torch.Generator().manual_seed(seed)
+
+    def half():
+        cats = torch.randint(0, 2, (200,), generator=g)
+        return make(cats.tolist(), [True] * 200, clean=(cats + 20).tolist(), context=(cats + 7).tolist())
+    select, report = half(), half()
+    assert context_lookup_control(select, report, 2).tolist() == [1.0, 1.0]
+    base = torch.stack([(report.cats == c).float().mean() for c in (0, 1)])  # "everything": 2p / (1 + p)
+    torch.testing.assert_close(lookup_control(select, report, 100, 2), 2 * base / (1 + base))

@@ -20,7 +20,7 @@ def random_positions(n: int, n_features: int, slots: int, n_categories: int, see
     acts = torch.rand(n, slots, generator=g) * (torch.rand(n, slots, generator=g) < 0.8)  # some slots off
     cats = torch.randint(-1, n_categories, (n,), generator=g)
     zeros = torch.zeros(n, dtype=torch.long)
-    return Positions(cats, zeros.bool(), zeros, zeros, zeros - 1, feats, acts)
+    return Positions(cats, zeros.bool(), zeros, zeros, zeros - 1, feats, acts, zeros)
 
 
 def dense(p: Positions, n_features: int) -> torch.Tensor:
@@ -55,7 +55,7 @@ def planted(n: int, seed: int) -> Positions:
     feats = torch.stack([torch.where(signal > 0, signal, torch.full_like(signal, 1)), noise], 1)
     acts = torch.stack([(signal > 0).float() * (1 + torch.rand(n, generator=g)), torch.rand(n, generator=g)], 1)
     zeros = torch.zeros(n, dtype=torch.long)
-    return Positions(cats, zeros.bool(), zeros, zeros, zeros - 1, feats, acts)
+    return Positions(cats, zeros.bool(), zeros, zeros, zeros - 1, feats, acts, zeros)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
