@@ -80,7 +80,7 @@ def write_report(path: Path, results: list[dict], explainer: str, checkpoint: st
     page = f"""<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>Explanations</title>
 <style>{STYLE}</style><script>const DATA = {json.dumps(data, ensure_ascii=False)};{SCRIPT}</script></head>
 <body><h1>How the model denoised each prompt</h1><p class="meta">checkpoint {html.escape(checkpoint)} · explainer
-{html.escape(explainer)} · each step's graph opens in circuit-tracer's viewer (see the README)</p>
+{html.escape(explainer)} · each step's graph opens in circuit-tracer's viewer (see docs/TOOLS.md)</p>
 {''.join(sections)}<div id="panel"></div></body></html>
 """
     write_text_atomic(path, page)

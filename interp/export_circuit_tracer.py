@@ -11,7 +11,7 @@ read (`load_transcoder_from_hub`, `load_transcoders_from_cache`).
 
 circuit-tracer 0.5.0 builds every transcoder it loads from files with a ReLU (or a JumpReLU when a threshold
 is stored): it has a `TopK` module but no loader sets it. After loading, set each transcoder's
-`activation_function` to ReLU then `TopK(k)` (k from config.yaml, see the README): the outputs are then this
+`activation_function` to ReLU then `TopK(k)` (k from config.yaml, see docs/TOOLS.md): the outputs are then this
 project's (tested with the real package); left at ReLU they are not.
 """
 from __future__ import annotations

@@ -33,7 +33,7 @@ def test_reference_command_line_parses():
 
 
 def test_tiny_model_learns_the_synthetic_corpus(tiny_run, synthetic_data):
-    """Validation NELBO after 400 tiny steps vs the corpus's unigram entropy (README quotes both)."""
+    """Validation NELBO after 400 tiny steps vs the corpus's unigram entropy (docs/STAGES.md quotes both)."""
     val = [r for r in read_metrics(tiny_run) if r["event"] == "val"]
     entropy = unigram_entropy(synthetic_data)
     assert 4.5 < entropy < 5.2  # the 0.3 MB corpus: 4.85 nats/token
@@ -135,7 +135,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(synthetic_data, tmp_p
 
 
 def test_tiny_command_line_end_to_end(tmp_path):
-    """The README's tiny command, exactly, plus where to put its files."""
+    """The tiny command of docs/STAGES.md, exactly, plus where to put its files."""
     proc = run_cli(["train_diffusion.py", "--dataset", "synthetic", "--device", "cpu", "--num_layers", "2",
                     "--model_dim", "64", "--num_heads", "2", "--train_seq_len", "256", "--train_steps", "200",
                     "--data_dir", str(tmp_path / "data"), "--experiments_dir", str(tmp_path / "exp"),
