@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from core.files import write_text_atomic
-from interp.explain_step import where
+from interp.explain_step import chance_text
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 # The styles and the script live in assets/ as plain .css and .js files.
@@ -36,11 +36,8 @@ def _scores(step: dict) -> str:
     sc = g.get("scores") or {}
     mi = sc.get("mi_score")
     rating = lambda v: "n/a" if v is None else v  # noqa: E731
-    chance = ("no random citation of the same size" if sc.get("random_mean") is None else
-              f"random citations {sc['random_mean']:.1f} on average, 95th percentile {sc['random_p95']:.1f}; this "
-              f"explanation {where(sc['percentile'], sc['random_draws'])}") if mi is not None else ""
     measured = (f"<b>MI score {mi:.1f}/10</b> (carried {sc['carried']:.2f} × agreement {sc['agreement']:.2f}; "
-                f"{chance}; "
+                f"chance: {html.escape(chance_text(sc))}; "
                 f"most active features {sc['most_active']:.1f}) · graph quality: replacement {sc['replacement']:.2f}, "
                 f"completeness {sc['completeness']:.2f}" if mi is not None else "MI score n/a")
     link = f" · <a href='{html.escape(g['file'])}'>graph JSON</a>" if g.get("file") else ""

@@ -17,13 +17,13 @@ from interp.explain_report import write_report
 from interp.explain_step import (
     INTERPRETATION_RUBRIC,
     OUTPUT_RUBRIC,
+    chance_text,
     compose_layer,
     compose_total,
     layer_prompt,
     parse_rating,
     short,
     total_prompt,
-    where,
 )
 from interp.feature_store import read_jsonl
 from interp.graph import FEATURE, MASK, TARGET, TOKEN
@@ -105,7 +105,8 @@ def graph_record(res: dict, tok, descriptions: dict, page_of=lambda layer, featu
         shown = sum(c["direct"] for side in cited.values() for c in side)
         layers[str(lay)] = {"part": totals[str(lay)], "share": totals[str(lay)] / gross, **p,
                             "other_features": p["features"] - shown, **cited}
-    pr, path, score = res["pruned"], res["path"], res["score"]
+    pr, path = res["pruned"], res["path"]
+    scored = res["score"].as_dict() if res["score"] else None
     t_end = path[-1] - g.target_start if path else None
     columns = zip(g.targets, g.target_values.tolist(), g.logprobs.tolist(), g.lift.tolist())
     per_token = [{"token": t, "text": tok.decode([t]), "value": round(v, 5), "logprob": round(lp, 5),
@@ -121,15 +122,15 @@ def graph_record(res: dict, tok, descriptions: dict, page_of=lambda layer, featu
             "nodes": int(g.adjacency.shape[0]), "feature_nodes": g.n_features,
             "pruned_nodes": int(pr.node_mask.sum()), "pruned_edges": pr.n_edges,
             "graph_quality": res["graph_quality"], "single_ablations": res["single_ablations"],
-            "explanation_score": score.as_dict() if score else None,
-            "scores": headline_scores(score, res["graph_quality"]),
+            "explanation_score": scored,
+            "scores": headline_scores(scored, res["graph_quality"]),
             "logprobs": [round(x, 5) for x in res["base"].logp.tolist()], "intervention": res["intervention"]}
 
 
-def headline_scores(score, quality: dict) -> dict:
-    if score is None:
+def headline_scores(d: dict | None, quality: dict) -> dict:
+    """The printed scores, from the explanation score's `as_dict` (None: no score at this step)."""
+    if d is None:
         return {"mi_score": None, **quality}
-    d = score.as_dict()
     return {"mi_score": d["explanation"]["score"], "carried": d["explanation"]["carried"],
             "carried_measured": d["explanation"]["carried_measured"],
             "agreement": d["explanation"]["agreement"], "random_mean": d["random"]["mean"],
@@ -199,11 +200,9 @@ def print_step(state_text: str, prompt: str, step: int, s: dict) -> None:
     if mi is None:
         measured = "unavailable (no committed token above uniform, or no feature pushing for it)"
     else:
-        chance = ("no random citation of the same size (too few other active features)" if sc["random_mean"] is None
-                  else f"random citations {sc['random_mean']:.1f} on average, 95th percentile {sc['random_p95']:.1f} "
-                       f"({sc['random_draws']} draws; this explanation {where(sc['percentile'], sc['random_draws'])})")
         measured = (f"{mi:.1f}/10 measured (carried {sc['carried']:.2f} of the demeaned logit, "
-                    f"{sc['carried_measured']:+.2f} unclipped, × agreement {sc['agreement']:.2f}); chance: {chance}; "
+                    f"{sc['carried_measured']:+.2f} unclipped, × agreement {sc['agreement']:.2f}); chance: "
+                    f"{chance_text(sc)}; "
                     f"the most active features {sc['most_active']:.1f}")
     print(f"        models mechanistic interpretability score={measured}; the explainer's rating: "
           f"{show(s['interpretation_score'], why)}")

@@ -102,3 +102,11 @@ def where(percentile: float | None, draws: int) -> str:
     if percentile == 0:
         return f"below all {draws}"
     return f"at the {percentile:.0f}th percentile"
+
+
+def chance_text(sc: dict) -> str:
+    """The explanation's measured chance level in words, from a step's headline scores."""
+    if sc["random_mean"] is None:
+        return "no random citation of the same size (too few other active features)"
+    return (f"random citations {sc['random_mean']:.1f} on average, 95th percentile {sc['random_p95']:.1f} "
+            f"({sc['random_draws']} draws; this explanation {where(sc['percentile'], sc['random_draws'])})")

@@ -29,6 +29,7 @@ import torch
 
 from interp.graph import Graph
 from interp.interventions import Check, StepRun, ablate, agreement, random_like
+from interp.scoring import pearson
 
 
 def shares(check: Check, values: list[float]) -> list[float]:
@@ -131,15 +132,6 @@ def score_explanation(model, transcoders, fz, g: Graph, effects: torch.Tensor, n
     return ExplanationScore(sets[0], sets[2:], sets[1])
 
 
-def pearson(x: list[float], y: list[float]) -> float | None:
-    if len(x) < 3:
-        return None
-    t = torch.tensor([x, y], dtype=torch.float64)
-    if (t.std(1) == 0).any():
-        return None
-    return float(torch.corrcoef(t)[0, 1])
-
-
 def single_ablation_agreement(checks: list[Check]) -> dict:
     """Over the single ablations of the cited features (every committed token a point): how the graph's
     predicted Δ value compares with the model's and the replacement model's measured ones. graph vs
@@ -148,7 +140,9 @@ def single_ablation_agreement(checks: list[Check]) -> dict:
     real = [x for c in checks for x in c.measured]
     repl = [x for c in checks for x in c.replacement]
     signs = [(p > 0) == (m > 0) for p, m in zip(pred, real) if abs(m) > 1e-5 or abs(p) > 1e-5]
-    r = lambda v: None if v is None else round(v, 4)  # noqa: E731
-    return {"n": len(pred), "pearson_graph_model": r(pearson(pred, real)),
-            "pearson_graph_replacement": r(pearson(pred, repl)), "pearson_replacement_model": r(pearson(repl, real)),
-            "sign_agreement": r(sum(signs) / len(signs)) if signs else None}
+
+    def r(x: list[float], y: list[float]) -> float | None:  # two points always correlate ±1: say nothing
+        return _round(pearson(x, y)) if len(x) >= 3 else None
+    return {"n": len(pred), "pearson_graph_model": r(pred, real),
+            "pearson_graph_replacement": r(pred, repl), "pearson_replacement_model": r(repl, real),
+            "sign_agreement": _round(sum(signs) / len(signs)) if signs else None}

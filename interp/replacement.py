@@ -164,11 +164,16 @@ def backward(model: DiffusionLM, transcoders: dict[int, Transcoder], fz: FrozenS
     return DirectEffects(feats, errors, biases, torch.einsum("rtd,td->rt", g, fz.embed))
 
 
-def demean(z: torch.Tensor, bos_id: int) -> torch.Tensor:
-    """Pre-cap logits (..., n_vocab) minus their mean over the tokens a step can commit (BOS excluded)."""
-    keep = torch.ones(z.shape[-1], dtype=torch.bool, device=z.device)
+def committable(n_vocab: int, bos_id: int, device) -> torch.Tensor:
+    """(n_vocab,) bool: the tokens a step can commit (every text token but BOS)."""
+    keep = torch.ones(n_vocab, dtype=torch.bool, device=device)
     keep[bos_id] = False
-    return z - z[..., keep].mean(-1, keepdim=True)
+    return keep
+
+
+def demean(z: torch.Tensor, bos_id: int) -> torch.Tensor:
+    """Pre-cap logits (..., n_vocab) minus their mean over the tokens a step can commit."""
+    return z - z[..., committable(z.shape[-1], bos_id, z.device)].mean(-1, keepdim=True)
 
 
 def target_cotangents(model: DiffusionLM, fz: FrozenStep, positions: list[int],
@@ -182,7 +187,6 @@ def target_cotangents(model: DiffusionLM, fz: FrozenStep, positions: list[int],
     compresses logits of that order, and the more probable the token already is, the less log p can rise."""
     pos = torch.tensor(positions, device=fz.residual.device)
     W = model.head.weight[:model.cfg.n_vocab].float()
-    keep = torch.ones(len(W), dtype=torch.bool, device=W.device)
-    keep[model.cfg.bos_id] = False
+    keep = committable(len(W), model.cfg.bos_id, W.device)
     grad = (W[torch.tensor(targets, device=W.device)] - W[keep].mean(0)) * fz.final_inv[pos]
     return grad, (grad * fz.residual[pos]).sum(-1)
