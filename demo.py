@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 
+from core.files import read_jsonl
 from data.loader import ShardLoader
 from data.prepare import PrepareConfig, prepare_dataset
 from data.shards import read_shard
@@ -53,7 +54,7 @@ def show_data(prepared) -> None:
         lead = piece[:len(piece) - len(piece.lstrip())]
         parts.append(f"{lead}[{piece.strip()}:{concepts[lab]['category']}]" if lab else piece)
     print("  " + "".join(parts))
-    facts = [json.loads(line) for line in (folder / meta["facts"]).read_text().splitlines()]
+    facts = read_jsonl(folder / meta["facts"])
     print(f"\n{len(facts)} fact prompts for completion tests, for example:")
     for f in (facts[0], facts[1], next(f for f in facts if f["phrasing"] == "heldout")):
         print(f"  [{f['phrasing']}] {f['prompt']!r} -> {f['answer']!r} (chance 1/{len(f['candidates'])})")
@@ -143,7 +144,7 @@ def main() -> None:
 
     clock("\n== stage 5: get_activation_descriptions.py (explainer: tokens)")
     desc = describe_features(DescriptionsConfig(train_folder=str(run), explainer="tokens", device="cpu"))
-    first = json.loads((desc / RECORDS_FILE).read_text().splitlines()[0])
+    first = read_jsonl(desc / RECORDS_FILE, appended=True)[0]
     print(f"for example, layer {first['layer']} feature {first['feature']}: {first['description']}")
 
     clock("\n== stage 6: generate_descriptions.py (explainer: tokens)")
@@ -160,7 +161,7 @@ def main() -> None:
 
 def show_fact_accuracy(run, prepared) -> None:
     _, model, tok, _ = load_run(run, "latest", "cpu")
-    facts = [json.loads(line) for line in (prepared.folder / prepared.meta["facts"]).read_text().splitlines()]
+    facts = read_jsonl(prepared.folder / prepared.meta["facts"])
     result = fact_accuracy(model, tok, facts)
     print("\nfact completion (greedy, one token per step); chance is the strongest of a uniform guess among the "
           "candidates, always the most common answer, and the model's completions scored against shuffled answers:")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from core import cli
+from core import checks as c, cli
 from core.cli import arg
 from core.files import write_json_atomic
 from experiment import RunFlags, SamplingFlags, ShapeFlags, load_run, resolve_device
@@ -26,13 +26,9 @@ MASK_SHOWN = " _"  # how a still-masked position is printed
 class GenerateConfig(SamplingFlags, ShapeFlags, RunFlags):
     """Generate continuations step by step and show every intermediate state."""
 
-    batch_size: int = arg(16, "prompts per forward pass")
-    output: str = arg("", "write every state as JSON here")
+    batch_size: int = arg(16, "prompts per forward pass", c.count(1, 65_536))
+    output: str = arg("", "write every state as JSON here", c.OUT_FILE)
     quiet: bool = arg(False, "print only the final texts")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        cli.require_positive(self, "batch_size")
 
 
 def run_generation(cfg: GenerateConfig, model, tok, prompts: list[str]) -> list[dict]:

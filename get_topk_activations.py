@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from core import cli
+from core import checks as c, cli
 from core.cli import arg
 from experiment import BatchFlags, LayersFlag, RunFlags, ScanFlags, ShapeFlags
 from interp.topk_stage import run_topk
@@ -26,22 +26,20 @@ DEFAULT_SCAN_BATCHES = 8000
 class TopKConfig(BatchFlags, ScanFlags, LayersFlag, ShapeFlags, RunFlags):
     """Collect each feature's top-activating contexts, statistics and scoring samples."""
 
-    train_seq_len: int = arg(4096, "tokens per scanned sequence")
-    batch_size: int = arg(1, "sequences per batch")
-    seed: int = arg(0, "seed for the data order, the noise and the samples")
+    train_seq_len: int = arg(4096, "tokens per scanned sequence", c.COUNT)
+    batch_size: int = arg(1, "sequences per batch", c.COUNT)
+    seed: int = arg(0, "seed for the data order, the noise and the samples", c.SEED)
     scan_batches: Optional[int] = arg(None, f"batches to scan (default {DEFAULT_SCAN_BATCHES:,}, or --train_steps × "
-                                            "--grad_acc_steps when those are given)")
+                                            "--grad_acc_steps when those are given)", c.COUNT)
     train_steps: Optional[int] = arg(None, "the shared command line's way to say --scan_batches: scan train_steps × "
-                                           "grad_acc_steps batches")
-    grad_acc_steps: int = arg(8, "see --train_steps")
-    layers: str = arg("all", "comma-separated layer indices, or all (those with transcoders)")
+                                           "grad_acc_steps batches", c.COUNT)
+    grad_acc_steps: int = arg(8, "see --train_steps", c.COUNT)
+    layers: str = arg("all", "comma-separated layer indices, or all (those with transcoders)", c.LAYERS)
     overwrite: bool = arg(False, "replace an existing finished output")
     compile: Optional[bool] = arg(None, "torch.compile the model's blocks for the scan (default: on for CUDA)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if any(v is not None and v <= 0 for v in (self.scan_batches, self.train_steps)):
-            raise ValueError("--scan_batches and --train_steps must be positive")
         if self.scan_batches is not None and self.train_steps is not None \
                 and self.scan_batches != self.train_steps * self.grad_acc_steps:
             raise ValueError(f"--scan_batches {self.scan_batches} disagrees with --train_steps {self.train_steps} × "

@@ -1,53 +1,80 @@
 """Command-line flags from config dataclasses, and the one-line error contract.
 
-Every stage script declares one dataclass; each field carries a one-line help text in its metadata.
-`run(main, Config)` builds the parser from it, validates (the dataclass' `__post_init__` raises
-ValueError), calls `main(cfg)`, and turns a `UserError` into one line on stderr and exit status 2.
+Every stage script declares one dataclass (a `Flags`); each field carries a one-line help text and a
+check of its value (`core.checks`) in its metadata. `run(main, Config)` builds the parser from it, checks
+every value, from the command line or a `--config` file alike, against the field's declared type and
+check (then the dataclass' own `__post_init__` checks, which raise ValueError), calls `main(cfg)`, and
+turns a `UserError` or an `OSError` into one line on stderr (`prog: error: ...`) and exit status 2.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import types
 import typing
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
+from core.checks import Kind, Range
 from core.files import UserError
 
 
-def arg(default: Any, help: str) -> Any:
-    """A dataclass field with its --help text."""
+def arg(default: Any, help: str, check: Range | Kind | None = None) -> Any:
+    """A dataclass field with its --help text and the check of its value (every number and text flag of a
+    `Flags` has one; a bool or a `Literal` needs none)."""
+    meta = {"help": help, "check": check}
     if isinstance(default, list):
-        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
+        return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
 
 
-def require_positive(cfg: Any, *names: str) -> None:
-    """For a config's __post_init__: every named field must be > 0 (ValueError naming the flag)."""
-    for name in names:
-        if getattr(cfg, name) <= 0:
-            raise ValueError(f"--{name} must be positive, got {getattr(cfg, name)}")
+class Flags:
+    """A config whose fields are checked when it is made: type, then each field's declared check."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            check_value(type(self), f.name, getattr(self, f.name))
 
 
-def require_non_negative(cfg: Any, *names: str) -> None:
-    for name in names:
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"--{name} must be 0 or positive, got {getattr(cfg, name)}")
+def field_type(cls: type, name: str) -> tuple[Any, bool]:
+    """(the field's type without Optional, whether None is allowed)."""
+    return _unwrap_optional(typing.get_type_hints(cls)[name])
 
 
-def check_mask_ratio(value: str) -> None:
-    """'random' (the training noise process) or a fixed t in [0, 1]."""
-    if value == "random":
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(tp)))
+    if typing.get_origin(tp) is list:
+        return "a list of " + _type_name(typing.get_args(tp)[0]).removeprefix("a ").removeprefix("an ") + "s"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "text"}.get(tp, str(tp))
+
+
+def _is(tp: Any, value: Any) -> bool:
+    if typing.get_origin(tp) is Literal:  # the same value and type (True is not 1)
+        return any(value == a and type(value) is type(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return isinstance(value, list) and all(_is(typing.get_args(tp)[0], v) for v in value)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def check_value(cls: type, name: str, value: Any) -> None:
+    """The field's declared type, then its check (ValueError naming the flag)."""
+    tp, optional = field_type(cls, name)
+    if value is None and optional:
         return
-    try:
-        t = float(value)
-    except ValueError:
-        raise ValueError(f"--mask_ratio must be 'random' or a number in [0, 1], got {value!r}") from None
-    if not 0 <= t <= 1:
-        raise ValueError(f"--mask_ratio must lie in [0, 1], got {t}")
+    if not _is(tp, value):
+        raise ValueError(f"--{name} must be {_type_name(tp)}, got {value!r:.60} ({type(value).__name__})")
+    check = next(f for f in dataclasses.fields(cls) if f.name == name).metadata.get("check")
+    if check is not None:
+        for v in value if isinstance(value, list) else [value]:
+            check.check(name, v)
 
 
 def parse_bool(text: str) -> bool:
@@ -64,10 +91,28 @@ def parse_int(text: str) -> int:
     try:
         return int(text)
     except ValueError:
+        pass
+    try:
         value = float(text)
-        if value != int(value):
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
-        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not math.isfinite(value) or value != int(value):
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
+    return int(value)
+
+
+def parse_float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are a UserError (one line, no usage block)."""
+
+    def error(self, message: str) -> typing.NoReturn:  # type: ignore[override]
+        raise UserError(message.replace("argument ", "", 1) + " (--help lists the flags)")
 
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
@@ -87,7 +132,7 @@ def _add_field(parser: argparse.ArgumentParser, name: str, tp: Any, default: Any
         kwargs["type"] = type(kwargs["choices"][0])
     elif origin is list:
         (inner,) = typing.get_args(tp)
-        kwargs["type"] = parse_int if inner is int else inner
+        kwargs["type"] = {int: parse_int, float: parse_float}.get(inner, inner)
         kwargs["action"] = "append"
         kwargs["default"] = None  # argparse would append to the default list otherwise
     elif tp is bool:
@@ -98,14 +143,14 @@ def _add_field(parser: argparse.ArgumentParser, name: str, tp: Any, default: Any
     elif tp is int:
         kwargs["type"] = parse_int
     elif tp is float:
-        kwargs["type"] = float
+        kwargs["type"] = parse_float
     else:
         kwargs["type"] = str
     parser.add_argument(f"--{name}", **kwargs)
 
 
 def build_parser(cls: type, description: str, ignored: Sequence[str] = ()) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
+    parser = OneLineParser(description=description, allow_abbrev=False, prog=program_name())
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
@@ -123,43 +168,81 @@ def build_parser(cls: type, description: str, ignored: Sequence[str] = ()) -> ar
 def read_config_file(path: str) -> dict:
     """A JSON or YAML mapping of flag names (without dashes) to values; anything else is a UserError."""
     p = Path(path)
+    if p.is_dir():
+        raise UserError(f"--config {path}: a folder, not a file")
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_bytes().decode("utf-8")
     except OSError as e:
         raise UserError(f"--config {path}: cannot read it ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"--config {path}: not UTF-8 text (byte {e.start}); expected JSON or YAML") from None
+    yaml_file = p.suffix.lower() in (".yaml", ".yml")
     try:
-        if p.suffix.lower() in (".yaml", ".yml"):
+        if yaml_file:
             import yaml
 
             values = yaml.safe_load(text)
         else:
             values = json.loads(text)
-    except Exception as e:  # json.JSONDecodeError, yaml.YAMLError
-        raise UserError(f"--config {path}: not valid {'YAML' if p.suffix.lower() in ('.yaml', '.yml') else 'JSON'} "
-                        f"({str(e).splitlines()[0][:120]})") from None
+    except Exception as e:  # json.JSONDecodeError, yaml.YAMLError, RecursionError
+        first = (str(e).splitlines() or [type(e).__name__])[0][:120]
+        raise UserError(f"--config {path}: not valid {'YAML' if yaml_file else 'JSON'} ({first})") from None
     if not isinstance(values, dict):
         raise UserError(f"--config {path}: expected a mapping of flag names to values")
     return {str(k).lstrip("-"): v for k, v in values.items()}
 
 
+def _from_file(cls: type, name: str, value: Any) -> Any:
+    """A --config value in the field's own terms: one item of a list flag becomes a list, an integral float
+    of an int flag an int, a number of a flag whose check takes numbers as text (--mask_ratio) text."""
+    tp, _ = field_type(cls, name)
+    inner = typing.get_args(tp)[0] if typing.get_origin(tp) is list else tp
+    check = next(f for f in dataclasses.fields(cls) if f.name == name).metadata.get("check")
+
+    def one(v: Any) -> Any:
+        if inner is int and isinstance(v, float) and math.isfinite(v) and v.is_integer():
+            return int(v)
+        if inner is str and getattr(check, "numbers_as_text", False) and isinstance(v, (int, float)) \
+                and not isinstance(v, bool):
+            return str(v)
+        return v
+
+    if typing.get_origin(tp) is list:
+        return [one(v) for v in value] if isinstance(value, list) else [one(value)]
+    return one(value)
+
+
+def _flags_on_command_line(argv: Sequence[str]) -> set[str]:
+    return {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
+
+
 def parse_config(cls: type, argv: Sequence[str] | None = None, description: str = "",
                  ignored: Sequence[str] = ()) -> Any:
-    """Parse argv into `cls`; flags in `ignored` are accepted and reported once."""
+    """Parse argv (and its --config file) into `cls`, checking every value against the field's type and
+    check first; flags in `ignored` are accepted and reported once. Any mistake is a UserError."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(cls, description or (cls.__doc__ or ""), ignored)
     known, _ = parser.parse_known_args(argv)
+    names = {f.name for f in dataclasses.fields(cls)}
+    from_file: dict[str, Any] = {}
     if known.config:  # the file's values become defaults, so the command line still wins
         values = read_config_file(known.config)
-        names = {f.name for f in dataclasses.fields(cls)} | set(ignored)
-        unknown = sorted(set(values) - names)
+        unknown = sorted(set(values) - names - set(ignored))
         if unknown:
             raise UserError(f"--config {known.config}: unknown flag(s) {', '.join(unknown)}")
+        from_file = {k: _from_file(cls, k, v) for k, v in values.items() if k in names}
+        for k, v in from_file.items():
+            try:
+                check_value(cls, k, v)
+            except ValueError as e:
+                raise UserError(f"--config {known.config}: {e}") from None
         lists = {a.dest for a in parser._actions if isinstance(a, argparse._AppendAction)}
-        parser.set_defaults(**{k: v for k, v in values.items() if k not in lists})
+        parser.set_defaults(**{k: v for k, v in from_file.items() if k not in lists},
+                            **{k: v for k, v in values.items() if k in ignored})
     ns = vars(parser.parse_args(argv))
-    if known.config:  # a list flag given on the command line replaces the file's list instead of extending it
-        for k in lists & set(values):
-            if ns[k] is None:
-                ns[k] = list(values[k]) if isinstance(values[k], list) else [values[k]]
+    for k in set(from_file) & {a.dest for a in parser._actions if isinstance(a, argparse._AppendAction)}:
+        if ns[k] is None:  # a list flag given on the command line replaces the file's list instead of extending it
+            ns[k] = from_file[k]
     ns.pop("config")
     given_ignored = [n for n in ignored if ns.pop(n) is not None]
     if given_ignored:
@@ -167,19 +250,45 @@ def parse_config(cls: type, argv: Sequence[str] | None = None, description: str 
     for f in dataclasses.fields(cls):
         if ns[f.name] is None and f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             ns[f.name] = f.default_factory()  # type: ignore[misc]
+    on_line = _flags_on_command_line(argv)
+    if issubclass(cls, Flags):
+        for name in names:  # each value alone first, so the message names where it came from
+            try:
+                check_value(cls, name, ns[name])
+            except ValueError as e:
+                where = f"--config {known.config}: " if name in from_file and name not in on_line else ""
+                raise UserError(f"{where}{e}") from None
     try:
         return cls(**ns)
     except ValueError as e:
         raise UserError(str(e)) from None
 
 
+def program_name(main: Callable | None = None) -> str:
+    """How the user called the command: `python -m <module>`, the script's file name, or (called from
+    Python, as the tests do) the module that defines `main`."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name and not spec.name.startswith("pytest"):
+        return f"python -m {spec.name.removesuffix('.__main__')}"
+    if sys.argv and sys.argv[0].endswith(".py"):
+        return Path(sys.argv[0]).name
+    module = getattr(main, "__module__", None) or "python"
+    return f"{module}.py" if "." not in module else f"python -m {module}"
+
+
 def run(main: Callable[[Any], Any], cls: type, argv: Sequence[str] | None = None, description: str = "",
         ignored: Sequence[str] = ()) -> None:
-    """The entry point of every script: parse, run, and end user mistakes in one line with exit 2."""
+    """The entry point of every script: parse, run, and end user mistakes in one line with exit 2: a
+    UserError, or an OSError (a read-only folder, a full disk, a file that vanished)."""
+    prog = program_name(main)
     try:
         main(parse_config(cls, argv, description, ignored))
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        what = f"{e.strerror or type(e).__name__}" + (f": {e.filename}" if e.filename else "")
+        print(f"{prog}: error: {what} (finished work is kept; fix it and rerun the same command)", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted: finished work is kept; rerun the same command to resume", file=sys.stderr)

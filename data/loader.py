@@ -9,14 +9,13 @@ a window within an epoch. Validation reads the validation shard only, in order, 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
 
-from core.files import UserError
+from core.files import UserError, read_json
 from data.shards import read_shard
 
 
@@ -35,8 +34,8 @@ class ShardLoader:
         meta_path = folder / "meta.json"
         if not meta_path.exists():
             raise UserError(f"{folder} is not a prepared dataset (no meta.json); run python -m data.prepare")
-        meta = json.loads(meta_path.read_text())
-        if not meta.get("complete"):
+        meta = read_json(meta_path)  # a damaged one: one line naming it
+        if not isinstance(meta, dict) or not meta.get("complete"):
             raise UserError(f"{folder} was not finished; rerun python -m data.prepare to complete it")
         if split not in ("train", "val"):
             raise ValueError(f"split must be train or val, got {split!r}")

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
-from core import cli
-from core.cli import arg
+from core import checks as c
+from core.cli import Flags, arg
 from core.files import UserError
 from model.sampler import SamplerConfig
 
@@ -19,33 +19,28 @@ EXAMPLE_PROMPTS = ["The capital of France is", "Once upon a time,", "The chemica
                    "Photosynthesis is the process by which"]
 
 
-class FlagGroup:
-    def __post_init__(self) -> None:
-        """The end of the chain of checks."""
+class FlagGroup(Flags):
+    """The end of the chain of checks: every field's type and declared check (core.checks)."""
 
 
 @dataclass
 class RunFlags(FlagGroup):
     """Which trained run and checkpoint a later stage works on, and on which device."""
 
-    train_folder: str = arg("", "the run folder (experiments/<run>)")
-    checkpoint_name: str = arg("latest", "checkpoint in the run folder, or 'latest'")
-    cuda: Optional[int] = arg(None, "CUDA device index")
-    device: Optional[str] = arg(None, "cpu, cuda or cuda:N")
+    train_folder: str = arg("", "the run folder (experiments/<run>)", c.RUN_FOLDER)
+    checkpoint_name: str = arg("latest", "checkpoint in the run folder, or 'latest'", c.CHECKPOINT)
+    cuda: Optional[int] = arg(None, "CUDA device index", c.CUDA)
+    device: Optional[str] = arg(None, "cpu, cuda or cuda:N", c.DEVICE)
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not self.train_folder:
-            raise ValueError("--train_folder is required (experiments/<run>)")
 
 
 @dataclass
 class ShapeFlags(FlagGroup):
     """Shape flags after training: optional, and checked against the run's config.json."""
 
-    num_layers: Optional[int] = arg(None, "optional; must match the run's config.json")
-    num_heads: Optional[int] = arg(None, "optional; must match the run's config.json")
-    model_dim: Optional[int] = arg(None, "optional; must match the run's config.json")
+    num_layers: Optional[int] = arg(None, "optional; must match the run's config.json", c.COUNT)
+    num_heads: Optional[int] = arg(None, "optional; must match the run's config.json", c.COUNT)
+    model_dim: Optional[int] = arg(None, "optional; must match the run's config.json", c.COUNT)
 
     def shape_flags(self) -> dict:
         return {name: getattr(self, name) for name in SHAPE_FLAGS}
@@ -64,79 +59,66 @@ def check_shape_flags(model_config: dict, given: dict) -> None:
 class BatchFlags(FlagGroup):
     """The shape of a batch of data, and the seed of its order."""
 
-    train_seq_len: int = arg(4096, "tokens per sequence")
-    batch_size: int = arg(1, "sequences per micro-batch (per process)")
-    grad_acc_steps: int = arg(8, "micro-batches per optimizer step, over all processes")
-    seed: int = arg(0, "seed for initialisation, data order and noise")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        cli.require_positive(self, "train_seq_len", "batch_size", "grad_acc_steps")
+    train_seq_len: int = arg(4096, "tokens per sequence", c.COUNT)
+    batch_size: int = arg(1, "sequences per micro-batch (per process)", c.COUNT)
+    grad_acc_steps: int = arg(8, "micro-batches per optimizer step, over all processes", c.COUNT)
+    seed: int = arg(0, "seed for initialisation, data order and noise", c.SEED)
 
 
 @dataclass
 class LoopFlags(FlagGroup):
     """How long a training stage runs, and how often it logs, validates and saves."""
 
-    train_steps: int = arg(20_000, "optimizer steps")
-    val_loss_every: int = arg(1000, "validate every N steps (0: only at the end)")
-    val_tokens: int = arg(262_144, "validation tokens (the same ones every time)")
-    save_every: int = arg(2000, "checkpoint every N steps (0: only at the end)")
+    train_steps: int = arg(20_000, "optimizer steps", c.COUNT)
+    val_loss_every: int = arg(1000, "validate every N steps (0: only at the end)", c.COUNT_OR_ZERO)
+    val_tokens: int = arg(262_144, "validation tokens (the same ones every time)", c.COUNT)
+    save_every: int = arg(2000, "checkpoint every N steps (0: only at the end)", c.COUNT_OR_ZERO)
     save_model: bool = arg(True, "write checkpoints")
-    log_every: int = arg(10, "log the training loss every N steps")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        cli.require_positive(self, "train_steps", "val_tokens", "log_every")
-        cli.require_non_negative(self, "val_loss_every", "save_every")
+    log_every: int = arg(10, "log the training loss every N steps", c.COUNT)
 
 
 @dataclass
 class LayersFlag(FlagGroup):
-    layers: str = arg("all", "comma-separated layer indices, or all")
+    layers: str = arg("all", "comma-separated layer indices, or all", c.LAYERS)
 
 
 @dataclass
 class NoiseFlag(FlagGroup):
-    mask_ratio: str = arg("random", "noise on the base model's inputs: 'random' (the training process) or a fixed t")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        cli.check_mask_ratio(self.mask_ratio)
+    mask_ratio: str = arg("random", "noise on the base model's inputs: 'random' (the training process) or a fixed t",
+                          c.MASK_RATIO)
 
 
 @dataclass
 class ScanFlags(NoiseFlag):
     """What the top-k scan keeps of every feature."""
 
-    top_k: int = arg(50, "top-activating examples kept per feature")
-    context_before: int = arg(20, "tokens of context before the activating token")
-    context_after: int = arg(10, "tokens of context after it (the model is bidirectional)")
-    n_quantile: int = arg(20, "activating examples spread over the activation range (half held out for scoring)")
-    n_random: int = arg(20, "non-activating contexts per feature (half held out for scoring)")
-    checkpoint_every: int = arg(200, "save the scan's state every N batches (an interrupted scan resumes)")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        cli.require_positive(self, "top_k", "checkpoint_every")
-        cli.require_non_negative(self, "context_before", "context_after", "n_quantile", "n_random")
+    top_k: int = arg(50, "top-activating examples kept per feature", c.count(runs=("1_000_000_000",)))
+    context_before: int = arg(20, "tokens of context before the activating token",
+                             c.count(0, runs=("1_000_000_000",)))
+    context_after: int = arg(10, "tokens of context after it (the model is bidirectional)", c.COUNT_OR_ZERO)
+    n_quantile: int = arg(20, "activating examples spread over the activation range (half held out for scoring)",
+                     c.COUNT_OR_ZERO)
+    n_random: int = arg(20, "non-activating contexts per feature (half held out for scoring)", c.COUNT_OR_ZERO)
+    checkpoint_every: int = arg(200, "save the scan's state every N batches (an interrupted scan resumes)",
+                           c.COUNT)
 
 
 @dataclass
 class SamplingFlags(FlagGroup):
     """The prompts, and how the diffusion sampler unmasks their continuations."""
 
-    prompt: list[str] = arg([], "a prompt (repeat the flag for several)")
-    prompts_file: str = arg("", "a text file with one prompt per line")
-    gen_length: int = arg(32, "tokens to generate after each prompt")
-    num_generate_steps: int = arg(32, "denoising steps")
-    block_length: Optional[int] = arg(None, "semi-autoregressive block length (LLaDA); default one block")
+    prompt: list[str] = arg([], "a prompt (repeat the flag for several)", c.TEXT)
+    prompts_file: str = arg("", "a text file with one prompt per line", c.TEXT_FILE)
+    gen_length: int = arg(32, "tokens to generate after each prompt", c.COUNT)
+    num_generate_steps: int = arg(32, "denoising steps", c.COUNT)
+    block_length: Optional[int] = arg(None, "semi-autoregressive block length (LLaDA); default one block", c.COUNT)
     remasking: Literal["low_confidence", "random"] = arg("low_confidence", "which positions to commit each step")
-    temperature: float = arg(0.0, "sampling temperature (0: the most probable token)")
-    top_k: int = arg(0, "sample among the k most probable tokens (0: off)")
-    top_p: float = arg(1.0, "nucleus sampling mass (1: off)")
-    seed: int = arg(0, "random seed")
-    max_seq_len: Optional[int] = arg(None, "longest prompt + continuation allowed (default: the run's train_seq_len)")
+    temperature: float = arg(0.0, "sampling temperature (0: the most probable token)", c.Range(0.0, 100.0))
+    top_k: int = arg(0, "sample among the k most probable tokens (0: off)", c.COUNT_OR_ZERO)
+    top_p: float = arg(1.0, "nucleus sampling mass (1: off)", c.fraction(low_open=True))
+    seed: int = arg(0, "random seed", c.SEED)
+    max_seq_len: Optional[int] = arg(None, "longest prompt + continuation allowed (default: the run's train_seq_len)",
+                                    c.COUNT)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -14,8 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from core import cli
+from core import checks as c, cli
 from core.cli import arg
+from core.files import UserError, write_text_atomic
+from core.locks import hold
 from experiment.flags import FlagGroup, RunFlags
 from experiment.paths import CHECKPOINT_RE
 from experiment.record import read_metrics
@@ -59,31 +61,48 @@ tok = AutoTokenizer.from_pretrained("{repo or 'DIR'}")
 def export(train_folder: str, checkpoint_name: str = "latest", output: str = "", repo: str = "") -> Path:
     config, model, tok, ckpt = load_run(train_folder, checkpoint_name, "cpu")
     out = Path(output) if output else Path(train_folder) / HUB_DIR / ckpt.stem
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tok.save_for_transformers(out)
-    m = CHECKPOINT_RE.match(ckpt.name)
-    step = int(m.group(1)) if m else 0
-    (out / "README.md").write_text(model_card(config, step, read_metrics(Path(train_folder)), tok.name, repo))
+    with hold(out):  # released before any upload: the lock file never reaches the Hub
+        model.save_pretrained(out)
+        tok.save_for_transformers(out)
+        m = CHECKPOINT_RE.match(ckpt.name)
+        step = int(m.group(1)) if m else 0
+        write_text_atomic(out / "README.md", model_card(config, step, read_metrics(Path(train_folder)), tok.name, repo))
     return out
+
+
+def check_repo_id(repo: str) -> None:
+    """A --push_to_hub repository id checked offline, before anything is written (UserError)."""
+    if not repo:
+        return
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo)
+    except ValueError as e:  # huggingface_hub's HFValidationError
+        why = " ".join(str(e).split())
+        raise UserError(f"--push_to_hub {repo[:100]!r} is not a Hub repository id (user/name): {why[:200]}") from None
 
 
 @dataclass
 class UploadFlags(FlagGroup):
     """Where an export may go besides its folder: a Hub repository."""
 
-    push_to_hub: str = arg("", "upload to this Hub repository (user/name; needs `huggingface-cli login`)")
+    push_to_hub: str = arg("", "upload to this Hub repository (user/name; needs `huggingface-cli login`)", c.REPO_ID)
     private: bool = arg(False, "with --push_to_hub: create the repository private")
 
     def finish(self, out: Path) -> Path:
         """Report the written folder and upload it when asked (the repository is created when missing)."""
         print(f"exported: {out}")
         if self.push_to_hub:
-            from huggingface_hub import HfApi
+            from huggingface_hub import HfApi, errors
 
             api = HfApi()
-            api.create_repo(self.push_to_hub, private=self.private, exist_ok=True)
-            api.upload_folder(folder_path=str(out), repo_id=self.push_to_hub)
+            try:
+                api.create_repo(self.push_to_hub, private=self.private, exist_ok=True)
+                api.upload_folder(folder_path=str(out), repo_id=self.push_to_hub)
+            except (OSError, getattr(errors, "HTTPError", OSError)) as e:  # no network, HTTP status, no login
+                why = " ".join(str(e).split()) or type(e).__name__
+                raise UserError(f"could not push to the Hub: {why[:300]}; the export is complete at {out}") from None
             print(f"uploaded: https://huggingface.co/{self.push_to_hub}")
         return out
 
@@ -92,10 +111,11 @@ class UploadFlags(FlagGroup):
 class HubConfig(UploadFlags, RunFlags):
     """Export a run's checkpoint as a Hugging Face Hub model folder (and optionally upload it)."""
 
-    output: str = arg("", "the folder to write (default: experiments/X/hub/<checkpoint stem>/)")
+    output: str = arg("", "the folder to write (default: experiments/X/hub/<checkpoint stem>/)", c.OUT_FOLDER)
 
 
 def main(cfg: HubConfig) -> Path:
+    check_repo_id(cfg.push_to_hub)
     return cfg.finish(export(cfg.train_folder, cfg.checkpoint_name, cfg.output, cfg.push_to_hub))
 
 

@@ -108,6 +108,10 @@ class StagePaths:
     def explanations(self, stamp: str) -> Path:
         return self.run / EXPLANATIONS_DIR / stamp
 
+    def new_explanations(self) -> Path:
+        """A new explanations/<stamp> folder, this run's alone even when another starts in the same second."""
+        return new_folder(self.run / EXPLANATIONS_DIR, stamp_now())
+
 
 def finished_transcoder_layers(tc_dir: Path) -> list[int]:
     """The layers whose transcoder files were written (at a checkpoint or at the end of training), in
@@ -117,15 +121,27 @@ def finished_transcoder_layers(tc_dir: Path) -> list[int]:
                    and (m := pattern.match(p.name)) and (p / WEIGHTS_FILE).exists()} if tc_dir.is_dir() else set())
 
 
-def new_run_folder(name: str, root: str | os.PathLike = RUNS_DIR) -> Path:
-    stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
-    folder = Path(root) / f"{stamp}_{name}"
+def new_folder(parent: str | os.PathLike, name: str) -> Path:
+    """Create `parent/name`, or `name_2`, `name_3`, ... when taken: the mkdir itself decides, so runs started
+    in the same second (the names carry a stamp) never share a folder."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
     n = 1
-    while folder.exists():  # two runs started within the same second
-        n += 1
-        folder = Path(root) / f"{stamp}_{name}_{n}"
-    folder.mkdir(parents=True)
-    return folder
+    while True:
+        folder = parent / (name if n == 1 else f"{name}_{n}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            n += 1
+
+
+def stamp_now() -> str:
+    return datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
+
+
+def new_run_folder(name: str, root: str | os.PathLike = RUNS_DIR) -> Path:
+    return new_folder(root, f"{stamp_now()}_{name}")
 
 
 def checkpoint_name(step: int) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from core.files import write_text_atomic
+from core.files import read_jsonl, write_text_atomic
 from experiment.paths import LOG_FILE, METRICS_FILE
 
 SOURCE_ROOT = Path(__file__).resolve().parent.parent
@@ -80,10 +80,12 @@ class RunLog:
 
 
 def read_metrics(folder: Path) -> list[dict]:
+    """The metrics a run has logged, read only (a last line cut short by a kill is left out;
+    `truncate_metrics`, run by the writer when it resumes, drops it from the file)."""
     path = folder / METRICS_FILE
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(path, appended=True, remedy="delete that line (it only feeds the plots)")
 
 
 def truncate_metrics(folder: Path, last_step: int) -> None:

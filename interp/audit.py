@@ -17,11 +17,11 @@ import re
 from dataclasses import dataclass
 
 from core import cli
-from core.files import UserError, read_json
+from core.files import UserError
 from experiment import RunFlags, StagePaths, layer_name, resolve_checkpoint, resolve_run_folder
 from experiment.paths import CONTEXTS_FILE, FEATURES_FILE, INDEX_FILE
 from interp.describe import plain
-from interp.feature_store import read_jsonl
+from interp.feature_store import read_index, read_jsonl
 from interp.scoring import score_sets
 
 
@@ -74,7 +74,7 @@ def main(cfg: AuditConfig) -> dict:
     if not (topk / INDEX_FILE).exists():
         raise UserError(f"no finished top-k output in {topk}")
     out = {}
-    for layer in read_json(topk / INDEX_FILE)["layers"]:
+    for layer in read_index(topk)["layers"]:
         ldir = topk / layer_name(layer)
         a = out[layer] = audit_layer(read_jsonl(ldir / CONTEXTS_FILE), read_jsonl(ldir / FEATURES_FILE))
         n = max(1, a["scored_activating"])

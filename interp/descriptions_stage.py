@@ -2,8 +2,8 @@
 held-out contexts, append one JSON line per feature the moment it is done.
 
 descriptions.jsonl holds the records of every explainer that was run (each line names its
-explainer); a rerun skips the (explainer, layer, feature) triples already there, and --overwrite drops
-only the current explainer's lines.
+explainer); a rerun skips the (explainer, layer, feature) triples already there, and --overwrite replaces
+only the current explainer's lines, once all its new ones are made (they wait in descriptions.new.jsonl).
 
 Under torchrun every process loads its own explainer (one per GPU) and takes every world-th batch of
 features (the batches one process would make, so the outputs do not depend on the process count),
@@ -12,6 +12,7 @@ appending to its own part file; rank 0 folds the parts into descriptions.jsonl i
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -21,7 +22,16 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from core.files import UserError, atomic_path, write_json_atomic
+from core.checks import index_list
+from core.files import (
+    UserError,
+    atomic_path,
+    read_jsonl as read_jsonl_file,
+    remove_stale_temporaries,
+    resume_jsonl,
+    write_json_atomic,
+)
+from core.locks import STAGING_SUFFIX, hold
 from experiment import StagePaths, layer_name, resolve_checkpoint, resolve_run_folder, setup_distributed
 from experiment.paths import (
     CONTEXTS_FILE,
@@ -32,7 +42,7 @@ from experiment.paths import (
 )
 from interp.describe import clean, explain_examples, fit_prompt, tokens_description
 from interp.feature_pages import write_page_descriptions
-from interp.feature_store import PROTOCOL, read_jsonl
+from interp.feature_store import PROTOCOL, read_index, read_jsonl
 from interp.scoring import TOKEN_MATCH_LABEL, judge_many, score_sets, simulation, token_match
 from model.distributed import Dist
 from model.explainer import Explainer
@@ -42,25 +52,22 @@ JUDGED = ("detection", "fuzzing", "simulation")
 TOKENS = "tokens"
 
 
-def read_records(path: Path, rewrite: bool = True) -> list[dict]:
-    """Finished records; a line cut short by a kill is dropped (and, with `rewrite`, the file rewritten
-    without it)."""
-    if not path.exists():
-        return []
-    good, lines = [], path.read_text(encoding="utf-8").splitlines()
-    for line in lines:
-        try:
-            good.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    if rewrite and len(good) != len([x for x in lines if x.strip()]):
-        _rewrite(path, good)
-    return good
+REDO = "delete that line and get_activation_descriptions.py describes its feature again"
+
+
+def read_records(path: Path, rewrite: bool = False) -> list[dict]:
+    """The finished records of descriptions.jsonl (or of a part file), none when it does not exist; read only.
+    A last line cut short by a kill is left out; only this stage, the file's writer, passes `rewrite` when it
+    resumes, to cut that line off the file (and describe its feature again). A damaged line before the last
+    is a UserError naming the file and the line."""
+    if rewrite:
+        return resume_jsonl(path, remedy=REDO)
+    return read_jsonl_file(path, appended=True, remedy=REDO) if path.exists() else []
 
 
 def all_records(path: Path) -> list[dict]:
     """Read only: the records of `path` and of the part files of a torchrun job not yet folded into it."""
-    return [r for p in [path, *part_files(path)] for r in read_records(p, rewrite=False)]
+    return [r for p in [path, *part_files(path)] for r in read_records(p)]
 
 
 def _rewrite(path: Path, records: list[dict]) -> None:
@@ -135,12 +142,27 @@ def batched(fn: Callable[..., list], size: int | BatchSize) -> Callable[..., lis
 
 
 def parse_features(spec: str) -> set[int] | None:
-    if not spec:
-        return None
+    """--features: None for every feature, else the indices (whole numbers ≥ 0; UserError otherwise)."""
     try:
-        return {int(x) for x in spec.split(",") if x.strip()}
-    except ValueError:
-        raise UserError(f"--features {spec!r}: give comma-separated feature indices") from None
+        found = index_list("features", spec)  # the syntax --features is checked with when it is parsed
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return None if found is None else set(found)
+
+
+def check_features(wanted: set[int] | None, topk_dir: Path, index: dict, layers: list[int]) -> None:
+    """Every --features index against each chosen layer's number of features in the top-k output."""
+    if wanted is None:
+        return
+    summary = index.get("summary", {})
+    for layer in layers:
+        n = summary.get(str(layer), {}).get("features")
+        if n is None:  # an index without the count: the layer's feature file has one line per feature
+            n = len(read_jsonl(topk_dir / layer_name(layer) / FEATURES_FILE))
+        beyond = sorted(f for f in wanted if f >= n)
+        if beyond:
+            raise UserError(f"--features {','.join(map(str, beyond[:5]))}{'...' if len(beyond) > 5 else ''}: layer "
+                            f"{layer} has features 0..{n - 1}")
 
 
 def describe_batch(items: list[tuple[dict, dict]], explainer, cfg, limit: BatchSize | None = None) -> list[dict]:
@@ -263,7 +285,7 @@ def run_descriptions(cfg, explainer_factory=None) -> Path:
     if not (topk_dir / INDEX_FILE).exists():
         raise UserError(f"no finished top-k output in {topk_dir}: run get_topk_activations.py for this checkpoint "
                         "first")
-    index = json.loads((topk_dir / INDEX_FILE).read_text())
+    index = read_index(topk_dir)
     if index.get("protocol", 1) < PROTOCOL:
         raise UserError(f"{topk_dir} was made by an older protocol (windows without their mask pattern, halves "
                         "that could share positions): rerun get_topk_activations.py with --overwrite True first")
@@ -272,6 +294,7 @@ def run_descriptions(cfg, explainer_factory=None) -> Path:
     if missing:
         raise UserError(f"layer(s) {missing} have no top-k output (have {index['layers']})")
     wanted = parse_features(cfg.features)
+    check_features(wanted, topk_dir, index, layers)
     scorers = [s.strip() for s in cfg.scorers.split(",") if s.strip()]
     unknown = [s for s in scorers if s not in SCORERS]
     if unknown:
@@ -279,13 +302,27 @@ def run_descriptions(cfg, explainer_factory=None) -> Path:
 
     dist, device = setup_distributed(cfg)
     try:
-        return _describe(cfg, dist, device, explainer_factory, paths, ckpt, index, layers, wanted, scorers)
+        with contextlib.ExitStack() as stack:
+            if dist.main:  # under torchrun, rank 0 holds the lock for the job
+                stack.enter_context(hold(paths.descriptions))
+            return _describe(cfg, dist, device, explainer_factory, paths, ckpt, index, layers, wanted, scorers, stack)
     finally:
         dist.close()
 
 
+def staging_records(path: Path) -> Path:
+    """Where --overwrite writes the explainer's new records (and, under torchrun, its processes' part files)
+    until they replace its old ones in `path`."""
+    return path.with_name(f"{path.stem}{STAGING_SUFFIX}{path.suffix}")
+
+
+def _clear(path: Path) -> None:
+    for p in [path, *part_files(path)]:
+        p.unlink(missing_ok=True)
+
+
 def _describe(cfg, dist: Dist, device, explainer_factory, paths: StagePaths, ckpt: Path, index: dict,
-              layers: list[int], wanted, scorers: list[str]) -> Path:
+              layers: list[int], wanted, scorers: list[str], stack: contextlib.ExitStack) -> Path:
     topk_dir = paths.topk
     make = explainer_factory or (lambda name: Explainer(name, device, cfg.dtype, cfg.load_in_8bit,
                                                         cfg.trust_remote_code))
@@ -298,14 +335,22 @@ def _describe(cfg, dist: Dist, device, explainer_factory, paths: StagePaths, ckp
 
     out_dir = paths.descriptions
     path = paths.records
+    # --overwrite: the explainer's new records go to a staging file, and replace its old ones in `path` only
+    # once every feature is described; until then `path` stays as it was
+    target = staging_records(path) if cfg.overwrite else path
     if dist.main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        for d in (out_dir, topk_dir):  # a killed run's temporary files (its pages go to the top-k folder)
+            remove_stale_temporaries(d)
         fold_parts(path)  # a killed torchrun job's finished records
-        records = read_records(path)  # drops a line cut short by a kill
+        read_records(path, rewrite=True)  # drops a line cut short by a kill
         if cfg.overwrite:
-            _rewrite(path, [r for r in records if r["explainer"] != tag])
+            _clear(target)  # an interrupted overwrite's records: this one starts over
+            stack.callback(_clear, target)  # and leaves none behind if it fails
     dist.barrier()
     records = read_records(path)  # rank 0 has dropped any cut line: nothing left to rewrite
+    if cfg.overwrite:
+        records = [r for r in records if r["explainer"] != tag]
     if any(r.get("protocol", 1) < PROTOCOL for r in records if r["explainer"] == tag):
         raise UserError(f"{path} holds {tag}'s descriptions made under an older protocol; --overwrite True "
                         "redoes them")
@@ -334,7 +379,7 @@ def _describe(cfg, dist: Dist, device, explainer_factory, paths: StagePaths, ckp
     # batches of features as one process makes them, dealt out to the processes in turn: every batch
     # reaches the explainer as it would in one process, so the outputs do not depend on the process count
     chunks = [todo[i:i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)][dist.rank::dist.world]
-    out_path = path if dist.world == 1 else part_path(path, dist.rank)
+    out_path = target if dist.world == 1 else part_path(target, dist.rank)
     bar = tqdm(total=sum(map(len, chunks)), unit="feature", dynamic_ncols=True, disable=not dist.main)
     for chunk in chunks:
         described = describe_batch([(s, r) for _, s, r in chunk], explainer, cfg, limit)
@@ -366,7 +411,11 @@ def _describe(cfg, dist: Dist, device, explainer_factory, paths: StagePaths, ckp
         dist.barrier()
         if not dist.main:
             return out_dir
-        fold_parts(path)
+        fold_parts(target)
+        records = read_records(path)
+    if cfg.overwrite:  # complete: the explainer's new records replace its old ones
+        _rewrite(path, [r for r in read_records(path) if r["explainer"] != tag] + read_records(target))
+        _clear(target)
         records = read_records(path)
     summary = summarise(records)
     noise = {layer: s.get("held_out_noise") for layer, s in index.get("summary", {}).items()}

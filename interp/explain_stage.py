@@ -2,14 +2,16 @@
 transcoder features of every layer, describe each step, score it, print, write JSON and an HTML report."""
 from __future__ import annotations
 
-import datetime
+import contextlib
 import math
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from core.files import UserError, write_json_atomic
+from core.locks import hold, hold_output
 from experiment import StagePaths, load_run, load_transcoders, resolve_device, transcoder_layers
 from experiment.paths import EXPLANATIONS_FILE, FEATURES_FILE, GRAPHS_DIR, PAGE_FILE, REPORT_FILE, layer_name
 from interp.descriptions_stage import TOKENS, read_records
@@ -28,7 +30,7 @@ from interp.explain_step import (
 from interp.feature_store import read_jsonl
 from interp.graph import FEATURE, MASK, TARGET, TOKEN
 from interp.graph_export import graph_json, write_graph
-from interp.interventions import parse_changes
+from interp.interventions import check_changes, parse_changes
 from interp.step_analysis import EFFECT_FLOOR, MI_FORMULA, StepSettings, analyse_step
 from model.explainer import Explainer
 from model.precision import autocast
@@ -314,15 +316,29 @@ def run_explanations(cfg, explainer_factory=None) -> Path:
     tag = str(Path(cfg.explainer).expanduser()) if is_path and cfg.explainer != TOKENS else cfg.explainer
     descriptions = load_descriptions(paths.records, tag)
     transcoders = load_transcoders(paths.transcoders, layers, device, model.cfg.model_dim)
+    prompts = cfg.prompts()
+    cfg.check_lengths(prompts, tok, config["train"]["train_seq_len"])
+    changes = parse_changes(cfg.intervene)  # every node checked against the run before the explainer loads
+    check_changes(changes, transcoders, 1 + min(len(tok.encode(p)) for p in prompts) + cfg.gen_length)
     make = explainer_factory or (lambda name: Explainer(name, device, cfg.dtype, cfg.load_in_8bit,
                                                         cfg.trust_remote_code))
     explainer = None if cfg.explainer == TOKENS else make(cfg.explainer)
-    prompts = cfg.prompts()
-    cfg.check_lengths(prompts, tok, config["train"]["train_seq_len"])
     settings = StepSettings(cfg.features_per_layer, cfg.node_threshold, cfg.edge_threshold, cfg.faithfulness_features,
-                            cfg.random_draws, cfg.graph_batch_size, cfg.seed, parse_changes(cfg.intervene))
-    stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
-    json_path = Path(cfg.output) if cfg.output else paths.explanations(stamp) / EXPLANATIONS_FILE
+                            cfg.random_draws, cfg.graph_batch_size, cfg.seed, changes)
+    with contextlib.ExitStack() as stack:
+        if cfg.output:  # a file of the user's choosing: its sibling lock keeps two runs from writing it at once
+            json_path = Path(cfg.output)
+            stack.enter_context(hold_output(json_path))
+        else:  # a new explanations/<stamp> folder of this run's own, locked like every stage's output
+            json_path = paths.new_explanations() / EXPLANATIONS_FILE
+            stack.enter_context(hold(json_path.parent, remove_empty=True))
+        return _explain_all(cfg, paths, layers, descriptions, transcoders, explainer, prompts, settings, model, tok,
+                            ckpt, tag, device, json_path)
+
+
+def _explain_all(cfg, paths: StagePaths, layers, descriptions, transcoders, explainer, prompts, settings, model, tok,
+                 ckpt, tag, device, json_path: Path) -> Path:
+    folder = paths.run
     graphs = json_path.parent / (json_path.stem + "_graphs" if cfg.output else GRAPHS_DIR)
     scan = f"{folder.name}/{ckpt.name}"
 
@@ -365,7 +381,7 @@ def run_explanations(cfg, explainer_factory=None) -> Path:
                         "score_summary": summary})
     json_path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(json_path, {"checkpoint": str(ckpt), "explainer": tag, "layers": layers,
-                                  "sampler": cfg.sampler().__dict__, "settings": settings.__dict__,
+                                  "sampler": cfg.sampler().__dict__, "settings": asdict(settings),
                                   "mi_score_formula": MI_FORMULA, "prompts": results})
     report = write_report(json_path.with_name(json_path.stem + "_report.html" if cfg.output else REPORT_FILE),
                           results, tag, str(ckpt))

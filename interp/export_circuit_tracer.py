@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 
-from core import cli
+from core import checks as c, cli
 from core.cli import arg
-from core.files import UserError, atomic_path, read_json
+from core.files import UserError, atomic_path, read_json, save_safetensors
+from core.locks import hold
 from experiment import (
     CONFIG_FILE,
     RunFlags,
@@ -32,7 +33,7 @@ from experiment import (
     load_transcoders,
     resolve_checkpoint,
 )
-from experiment.hub import UploadFlags
+from experiment.hub import UploadFlags, check_repo_id
 from experiment.paths import EXPORTS_DIR, resolve_run_folder
 
 EXPORT_NAME = "circuit-tracer"
@@ -61,8 +62,6 @@ def config_yaml(k: int, num_layers: int, num_latents: int, checkpoint: str) -> s
 
 
 def export(train_folder: str, checkpoint_name: str = "latest", output: str = "") -> Path:
-    from safetensors.torch import save_file
-
     folder = resolve_run_folder(train_folder)
     ckpt = resolve_checkpoint(folder, checkpoint_name)
     tc_dir = StagePaths(folder, ckpt.name).transcoders
@@ -79,14 +78,13 @@ def export(train_folder: str, checkpoint_name: str = "latest", output: str = "")
         raise UserError(f"circuit-tracer's transcoder set needs one k and one width for all layers; these have k "
                         f"{sorted(ks)} and widths {sorted(widths)}")
     out = Path(output) if output else folder / EXPORTS_DIR / EXPORT_NAME / ckpt.stem
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in [out / "config.yaml", *out.glob("layer_*.safetensors")]:  # an earlier export: incomplete until
-        stale.unlink(missing_ok=True)  # config.yaml is written again, and no layer of a deeper model may linger
-    for layer, tc in transcoders.items():
-        with atomic_path(out / f"layer_{layer}.safetensors") as tmp:
-            save_file(circuit_tracer_tensors(tc), str(tmp))
-    with atomic_path(out / "config.yaml") as tmp:  # last: circuit-tracer takes its presence as complete
-        tmp.write_text(config_yaml(ks.pop(), n, widths.pop(), ckpt.name))
+    with hold(out):  # one export at a time into a folder (released before any upload)
+        for stale in [out / "config.yaml", *out.glob("layer_*.safetensors")]:  # an earlier export: incomplete until
+            stale.unlink(missing_ok=True)  # config.yaml is written again, and no layer of a deeper model may linger
+        for layer, tc in transcoders.items():
+            save_safetensors(out / f"layer_{layer}.safetensors", circuit_tracer_tensors(tc))  # with their SHA-256
+        with atomic_path(out / "config.yaml") as tmp:  # last: circuit-tracer takes its presence as complete
+            tmp.write_text(config_yaml(ks.pop(), n, widths.pop(), ckpt.name))
     return out
 
 
@@ -94,10 +92,12 @@ def export(train_folder: str, checkpoint_name: str = "latest", output: str = "")
 class CircuitTracerExportConfig(UploadFlags, RunFlags):
     """Export a checkpoint's transcoders in circuit-tracer's format (and optionally upload them)."""
 
-    output: str = arg("", "the folder to write (default: experiments/X/exports/circuit-tracer/<checkpoint stem>/)")
+    output: str = arg("", "the folder to write (default: experiments/X/exports/circuit-tracer/<checkpoint stem>/)",
+                      c.OUT_FOLDER)
 
 
 def main(cfg: CircuitTracerExportConfig) -> Path:
+    check_repo_id(cfg.push_to_hub)  # before anything is written
     return cfg.finish(export(cfg.train_folder, cfg.checkpoint_name, cfg.output))
 
 

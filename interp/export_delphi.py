@@ -43,9 +43,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from core import cli
+from core import checks as c, cli
 from core.cli import arg
-from core.files import UserError, atomic_path, read_json, write_json_atomic
+from core.files import CHECKSUM_KEY, UserError, atomic_path, tensors_sha256, write_json_atomic
+from core.locks import hold_output
 from data.loader import ShardLoader
 from data.tokenizer import load_tokenizer
 from experiment import (
@@ -56,12 +57,14 @@ from experiment import (
     layer_name,
     load_transcoders,
     open_base_run,
+    resolve_checkpoint,
     resolve_device,
+    resolve_run_folder,
 )
 from experiment.paths import CONTEXTS_FILE, EXPORTS_DIR, INDEX_FILE
 from interp.describe import MASK_SHOWN
 from interp.descriptions_stage import all_records
-from interp.feature_store import read_jsonl
+from interp.feature_store import REMAKE, read_index, read_jsonl
 from interp.scan import Batch, ScanSettings, _active
 from interp.topk_stage import scan_inputs
 from model.precision import autocast as autocast_for
@@ -116,8 +119,8 @@ def write_cache(out: Path, layers: list[int], data: dict, config: dict, num_late
         tensors = {"locations": data["locations"][layer].numpy(), "activations": data["activations"][layer].numpy(),
                    "tokens": data["tokens"].numpy(), "clean_tokens": data["clean_tokens"].numpy(),
                    "t": data["t"].numpy()}
-        with atomic_path(d / f"0_{num_latents[layer] - 1}.safetensors") as tmp:
-            save_file(tensors, str(tmp))
+        with atomic_path(d / f"0_{num_latents[layer] - 1}.safetensors") as tmp:  # delphi ignores the checksum
+            save_file(tensors, str(tmp), metadata={CHECKSUM_KEY: tensors_sha256(tensors)})
         write_json_atomic(d / "config.json", config)
 
 
@@ -160,13 +163,20 @@ def score_entries(record: dict, contexts: dict) -> dict[str, list[dict]]:
     return out
 
 
-def write_descriptions(out: Path, records: list[dict], topk_dir: Path, counts: dict[str, torch.Tensor]) -> dict:
-    """Per explainer: explanations, scores and firing counts in a delphi run folder. Returns counts written."""
+def described_contexts(records: list[dict], topk_dir: Path) -> dict[tuple[int, int], dict]:
+    """(layer, feature) → the scan's contexts of each described feature (a damaged contexts.jsonl: one UserError)."""
     contexts: dict[tuple[int, int], dict] = {}
     for layer in sorted({r["layer"] for r in records}):
         path = topk_dir / layer_name(layer) / CONTEXTS_FILE
         wanted = {r["feature"] for r in records if r["layer"] == layer}
         contexts.update({(layer, c["feature"]): c for c in read_jsonl(path) if c["feature"] in wanted})
+    return contexts
+
+
+def write_descriptions(out: Path, records: list[dict], topk_dir: Path, counts: dict[str, torch.Tensor],
+                       contexts: dict[tuple[int, int], dict] | None = None) -> dict:
+    """Per explainer: explanations, scores and firing counts in a delphi run folder. Returns counts written."""
+    contexts = described_contexts(records, topk_dir) if contexts is None else contexts
     written: dict = defaultdict(lambda: defaultdict(int))
     for r in records:
         run = out / run_folder_name(r["explainer"])
@@ -193,41 +203,62 @@ def write_descriptions(out: Path, records: list[dict], topk_dir: Path, counts: d
 class DelphiExportConfig(ShapeFlags, RunFlags):
     """Export a checkpoint's scan (as a latent cache), descriptions and scores in delphi's layout."""
 
-    output: str = arg("", "the folder to write (default: experiments/X/exports/delphi/<checkpoint stem>/)")
+    output: str = arg("", "the folder to write (default: experiments/X/exports/delphi/<checkpoint stem>/)",
+                      c.OUT_FOLDER)
     overwrite: bool = arg(False, "replace an existing export")
 
 
+def export_folder(cfg: DelphiExportConfig, folder: Path, checkpoint: Path) -> Path:
+    return Path(cfg.output) if cfg.output else folder / EXPORTS_DIR / EXPORT_NAME / checkpoint.stem
+
+
 def main(cfg: DelphiExportConfig) -> Path:
+    """The export, under its sibling lock `.<name>.lock`: two exports at once would remove each other's
+    half-made folder."""
+    resolve_device(cfg.cuda, cfg.device)
+    folder = resolve_run_folder(cfg.train_folder)
+    with hold_output(export_folder(cfg, folder, resolve_checkpoint(folder, cfg.checkpoint_name))):
+        return export(cfg)
+
+
+def export(cfg: DelphiExportConfig) -> Path:
     device = resolve_device(cfg.cuda, cfg.device)
     folder, run_cfg, ckpt, model = open_base_run(cfg, device)
     paths = StagePaths(folder, ckpt.name)
     if not (paths.topk / INDEX_FILE).is_file():
         raise UserError(f"no finished scan in {paths.topk}: run get_topk_activations.py for this checkpoint first")
-    index = read_json(paths.topk / INDEX_FILE)
-    settings, layers = index["settings"], index["layers"]
-    out = Path(cfg.output) if cfg.output else folder / EXPORTS_DIR / EXPORT_NAME / ckpt.stem
+    index = read_index(paths.topk)
+    settings, layers = index.get("settings"), index["layers"]
+    if not isinstance(settings, dict):
+        raise UserError(f"{paths.topk / INDEX_FILE} is damaged (no settings); {REMAKE}")
+    out = export_folder(cfg, folder, ckpt)
     if out.exists() and not cfg.overwrite:
         raise UserError(f"{out} exists; --overwrite True replaces it")
     transcoders = load_transcoders(paths.transcoders, layers, device, model.cfg.model_dim)
     tok = load_tokenizer(run_cfg["tokenizer"], folder)
     loader, s = scan_inputs(settings, run_cfg)
+    records = [r for r in all_records(paths.records) if r["layer"] in layers]  # read (damage found) before writing
+    contexts = described_contexts(records, paths.topk)
     tmp = out.with_name(f".{out.name}.partial")  # the export appears whole or not at all
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        tok.save_for_transformers(tmp / TOKENIZER_DIR)
-        model_name = str((out / TOKENIZER_DIR).resolve())
-    except (UserError, OSError) as e:
-        model_name = run_cfg["tokenizer"]
-        print(f"note: no transformers tokenizer written ({e}); pass one to delphi's LatentDataset(tokenizer=...)")
-    collected = collect(model, transcoders, loader, s, device, autocast_for(device))
-    n_tokens = int(collected["tokens"].numel())
-    write_cache(tmp, layers, collected, cache_config(settings, run_cfg, n_tokens, model_name, model.cfg.mask_id),
-                {layer: transcoders[layer].cfg.num_latents for layer in layers})
-    counts = {hookpoint(layer): torch.bincount(collected["locations"][layer][:, 2].long(),
-                                               minlength=transcoders[layer].cfg.num_latents) for layer in layers}
-    records = [r for r in all_records(paths.records) if r["layer"] in layers]
-    written = write_descriptions(tmp, records, paths.topk, counts) if records else {}
+        try:
+            tok.save_for_transformers(tmp / TOKENIZER_DIR)
+            model_name = str((out / TOKENIZER_DIR).resolve())
+        except (UserError, OSError) as e:
+            model_name = run_cfg["tokenizer"]
+            print(f"note: no transformers tokenizer written ({e}); pass one to delphi's LatentDataset(tokenizer=...)")
+        collected = collect(model, transcoders, loader, s, device, autocast_for(device))
+        n_tokens = int(collected["tokens"].numel())
+        write_cache(tmp, layers, collected, cache_config(settings, run_cfg, n_tokens, model_name, model.cfg.mask_id),
+                    {layer: transcoders[layer].cfg.num_latents for layer in layers})
+        counts = {hookpoint(layer): torch.bincount(collected["locations"][layer][:, 2].long(),
+                                                   minlength=transcoders[layer].cfg.num_latents) for layer in layers}
+        written = write_descriptions(tmp, records, paths.topk, counts, contexts) if records else {}
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # an export that failed leaves nothing half-made behind
+        raise
     if out.exists():  # --overwrite: the old export goes only once the new one is complete
         old = out.with_name(f".{out.name}.old")
         shutil.rmtree(old, ignore_errors=True)

@@ -11,7 +11,9 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-from core.files import atomic_path
+from core import files
+from core.files import UserError, atomic_path, load_safetensors, read_json, save_safetensors
+from experiment.paths import INDEX_FILE
 from interp.scan import CATEGORIES, HIST_BINS, T_BINS, LayerState, ScanSettings
 
 N_TOP_TOKENS = 10
@@ -110,21 +112,37 @@ def write_jsonl(path: Path, records) -> None:
 
 
 def write_arrays(path: Path, st: LayerState) -> None:
-    from safetensors.torch import save_file
-
     tensors = {"top_values": st.top.values.clamp_min(0), "fire_count": st.fire_count, "act_sum": st.act_sum,
                "masked_count": st.masked_count, "histogram": st.hist}
     for c in CATEGORIES:
         tensors.update({f"{c}_position": st.chosen[c], f"{c}_window_tokens": st.win_tokens[c],
                         f"{c}_window_acts": st.win_acts[c], f"{c}_t": st.t[c], f"{c}_masked": st.masked[c],
                         f"{c}_window_masked": st.win_masked[c]})
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    save_safetensors(path, tensors)  # with the SHA-256 of the tensors, checked by `read_arrays`
+
+
+REMAKE = "rerun get_topk_activations.py with --overwrite True to remake the top-k output"
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    """A top-k output file (features.jsonl, contexts.jsonl: written whole), read only; a damaged line is one
+    `UserError` naming the file and the line."""
+    return files.read_jsonl(path, remedy=REMAKE)
+
+
+def read_arrays(path: Path, device="cpu") -> dict:
+    """A layer's arrays.safetensors, checked against the checksum written with it."""
+    return load_safetensors(path, device)
+
+
+def read_index(topk_dir: Path) -> dict:
+    """A finished top-k output's index.json: a damaged one is one `UserError` naming it."""
+    path = topk_dir / INDEX_FILE
+    index = read_json(path)
+    layers = index.get("layers") if isinstance(index, dict) else None
+    if not isinstance(layers, list) or not all(isinstance(x, int) for x in layers):
+        raise UserError(f"{path} is damaged (no list of layers); {REMAKE}")
+    return index
 
 
 def noise_levels(records: list[dict]) -> dict:

@@ -27,14 +27,24 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
-from core import cli
+from core import checks, cli
 from core.cli import arg
-from core.files import UserError, write_json_atomic
+from core.files import UserError, read_jsonl, write_json_atomic
+from core.locks import hold_output
 from data.loader import ShardLoader
-from experiment import RunFlags, StagePaths, load_run, load_transcoders, resolve_device, transcoder_layers
+from experiment import (
+    RunFlags,
+    StagePaths,
+    load_run,
+    load_transcoders,
+    resolve_device,
+    resolve_run_folder,
+    transcoder_layers,
+)
 from experiment.paths import GROUND_TRUTH_FILE
 from interp.descriptions_stage import TOKENS, read_records
 from interp.ground_truth_counts import (
@@ -57,6 +67,7 @@ from model.objective import apply_noise, val_noise
 
 RECOVERED_F1 = 0.8
 TARGET_T, TARGET_CEILING = 0.5, 0.5
+DEFAULT_VAL_TOKENS = 65_536
 NOISE_SEED = 99  # the benchmark's masks, the same for every run
 
 
@@ -65,20 +76,20 @@ class GroundTruthConfig(RunFlags):
     """Measure how well transcoder features and their descriptions recover the synthetic corpus's concepts,
     at visible and at masked positions, beside controls that use no feature or no model."""
 
-    val_tokens: int = arg(65_536, "validation tokens to measure F1 on (half choose, half score)")
+    val_tokens: Optional[int] = arg(None, f"validation tokens to measure F1 on (half choose, half score); default: "
+                                          f"{DEFAULT_VAL_TOKENS:,}, or the whole split if it holds fewer",
+                                    checks.count(runs=("100_000_000",)))
     noise_levels: list[float] = arg([0.0, 0.25, 0.5, 0.75], "noise levels t to score at (repeat the flag for "
-                                    "several); each masks every non-BOS position with probability t")
-    probe_k: list[int] = arg([1, 2, 5], "sizes k of the sparse probes (repeat the flag for several)")
-    probe_steps: int = arg(15, "Newton iterations (at most) of each probe's logistic regression")
-    shuffle_repeats: int = arg(3, "label permutations for the shuffled-label control")
+                                    "several); each masks every non-BOS position with probability t", checks.fraction())
+    probe_k: list[int] = arg([1, 2, 5], "sizes k of the sparse probes (repeat the flag for several)",
+                             checks.count(1, 1000))
+    probe_steps: int = arg(15, "Newton iterations (at most) of each probe's logistic regression", checks.count(1, 1000))
+    shuffle_repeats: int = arg(3, "label permutations for the shuffled-label control", checks.count(1, 1000))
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        cli.require_positive(self, "val_tokens", "probe_steps", "shuffle_repeats")
-        if not self.noise_levels or any(not 0 <= t <= 1 for t in self.noise_levels):
-            raise ValueError(f"--noise_levels must each lie in [0, 1], got {self.noise_levels}")
-        if not self.probe_k or any(k < 1 for k in self.probe_k):
-            raise ValueError(f"--probe_k must each be positive, got {self.probe_k}")
+        if not self.noise_levels or not self.probe_k:
+            raise ValueError("--noise_levels and --probe_k need at least one value each")
 
 
 def collect(model, transcoders: dict, loader: ShardLoader, max_tokens: int, t: float, category_of: torch.Tensor,
@@ -246,8 +257,13 @@ def run_ground_truth(cfg: GroundTruthConfig) -> dict:
         return layers[i], g - int(starts[i])
 
     loader = ShardLoader(data_dir, "val", config["train"]["train_seq_len"], 8)
-    if loader.n_sequential(cfg.val_tokens) <= loader.batch_size:
-        raise UserError(f"--val_tokens {cfg.val_tokens} covers one batch of validation windows: the benchmark "
+    have = loader.n_windows * loader.seq_len
+    if cfg.val_tokens is not None and cfg.val_tokens > have:
+        raise UserError(f"--val_tokens {cfg.val_tokens:,}: the validation split of {data_dir} holds {have:,} tokens "
+                        f"({loader.n_windows:,} windows of {loader.seq_len}); give at most {have:,}")
+    val_tokens = cfg.val_tokens or min(DEFAULT_VAL_TOKENS, have)
+    if loader.n_sequential(val_tokens) <= loader.batch_size:
+        raise UserError(f"--val_tokens {val_tokens} covers one batch of validation windows: the benchmark "
                         "chooses on one half and scores on another, so give at least two batches' worth")
     records = read_records(paths.records)
     by_feature: dict[tuple[int, int], dict[str, str | None]] = {}
@@ -258,7 +274,7 @@ def run_ground_truth(cfg: GroundTruthConfig) -> dict:
     ks = sorted(set(cfg.probe_k))
     conditions = []
     for t in sorted(set(cfg.noise_levels)):
-        select, report = collect(model, transcoders, loader, cfg.val_tokens, t, category_of, offsets, device)
+        select, report = collect(model, transcoders, loader, val_tokens, t, category_of, offsets, device)
         for view in ("visible", "masked"):
             sel, rep = select.view(masked=view == "masked"), report.view(masked=view == "masked")
             if not len(sel.cats) or not len(rep.cats):
@@ -271,11 +287,11 @@ def run_ground_truth(cfg: GroundTruthConfig) -> dict:
             conditions.append({"t": t, "positions": view, "positions_selection": len(sel.cats),
                                "positions_heldout": len(rep.cats), **summarise(rows, ks), **naming,
                                "categories": rows})
-    facts = [json.loads(line) for line in (data_dir / meta["facts"]).read_text().splitlines()]
+    facts = read_jsonl(data_dir / meta["facts"])
     with torch.no_grad():
         facts_result = fact_accuracy(model, tok, facts)
     fact_keys = ("accuracy", "chance", "chance_uniform", "chance_majority", "chance_shuffled", "by_phrasing")
-    result = {"checkpoint": ckpt.name, "val_tokens": cfg.val_tokens, "noise_levels": sorted(set(cfg.noise_levels)),
+    result = {"checkpoint": ckpt.name, "val_tokens": val_tokens, "noise_levels": sorted(set(cfg.noise_levels)),
               "probe_k": ks,
               "selection": "chosen on the even validation batches, scored on the odd ones (no position in both); "
                            "visible and masked positions scored separately at each noise level",
@@ -293,7 +309,9 @@ def run_ground_truth(cfg: GroundTruthConfig) -> dict:
 
 
 def main(cfg: GroundTruthConfig) -> dict:
-    return run_ground_truth(cfg)
+    folder = resolve_run_folder(cfg.train_folder)
+    with hold_output(folder / GROUND_TRUTH_FILE):  # two runs at once would each overwrite the other's result
+        return run_ground_truth(cfg)
 
 
 if __name__ == "__main__":

@@ -15,12 +15,14 @@ transcoders' imperfect imitation of the MLPs (replacement model vs model).
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
+from core.files import UserError
 from interp.graph import Graph
 from interp.replacement import FrozenStep, demean
 from model.diffusion import DiffusionLM
@@ -216,7 +218,8 @@ class Change:
 
 
 def parse_changes(spec: str) -> list[Change]:
-    """'1_329_9=0,0_44_3=2x' → changes (ValueError naming the bad part)."""
+    """'1_329_9=0,0_44_3=2x' → changes (ValueError naming the bad part): indices are whole numbers ≥ 0 and
+    the value a finite number. Whether the nodes exist is `check_changes`'s business (it needs the run)."""
     out = []
     for part in filter(None, (p.strip() for p in spec.split(","))):
         try:
@@ -227,7 +230,33 @@ def parse_changes(spec: str) -> list[Change]:
         except ValueError:
             raise ValueError(f"--intervene: {part!r} is not layer_feature_position=value (value: a number, or "
                              "Nx for N times the current activation)") from None
+        if min(layer, feature, position) < 0:
+            raise ValueError(f"--intervene: {part!r}: layer, feature and position are indices, 0 or more")
+        if not math.isfinite(out[-1].value):
+            raise ValueError(f"--intervene: {part!r}: the value must be a finite number")
     return out
+
+
+def check_changes(changes: list[Change], transcoders: dict[int, Transcoder], length: int) -> None:
+    """Every --intervene node against what the run has, before any work (UserError naming the node and the
+    valid range): a layer with a loaded transcoder, a feature below its number of latents, a position
+    below `length`, the shortest row a step reads (BOS at 0, the prompt, the continuation), and no node
+    twice."""
+    seen = set()
+    for c in changes:
+        node = f"{c.layer}_{c.feature}_{c.position}"
+        if c.layer not in transcoders:
+            raise UserError(f"--intervene {node}: no transcoder at layer {c.layer} (transcoders at layers "
+                            f"{', '.join(map(str, sorted(transcoders)))})")
+        n = transcoders[c.layer].cfg.num_latents
+        if c.feature >= n:
+            raise UserError(f"--intervene {node}: layer {c.layer}'s transcoder has features 0..{n - 1}")
+        if c.position >= length:
+            raise UserError(f"--intervene {node}: positions run 0..{length - 1} (BOS at 0, then the prompt and the "
+                            f"continuation; the shortest prompt's row has {length} positions)")
+        if (c.layer, c.feature, c.position) in seen:
+            raise UserError(f"--intervene names {node} more than once")
+        seen.add((c.layer, c.feature, c.position))
 
 
 def intervene(model, transcoders, fz: FrozenStep, g: Graph, effects: torch.Tensor, changes: list[Change],

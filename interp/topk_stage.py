@@ -1,13 +1,14 @@
 """get_topk_activations.py's work: load the run and its transcoders, scan, write the outputs and pages."""
 from __future__ import annotations
 
-import shutil
+import contextlib
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-from core.files import UserError, read_json, write_json_atomic
+from core.files import UserError, read_json, remove_stale_temporaries, write_json_atomic
+from core.locks import Replacement, has_output, hold, staging_path
 from data.loader import ShardLoader
 from data.tokenizer import load_tokenizer
 from experiment import (
@@ -72,6 +73,25 @@ def scan_inputs(settings: dict, run_cfg: dict, checkpoint_every: int = 200) -> t
     return loader, s
 
 
+def check_scan(cfg, settings: dict, run_cfg: dict) -> None:
+    """What the scan is asked to keep against what it reads, before any file is written (UserError): a
+    context window fits one sequence, and no feature can have more top, quantile or non-activating
+    examples than the scan has tokens. The model itself has no longest sequence (rotary positions are
+    computed for any length); the data's is checked by building the loader (a sequence longer than the
+    training split, or too few windows for one batch, is its one-line error)."""
+    window = cfg.context_before + 1 + cfg.context_after
+    if window > cfg.train_seq_len:
+        raise UserError(f"--context_before {cfg.context_before} + 1 + --context_after {cfg.context_after} = {window} "
+                        f"tokens: a context window must fit in one sequence of --train_seq_len {cfg.train_seq_len}")
+    n_tokens = cfg.n_batches() * cfg.batch_size * cfg.train_seq_len
+    for name in ("top_k", "n_quantile", "n_random"):
+        if getattr(cfg, name) > n_tokens:
+            raise UserError(f"--{name} {getattr(cfg, name):,} is more than the {n_tokens:,} tokens the scan reads "
+                            f"({cfg.n_batches():,} batches × --batch_size {cfg.batch_size} × --train_seq_len "
+                            f"{cfg.train_seq_len})")
+    scan_inputs(settings, run_cfg)
+
+
 def run_topk(cfg) -> Path:
     """One process, or one per device under torchrun (each scans a share of the batches; rank 0 writes)."""
     dist, device = setup_distributed(cfg)
@@ -87,9 +107,31 @@ def _run_topk(cfg, dist: Dist, device) -> Path:
     tc_dir, out_dir = paths.transcoders, paths.topk
     layers = transcoder_layers(tc_dir, cfg.layers, model.cfg.num_layers)
     settings = scan_settings(cfg, ckpt.name, layers)
-    if cfg.overwrite and out_dir.exists() and dist.main:
-        shutil.rmtree(out_dir)
-    dist.barrier()
+    check_scan(cfg, settings, run_cfg)  # before the output folder is touched
+    # --overwrite writes the new output beside the old one and swaps it in only once it is complete
+    replace = cfg.overwrite and has_output(out_dir)
+    dist.barrier()  # every process has looked before rank 0 creates anything
+    with contextlib.ExitStack() as stack:
+        replacement = None
+        if dist.main:  # under torchrun, rank 0 holds the lock for the job
+            stack.enter_context(hold(out_dir))
+            if replace:
+                replacement = stack.enter_context(Replacement(out_dir))
+        dist.barrier()
+        work = staging_path(out_dir) if replace else out_dir
+        result = _scan_into(cfg, dist, device, folder, run_cfg, ckpt, model, tc_dir, work, layers, settings, out_dir)
+        if replacement is not None and result is not None:
+            replacement.commit()
+        dist.barrier()  # no process returns while rank 0 still swaps
+    if dist.main and result is not None:
+        print(f"feature browser: {out_dir / PAGE_FILE}")
+    return out_dir
+
+
+def _scan_into(cfg, dist: Dist, device, folder: Path, run_cfg: dict, ckpt: Path, model, tc_dir: Path, out_dir: Path,
+               layers: list[int], settings: dict, final: Path) -> Path | None:
+    """Scan and write the outputs into `out_dir` (`final`, or its replacement being written); None when a
+    finished output was found there."""
     if (out_dir / CONFIG_FILE).exists():
         saved = saved_settings(out_dir / CONFIG_FILE)
         if saved != settings:
@@ -101,10 +143,11 @@ def _run_topk(cfg, dist: Dist, device) -> Path:
                                 "halves that could share positions); rerun with --overwrite True to remake it")
             if dist.main:
                 print(f"{out_dir} is complete; --overwrite True recomputes it. Pages: {out_dir / PAGE_FILE}")
-            return out_dir
+            return None
     dist.barrier()  # every process has read the old config before rank 0 writes the new one
     if dist.main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out_dir)  # what a killed scan was writing (its layer files, its state)
         write_json_atomic(out_dir / CONFIG_FILE, settings)
     dist.barrier()
 
@@ -142,7 +185,7 @@ def _run_topk(cfg, dist: Dist, device) -> Path:
         summary[str(layer)] = {"features": len(stats), "dead": dead, "live": len(stats) - dead,
                                "held_out_noise": noise_levels(examples)}
         print(f"layer {layer}: {len(stats) - dead} live, {dead} dead features (never fired in the scan); "
-              f"page {ldir / PAGE_FILE}")
+              f"page {final / layer_name(layer) / PAGE_FILE}")
     write_root_page(out_dir, layers, summary)
     write_json_atomic(out_dir / INDEX_FILE, {
         "complete": True, "protocol": PROTOCOL, "checkpoint": ckpt.name, "layers": layers, "n_tokens": n_tokens,
@@ -151,5 +194,4 @@ def _run_topk(cfg, dist: Dist, device) -> Path:
                                                            "arrays": ARRAYS_FILE, "page": PAGE_FILE}})
     for f in out_dir.glob(f"{Path(SCAN_STATE_FILE).stem}*{Path(SCAN_STATE_FILE).suffix}"):
         f.unlink(missing_ok=True)  # this run's state files, one per process under torchrun
-    print(f"feature browser: {out_dir / PAGE_FILE}")
     return out_dir

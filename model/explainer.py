@@ -13,11 +13,14 @@ seq2seq model's prompt has the encoder's 512 to itself.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from core.files import UserError
 from model.precision import describe, native_bf16
+
+DType = Literal["auto", "bfloat16", "float32", "float16"]  # --dtype
 
 
 def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:

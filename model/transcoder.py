@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.files import UserError, atomic_path, write_json_atomic
+from core.files import UserError, load_safetensors, save_safetensors, write_json_atomic
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae.safetensors"
@@ -148,27 +148,25 @@ class Transcoder(nn.Module):
             g.sub_((g * w).sum(dim=1, keepdim=True) * w)
 
     def save(self, folder: str | os.PathLike) -> None:
-        """sparsify's layout: cfg.json + sae.safetensors (written atomically, weights first)."""
-        from safetensors.torch import save_file
-
+        """sparsify's layout: cfg.json + sae.safetensors (written atomically, weights first; the SHA-256 of the
+        weights in its metadata, which sparsify ignores and `load` checks)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().float().contiguous().cpu() for k, v in self.state_dict().items()}
-        with atomic_path(folder / WEIGHTS_FILE) as tmp:
-            save_file(tensors, str(tmp))
+        save_safetensors(folder / WEIGHTS_FILE, tensors)
         write_json_atomic(folder / CFG_FILE, self.cfg.sparsify_dict())
 
     @classmethod
     def load(cls, folder: str | os.PathLike, device: torch.device | str = "cpu") -> "Transcoder":
-        from safetensors.torch import load_file
-
         folder = Path(folder)
         try:
             raw = json.loads((folder / CFG_FILE).read_text())
             cfg = TranscoderConfig(raw["d_in"], raw["num_latents"] or raw["d_in"] * raw["expansion_factor"], raw["k"],
                                    raw.get("skip_connection", False))
             tc = cls(cfg)
-            tc.load_state_dict(load_file(str(folder / WEIGHTS_FILE)), strict=True)
+            tc.load_state_dict(load_safetensors(folder / WEIGHTS_FILE), strict=True)  # checked against its SHA-256
+        except UserError:
+            raise
         except FileNotFoundError as e:
             raise UserError(f"transcoder files missing in {folder}: {e.filename}") from None
         except Exception as e:  # bad JSON, missing keys, safetensors errors, shape mismatches

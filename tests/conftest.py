@@ -6,6 +6,20 @@ import pytest
 from tests.helpers import tiny_topk_config, tiny_train_config, tiny_transcoder_config
 
 
+@pytest.fixture
+def reference_machine(tmp_path, monkeypatch):
+    """Where the reference command lines run: a machine with 8 CUDA devices, in a folder that holds the
+    run folder they name (experiments/X). Flags are checked against what exists when they are parsed."""
+    import torch
+
+    (tmp_path / "experiments" / "X").mkdir(parents=True)
+    (tmp_path / "experiments" / "X" / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    return tmp_path
+
+
 @pytest.fixture(scope="session")
 def synthetic_data(tmp_path_factory):
     """The synthetic corpus (0.3 MB) prepared with a BPE trained on it."""

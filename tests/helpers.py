@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from train_diffusion import TrainConfig
 from train_transcoders import TranscoderTrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
+ERROR_LINE = re.compile(r"^(?:[\w.\- ]+: )?error: ")  # "error: ..." or "<program>: error: ..."
 
 
 def run_cli(args: list[str], env: dict | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
@@ -25,7 +27,7 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> N
     assert proc.returncode != 0, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith(("tokenizing", "\r"))]
-    errors = [line for line in lines if line.startswith("error:")]
+    errors = [line for line in lines if ERROR_LINE.search(line)]
     assert len(errors) == 1, proc.stderr
     for needle in needles:
         assert needle.lower() in errors[0].lower(), errors[0]

@@ -4,6 +4,7 @@ from typing import Literal, Optional
 import pytest
 
 from core.cli import arg, parse_config
+from core.files import UserError
 from tests.helpers import assert_one_line_error, run_cli
 
 
@@ -33,10 +34,12 @@ def test_reference_style_values_parse():
     assert parse_config(Demo, []).prompt == [] and parse_config(Demo, []).limit is None
 
 
-def test_bad_values_are_rejected():
-    for argv in (["--save_model", "maybe"], ["--train_seq_len", "4.5"], ["--mode", "c"], ["--unknown", "1"]):
-        with pytest.raises(SystemExit):
+def test_bad_values_are_rejected_in_one_line():
+    for argv in (["--save_model", "maybe"], ["--train_seq_len", "4.5"], ["--mode", "c"], ["--unknown", "1"],
+                 ["--train_seq_len", "inf"], ["--train_seq_len", "nan"], ["--lr", "x"]):
+        with pytest.raises(UserError) as e:
             parse_config(Demo, argv)
+        assert "\n" not in str(e.value) and "usage" not in str(e.value)
 
 
 def test_ignored_flags_are_reported_once(capsys):
@@ -88,7 +91,8 @@ def test_a_stage_reads_a_config_file(tmp_path):
     assert_one_line_error(run_cli(["generate.py", "--train_folder", str(tmp_path / "none"), "--config",
                                    str(tmp_path / "gen.yaml")]), "unknown flag(s) num_generate_step")
     (tmp_path / "gen.yaml").write_text(f"gen_length: 8\ntrain_folder: {tmp_path / 'none'}\n")
-    assert_one_line_error(run_cli(["generate.py", "--config", str(tmp_path / "gen.yaml")]), "none does not exist")
+    assert_one_line_error(run_cli(["generate.py", "--config", str(tmp_path / "gen.yaml")]), "gen.yaml: --train_folder",
+                          "none does not exist")
 
 
 def test_values_from_a_config_file_count_as_given(tmp_path):

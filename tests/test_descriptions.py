@@ -373,7 +373,7 @@ def test_tokens_explainer_end_to_end(run_copy):
     assert sum(corr) / len(corr) > 0.1  # the baseline's quoted tokens do predict activations
 
 
-def test_reference_command_line_parses(capsys):
+def test_reference_command_line_parses(capsys, reference_machine):
     cfg = cli.parse_config(DescriptionsConfig, REFERENCE, ignored=IGNORED)
     assert cfg.explainer == "google/flan-t5-xxl" and cfg.cuda == 1
     assert "--train_seq_len" in capsys.readouterr().out

@@ -175,6 +175,10 @@ def test_load_refuses_another_shape(tmp_path):
         DiffusionLM.load(tmp_path / "m.pt", "cpu", expected=tiny_cfg(model_dim=64))
     state = torch.load(tmp_path / "m.pt", weights_only=True)
     del state["model"]["blocks.1.mlp.fc.weight"]
+    torch.save(state, tmp_path / "damaged.pt")  # its saved SHA-256 no longer matches
+    with pytest.raises(UserError, match="is damaged"):
+        DiffusionLM.load(tmp_path / "damaged.pt", "cpu")
+    state.pop("sha256")  # a file written by another tool, without one: the strict load refuses it
     torch.save(state, tmp_path / "broken.pt")
     with pytest.raises(UserError, match="does not match"):
         DiffusionLM.load(tmp_path / "broken.pt", "cpu")

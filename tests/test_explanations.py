@@ -233,7 +233,7 @@ def test_tiny_t5_end_to_end(tiny_topk, tiny_run, tiny_llms, tmp_path):
     assert (out.parent / "report.html").exists()
 
 
-def test_reference_command_line_parses():
+def test_reference_command_line_parses(reference_machine):
     cfg = cli.parse_config(ExplainConfig, REFERENCE)
     got = (cfg.checkpoint_name, cfg.cuda, cfg.max_seq_len, cfg.features_per_layer)
     assert got == ("state_step020000.pt", 1, 4096, 10)
@@ -246,7 +246,7 @@ def test_no_descriptions_yet(tiny_run, tiny_transcoders, tmp_path):
                                    "--device", "cpu"]), "no descriptions by 'tokens'")
 
 
-def test_generate_flags_without_a_meaning_here_are_reported_as_ignored(capsys):
+def test_generate_flags_without_a_meaning_here_are_reported_as_ignored(capsys, reference_machine):
     """ExplainConfig shares generate.py's sampling flags but not its batching and printing ones."""
     cfg = cli.parse_config(ExplainConfig, [*REFERENCE, "--batch_size", "4", "--quiet"], ignored=IGNORED)
     assert capsys.readouterr().out.strip() == "ignored by this stage: --batch_size, --quiet"

@@ -122,7 +122,7 @@ def test_cli_prints_reference_format_and_writes_json(tiny_run, tmp_path):
     assert quiet.returncode == 0 and len(quiet.stdout.strip().splitlines()) == 1
 
 
-def test_reference_command_line_parses():
+def test_reference_command_line_parses(reference_machine):
     cfg = cli.parse_config(GenerateConfig, REFERENCE)
     assert (cfg.checkpoint_name, cfg.cuda, cfg.num_layers, cfg.max_seq_len) == ("state_step020000.pt", 1, 12, 4096)
 

@@ -81,8 +81,9 @@ def test_interrupted_preparation_resumes_to_identical_shards(tmp_path, monkeypat
         prepare_dataset(_cfg(tmp_path, tmp_path / "docs.jsonl", **kw))
     monkeypatch.setattr(data.writer, "write_shard", real_write)
     folder = reference.folder.parent.parent / "cache" / reference.folder.name
-    finished = {p.name: p.stat().st_mtime_ns for p in folder.glob("*.bin")}
-    assert len(finished) == 3 and not list(folder.glob(".*tmp"))  # nothing half-written
+    partial = folder.with_name(folder.name + ".partial")  # the dataset's name only once it is complete
+    finished = {p.name: p.stat().st_mtime_ns for p in partial.glob("*.bin")}
+    assert len(finished) == 3 and not list(partial.glob(".*tmp")) and not folder.exists()  # nothing half-written
     resumed = prepare_dataset(_cfg(tmp_path, tmp_path / "docs.jsonl", **kw))
     assert all(resumed.folder.joinpath(n).stat().st_mtime_ns == t for n, t in finished.items())  # not redone
     assert resumed.meta["shards"] == reference.meta["shards"]
@@ -137,8 +138,8 @@ def test_bad_inputs_raise_user_errors(tmp_path):
     (tmp_path / "blank.txt").write_text("\n\n   \n")
     with pytest.raises(UserError, match="every document is empty"):
         prepare_dataset(_cfg(tmp_path, tmp_path / "blank.txt"))
-    with pytest.raises(UserError, match="does not exist"):
-        prepare_dataset(_cfg(tmp_path, tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="nowhere does not exist"):  # refused with the flags
+        _cfg(tmp_path, tmp_path / "nowhere")
     with pytest.raises(ValueError, match="--shard_size must be positive"):  # cli.run makes it one line
         _cfg(tmp_path, "synthetic", shard_size=0)
 

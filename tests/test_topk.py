@@ -193,7 +193,7 @@ def test_interrupted_scan_resumes_to_identical_output(tiny_run, tiny_transcoders
     assert not (b / "scan_state.pt").exists()
 
 
-def test_reference_command_line_parses(capsys):
+def test_reference_command_line_parses(capsys, reference_machine):
     cfg = cli.parse_config(TopKConfig, REFERENCE, ignored=IGNORED)
     assert (cfg.n_batches(), cfg.train_seq_len, cfg.top_k) == (8000, 4096, 50)  # --train_steps 1_000 × 8
     assert capsys.readouterr().out.strip() == "ignored by this stage: --save_model, --val_loss_every, --save_every"
@@ -216,8 +216,8 @@ def test_bad_inputs(tiny_run, tmp_path):
     (["--train_steps", "5", "--grad_acc_steps", "3"], 15),  # the shared command line's spelling
     (["--scan_batches", "15", "--train_steps", "5", "--grad_acc_steps", "3"], 15),
 ])
-def test_scan_batches_and_its_train_steps_alias(argv, batches):
-    cfg = cli.parse_config(TopKConfig, ["--train_folder", "x", *argv])
+def test_scan_batches_and_its_train_steps_alias(argv, batches, reference_machine):
+    cfg = cli.parse_config(TopKConfig, ["--train_folder", "experiments/X", *argv])
     assert cfg.n_batches() == batches
 
 
@@ -225,9 +225,9 @@ def test_scan_batches_and_its_train_steps_alias(argv, batches):
     (["--scan_batches", "10", "--train_steps", "5", "--grad_acc_steps", "3"], "disagrees"),
     (["--scan_batches", "0"], "must be positive"),
 ])
-def test_scan_batches_contradictions_are_refused(argv, needle):
+def test_scan_batches_contradictions_are_refused(argv, needle, reference_machine):
     with pytest.raises(cli.UserError, match=needle):
-        cli.parse_config(TopKConfig, ["--train_folder", "x", *argv])
+        cli.parse_config(TopKConfig, ["--train_folder", "experiments/X", *argv])
 
 
 def test_an_output_made_before_scan_batches_still_counts_as_finished(tiny_run, tiny_topk, tmp_path, capsys):

@@ -25,7 +25,7 @@ def unigram_entropy(prepared) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def test_reference_command_line_parses():
+def test_reference_command_line_parses(reference_machine):
     cfg = cli.parse_config(TrainConfig, REFERENCE)
     assert (cfg.train_seq_len, cfg.val_seq_len, cfg.train_steps, cfg.grad_acc_steps, cfg.num_layers, cfg.num_heads,
             cfg.model_dim, cfg.save_model, cfg.cuda, cfg.val_loss_every, cfg.save_every, cfg.batch_size) == (
@@ -150,9 +150,9 @@ def test_tiny_command_line_end_to_end(tmp_path):
     (["--train_steps", "0"], "--train_steps must be positive"),
     (["--model_dim", "30", "--num_heads", "4"], "not divisible"),
     (["--cuda", "3", "--dataset", "synthetic"], "cuda:3 does not exist"),
-    (["--device", "tpu"], "unknown device"),
+    (["--device", "tpu"], "use cpu, cuda or cuda:N"),
     (["--val_tokens", "100"], "less than one --val_seq_len"),
-    (["--resume", "nowhere/run"], "no such run folder"),
+    (["--resume", "nowhere/run"], "nowhere/run does not exist"),
 ])
 def test_bad_inputs_are_one_line_errors(argv, needle, tmp_path):
     if "--cuda" in argv and torch.cuda.device_count() > 3:

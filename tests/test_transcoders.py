@@ -233,7 +233,7 @@ def test_two_process_ddp_equals_one_process(tiny_run, tmp_path):
             assert a["all_nelbo"] == pytest.approx(b["all_nelbo"], rel=1e-3)
 
 
-def test_reference_command_line_parses():
+def test_reference_command_line_parses(reference_machine):
     cfg = cli.parse_config(TranscoderTrainConfig, REFERENCE)
     assert (cfg.train_seq_len, cfg.train_steps, cfg.grad_acc_steps, cfg.num_layers, cfg.save_model, cfg.cuda,
             cfg.expansion_factor, cfg.k, cfg.mask_ratio) == (4096, 20_000, 8, 12, True, 1, 32, 32, "random")

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from core.files import UserError, atomic_path, load_checkpoint, read_json, write_json_atomic
+from core.files import UserError, atomic_path, load_checkpoint, read_json, remove_stale_temporaries, write_json_atomic
+from core.locks import hold
 from data.loader import ShardLoader
 from data.prepare import PrepareConfig, PreparedData, prepare_dataset
 from experiment import (
@@ -35,7 +36,7 @@ from model.distributed import Dist
 from model.objective import VAL_SEED, diffusion_loss, train_noise, val_noise
 from model.optim import build_optimizers, lr_factor, set_lr
 from model.precision import autocast as autocast_for, describe
-from training.loop import open_wandb, run_steps
+from training.loop import finite, open_wandb, run_steps
 
 # Flags a resumed run must keep: they fix the model, the data or the order of batches.
 RESUME_FIXED = ("dataset", "tokenizer", "synthetic_mb", "num_layers", "num_heads", "model_dim", "mlp_ratio",
@@ -167,7 +168,8 @@ def train(cfg, given: set[str] | None = None) -> Path | None:
     """Run (or resume) a training run; returns its folder (on rank 0)."""
     dist, device = setup_distributed(cfg)
     try:
-        return loop(set_up(cfg, given, dist, device))
+        with contextlib.ExitStack() as stack:  # the run folder's lock (rank 0) until the run ends
+            return loop(set_up(cfg, given, dist, device, stack))
     finally:
         dist.close()
 
@@ -186,11 +188,14 @@ def _prepare_data(cfg, dist: Dist, tokens_per_step: int) -> PreparedData:
     return data
 
 
-def set_up(cfg, given: set[str] | None, dist: Dist, device: torch.device) -> Run:
-    """Data, model, optimizers and the run folder of a new run, or all of them restored for a resumed one."""
+def set_up(cfg, given: set[str] | None, dist: Dist, device: torch.device, stack: contextlib.ExitStack) -> Run:
+    """Data, model, optimizers and the run folder of a new run, or all of them restored for a resumed one.
+    `stack` holds the run folder's lock (rank 0) until the caller's block ends."""
     state, folder = None, None
     if cfg.resume:
         folder, ckpt = find_resume(cfg.resume, cfg.experiments_dir)
+        if dist.main:  # a second job resuming the same run would write every line and checkpoint twice
+            stack.enter_context(hold(folder))
         cfg = merge_resume_config(cfg, read_json(folder / CONFIG_FILE)["train"], given)
         state = load_checkpoint(ckpt, device)
     if cfg.grad_acc_steps % dist.world:
@@ -229,6 +234,7 @@ def set_up(cfg, given: set[str] | None, dist: Dist, device: torch.device) -> Run
     if dist.main:
         if folder is None:
             folder = new_run_folder(cfg.model_name, cfg.experiments_dir)
+            stack.enter_context(hold(folder))
             write_json_atomic(folder / CONFIG_FILE, {
                 "train": asdict(cfg), "model": asdict(mcfg), "tokenizer": tok.spec(),
                 "data": {"folder": str(data.folder), "params": data.meta["params"], "train_files": train_files}})
@@ -239,6 +245,7 @@ def set_up(cfg, given: set[str] | None, dist: Dist, device: torch.device) -> Run
             meta.setdefault("resumes", []).append({"from_step": start, **metadata(facts)})
             write_json_atomic(folder / METADATA_FILE, meta)
             truncate_metrics(folder, start)
+            remove_stale_temporaries(folder, recursive=False)  # what a killed run was writing (later stages' own below)
         log.folder = folder
     log(f"run folder: {folder}" + (f" (resumed at step {start})" if start else ""))
     log(f"model: {model.n_params():,} parameters ({model.n_params(matmul_only=True):,} in matmuls), "
@@ -266,6 +273,15 @@ def loop(r: Run) -> Path | None:
         interval += r.state["loss_since_log"].to(device)
     factor = 1.0
 
+    def diverged(what: str) -> None:
+        kept = list_checkpoints(r.folder) if r.folder else []
+        raise TrainingDiverged(f"{what}; stopped. Last good checkpoint: {kept[-1] if kept else 'none saved yet'}. "
+                               "Try lower learning rates.")
+
+    def check_weights(done: int) -> None:  # before validating or saving: never a checkpoint of NaN weights
+        if not finite(r.model):
+            diverged(f"the weights became NaN or infinite at step {done}")
+
     def step(index: int) -> None:
         nonlocal factor
         factor = lr_factor(index, cfg.train_steps, cfg.cooldown_frac)
@@ -280,9 +296,7 @@ def loop(r: Run) -> Path | None:
         loss = float(sums[0] / sums[2])
         interval.add_(sums)
         if not math.isfinite(loss):
-            kept = list_checkpoints(r.folder) if r.folder else []
-            raise TrainingDiverged(f"the loss became {loss} at step {index + 1}; stopped. Last good checkpoint: "
-                                   f"{kept[-1] if kept else 'none saved yet'}. Try lower learning rates.")
+            diverged(f"the loss became {loss} at step {index + 1}")
         for opt in r.optimizers:
             opt.step()
         for opt in r.optimizers:
@@ -299,6 +313,7 @@ def loop(r: Run) -> Path | None:
         return {"loss": f"{mean_loss:.3f}", "tok_s": f"{tokens_per_s:,.0f}"}
 
     def validate(done: int) -> None:
+        check_weights(done)
         result = evaluate(r.model, r.val_loader, cfg.val_tokens, device, autocast, dist)
         log(f"step {done}: val NELBO {result['val_nelbo']:.4f} nats/token = {result['val_bits_per_token']:.4f} "
             f"bits/token, perplexity bound {result['val_ppl_bound']:.2f} ({result['val_tokens']:,} tokens)")
@@ -309,6 +324,8 @@ def loop(r: Run) -> Path | None:
             plot_losses(r.folder)
 
     def save(done: int) -> None:
+        if cfg.save_model:
+            check_weights(done)  # on every process (the weights are the same), so all of them stop
         if dist.main and cfg.save_model:
             r.model.save(r.folder / checkpoint_name(done), {
                 "step": done, "optimizers": [o.state_dict() for o in r.optimizers], "config": asdict(cfg),

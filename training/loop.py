@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import torch
 from tqdm import tqdm
 
 
@@ -14,6 +15,13 @@ def due(done: int, every: int, total: int) -> bool:
     """Whether a periodic event (logging, validation, checkpoint) happens after step `done`: every
     `every` steps (0: never periodically) and always after the last step."""
     return (every > 0 and done % every == 0) or done == total
+
+
+def finite(module: torch.nn.Module) -> bool:
+    """Whether every parameter is finite (one device sync): a step whose loss was finite can still leave
+    weights that are not, and those must never be validated as a result or saved as a checkpoint."""
+    params = [p.detach() for p in module.parameters()]
+    return bool(torch.stack([torch.isfinite(p).all() for p in params]).all()) if params else True
 
 
 def run_steps(cfg, start: int, tokens_per_step: int, show: bool, step: Callable[[int], None],

@@ -7,9 +7,9 @@ hand (the per-layer backward does not fit DDP's one-forward-one-backward model).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,16 @@ from typing import Any
 import torch
 import torch.distributed as torch_dist
 
-from core.files import UserError, atomic_path, load_checkpoint, read_json, save_checkpoint, write_json_atomic
+from core.files import (
+    UserError,
+    atomic_path,
+    load_checkpoint,
+    read_json,
+    remove_stale_temporaries,
+    save_checkpoint,
+    write_json_atomic,
+)
+from core.locks import Replacement, has_output, hold, staging_path
 from data.loader import ShardLoader
 from experiment import (
     CONFIG_FILE,
@@ -42,7 +51,7 @@ from model.objective import VAL_SEED, apply_noise, diffusion_loss, train_noise, 
 from model.optim import lr_factor
 from model.precision import autocast as autocast_for
 from model.transcoder import Transcoder, TranscoderConfig
-from training.loop import open_wandb, run_steps
+from training.loop import finite, open_wandb, run_steps
 
 # Flags that define what is trained: a resumed or rerun job must keep them.
 FIXED = ("checkpoint", "layers", "expansion_factor", "k", "skip_connection", "mask_ratio", "train_seq_len",
@@ -226,6 +235,8 @@ class Run:
     acc: int  # micro-batches per process per step
     loss_fns: dict = dataclasses.field(default_factory=dict)  # layer → its transcoder's loss (compiled or not)
     compiled: bool = False
+    final_dir: Path | None = None  # with --overwrite, `out_dir` is its replacement being written (see core.locks)
+    replacement: Replacement | None = None  # rank 0's, swapped in for `final_dir` at the end
 
     @property
     def per_step(self) -> int:
@@ -238,8 +249,9 @@ class Run:
 def train_transcoders(cfg) -> Path:
     dist, device = setup_distributed(cfg)
     try:
-        run, out_dir = set_up(cfg, dist, device)
-        return loop(run) if run is not None else out_dir
+        with contextlib.ExitStack() as stack:  # the output's lock (rank 0), and its replacement with --overwrite
+            run, out_dir = set_up(cfg, dist, device, stack)
+            return loop(run) if run is not None else out_dir
     finally:
         dist.close()
 
@@ -257,6 +269,36 @@ def _saved_state(cfg, out_dir: Path, settings: dict, device) -> dict | None:
                         "use --overwrite True to replace them")
     kept = list_checkpoints(out_dir)
     return load_checkpoint(kept[-1], device) if kept else None
+
+
+def check_inputs(cfg, folder: Path, run_cfg: dict, out_dir: Path, world: int = 1) -> None:
+    """What the flags name against what exists, before the output folder is touched (UserError): --resume
+    names this checkpoint's transcoder folder, the run folder or the newest of the transcoders' checkpoints
+    ('latest' too; resuming always continues from the newest checkpoint), one validation window fits in
+    --val_tokens, and the data holds the training and validation sequences (the loaders' own checks). The
+    model has no longest sequence (rotary positions are computed for any length)."""
+    if cfg.resume and cfg.resume != "latest":
+        given = Path(cfg.resume).expanduser()
+        if not given.exists():
+            raise UserError(f"--resume {cfg.resume}: no such file or folder")
+        kept = list_checkpoints(out_dir) if out_dir.is_dir() else []
+        if given.is_file():
+            if given.resolve().parent != out_dir.resolve():
+                raise UserError(f"--resume {cfg.resume}: not a checkpoint of this run's transcoders ({out_dir})")
+            if not kept or given.resolve() != kept[-1].resolve():
+                raise UserError(f"--resume {cfg.resume}: transcoder training continues from its newest checkpoint"
+                                f"{f' ({kept[-1].name})' if kept else ''}; give that one, the folder or 'latest'")
+        elif given.resolve() not in (out_dir.resolve(), folder.resolve()):
+            raise UserError(f"--resume {cfg.resume}: neither this run ({folder}) nor its transcoders for this "
+                            f"checkpoint ({out_dir})")
+    val_seq_len = cfg.val_seq_len or cfg.train_seq_len
+    if cfg.val_tokens < val_seq_len:
+        raise UserError(f"--val_tokens {cfg.val_tokens} is less than one validation sequence of {val_seq_len} tokens "
+                        "(--val_seq_len, default --train_seq_len)")
+    data = open_data(run_cfg)
+    ShardLoader(data.folder, "train", cfg.train_seq_len, cfg.batch_size, cfg.seed, 0, world,
+                files=run_cfg["data"].get("train_files"))
+    ShardLoader(data.folder, "val", val_seq_len, cfg.batch_size, 0, 0, world)
 
 
 def _initial_scales(r: Run, autocast) -> None:
@@ -283,8 +325,9 @@ def _initial_scales(r: Run, autocast) -> None:
             r.transcoders[str(layer)].b_dec.copy_((total[:-2] / n / r.scales[layer]).float())
 
 
-def set_up(cfg, dist: Dist, device: torch.device) -> tuple[Run | None, Path]:
-    """The transcoders, optimizer and output folder, new or restored; (None, folder) when already finished."""
+def set_up(cfg, dist: Dist, device: torch.device, stack: contextlib.ExitStack) -> tuple[Run | None, Path]:
+    """The transcoders, optimizer and output folder, new or restored; (None, folder) when already finished.
+    `stack` holds the output's lock (rank 0) until the caller's block ends."""
     folder, run_cfg, ckpt, model = open_base_run(cfg, device)
     mc = model.cfg
     layers = parse_layers(cfg.layers, mc.num_layers)
@@ -297,6 +340,12 @@ def set_up(cfg, dist: Dist, device: torch.device) -> tuple[Run | None, Path]:
     settings = _settings(cfg, ckpt, layers, num_latents, lr)
     if cfg.grad_acc_steps % dist.world:
         raise UserError(f"--grad_acc_steps {cfg.grad_acc_steps} must be divisible by the {dist.world} processes")
+    check_inputs(cfg, folder, run_cfg, out_dir, dist.world)
+    # --overwrite trains beside the old transcoders and swaps the new ones in only once they are finished
+    replace = cfg.overwrite and has_output(out_dir)
+    dist.barrier()  # every process has looked before rank 0 creates anything
+    if dist.main:  # under torchrun, rank 0 holds the lock for the job
+        stack.enter_context(hold(out_dir))
     state = _saved_state(cfg, out_dir, settings, device)
     if state is not None and state["step"] >= cfg.train_steps:
         print(f"{out_dir} is finished ({state['step']} steps); --overwrite True retrains, a larger "
@@ -327,20 +376,26 @@ def set_up(cfg, dist: Dist, device: torch.device) -> tuple[Run | None, Path]:
         if dist.main:
             truncate_metrics(out_dir, r.start)
     else:
+        if replace:
+            r.final_dir, r.out_dir = out_dir, staging_path(out_dir)
+            if dist.main:
+                r.replacement = stack.enter_context(Replacement(out_dir))
         if dist.main:
-            if cfg.overwrite and out_dir.exists():
-                shutil.rmtree(out_dir)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(out_dir / CONFIG_FILE, {**settings, "base_run": str(folder), "d_in": mc.model_dim})
-            truncate_metrics(out_dir, -1)  # a start that died before its first checkpoint left stale lines
+            r.out_dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(r.out_dir / CONFIG_FILE, {**settings, "base_run": str(folder), "d_in": mc.model_dim})
+            truncate_metrics(r.out_dir, -1)  # a start that died before its first checkpoint left stale lines
+        dist.barrier()  # the staging folder exists before any process writes to it
         _initial_scales(r, autocast_for(device))
     r.compiled = use_compile(cfg.compile, device)
     r.loss_fns = {layer: torch.compile(transcoders[str(layer)].loss) if r.compiled else transcoders[str(layer)].loss
                   for layer in layers}
-    r.log.folder = out_dir if dist.main else None
+    r.log.folder = r.out_dir if dist.main else None
+    if dist.main:
+        remove_stale_temporaries(r.out_dir)  # what a killed run was writing (checkpoints, transcoder files)
     r.log(f"transcoders for {ckpt} layers {layers}: {num_latents} latents (×{cfg.expansion_factor}), k={cfg.k}, "
           f"lr {lr:.2e}, inputs noised with t={cfg.mask_ratio}; {r.per_step * cfg.train_seq_len:,} tokens per step; "
-          f"out: {out_dir}" + (f" (resuming at step {r.start})" if r.start else ""))
+          f"out: {out_dir}" + (f" (resuming at step {r.start})" if r.start else "")
+          + (f" (written in {r.out_dir} until finished, then swapped in)" if r.final_dir else ""))
     return r, out_dir
 
 
@@ -373,7 +428,14 @@ def loop(r: Run) -> Path:
             wandb.log(record, step=done)
         return {"fvu": f"{sum(fvu) / len(fvu):.3f}", "tok_s": f"{tokens_per_s:,.0f}"}
 
+    def check_weights(done: int) -> None:  # before validating or saving: never a checkpoint of NaN weights
+        if not finite(r.transcoders):
+            kept = list_checkpoints(r.out_dir) if r.out_dir.is_dir() else []
+            raise UserError(f"transcoder training diverged at step {done} (the weights became NaN or infinite); "
+                            f"stopped. Last good checkpoint: {kept[-1] if kept else 'none saved yet'}; lower --lr")
+
     def validate(done: int) -> None:
+        check_weights(done)
         result = evaluate(r.model, r.scaled(), r.layers, r.val_loader, cfg, device, autocast, dist, r.dead)
         r.log(f"step {done}: base NELBO {result['base_nelbo']:.4f}, all MLPs replaced {result['all_nelbo']:.4f}; "
               + "; ".join(f"L{layer} FVU {m['fvu']:.3f} L0 {m['l0']:.1f} dead {m['dead_fraction']:.1%} "
@@ -387,6 +449,8 @@ def loop(r: Run) -> Path:
             plot(r.out_dir)
 
     def save(done: int) -> None:
+        if cfg.save_model:
+            check_weights(done)  # on every process (the weights are the same), so all of them stop
         if not (dist.main and cfg.save_model):
             return
         save_checkpoint(r.out_dir / checkpoint_name(done), {
@@ -398,5 +462,9 @@ def loop(r: Run) -> Path:
 
     run_steps(cfg, r.start, r.per_step * cfg.train_seq_len, dist.main, step, log_train, validate, save)
     dist.barrier()  # no process tears the group down while another still writes or validates
-    r.log(f"done: transcoders in {r.out_dir}")
-    return r.out_dir
+    final = r.final_dir or r.out_dir
+    r.log(f"done: transcoders in {final}")
+    if r.replacement is not None:  # complete: the new transcoders replace the old ones
+        r.replacement.commit()
+    dist.barrier()
+    return final
