@@ -307,3 +307,45 @@ def test_run_dependent_values_are_refused_by_the_stage(tiny_descriptions, tiny_r
                 if {str(p): p.stat().st_mtime_ns for p in run.rglob("*")} != before:
                     failures.append(f"{module} {flag} {value}: changed the run folder")
     assert n >= 19 and not failures, "\n".join(failures)
+
+
+def test_unreadable_paths_are_one_line(tmp_path):
+    """A folder or file the user may not read (as an unprivileged user: root reads everything, so the suite,
+    when it runs as root, drops to `nobody` with setpriv)."""
+    import os
+    import stat
+    import tempfile
+
+    shared = Path(tempfile.mkdtemp(dir="/tmp"))
+    try:
+        shared.chmod(0o755)
+        ws = Workspace(shared / "ws")
+        for p in (shared / "ws", shared / "ws" / "run"):
+            p.chmod(0o755)
+        (shared / "ws" / "run" / "config.json").chmod(0o644)
+        locked_dir, locked_file = shared / "ws" / "locked_run", shared / "ws" / "prompts.txt"
+        locked_dir.mkdir()
+        (locked_dir / "config.json").write_text("{}")
+        locked_dir.chmod(0)
+        locked_file.write_text("a prompt\n")
+        locked_file.chmod(0)
+        config = shared / "ws" / "c.json"
+        config.write_text("{}")
+        config.chmod(0)
+        drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
+        env = {**os.environ, "HOME": str(shared), "PYTHONDONTWRITEBYTECODE": "1"}
+        base = ["generate.py", "--device", "cpu"]
+        cases = [(["--train_folder", str(locked_dir)], "not readable"),
+                 (["--train_folder", ws.names["{run}"], "--prompts_file", str(locked_file)], "not readable"),
+                 (["--train_folder", ws.names["{run}"], "--config", str(config)], "cannot read it")]
+        procs = [subprocess.Popen([*drop, sys.executable, *base, *flags], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for flags, _ in cases]
+        for proc, (_, needle) in zip(procs, cases):
+            out, err = proc.communicate(timeout=300)
+            assert_one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, out, err), needle)
+            assert proc.returncode == 2
+        assert stat.S_IMODE(locked_file.stat().st_mode) == 0 and locked_file.read_text() == "a prompt\n"
+    finally:
+        for p in shared.rglob("*"):
+            p.chmod(0o700)
+        shutil.rmtree(shared)
