@@ -101,3 +101,21 @@ def test_values_from_a_config_file_count_as_given(tmp_path):
     (tmp_path / "c.json").write_text('{"train_steps": 10, "lr": 0.1}')
     assert given_flags(["--config", str(tmp_path / "c.json"), "--seed", "3"]) == {"train_steps", "lr", "seed"}
     assert given_flags([f"--config={tmp_path / 'c.json'}"]) == {"train_steps", "lr"}
+
+
+@pytest.mark.parametrize("error,needle", [
+    (OSError(28, "No space left on device", "/data/run/state_step000400.pt"), "No space left on device: /data/run"),
+    (PermissionError(13, "Permission denied", "/data/run/log.txt"), "Permission denied: /data/run/log.txt"),
+    (OSError(30, "Read-only file system", "/data/run"), "Read-only file system"),
+])
+def test_a_failure_of_the_machine_is_one_line(error, needle, capsys):
+    """A full disk or a read-only folder while a stage runs: one line naming the file, exit 2."""
+    from core.cli import run
+
+    def main(cfg):
+        raise error
+
+    with pytest.raises(SystemExit) as e:
+        run(main, Demo, [])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and needle in err and "error: " in err
