@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -39,9 +40,16 @@ class Flags:
             check_value(type(self), f.name, getattr(self, f.name))
 
 
+@functools.cache
+def _fields(cls: type) -> dict[str, tuple[Any, bool, Any]]:
+    """Per field: (its type without Optional, whether None is allowed, its declared check)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: (*_unwrap_optional(hints[f.name]), f.metadata.get("check")) for f in dataclasses.fields(cls)}
+
+
 def field_type(cls: type, name: str) -> tuple[Any, bool]:
     """(the field's type without Optional, whether None is allowed)."""
-    return _unwrap_optional(typing.get_type_hints(cls)[name])
+    return _fields(cls)[name][:2]
 
 
 def _type_name(tp: Any) -> str:
@@ -66,12 +74,11 @@ def _is(tp: Any, value: Any) -> bool:
 
 def check_value(cls: type, name: str, value: Any) -> None:
     """The field's declared type, then its check (ValueError naming the flag)."""
-    tp, optional = field_type(cls, name)
+    tp, optional, check = _fields(cls)[name]
     if value is None and optional:
         return
     if not _is(tp, value):
         raise ValueError(f"--{name} must be {_type_name(tp)}, got {value!r:.60} ({type(value).__name__})")
-    check = next(f for f in dataclasses.fields(cls) if f.name == name).metadata.get("check")
     if check is not None:
         for v in value if isinstance(value, list) else [value]:
             check.check(name, v)
@@ -195,9 +202,8 @@ def read_config_file(path: str) -> dict:
 def _from_file(cls: type, name: str, value: Any) -> Any:
     """A --config value in the field's own terms: one item of a list flag becomes a list, an integral float
     of an int flag an int, a number of a flag whose check takes numbers as text (--mask_ratio) text."""
-    tp, _ = field_type(cls, name)
+    tp, _, check = _fields(cls)[name]
     inner = typing.get_args(tp)[0] if typing.get_origin(tp) is list else tp
-    check = next(f for f in dataclasses.fields(cls) if f.name == name).metadata.get("check")
 
     def one(v: Any) -> Any:
         if inner is int and isinstance(v, float) and math.isfinite(v) and v.is_integer():
