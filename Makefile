@@ -27,10 +27,16 @@ VIEWER_JS := $(VENV)/viewer-js
 
 # requirements*.txt pin the versions; the project itself is then installed in editable mode, without
 # dependencies, so `import experiment` works from anywhere (tests need no sys.path edits).
-$(BIN)/.installed: requirements.txt requirements-dev.txt pyproject.toml Makefile tests/viewer/package.json tests/viewer/d3-with-jetpack.js
+# `make demo` needs only the runtime (.runtime); `make test` and `make lint` add the development tools,
+# circuit-tracer's and delphi's side folders and the viewer bundle (.installed, which needs Node.js).
+$(BIN)/.runtime: requirements.txt pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e .
+	touch $@
+
+$(BIN)/.installed: $(BIN)/.runtime requirements-dev.txt tests/viewer/package.json tests/viewer/d3-with-jetpack.js
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --target $(CIRCUIT_TRACER) $(CIRCUIT_TRACER_PINS)
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --target $(DELPHI) $(DELPHI_PINS)
 	mkdir -p $(VIEWER_JS) && cp tests/viewer/package.json tests/viewer/d3-with-jetpack.js $(VIEWER_JS)/
@@ -40,7 +46,7 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt pyproject.toml Makefile
 
 venv: $(BIN)/.installed
 
-demo: venv
+demo: $(BIN)/.runtime
 	$(BIN)/python demo.py
 
 test: venv
