@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from core.checks import index_list
 from core.files import UserError, read_json
 from data.prepare import PrepareConfig, PreparedData, prepare_dataset
 from data.tokenizer import load_tokenizer
@@ -55,13 +56,12 @@ def open_data(run_cfg: dict) -> PreparedData:
 
 
 def parse_layers(spec: str, num_layers: int) -> list[int]:
-    """--layers: 'all' or comma-separated indices of the model's layers."""
-    if spec == "all":
-        return list(range(num_layers))
+    """--layers: 'all' or comma-separated indices of the model's layers (the one parser every stage uses)."""
     try:
-        layers = sorted({int(x) for x in spec.split(",") if x.strip()})
-    except ValueError:
-        raise UserError(f"--layers {spec!r}: give comma-separated layer indices or 'all'") from None
+        found = index_list("layers", spec, allow_all=True)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    layers = list(range(num_layers)) if found is None else found
     bad = [x for x in layers if not 0 <= x < num_layers]
     if bad or not layers:
         raise UserError(f"--layers {spec}: the model has layers 0..{num_layers - 1}")

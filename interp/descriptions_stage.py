@@ -32,7 +32,7 @@ from core.files import (
     write_json_atomic,
 )
 from core.locks import STAGING_SUFFIX, hold
-from experiment import StagePaths, layer_name, resolve_checkpoint, resolve_run_folder, setup_distributed
+from experiment import StagePaths, layer_name, parse_layers, resolve_checkpoint, resolve_run_folder, setup_distributed
 from experiment.paths import (
     CONTEXTS_FILE,
     DESCRIPTIONS_SUMMARY_FILE,
@@ -289,7 +289,7 @@ def run_descriptions(cfg, explainer_factory=None) -> Path:
     if index.get("protocol", 1) < PROTOCOL:
         raise UserError(f"{topk_dir} was made by an older protocol (windows without their mask pattern, halves "
                         "that could share positions): rerun get_topk_activations.py with --overwrite True first")
-    layers = index["layers"] if cfg.layers == "all" else sorted({int(x) for x in cfg.layers.split(",")})
+    layers = index["layers"] if cfg.layers == "all" else parse_layers(cfg.layers, max(index["layers"]) + 1)
     missing = [x for x in layers if x not in index["layers"]]
     if missing:
         raise UserError(f"layer(s) {missing} have no top-k output (have {index['layers']})")
