@@ -199,25 +199,31 @@ def _checkpoint(flag: str, value: str) -> None:
                          "(state_stepNNNNNN.pt), without a path")
 
 
-def _device(flag: str, value: Any) -> None:
-    """cpu, cuda or cuda:N (a CUDA device that exists); an int is --cuda's index."""
+def device_index(flag: str, value: Any) -> int | None:
+    """The one parser of --device and --cuda: cpu → None; cuda → the current CUDA device's index; cuda:N or
+    --cuda's int N → N. A CUDA device must exist (ValueError naming the flag otherwise)."""
     if isinstance(value, int):
         Range(0, 1023).check(flag, value)
-        name = f"cuda:{value}"
+        index, shown = value, f"cuda:{value}"
+    elif value == "cpu":
+        return None
     else:
-        name = "cuda:0" if value == "cuda" else value
-        if name == "cpu":
-            return
-        m = re.fullmatch(r"cuda:(\d{1,4})", name or "")
+        m = re.fullmatch(r"cuda(?::(\d{1,4}))?", value or "")
         if not m:
             raise ValueError(f"--{flag} {value!r}: use cpu, cuda or cuda:N")
+        index, shown = (int(m.group(1)) if m.group(1) else None), value
     import torch
 
     have = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if int(name.split(":")[1]) >= have:
+    if have == 0 or index is not None and index >= have:
         listed = ", ".join(f"cuda:{i}" for i in range(have)) or "none (this machine has no usable CUDA GPU)"
-        raise ValueError(f"--{flag}: device {name} does not exist; CUDA devices here: {listed}; use --device cpu "
+        raise ValueError(f"--{flag}: device {shown} does not exist; CUDA devices here: {listed}; use --device cpu "
                          "to run on the CPU")
+    return torch.cuda.current_device() if index is None else index
+
+
+def _device(flag: str, value: Any) -> None:
+    device_index(flag, value)
 
 
 def index_list(flag: str, value: str, allow_all: bool = False) -> list[int] | None:

@@ -1,31 +1,25 @@
 """Which device a stage runs on: --cuda N / --device, or one per process under torchrun."""
 from __future__ import annotations
 
-import re
-
 import torch
 
+from core.checks import device_index
 from core.files import UserError
 from model.distributed import Dist, from_environment, join_process_group
 
 
 def resolve_device(cuda: int | None = None, device: str | None = None) -> torch.device:
-    """--cuda N or --device cpu|cuda|cuda:N; default cuda:0 when CUDA exists, else the CPU."""
+    """--cuda N or --device cpu|cuda|cuda:N (parsed and checked by `core.checks.device_index`); by default
+    the current CUDA device when CUDA exists, else the CPU."""
     if cuda is not None and device not in (None, "", f"cuda:{cuda}"):
         raise UserError(f"--cuda {cuda} and --device {device} disagree; give one of them")
-    name = f"cuda:{cuda}" if cuda is not None else (device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
-    if name == "cuda":
-        name = "cuda:0"
-    if name == "cpu":
-        return torch.device("cpu")
-    m = re.fullmatch(r"cuda:(\d+)", name)
-    if not m:
-        raise UserError(f"unknown device {name!r}; use cpu, cuda or cuda:N")
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if int(m.group(1)) >= count:
-        have = ", ".join(f"cuda:{i}" for i in range(count)) or "none (this machine has no usable CUDA GPU)"
-        raise UserError(f"device {name} does not exist; CUDA devices here: {have}; use --device cpu to run on the CPU")
-    return torch.device(name)
+    if cuda is None and not device:
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        index = device_index("cuda", cuda) if cuda is not None else device_index("device", device)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return torch.device("cpu") if index is None else torch.device("cuda", index)
 
 
 def use_compile(flag: bool | None, device: torch.device) -> bool:
