@@ -23,7 +23,7 @@ from generate import GenerateConfig, main as generate_main
 from generate_descriptions import ExplainConfig, main as explain
 from get_activation_descriptions import DescriptionsConfig, main as describe_features
 from get_topk_activations import TopKConfig, main as get_topk
-from interp.ground_truth import GroundTruthConfig, run_ground_truth
+from interp.ground_truth.benchmark import GroundTruthConfig, run_ground_truth
 from model.fact_eval import fact_accuracy
 from model.precision import describe
 from train_diffusion import TrainConfig, main as train

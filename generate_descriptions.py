@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from core import checks as c, cli
 from core.cli import arg
 from experiment import RunFlags, SamplingFlags, ShapeFlags
-from interp.explain_stage import run_explanations
-from interp.interventions import parse_changes
+from interp.explanations.interventions import parse_changes
+from interp.explanations.stage import run_explanations
 from model.explainer import DType
 
 INTERVENE = c.Kind("interventions", lambda flag, value: parse_changes(value) and None,

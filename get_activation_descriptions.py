@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from core import checks as c, cli
 from core.cli import arg
 from experiment import LayersFlag, RunFlags
-from interp.descriptions_stage import SCORERS as SCORER_NAMES, run_descriptions
+from interp.descriptions.stage import SCORERS as SCORER_NAMES, run_descriptions
 from model.explainer import DType
 
 SCORERS = c.choices("scorers", SCORER_NAMES)

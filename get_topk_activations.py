@@ -16,7 +16,7 @@ from typing import Optional
 from core import checks as c, cli
 from core.cli import arg
 from experiment import BatchFlags, LayersFlag, RunFlags, ScanFlags, ShapeFlags
-from interp.topk_stage import run_topk
+from interp.contexts.stage import run_topk
 
 IGNORED = ("save_model", "val_loss_every", "save_every")
 DEFAULT_SCAN_BATCHES = 8000

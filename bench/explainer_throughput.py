@@ -96,7 +96,7 @@ def judge_lengths(n_features: int, per_feature: int, seed: int = 0) -> list[list
 def run_judge(model, device, V: int, groups: list[list[int]], batch: int) -> int:
     """Judge every group's prompts: each group on its own (one call per feature: the plain path) when
     `groups` holds one feature each, or all together; sorted by length and cut into batches, as
-    interp.descriptions_stage.batched does. Returns the number of judgements."""
+    interp.descriptions.stage.batched does. Returns the number of judgements."""
     n = 0
     for lengths in groups:
         order = sorted(lengths)

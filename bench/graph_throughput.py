@@ -22,8 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import CUDA as cuda, DEVICE as device, device_name, random_model  # noqa: E402
-from interp.graph import build_graph, graph_scores, prune, total_effects  # noqa: E402
-from interp.step_analysis import StepSettings, analyse_step  # noqa: E402
+from interp.explanations.graph import build_graph, graph_scores, prune, total_effects  # noqa: E402
+from interp.explanations.step_analysis import StepSettings, analyse_step  # noqa: E402
 from model.sampler import SamplerConfig, generate  # noqa: E402
 from model.transcoder import Transcoder, TranscoderConfig  # noqa: E402
 

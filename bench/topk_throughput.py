@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import CUDA as cuda, DEVICE as device, device_name, random_model, shape_args  # noqa: E402
 from data.loader import ShardLoader  # noqa: E402
 from data.shards import write_shard  # noqa: E402
-from interp.scan import ScanSettings, scan  # noqa: E402
+from interp.contexts.scan import ScanSettings, scan  # noqa: E402
 from model.precision import autocast as autocast_for  # noqa: E402
 from model.transcoder import Transcoder, TranscoderConfig  # noqa: E402
 

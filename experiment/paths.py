@@ -11,8 +11,8 @@
         descriptions/<checkpoint stem>/         descriptions.jsonl, summary.json, scores.png
         explanations/<stamp>/                   explanations.json, report.html, graphs/ (one graph per step)
         hub/<checkpoint stem>/                  the model as a Hub folder (python -m experiment.hub)
-        exports/circuit-tracer/<checkpoint stem>/  the transcoders for circuit-tracer (interp.export_circuit_tracer)
-        exports/delphi/<checkpoint stem>/       delphi's latent cache, explanations and scores (interp.export_delphi)
+        exports/circuit-tracer/<checkpoint stem>/  the transcoders for circuit-tracer (interp.exports.circuit_tracer)
+        exports/delphi/<checkpoint stem>/       delphi's latent cache, explanations and scores (interp.exports.delphi)
         ground_truth.json
 """
 from __future__ import annotations

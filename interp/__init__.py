@@ -1,1 +1,9 @@
-"""Interpretability: top-k collection, feature statistics, feature pages (more arrive with later stages)."""
+"""Interpretability, one room per stage, each importing only the rooms below it:
+
+    exports, ground_truth   other tools' formats; the synthetic corpus's benchmark
+    explanations            stage 6: attribution graphs, interventions, explanations of each denoising step
+    descriptions            stage 5: feature descriptions and their held-out scores
+    contexts                stage 4: each feature's top-activating contexts and the feature browser
+
+The browser's and the report's CSS and scripts live in `contexts/assets/` and `explanations/assets/`.
+"""

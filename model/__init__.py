@@ -1,1 +1,2 @@
-"""Models: the masked-diffusion transformer, its objective, the optimizers (more arrive with later stages)."""
+"""Models: the masked-diffusion transformer and its objective, the sampler, the transcoder, the explainer
+and judge LLMs, optimizers, precision and multi-process helpers."""

@@ -122,7 +122,7 @@ def test_scan_and_denoising_step_compiled_with_flex_equal_sdpa(tiny_run, tiny_tr
     """The scan (both passes) and a generation through blocks compiled with the FlexAttention document mask."""
     from data.loader import ShardLoader
     from experiment import load_run, load_transcoders, open_data
-    from interp.scan import ScanSettings, scan
+    from interp.contexts.scan import ScanSettings, scan
     from model.sampler import SamplerConfig, generate
 
     config, eager, tok, ckpt = load_run(tiny_run, "latest", "cpu")

@@ -8,10 +8,17 @@ import torch
 from core import cli
 from experiment.paths import RECORDS_FILE
 from get_activation_descriptions import IGNORED, DescriptionsConfig, main
-from interp.describe import clean, explain_examples, explain_prompt, fit_prompt, mark, plain, tokens_description
-from interp.descriptions_stage import batched, run_descriptions, summarise
-from interp.feature_store import read_jsonl
-from interp.scoring import (
+from interp.contexts.store import read_jsonl
+from interp.descriptions.prompts import (
+    clean,
+    explain_examples,
+    explain_prompt,
+    fit_prompt,
+    mark,
+    plain,
+    tokens_description,
+)
+from interp.descriptions.scoring import (
     auroc,
     balanced_accuracy,
     detection_prompt,
@@ -24,6 +31,7 @@ from interp.scoring import (
     simulation_request,
     token_match,
 )
+from interp.descriptions.stage import batched, run_descriptions, summarise
 from model.explainer import Explainer
 from tests.helpers import assert_one_line_error, run_cli
 
@@ -495,7 +503,7 @@ def test_older_protocol_inputs_are_refused(run_copy):
 
 
 def test_a_batch_that_runs_out_of_memory_is_halved_for_the_rest_of_the_run():
-    from interp.descriptions_stage import BatchSize
+    from interp.descriptions.stage import BatchSize
 
     seen = []
 

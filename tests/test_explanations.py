@@ -8,11 +8,11 @@ import torch
 from core import cli
 from experiment import load_run
 from generate_descriptions import IGNORED, ExplainConfig, main
-from interp.explain_stage import GENERIC_FREQUENCY, run_explanations, score_summary
-from interp.explain_step import compose_layer, compose_total, parse_rating, where
-from interp.graph import build_graph, total_effects
-from interp.interventions import run_step
-from interp.step_analysis import EFFECT_FLOOR, MI_FORMULA
+from interp.explanations.graph import build_graph, total_effects
+from interp.explanations.interventions import run_step
+from interp.explanations.stage import GENERIC_FREQUENCY, run_explanations, score_summary
+from interp.explanations.step_analysis import EFFECT_FLOOR, MI_FORMULA
+from interp.explanations.wording import compose_layer, compose_total, parse_rating, where
 from model.transcoder import Transcoder
 from tests.helpers import assert_one_line_error, run_cli
 

@@ -62,7 +62,7 @@ def check_circuit_tracer_outputs(out, ours: dict, tmp_path) -> None:
 
 
 def test_circuit_tracer_loads_the_transcoders_with_the_same_outputs(tiny_run, tiny_transcoders, tmp_path):
-    from interp.export_circuit_tracer import CircuitTracerExportConfig, main
+    from interp.exports.circuit_tracer import CircuitTracerExportConfig, main
 
     out = main(CircuitTracerExportConfig(train_folder=str(tiny_run)))
     assert out == tiny_run / "exports" / "circuit-tracer" / tiny_transcoders.name
@@ -76,7 +76,7 @@ def test_skip_connections_and_a_second_export(tiny_run, tiny_transcoders, tmp_pa
     folder replaces the first and leaves no layer of it behind."""
     import shutil
 
-    from interp.export_circuit_tracer import export
+    from interp.exports.circuit_tracer import export
     from model.transcoder import TranscoderConfig
 
     run = tmp_path / "run"
@@ -108,5 +108,5 @@ def test_export_refuses_an_incomplete_transcoder_set(tiny_run, tiny_transcoders,
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("exports", "topk", "descriptions", "explanations"))
     shutil.rmtree(run / "transcoders" / tiny_transcoders.name / "blocks.1.mlp")
-    proc = run_cli(["-m", "interp.export_circuit_tracer", "--train_folder", str(run)])
+    proc = run_cli(["-m", "interp.exports.circuit_tracer", "--train_folder", str(run)])
     assert_one_line_error(proc, "every layer 0..1", "[0]")

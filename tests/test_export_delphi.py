@@ -49,7 +49,7 @@ def judged_run(tiny_run, tiny_topk, tiny_llms, tmp_path_factory):
 
 
 def test_delphi_reads_the_cache_and_recomputes_our_scores(judged_run):
-    from interp.export_delphi import DelphiExportConfig, main
+    from interp.exports.delphi import DelphiExportConfig, main
 
     out = main(DelphiExportConfig(train_folder=str(judged_run), device="cpu"))
     topk = next((judged_run / "topk").iterdir())
@@ -96,17 +96,17 @@ def test_delphi_reads_the_cache_and_recomputes_our_scores(judged_run):
 def test_export_needs_a_finished_scan_and_keeps_an_existing_export(judged_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(judged_run, run, ignore=shutil.ignore_patterns("topk"))
-    assert_one_line_error(run_cli(["-m", "interp.export_delphi", "--train_folder", str(run), "--device", "cpu"]),
+    assert_one_line_error(run_cli(["-m", "interp.exports.delphi", "--train_folder", str(run), "--device", "cpu"]),
                           "no finished scan")
     stem = next((judged_run / "topk").iterdir()).name
     (judged_run / "exports" / "delphi" / stem).mkdir(parents=True, exist_ok=True)
-    proc = run_cli(["-m", "interp.export_delphi", "--train_folder", str(judged_run), "--device", "cpu"])
+    proc = run_cli(["-m", "interp.exports.delphi", "--train_folder", str(judged_run), "--device", "cpu"])
     assert_one_line_error(proc, "exists", "--overwrite True")
 
 
 def test_an_explainer_named_by_hub_id_or_path_gets_one_folder(judged_run, tmp_path):
     """"google/flan-t5-xxl" or "/models/t5" become one folder inside the export, whose latents link works."""
-    from interp.export_delphi import run_folder_name, write_descriptions
+    from interp.exports.delphi import run_folder_name, write_descriptions
 
     assert run_folder_name("google/flan-t5-xxl") == "google--flan-t5-xxl"
     assert run_folder_name("/models/t5") == "models--t5"

@@ -90,7 +90,8 @@ def _stages(run: Path, tmp: Path):
     from generate_descriptions import ExplainConfig, main as explain
     from get_activation_descriptions import DescriptionsConfig, main as describe
     from get_topk_activations import TopKConfig, main as topk
-    from interp import export_circuit_tracer, export_delphi, ground_truth
+    from interp.exports import circuit_tracer as export_circuit_tracer, delphi as export_delphi
+    from interp.ground_truth import benchmark as ground_truth
 
     data_dir = Path(json.loads((run / "config.json").read_text())["data"]["folder"]).parent
     resume = ["--resume", str(run), "--device", "cpu", "--data_dir", str(data_dir), "--experiments_dir", str(tmp / "x")]
@@ -110,10 +111,10 @@ def _stages(run: Path, tmp: Path):
           "--gen_length", "2", "--num_generate_steps", "2", "--output", str(out)], lambda: locks.hold_output(out)),
         ("interp.ground_truth", ground_truth.main, ground_truth.GroundTruthConfig,
          ["--train_folder", str(run), "--device", "cpu"], lambda: locks.hold_output(run / "ground_truth.json")),
-        ("interp.export_delphi", export_delphi.main, export_delphi.DelphiExportConfig,
+        ("interp.exports.delphi", export_delphi.main, export_delphi.DelphiExportConfig,
          ["--train_folder", str(run), "--device", "cpu"],
          lambda: locks.hold_output(run / "exports" / "delphi" / STEM)),
-        ("interp.export_circuit_tracer", export_circuit_tracer.main, export_circuit_tracer.CircuitTracerExportConfig,
+        ("interp.exports.circuit_tracer", export_circuit_tracer.main, export_circuit_tracer.CircuitTracerExportConfig,
          ["--train_folder", str(run)], lambda: locks.hold(run / "exports" / "circuit-tracer" / STEM)),
         ("experiment.hub", hub.main, hub.HubConfig, ["--train_folder", str(run)],
          lambda: locks.hold(run / "hub" / STEM)),
@@ -124,8 +125,8 @@ def _stages(run: Path, tmp: Path):
 
 
 STAGE_NAMES = ["train_diffusion --resume", "train_transcoders", "get_topk_activations", "get_activation_descriptions",
-               "generate_descriptions --output", "interp.ground_truth", "interp.export_delphi",
-               "interp.export_circuit_tracer", "experiment.hub", "data.prepare"]
+               "generate_descriptions --output", "interp.ground_truth", "interp.exports.delphi",
+               "interp.exports.circuit_tracer", "experiment.hub", "data.prepare"]
 
 
 @pytest.mark.parametrize("name", STAGE_NAMES)
@@ -170,7 +171,7 @@ def test_a_lock_is_never_taken_from_a_live_or_remote_holder(tmp_path):
 
 GATED = """
 import os, runpy, sys, time
-import interp.descriptions_stage as stage
+import interp.descriptions.stage as stage
 append, deadline = stage.append_record, time.time() + 120
 def gated(path, record):  # writes one record, then waits for the test's go
     append(path, record)
@@ -305,7 +306,7 @@ def test_description_overwrite_with_damaged_contexts_keeps_every_record(tiny_des
 
 def test_an_interrupted_description_overwrite_keeps_every_record(tiny_descriptions, tiny_run, tmp_path, capsys,
                                                                   monkeypatch):
-    import interp.descriptions_stage as stage
+    import interp.descriptions.stage as stage
     from get_activation_descriptions import DescriptionsConfig, main
 
     run = copy_run(tiny_run, tmp_path / "run", ("topk", "descriptions"))

@@ -125,7 +125,7 @@ def test_a_torn_last_description_is_read_around_and_redone_only_by_stage_5(insid
                                                                             tiny_descriptions, tmp_path, capsys):
     from generate_descriptions import ExplainConfig, main as explain
     from get_activation_descriptions import DescriptionsConfig, main as describe
-    from interp.export_delphi import DelphiExportConfig, main as export
+    from interp.exports.delphi import DelphiExportConfig, main as export
 
     run = copy_run(tiny_run, tmp_path / "run")
     path = run / RECORDS
@@ -156,7 +156,7 @@ def test_a_torn_last_description_is_read_around_and_redone_only_by_stage_5(insid
 def test_a_damaged_middle_description_is_one_line_for_every_reader(tiny_run, tiny_descriptions, tmp_path, capsys):
     from generate_descriptions import ExplainConfig, main as explain
     from get_activation_descriptions import DescriptionsConfig, main as describe
-    from interp.export_delphi import DelphiExportConfig, main as export
+    from interp.exports.delphi import DelphiExportConfig, main as export
 
     run = copy_run(tiny_run, tmp_path / "run")
     path = run / RECORDS
@@ -197,8 +197,8 @@ CORRUPT = [(name, program) for name in ("index.json", "layer_00/contexts.jsonl",
 def test_a_corrupt_topk_file_is_one_line_and_changes_nothing(name, program, tiny_run, tiny_descriptions, tmp_path,
                                                               capsys):
     from get_activation_descriptions import DescriptionsConfig, main as describe
-    from interp.audit import AuditConfig, main as audit
-    from interp.export_delphi import DelphiExportConfig, main as export
+    from interp.descriptions.audit import AuditConfig, main as audit
+    from interp.exports.delphi import DelphiExportConfig, main as export
 
     run = copy_run(tiny_run, tmp_path / "run", *(["descriptions"] if program == "stage5" else []))
     path = run / TOPK / name
@@ -262,7 +262,7 @@ def flip_byte_in(path: Path, tensor: torch.Tensor) -> None:
 
 
 def test_a_flipped_byte_in_a_transcoder_is_one_line(tiny_run, tiny_transcoders, tmp_path, capsys):
-    from interp.export_circuit_tracer import CircuitTracerExportConfig, main as export
+    from interp.exports.circuit_tracer import CircuitTracerExportConfig, main as export
 
     run = copy_run(tiny_run, tmp_path / "run", "topk", "descriptions")
     path = run / "transcoders" / STEM / "blocks.0.mlp" / "sae.safetensors"
@@ -290,7 +290,7 @@ def test_a_flipped_byte_in_a_checkpoint_is_one_line(tiny_run, tmp_path, capsys):
 def test_arrays_and_files_without_a_checksum(tiny_topk, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from interp.feature_store import read_arrays
+    from interp.contexts.store import read_arrays
 
     path = tmp_path / "arrays.safetensors"
     shutil.copy(tiny_topk / "layer_01" / "arrays.safetensors", path)

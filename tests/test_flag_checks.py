@@ -55,7 +55,7 @@ def refused(capsys, main, cls, argv: list[str], *needles: str, ignored=()) -> st
 # ---- stage 6: --intervene names nodes that exist ----
 
 def test_intervene_values_are_indices_and_finite_numbers():
-    from interp.interventions import parse_changes
+    from interp.explanations.interventions import parse_changes
 
     for bad in ("0_-1_2=0", "-1_0_2=0", "0_0_-2=0", "0_0_2=nan", "0_0_2=inf", "0_0_2=-infx", "0_0_2=1e400x"):
         with pytest.raises(ValueError, match="--intervene"):
@@ -98,7 +98,7 @@ def test_intervene_nodes_are_checked_against_the_run(tiny_descriptions, tiny_run
 
 def test_features_are_indices_within_the_layer(tiny_descriptions, tiny_run, tmp_path, capsys):
     from get_activation_descriptions import DescriptionsConfig, main
-    from interp.descriptions_stage import parse_features
+    from interp.descriptions.stage import parse_features
 
     for bad in ("-1", "1,-2", "x", "1.5", "1,,2"):
         with pytest.raises(UserError, match="--features"):
@@ -166,7 +166,7 @@ def test_transcoder_resume_and_validation_length_are_checked(tiny_transcoders, t
 # ---- the ground-truth benchmark: --val_tokens within the validation split ----
 
 def test_ground_truth_val_tokens_within_the_split(tiny_transcoders, tiny_run, tmp_path, capsys):
-    from interp.ground_truth import GroundTruthConfig, main
+    from interp.ground_truth.benchmark import GroundTruthConfig, main
 
     run = copy_run(tiny_run, tmp_path / "run")
     before = digest(run)
@@ -187,7 +187,7 @@ def test_hub_repository_id_is_checked_offline():
     check_repo_id("")
 
 
-@pytest.mark.parametrize("module", ["experiment.hub", "interp.export_circuit_tracer"])
+@pytest.mark.parametrize("module", ["experiment.hub", "interp.exports.circuit_tracer"])
 def test_a_failed_push_leaves_a_complete_export(module, tiny_transcoders, tiny_run, tmp_path, capsys, monkeypatch):
     import importlib
 

@@ -39,10 +39,10 @@ COMMANDS = {
     "generate_descriptions": {**RUN, "--explainer": "tokens"},
     "data.prepare": {"--data_dir": "{ws}/data"},
     "data.fineweb": {"--data_dir": "{ws}/data"},
-    "interp.ground_truth": RUN,
-    "interp.audit": RUN,
-    "interp.export_delphi": RUN,
-    "interp.export_circuit_tracer": RUN,
+    "interp.ground_truth.benchmark": RUN,
+    "interp.descriptions.audit": RUN,
+    "interp.exports.delphi": RUN,
+    "interp.exports.circuit_tracer": RUN,
     "experiment.hub": RUN,
 }
 SOURCE_DIRS = ("core", "data", "model", "experiment", "training", "interp")
@@ -245,7 +245,7 @@ CONFLICTS = [
     ("generate", ["--gen_length", "10", "--block_length", "3"]),
     ("generate", ["--gen_length", "8", "--block_length", "4", "--num_generate_steps", "3"]),
     ("get_topk_activations", ["--scan_batches", "5", "--train_steps", "2", "--grad_acc_steps", "2"]),
-    ("interp.ground_truth", ["--noise_levels", "0.5", "--noise_levels", "2"]),
+    ("interp.ground_truth.benchmark", ["--noise_levels", "0.5", "--noise_levels", "2"]),
     ("generate_descriptions", ["--prompt", "x", "--gen_length", "6", "--block_length", "4"]),
 ]
 
@@ -261,7 +261,7 @@ def test_the_real_entry_points_behave_the_same(tmp_path):
     another's main): the program's name, one line, exit 2 (started together; each costs an interpreter)."""
     ws = Workspace(tmp_path)
     procs = {}
-    for module in ("train_diffusion", "generate_descriptions", "interp.audit", "data.fineweb"):
+    for module in ("train_diffusion", "generate_descriptions", "interp.descriptions.audit", "data.fineweb"):
         args = [f"{module}.py"] if "." not in module else ["-m", module]
         procs[module] = subprocess.Popen([sys.executable, *args, *base_argv(ws, module), "--seed_that_is_not", "1"],
                                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

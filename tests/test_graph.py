@@ -4,8 +4,7 @@ and ablations in the frozen and in the real model."""
 import pytest
 import torch
 
-from interp.explanation_score import carried, mean_agreement, most_active, percentile, score_explanation
-from interp.graph import (
+from interp.explanations.graph import (
     ERROR,
     FEATURE,
     MASK,
@@ -19,7 +18,7 @@ from interp.graph import (
     prune,
     total_effects,
 )
-from interp.interventions import (
+from interp.explanations.interventions import (
     Change,
     ablate,
     agreement,
@@ -28,8 +27,9 @@ from interp.interventions import (
     run_step,
     run_steps,
 )
-from interp.replacement import _heads, _merge, demean, freeze, linear_forward, target_cotangents
-from interp.step_analysis import StepSettings, analyse_step, cite, layer_parts, path_value
+from interp.explanations.replacement import _heads, _merge, demean, freeze, linear_forward, target_cotangents
+from interp.explanations.score import carried, mean_agreement, most_active, percentile, score_explanation
+from interp.explanations.step_analysis import StepSettings, analyse_step, cite, layer_parts, path_value
 from model.diffusion import DiffusionLM, ModelConfig
 from model.transcoder import Transcoder, TranscoderConfig
 

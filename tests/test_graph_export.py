@@ -3,8 +3,8 @@ import json
 
 import torch
 
-from interp.graph import build_graph, prune
-from interp.graph_export import METADATA_FILE, cantor, graph_json, write_graph
+from interp.explanations.graph import build_graph, prune
+from interp.explanations.graph_export import METADATA_FILE, cantor, graph_json, write_graph
 from tests.helpers import circuit_tracer_module
 from tests.test_graph import POSITIONS, TARGETS, setup  # noqa: F401  (the fixture)
 

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from interp.ground_truth import GroundTruthConfig, run_ground_truth
+from interp.ground_truth.benchmark import GroundTruthConfig, run_ground_truth
 from tests.helpers import assert_one_line_error, run_cli
 
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from interp.ground_truth_counts import (
+from interp.ground_truth.counts import (
     IdCounts,
     Positions,
     best_features,

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from interp.ground_truth_counts import Positions, feature_counts
-from interp.ground_truth_probe import (
+from interp.ground_truth.counts import Positions, feature_counts
+from interp.ground_truth.probe import (
     _balanced_loss,
     best_threshold,
     choose_features,

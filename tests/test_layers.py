@@ -42,7 +42,7 @@ def test_the_demo_sits_on_top():
 
 def test_the_import_checker_sees_imports_inside_functions(tmp_path):
     f = tmp_path / "x.py"
-    f.write_text("def main():\n    from generate import main\n    import interp.scan\n")
+    f.write_text("def main():\n    from generate import main\n    import interp.contexts.scan\n")
     assert project_imports(f) == {"generate", "interp"}
 
 
@@ -95,7 +95,7 @@ def _lint_imports(tree):
     (None, None, None),
     ("data/loader.py", "from experiment import paths", "data is not allowed to import experiment"),
     ("model/hooks.py", "def _f():\n    from interp import scan", "model is not allowed to import interp"),
-    ("interp/topk.py", "import training.loop", "interp is not allowed to import training"),
+    ("interp/contexts/buffers.py", "import training.loop", "interp is not allowed to import training"),
     ("core/files.py", "from core import cli", "core.files is not allowed to import core.cli"),
     ("experiment/paths.py", "import generate", "experiment is not allowed to import generate"),
 ])
@@ -112,3 +112,32 @@ def test_an_import_that_breaks_a_layer_fails_the_contract(tmp_path, module, line
         assert proc.returncode == 0, proc.stdout[-2000:]
     else:
         assert proc.returncode != 0 and broken in proc.stdout, proc.stdout[-2000:]
+
+
+def private_imports_across_packages(root: Path) -> list[str]:
+    """`from a.b import _name` where `_name` belongs to another package than the importing file's
+    (interp.contexts and interp.explanations are different packages; a module's own package is not)."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        package = ".".join(path.relative_to(root.parent).parent.parts)
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                source = node.module.rsplit(".", 1)[0] if (root.parent / node.module.replace(".", "/")).with_suffix(
+                    ".py").exists() else node.module
+                found += [f"{path.relative_to(root.parent)}: from {node.module} import {a.name}" for a in node.names
+                          if a.name.startswith("_") and source != package]
+    return found
+
+
+@pytest.mark.parametrize("package", sorted(PACKAGES))
+def test_no_package_imports_another_ones_private_names(package):
+    assert private_imports_across_packages(ROOT / package) == []
+
+
+def test_the_private_import_check_sees_one(tmp_path):
+    (tmp_path / "pkg" / "a").mkdir(parents=True)
+    (tmp_path / "pkg" / "b").mkdir()
+    (tmp_path / "pkg" / "a" / "scan.py").write_text("def _active(): pass\n")
+    (tmp_path / "pkg" / "a" / "stage.py").write_text("from pkg.a.scan import _active\n")
+    (tmp_path / "pkg" / "b" / "export.py").write_text("from pkg.a.scan import _active, public\n")
+    assert private_imports_across_packages(tmp_path / "pkg") == ["pkg/b/export.py: from pkg.a.scan import _active"]

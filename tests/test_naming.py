@@ -1,8 +1,8 @@
-"""Whether a description names a concept category, and that one specifically (interp/naming.py)."""
+"""Whether a description names a concept category, and that one specifically (interp/ground_truth/naming.py)."""
 import pytest
 
 from data.synthetic_facts import CATEGORIES
-from interp.naming import (
+from interp.ground_truth.naming import (
     AMBIGUOUS_NAMES,
     CATEGORY_PHRASES,
     GENERIC_DESCRIPTIONS,

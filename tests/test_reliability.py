@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from experiment import read_metrics
-from interp.feature_store import read_jsonl
+from interp.contexts.store import read_jsonl
 from tests.helpers import ROOT, assert_one_line_error, run_cli
 
 

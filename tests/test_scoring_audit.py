@@ -12,17 +12,17 @@ import torch
 
 from experiment.paths import RECORDS_FILE
 from get_activation_descriptions import DescriptionsConfig
-from interp.describe import explain_examples, explain_prompt, mark, tokens_description
-from interp.descriptions_stage import run_descriptions, summarise
-from interp.feature_pages import DESCRIPTIONS_JS, write_page_descriptions
-from interp.feature_store import noise_levels, read_jsonl
-from interp.scoring import (
+from interp.contexts.browser import DESCRIPTIONS_JS, write_page_descriptions
+from interp.contexts.store import noise_levels, read_jsonl
+from interp.descriptions.prompts import explain_examples, explain_prompt, mark, tokens_description
+from interp.descriptions.scoring import (
     fuzzing_positions,
     judge_scores,
     quoted_words,
     token_match,
     wrongly_marked,
 )
+from interp.descriptions.stage import run_descriptions, summarise
 from model.explainer import Explainer
 
 WORDS = [" The", " capital", " of", " France", " is", " Paris", "."]

@@ -8,9 +8,9 @@ from safetensors.torch import load_file
 
 from core import cli
 from get_topk_activations import IGNORED, TopKConfig, main
-from interp.scan import Batch, ScanSettings
-from interp.topk import PairCounter, TopKBuffer
-from interp.windows import document_bounds, window_columns
+from interp.contexts.buffers import PairCounter, TopKBuffer
+from interp.contexts.scan import Batch, ScanSettings
+from interp.contexts.windows import document_bounds, window_columns
 from model.transcoder import Transcoder
 from tests.helpers import assert_one_line_error, run_cli, tiny_topk_config
 
@@ -164,7 +164,7 @@ def test_pages_show_highlighted_tokens(tiny_topk):
 
 
 def test_interrupted_scan_resumes_to_identical_output(tiny_run, tiny_transcoders, tmp_path, monkeypatch):
-    import interp.scan as scan_mod
+    import interp.contexts.scan as scan_mod
 
     runs = []
     for name in ("a", "b"):
@@ -264,7 +264,7 @@ def test_splits_share_no_token_position_on_adjacent_top_activations():
               "quantile": [_window(p) for p in (14, 252, 620, 731)],
               "random": [_window(p) for p in (15, 840, 950, 960)]}
     record["top"].append(_window(90, tokens=record["top"][0]["tokens"]))  # the same text again, elsewhere
-    from interp.feature_store import assign_splits
+    from interp.contexts.store import assign_splits
 
     assign_splits(record, seq_len)
     examples = [e for c in ("top", "quantile", "random") for e in record[c]]
@@ -280,7 +280,7 @@ def test_splits_share_no_token_position_on_adjacent_top_activations():
 
 
 def test_matched_keys_follow_the_activating_examples_noise():
-    from interp.scan import T_BINS, matched_keys
+    from interp.contexts.scan import T_BINS, matched_keys
 
     gen = torch.Generator().manual_seed(0)
     pool_bins = torch.arange(1000) % T_BINS  # a pool spread evenly over the noise levels
@@ -325,7 +325,7 @@ def test_topk_examples_carry_their_mask_pattern_split_apart_and_noise_matched(ti
 
 
 def test_the_audit_finds_no_leak_in_a_new_output(tiny_topk, tiny_run):
-    from interp.audit import AuditConfig, main as audit
+    from interp.descriptions.audit import AuditConfig, main as audit
 
     result = audit(AuditConfig(train_folder=str(tiny_run)))
     for layer in (0, 1):
@@ -349,7 +349,7 @@ def test_an_output_of_the_older_protocol_is_refused_not_reused(tiny_run, tiny_to
 def test_a_window_read_again_in_a_later_epoch_stays_in_one_half():
     """A scan longer than the corpus reads the same data window at two scan positions: by scan sequence
     the two copies could land in different halves; by data window they cannot."""
-    from interp.feature_store import assign_splits
+    from interp.contexts.store import assign_splits
 
     seq_len = 100
     window_of = [7, 8, 9, 7]  # scan sequence 3 is data window 7 again
@@ -363,7 +363,7 @@ def test_a_window_read_again_in_a_later_epoch_stays_in_one_half():
 
 def test_decoder_logits_match_the_models_own_readout(tiny_transcoders, tiny_run):
     from experiment import load_run
-    from interp.feature_logits import decoder_logits
+    from interp.contexts.logits import decoder_logits
     from model.diffusion import norm
 
     _, model, tok, _ = load_run(tiny_run, "latest", "cpu")

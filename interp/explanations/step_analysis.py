@@ -3,12 +3,12 @@ committed tokens' values (logit units: each token's demeaned pre-cap logit), the
 layer's part for and against the tokens, the strongest path and how much of the value it carries, the
 intervention checks, and the explanation's score beside its measured chance level.
 
-    explanation score = 10 × carried × agreement   (interp/explanation_score.py)
+    explanation score = 10 × carried × agreement   (interp/explanations/score.py)
 
 carried: the share of the committed tokens' value that the top cited features carry, measured by ablating
 them together in the real model; agreement: how close the graph's predicted change came to the
 measured one. Its chance level is measured: the same score of random citations drawn the same way, and
-of the most active features. replacement and completeness (circuit-tracer's, interp/graph.py) describe
+of the most active features. replacement and completeness (circuit-tracer's, interp/explanations/graph.py) describe
 the graph, not the explanation, and are reported apart as the graph's quality.
 """
 from __future__ import annotations
@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from interp.explanation_score import score_explanation, single_ablation_agreement
-from interp.graph import MASK, Graph, Pruned, build_graph, graph_scores, prune, total_effects
-from interp.interventions import ablate, intervene, run_step
+from interp.explanations.graph import MASK, Graph, Pruned, build_graph, graph_scores, prune, total_effects
+from interp.explanations.interventions import ablate, intervene, run_step
+from interp.explanations.score import score_explanation, single_ablation_agreement
 
 
 @dataclass
@@ -39,7 +39,7 @@ MI_FORMULA = ("10 × carried × agreement: carried = the drop of each committed 
               "cited features are ablated together in the model, as a share of that logit (clipped to [0, 1]); "
               "agreement = how close the graph's predicted change came to the measured one; chance level = the "
               "same score of random citations (same number per layer, active at the step) and of the most active "
-              "features (interp/explanation_score.py)")
+              "features (interp/explanations/score.py)")
 
 
 def layer_parts(g: Graph) -> dict:

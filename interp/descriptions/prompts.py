@@ -3,7 +3,7 @@ model-free `tokens` baseline.
 
 The explainer only ever sees the "explain" half of a feature's examples, and every input it gets, the
 baseline's included, is built from that half alone; the "score" half is kept for scoring
-(interp/scoring.py). Examples are shown as the model saw them: a masked token is [MASK] (its hidden
+(interp/descriptions/scoring.py). Examples are shown as the model saw them: a masked token is [MASK] (its hidden
 text only where it is marked, see `mark`).
 """
 from __future__ import annotations

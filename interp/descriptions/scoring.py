@@ -19,7 +19,7 @@
   window's lines in one forward pass); Pearson correlation with the true activations.
 
 Held out means held out by token position, not by text: no position of a scored window was shown to the
-explainer, and a window whose tokens equal an earlier one's is dropped (interp/feature_store.py), but
+explainer, and a window whose tokens equal an earlier one's is dropped (interp/contexts/store.py), but
 templated text repeats itself, and about a fifth of the demo's held-out activating windows have the same
 ±3 tokens around their centre as some explain-half window. A description that quotes its examples'
 words is therefore scored partly on text it has seen (in other positions).
@@ -30,7 +30,7 @@ import random
 import re
 from typing import Callable, Sequence
 
-from interp.describe import MASK_SHOWN, mark, plain
+from interp.descriptions.prompts import MASK_SHOWN, mark, plain
 
 STOPWORDS = set("""a an the of in on at to for and or is are was were be by with as from that this these those it its
 fires fire firing feature features word words token tokens mostly positions position visible masked typical context

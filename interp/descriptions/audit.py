@@ -1,6 +1,6 @@
 """Checks of the top-k output that every interpretation number rests on, printed per layer:
 
-    python -m interp.audit --train_folder experiments/X [--checkpoint_name latest]
+    python -m interp.descriptions.audit --train_folder experiments/X [--checkpoint_name latest]
 
 - the held-out split: the share of held-out ("score") activating windows that overlap, or equal, a
   window of the same feature in the explain half (should be 0);
@@ -20,9 +20,9 @@ from core import cli
 from core.files import UserError
 from experiment import RunFlags, StagePaths, layer_name, resolve_checkpoint, resolve_run_folder
 from experiment.paths import CONTEXTS_FILE, FEATURES_FILE, INDEX_FILE
-from interp.describe import plain
-from interp.feature_store import read_index, read_jsonl
-from interp.scoring import score_sets
+from interp.contexts.store import read_index, read_jsonl
+from interp.descriptions.prompts import plain
+from interp.descriptions.scoring import score_sets
 
 
 @dataclass

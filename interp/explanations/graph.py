@@ -1,10 +1,10 @@
-"""The attribution graph of one denoising step, built on the local replacement model (interp/replacement.py).
+"""The attribution graph of one denoising step, built on the local replacement model (replacement.py).
 
 Nodes, in this order (circuit-tracer's): active features (layer, position, feature), error terms
 (layer, position), input embeddings (position; a [MASK] input is a node of its own kind), and the
 targets: the tokens committed at this step. The adjacency A[target, source] holds direct effects.
 A target's value is the committed token's demeaned logit before the soft cap, in logit units
-(interp/replacement.py, target_cotangents): the model's own number, which the direct effects into it plus
+(interp/explanations/replacement.py, target_cotangents): the model's own number, which the direct effects into it plus
 the decoder biases add up to exactly; an active feature's direct inputs plus its biases add up to its
 activation. The token's real log-probability (nats) and its lift above the uniform choice are kept beside it.
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from interp.replacement import FrozenStep, backward, freeze, target_cotangents
+from interp.explanations.replacement import FrozenStep, backward, freeze, target_cotangents
 from model.diffusion import DiffusionLM
 from model.sampler import exclude_bos
 from model.transcoder import Transcoder

@@ -23,8 +23,8 @@ from typing import NamedTuple
 import torch
 
 from core.files import UserError
-from interp.graph import Graph
-from interp.replacement import FrozenStep, demean
+from interp.explanations.graph import Graph
+from interp.explanations.replacement import FrozenStep, demean
 from model.diffusion import DiffusionLM
 from model.sampler import exclude_bos
 from model.transcoder import Transcoder

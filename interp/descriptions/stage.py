@@ -13,8 +13,6 @@ appending to its own part file; rank 0 folds the parts into descriptions.jsonl i
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import statistics
 from pathlib import Path
 from typing import Callable
@@ -26,12 +24,10 @@ from core.checks import index_list
 from core.files import (
     UserError,
     atomic_path,
-    read_jsonl as read_jsonl_file,
     remove_stale_temporaries,
-    resume_jsonl,
     write_json_atomic,
 )
-from core.locks import STAGING_SUFFIX, hold
+from core.locks import hold
 from experiment import StagePaths, layer_name, parse_layers, resolve_checkpoint, resolve_run_folder, setup_distributed
 from experiment.paths import (
     CONTEXTS_FILE,
@@ -40,68 +36,25 @@ from experiment.paths import (
     INDEX_FILE,
     SCORES_PLOT,
 )
-from interp.describe import clean, explain_examples, fit_prompt, tokens_description
-from interp.feature_pages import write_page_descriptions
-from interp.feature_store import PROTOCOL, read_index, read_jsonl
-from interp.scoring import TOKEN_MATCH_LABEL, judge_many, score_sets, simulation, token_match
+from interp.contexts.browser import write_page_descriptions
+from interp.contexts.store import PROTOCOL, read_index, read_jsonl
+from interp.descriptions.prompts import clean, explain_examples, fit_prompt, tokens_description
+from interp.descriptions.records import (
+    TOKENS,
+    append_record,
+    clear_records,
+    fold_parts,
+    part_path,
+    read_records,
+    rewrite_records,
+    staging_records,
+)
+from interp.descriptions.scoring import TOKEN_MATCH_LABEL, judge_many, score_sets, simulation, token_match
 from model.distributed import Dist
 from model.explainer import Explainer
 
 SCORERS = ("detection", "fuzzing", "token_match", "simulation")
 JUDGED = ("detection", "fuzzing", "simulation")
-TOKENS = "tokens"
-
-
-REDO = "delete that line and get_activation_descriptions.py describes its feature again"
-
-
-def read_records(path: Path, rewrite: bool = False) -> list[dict]:
-    """The finished records of descriptions.jsonl (or of a part file), none when it does not exist; read only.
-    A last line cut short by a kill is left out; only this stage, the file's writer, passes `rewrite` when it
-    resumes, to cut that line off the file (and describe its feature again). A damaged line before the last
-    is a UserError naming the file and the line."""
-    if rewrite:
-        return resume_jsonl(path, remedy=REDO)
-    return read_jsonl_file(path, appended=True, remedy=REDO) if path.exists() else []
-
-
-def all_records(path: Path) -> list[dict]:
-    """Read only: the records of `path` and of the part files of a torchrun job not yet folded into it."""
-    return [r for p in [path, *part_files(path)] for r in read_records(p)]
-
-
-def _rewrite(path: Path, records: list[dict]) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-
-
-def part_path(path: Path, rank: int) -> Path:
-    """Where process `rank` of a torchrun job appends its records until they are folded into `path`."""
-    return path.with_name(f"{path.stem}.part{rank}{path.suffix}")
-
-
-def part_files(path: Path) -> list[Path]:
-    """Every process's part file of `path` (see `part_path`)."""
-    return sorted(path.parent.glob(f"{path.stem}.part*{path.suffix}"))
-
-
-def fold_parts(path: Path) -> None:
-    """Append the records of every process's part file to `path` in one process's order (by layer, then
-    feature: the order it describes them in), then remove the parts; a line cut short by a kill is dropped."""
-    parts = part_files(path)
-    if not parts:
-        return
-    new = sorted((r for p in parts for r in read_records(p)), key=lambda r: (r["layer"], r["feature"]))
-    _rewrite(path, read_records(path) + new)
-    for p in parts:
-        p.unlink()
-
-
-def append_record(path: Path, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 class BatchSize:
@@ -310,17 +263,6 @@ def run_descriptions(cfg, explainer_factory=None) -> Path:
         dist.close()
 
 
-def staging_records(path: Path) -> Path:
-    """Where --overwrite writes the explainer's new records (and, under torchrun, its processes' part files)
-    until they replace its old ones in `path`."""
-    return path.with_name(f"{path.stem}{STAGING_SUFFIX}{path.suffix}")
-
-
-def _clear(path: Path) -> None:
-    for p in [path, *part_files(path)]:
-        p.unlink(missing_ok=True)
-
-
 def _describe(cfg, dist: Dist, device, explainer_factory, paths: StagePaths, ckpt: Path, index: dict,
               layers: list[int], wanted, scorers: list[str], stack: contextlib.ExitStack) -> Path:
     topk_dir = paths.topk
@@ -345,8 +287,8 @@ def _describe(cfg, dist: Dist, device, explainer_factory, paths: StagePaths, ckp
         fold_parts(path)  # a killed torchrun job's finished records
         read_records(path, rewrite=True)  # drops a line cut short by a kill
         if cfg.overwrite:
-            _clear(target)  # an interrupted overwrite's records: this one starts over
-            stack.callback(_clear, target)  # and leaves none behind if it fails
+            clear_records(target)  # an interrupted overwrite's records: this one starts over
+            stack.callback(clear_records, target)  # and leaves none behind if it fails
     dist.barrier()
     records = read_records(path)  # rank 0 has dropped any cut line: nothing left to rewrite
     if cfg.overwrite:
@@ -414,8 +356,8 @@ def _describe(cfg, dist: Dist, device, explainer_factory, paths: StagePaths, ckp
         fold_parts(target)
         records = read_records(path)
     if cfg.overwrite:  # complete: the explainer's new records replace its old ones
-        _rewrite(path, [r for r in read_records(path) if r["explainer"] != tag] + read_records(target))
-        _clear(target)
+        rewrite_records(path, [r for r in read_records(path) if r["explainer"] != tag] + read_records(target))
+        clear_records(target)
         records = read_records(path)
     summary = summarise(records)
     noise = {layer: s.get("held_out_noise") for layer, s in index.get("summary", {}).items()}

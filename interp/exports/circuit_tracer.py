@@ -1,6 +1,6 @@
-"""A checkpoint's transcoders in circuit-tracer's transcoder-set format: `python -m interp.export_circuit_tracer`.
+"""A checkpoint's transcoders in circuit-tracer's transcoder-set format: `python -m interp.exports.circuit_tracer`.
 
-    python -m interp.export_circuit_tracer --train_folder experiments/X [--checkpoint_name latest] [--output DIR]
+    python -m interp.exports.circuit_tracer --train_folder experiments/X [--checkpoint_name latest] [--output DIR]
         [--push_to_hub user/name]
 
 Writes (default `experiments/X/exports/circuit-tracer/<checkpoint stem>/`) one `layer_{i}.safetensors` per

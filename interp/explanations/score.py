@@ -9,7 +9,7 @@ together in the real model:
                 score clips each token's share to [0, 1], since features can carry more than a whole that
                 other parts push down)
     agreement = how close the graph's predicted change of the value came to the measured one
-                (interp/interventions.py, agreement), averaged over the tokens
+                (interp/explanations/interventions.py, agreement), averaged over the tokens
     score     = 10 × clipped carried × agreement
 
 The measured log-prob drop (nats) is reported beside it: a share of log p's lift above uniform would
@@ -27,9 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
-from interp.graph import Graph
-from interp.interventions import Check, StepRun, ablate, agreement, random_like
-from interp.scoring import pearson
+from interp.descriptions.scoring import pearson
+from interp.explanations.graph import Graph
+from interp.explanations.interventions import Check, StepRun, ablate, agreement, random_like
 
 
 def shares(check: Check, values: list[float]) -> list[float]:

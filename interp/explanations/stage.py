@@ -14,9 +14,14 @@ from core.files import UserError, write_json_atomic
 from core.locks import hold, hold_output
 from experiment import StagePaths, load_run, load_transcoders, resolve_device, transcoder_layers
 from experiment.paths import EXPLANATIONS_FILE, FEATURES_FILE, GRAPHS_DIR, PAGE_FILE, REPORT_FILE, layer_name
-from interp.descriptions_stage import TOKENS, read_records
-from interp.explain_report import write_report
-from interp.explain_step import (
+from interp.contexts.store import read_jsonl
+from interp.descriptions.records import TOKENS, read_records
+from interp.explanations.graph import FEATURE, MASK, TARGET, TOKEN
+from interp.explanations.graph_export import graph_json, write_graph
+from interp.explanations.interventions import check_changes, parse_changes
+from interp.explanations.report import write_report
+from interp.explanations.step_analysis import EFFECT_FLOOR, MI_FORMULA, StepSettings, analyse_step
+from interp.explanations.wording import (
     INTERPRETATION_RUBRIC,
     OUTPUT_RUBRIC,
     chance_text,
@@ -27,11 +32,6 @@ from interp.explain_step import (
     short,
     total_prompt,
 )
-from interp.feature_store import read_jsonl
-from interp.graph import FEATURE, MASK, TARGET, TOKEN
-from interp.graph_export import graph_json, write_graph
-from interp.interventions import check_changes, parse_changes
-from interp.step_analysis import EFFECT_FLOOR, MI_FORMULA, StepSettings, analyse_step
 from model.explainer import Explainer
 from model.precision import autocast
 from model.sampler import generate

@@ -9,7 +9,6 @@ import numpy as np
 
 from core.files import UserError, read_json, remove_stale_temporaries, write_json_atomic
 from core.locks import Replacement, has_output, hold, staging_path
-from data.loader import ShardLoader
 from data.tokenizer import load_tokenizer
 from experiment import (
     CONFIG_FILE,
@@ -17,15 +16,15 @@ from experiment import (
     layer_name,
     load_transcoders,
     open_base_run,
-    open_data,
     setup_distributed,
     transcoder_layers,
     use_compile,
 )
 from experiment.paths import ARRAYS_FILE, CONTEXTS_FILE, FEATURES_FILE, INDEX_FILE, PAGE_FILE, SCAN_STATE_FILE
-from interp.feature_logits import decoder_logits
-from interp.feature_pages import write_layer_pages, write_root_page
-from interp.feature_store import (
+from interp.contexts.browser import write_layer_pages, write_root_page
+from interp.contexts.logits import decoder_logits
+from interp.contexts.scan import scan, scan_inputs
+from interp.contexts.store import (
     PROTOCOL,
     feature_examples,
     feature_stats,
@@ -34,7 +33,6 @@ from interp.feature_store import (
     write_arrays,
     write_jsonl,
 )
-from interp.scan import ScanSettings, scan
 from model.distributed import Dist
 from model.precision import autocast as autocast_for
 
@@ -59,18 +57,6 @@ def saved_settings(path: Path) -> dict:
     if "scan_batches" not in saved and "train_steps" in saved:
         saved["scan_batches"] = saved.pop("train_steps") * saved.pop("grad_acc_steps", 1)
     return saved
-
-
-def scan_inputs(settings: dict, run_cfg: dict, checkpoint_every: int = 200) -> tuple[ShardLoader, ScanSettings]:
-    """A scan's data loader and settings from its recorded settings (its config.json): what the scan reads,
-    and what the delphi export reads again, batch for batch."""
-    loader = ShardLoader(open_data(run_cfg).folder, "train", settings["train_seq_len"], settings["batch_size"],
-                         settings["seed"], files=run_cfg["data"].get("train_files"))
-    s = ScanSettings(n_batches=settings["scan_batches"], top_k=settings["top_k"],
-                     context_before=settings["context_before"], context_after=settings["context_after"],
-                     n_quantile=settings["n_quantile"], n_random=settings["n_random"],
-                     mask_ratio=settings["mask_ratio"], seed=settings["seed"], checkpoint_every=checkpoint_every)
-    return loader, s
 
 
 def check_scan(cfg, settings: dict, run_cfg: dict) -> None:

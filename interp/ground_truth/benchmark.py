@@ -8,17 +8,17 @@ At every t, visible and masked positions are scored separately; at a masked posi
 category of the hidden clean token, i.e. what the model must infer. For each category and each (t, view):
 - the single transcoder feature (any layer) with the best F1 of "fires" against "belongs to the category",
   chosen on one half, its F1 on the other;
-- beside it the controls (interp.ground_truth_counts): a random live feature's held-out F1 (mean, 95th, 99th
+- beside it the controls (interp.ground_truth.counts): a random live feature's held-out F1 (mean, 95th, 99th
   percentile over all live features), the same choose-then-score on shuffled labels, a token-id lookup
   that uses no model (perfect-ish on visible text, no better than "everything" at [MASK]), and the same
   lookup on the neighbouring input ids (i − 1, i + 1), which a templated corpus can make strong at [MASK];
-- k-sparse probes (k = 1, 2, 5) over the features (interp.ground_truth_probe), with their shuffled-label control;
+- k-sparse probes (k = 1, 2, 5) over the features (interp.ground_truth.probe), with their shuffled-label control;
 - at masked positions, the model's own ceiling: how often its argmax token falls in the hidden token's category
   (its category accuracy, which decides the target's eligible categories), and that prediction's F1.
 A category is recovered at held-out F1 ≥ 0.8, and credited where that also beats every control. The target
 summary: at masked positions with t = 0.5, among categories the model itself infers (accuracy ≥ 0.5), the
 share credited to one feature or to a probe. Also: how specifically recovered features' descriptions name the
-category (interp.naming's credit, with shuffled descriptions as the control) and the model's fact-completion
+category (naming.py's credit, with shuffled descriptions as the control) and the model's fact-completion
 accuracy beside its chance level.
 Printed as tables and saved as ground_truth.json in the run folder.
 """
@@ -46,8 +46,8 @@ from experiment import (
     transcoder_layers,
 )
 from experiment.paths import GROUND_TRUTH_FILE
-from interp.descriptions_stage import TOKENS, read_records
-from interp.ground_truth_counts import (
+from interp.descriptions.records import TOKENS, read_records
+from interp.ground_truth.counts import (
     Positions,
     best_features,
     context_ids,
@@ -58,9 +58,9 @@ from interp.ground_truth_counts import (
     random_live_features,
     shuffled_label_control,
 )
-from interp.ground_truth_probe import sparse_probes
-from interp.ground_truth_report import print_table
-from interp.naming import category_credit, shuffled_naming_rate
+from interp.ground_truth.naming import category_credit, shuffled_naming_rate
+from interp.ground_truth.probe import sparse_probes
+from interp.ground_truth.report import print_table
 from model.fact_eval import fact_accuracy
 from model.hooks import capture_mlps
 from model.objective import apply_noise, val_noise
@@ -216,7 +216,7 @@ def benchmark_target(conditions: list[dict]) -> dict | None:
 
 
 def name_check(rows: list[dict], by_feature: dict, explainers: list[str], members: dict, records: list[dict]) -> dict:
-    """How specifically each recovered feature's description names its category (interp.naming's credit:
+    """How specifically each recovered feature's description names its category (interp.ground_truth.naming's credit:
     0, or 1 / the number of categories it names), and the same credit for shuffled descriptions."""
     for r in rows:
         descs = by_feature.get((r["layer"], r["feature"]), {})
@@ -314,5 +314,10 @@ def main(cfg: GroundTruthConfig) -> dict:
         return run_ground_truth(cfg)
 
 
-if __name__ == "__main__":
+def command() -> None:
+    """`python -m interp.ground_truth` (interp/ground_truth/__main__.py)."""
     cli.run(main, GroundTruthConfig, description=GroundTruthConfig.__doc__)
+
+
+if __name__ == "__main__":
+    command()

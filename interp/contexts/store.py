@@ -14,7 +14,7 @@ from typing import Iterator
 from core import files
 from core.files import UserError, atomic_path, load_safetensors, read_json, save_safetensors
 from experiment.paths import INDEX_FILE
-from interp.scan import CATEGORIES, HIST_BINS, T_BINS, LayerState, ScanSettings
+from interp.contexts.scan import CATEGORIES, HIST_BINS, T_BINS, LayerState, ScanSettings
 
 N_TOP_TOKENS = 10
 # What the examples mean. 2: each window's mask pattern, a split with no shared position, noise-matched

@@ -1,6 +1,6 @@
-"""A checkpoint's scan, descriptions and scores in EleutherAI delphi's layout: `python -m interp.export_delphi`.
+"""A checkpoint's scan, descriptions and scores in EleutherAI delphi's layout: `python -m interp.exports.delphi`.
 
-    python -m interp.export_delphi --train_folder experiments/X [--checkpoint_name latest] [--output DIR]
+    python -m interp.exports.delphi --train_folder experiments/X [--checkpoint_name latest] [--output DIR]
         [--overwrite True]
 
 Writes (default `experiments/X/exports/delphi/<checkpoint stem>/`):
@@ -62,11 +62,10 @@ from experiment import (
     resolve_run_folder,
 )
 from experiment.paths import CONTEXTS_FILE, EXPORTS_DIR, INDEX_FILE
-from interp.describe import MASK_SHOWN
-from interp.descriptions_stage import all_records
-from interp.feature_store import REMAKE, read_index, read_jsonl
-from interp.scan import Batch, ScanSettings, _active
-from interp.topk_stage import scan_inputs
+from interp.contexts.scan import Batch, ScanSettings, active_features, scan_inputs
+from interp.contexts.store import REMAKE, read_index, read_jsonl
+from interp.descriptions.prompts import MASK_SHOWN
+from interp.descriptions.records import all_records
 from model.precision import autocast as autocast_for
 
 EXPORT_NAME = "delphi"
@@ -88,7 +87,7 @@ def collect(model, transcoders: dict, loader: ShardLoader, s: ScanSettings, devi
         clean.append(batch.tokens.int().cpu())
         ts.append(batch.t.float().cpu())
         for layer in layers:
-            f, a, pos, _ = _active(transcoders[layer], batch.x[layer], autocast)
+            f, a, pos, _ = active_features(transcoders[layer], batch.x[layer], autocast)
             seq = b * batch.B + pos // batch.T
             locs[layer].append(torch.stack([seq, pos % batch.T, f], dim=1).int().cpu())
             acts[layer].append(a.float().cpu())

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from core.files import write_json_atomic
-from interp.graph import ERROR, FEATURE, MASK, TARGET, Graph, Pruned
+from interp.explanations.graph import ERROR, FEATURE, MASK, TARGET, Graph, Pruned
 
 METADATA_FILE = "graph-metadata.json"
 

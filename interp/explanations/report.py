@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from core.files import write_text_atomic
-from interp.explain_step import chance_text
+from interp.explanations.wording import chance_text
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 # The styles and the script live in assets/ as plain .css and .js files.

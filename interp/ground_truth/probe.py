@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from interp.ground_truth_counts import FeatureCounts, Positions, f1_score, feature_counts
+from interp.ground_truth.counts import FeatureCounts, Positions, f1_score, feature_counts
 
 
 def mean_difference(c: FeatureCounts) -> torch.Tensor:

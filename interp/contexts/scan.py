@@ -33,8 +33,9 @@ from tqdm import tqdm
 
 from core.files import UserError, load_checkpoint, save_checkpoint
 from data.loader import ShardLoader
-from interp.topk import PairCounter, TopKBuffer
-from interp.windows import document_bounds, window_columns
+from experiment import open_data
+from interp.contexts.buffers import PairCounter, TopKBuffer
+from interp.contexts.windows import document_bounds, window_columns
 from model.diffusion import DiffusionLM
 from model.distributed import Dist
 from model.hooks import capture_mlps
@@ -65,6 +66,18 @@ class ScanSettings:
     @property
     def width(self) -> int:
         return self.context_before + 1 + self.context_after
+
+
+def scan_inputs(settings: dict, run_cfg: dict, checkpoint_every: int = 200) -> tuple[ShardLoader, ScanSettings]:
+    """A scan's data loader and settings from its recorded settings (its config.json): what the scan reads,
+    and what the delphi export reads again, batch for batch."""
+    loader = ShardLoader(open_data(run_cfg).folder, "train", settings["train_seq_len"], settings["batch_size"],
+                         settings["seed"], files=run_cfg["data"].get("train_files"))
+    s = ScanSettings(n_batches=settings["scan_batches"], top_k=settings["top_k"],
+                     context_before=settings["context_before"], context_after=settings["context_after"],
+                     n_quantile=settings["n_quantile"], n_random=settings["n_random"],
+                     mask_ratio=settings["mask_ratio"], seed=settings["seed"], checkpoint_every=checkpoint_every)
+    return loader, s
 
 
 def _generator(device, *parts: int) -> torch.Generator:
@@ -155,7 +168,7 @@ class LayerState:
             setattr(self, name, {k: v.to(device) for k, v in state[name].items()})
 
 
-def _active(tc: Transcoder, x: torch.Tensor, autocast):
+def active_features(tc: Transcoder, x: torch.Tensor, autocast):
     """Sparse (feature, activation, in-batch position) of every firing, and the encoding itself."""
     with torch.no_grad(), autocast:
         enc = tc.encode(x.float())
@@ -319,7 +332,7 @@ def scan(model: DiffusionLM, transcoders: dict[int, Transcoder], loader: ShardLo
         seq_t[b] = batch.t
         for layer in layers:
             st = states[layer]
-            f, a, pos, codes = _active(transcoders[layer], batch.x[layer], autocast)
+            f, a, pos, codes = active_features(transcoders[layer], batch.x[layer], autocast)
             st.top.merge(f, a, batch.base + pos)
             prio = torch.rand(len(f), generator=_generator(device, s.seed, b, layer), device=device)
             st.sample.merge(f, prio, batch.base + pos, payload=a)
@@ -337,7 +350,7 @@ def scan(model: DiffusionLM, transcoders: dict[int, Transcoder], loader: ShardLo
     def pass2(batch: Batch, b: int) -> None:
         for layer in layers:
             st = states[layer]
-            f, a, pos, codes = _active(transcoders[layer], batch.x[layer], autocast)
+            f, a, pos, codes = active_features(transcoders[layer], batch.x[layer], autocast)
             top_max = st.top.values[:, 0].clamp_min(1e-12)
             bins = (a / top_max[f] * HIST_BINS).long().clamp(0, HIST_BINS - 1)
             st.hist.index_put_((f, bins), torch.ones_like(f), accumulate=True)

@@ -1,6 +1,6 @@
 """Explaining one denoising step from its attribution graph: per-layer and total descriptions, the
 explainer's two 1–10 ratings (labelled as its ratings), and the measured mechanistic-interpretability
-score beside them (interp/step_analysis.py).
+score beside them (interp/explanations/step_analysis.py).
 
 With the `tokens` explainer the descriptions are composed deterministically from the graph and the
 feature descriptions, and the explainer's ratings are null (unavailable), never invented.

@@ -1,0 +1,6 @@
+"""Stage 4 (get_topk_activations.py): every transcoder feature's top-activating contexts.
+
+The scan (`scan`), the streaming top-k buffers (`buffers`), context windows (`windows`), the on-disk
+feature store (`store`), each feature's output tokens (`logits`), the static feature browser (`browser`)
+and the stage itself (`stage`).
+"""
