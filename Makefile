@@ -1,8 +1,13 @@
 # Two entry points for a new user; each creates .venv on first use.
 #   make demo   the pipeline on the built-in synthetic corpus, tiny config, CPU
 #   make test   the test suite
-# and, for contributors, `make lint`: ruff and the import-layer contracts (CI runs it before the tests).
-PY ?= python3
+# and, for contributors, `make test-fast` (the suite without the tests marked slow, about a minute) and
+# `make lint`: ruff, the import-layer contracts and the type checker (CI runs it before the tests).
+# The Python version: pyproject.toml's requires-python (">=3.11") is the only place it is stated. .venv is
+# created with python3.11 (that version read from there) where there is one, else python3, or with
+# `make PY=/path/to/python`; an older one stops the install with one line.
+PY_MIN := $(shell sed -n 's/^requires-python *= *"[^0-9]*\([0-9][0-9.]*\).*/\1/p' pyproject.toml)
+PY ?= $(firstword $(shell command -v python$(PY_MIN) python3 2>/dev/null) python3)
 VENV := .venv
 BIN := $(VENV)/bin
 # circuit-tracer without its dependencies, apart from the environment: the tests validate the graph JSON
@@ -23,19 +28,27 @@ DELPHI_PINS := eai-delphi==0.1.3 faiss-cpu==1.15.1 sentence-transformers==6.2.0 
 # tests/viewer/ holds their versions and the d3 + d3-jetpack bundle's entry
 VIEWER_JS := $(VENV)/viewer-js
 
-.PHONY: demo test lint venv clean-demo
+.PHONY: demo test test-fast lint venv clean-demo
 
 # requirements*.txt pin the versions; the project itself is then installed in editable mode, without
 # dependencies, so `import experiment` works from anywhere (tests need no sys.path edits).
 # `make demo` needs only the runtime (.runtime); `make test` and `make lint` add the development tools,
 # circuit-tracer's and delphi's side folders and the viewer bundle (.installed, which needs Node.js).
 $(BIN)/.runtime: requirements.txt pyproject.toml Makefile
+	@command -v $(PY) >/dev/null 2>&1 || { echo "error: no $(PY) on PATH; this project needs Python $(PY_MIN) or" \
+	  "newer (requires-python in pyproject.toml): install python$(PY_MIN), or run make PY=/path/to/python3.x" >&2; exit 1; }
+	@$(PY) -c 'import sys; sys.version_info >= tuple(map(int, "$(PY_MIN)".split("."))) or sys.exit( \
+	  "error: $(PY) is Python %d.%d; this project needs Python $(PY_MIN) or newer (requires-python in " \
+	  "pyproject.toml): install python$(PY_MIN), or run make PY=/path/to/python3.x" % sys.version_info[:2])'
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $@
 
 $(BIN)/.installed: $(BIN)/.runtime requirements-dev.txt tests/viewer/package.json tests/viewer/d3-with-jetpack.js
+	@command -v npm >/dev/null 2>&1 || { echo "error: make test and make lint need Node.js and npm (to bundle the" \
+	  "viewer scripts the tests render offline), and npm is not on PATH: install them (Debian: apt-get install" \
+	  "nodejs npm); make demo does not need them" >&2; exit 1; }
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --target $(CIRCUIT_TRACER) $(CIRCUIT_TRACER_PINS)
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --target $(DELPHI) $(DELPHI_PINS)
@@ -52,9 +65,15 @@ demo: $(BIN)/.runtime
 test: venv
 	$(BIN)/python -m pytest -q tests
 
+# the tests not marked slow (pyproject.toml's pytest markers; tests/conftest.py marks every test that uses a
+# trained session run): about a minute on 2 cores
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 clean-demo:
 	rm -rf data_cache/synthetic_* experiments/*_demo

@@ -10,6 +10,7 @@ import argparse
 import json
 import math
 import time
+from typing import Any
 
 import numpy as np
 
@@ -29,17 +30,16 @@ from model.precision import describe
 from train_diffusion import TrainConfig, main as train
 from train_transcoders import TranscoderTrainConfig, main as train_transcoders
 
-DEMO_DATA = dict(dataset="synthetic", synthetic_mb=4.0)
-DEMO_MODEL = dict(num_layers=3, num_heads=3, model_dim=96, train_seq_len=256, val_seq_len=256, batch_size=8,
-                  grad_acc_steps=1, train_steps=450, val_loss_every=150, val_tokens=16_384, save_every=225,
-                  log_every=50, head_lr=0.02, device="cpu", model_name="demo")
-
-
-DEMO_TRANSCODERS = dict(device="cpu", train_seq_len=256, batch_size=8, grad_acc_steps=1, train_steps=250,
-                        expansion_factor=8, k=8, val_loss_every=0, val_tokens=8_192, save_every=125,
-                        dead_tokens=100_000, log_every=50)
-DEMO_TOPK = dict(device="cpu", train_seq_len=256, batch_size=8, scan_batches=16, top_k=20,
-                 n_quantile=10, n_random=10)
+DEMO_DATA: dict[str, Any] = dict(dataset="synthetic", synthetic_mb=4.0)
+DEMO_MODEL: dict[str, Any] = dict(
+    num_layers=3, num_heads=3, model_dim=96, train_seq_len=256, val_seq_len=256, batch_size=8, grad_acc_steps=1,
+    train_steps=450, val_loss_every=150, val_tokens=16_384, save_every=225, log_every=50, head_lr=0.02, device="cpu",
+    model_name="demo")
+DEMO_TRANSCODERS: dict[str, Any] = dict(
+    device="cpu", train_seq_len=256, batch_size=8, grad_acc_steps=1, train_steps=250, expansion_factor=8, k=8,
+    val_loss_every=0, val_tokens=8_192, save_every=125, dead_tokens=100_000, log_every=50)
+DEMO_TOPK: dict[str, Any] = dict(device="cpu", train_seq_len=256, batch_size=8, scan_batches=16, n_top=20,
+                                 n_quantile=10, n_random=10)
 DEMO_PROMPTS = ["The capital of France is", "The month after March is", "Scientists classify the"]
 
 
@@ -49,6 +49,7 @@ def show_data(prepared) -> None:
     batch = ShardLoader(folder, "train", seq_len=48, batch_size=1, seed=0).batch(0)
     print("\none training window (48 tokens), concept-labelled tokens in [brackets]:")
     parts = []
+    assert batch.labels is not None  # the synthetic corpus labels every token
     for tid, lab in zip(batch.tokens[0].tolist(), batch.labels[0].tolist()):
         piece = tok.decode([tid]).replace(tok.decode([tok.bos_id]), "<BOS>")
         lead = piece[:len(piece) - len(piece.lstrip())]
@@ -69,10 +70,11 @@ def unigram_entropy(prepared) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-LARGE = {"model": dict(num_layers=6, num_heads=6, model_dim=192, batch_size=16, train_steps=1500, val_loss_every=500,
-                       save_every=500, model_name="demo_large"),
-         "transcoders": dict(expansion_factor=8, k=16, train_steps=600, val_loss_every=200, save_every=300),
-         "topk": dict(scan_batches=60)}
+LARGE: dict[str, dict[str, Any]] = {
+    "model": dict(num_layers=6, num_heads=6, model_dim=192, batch_size=16, train_steps=1500, val_loss_every=500,
+                  save_every=500, model_name="demo_large"),
+    "transcoders": dict(expansion_factor=8, k=16, train_steps=600, val_loss_every=200, save_every=300),
+    "topk": dict(scan_batches=60)}
 
 
 class StageClock:
@@ -80,7 +82,8 @@ class StageClock:
 
     def __init__(self) -> None:
         self.times: list[tuple[str, float]] = []
-        self.name, self.t0 = None, time.perf_counter()
+        self.name: str | None = None
+        self.t0 = time.perf_counter()
 
     def __call__(self, header: str) -> None:
         self.stop()
@@ -116,6 +119,7 @@ def main() -> None:
 
     clock("\n== stage 1: train_diffusion.py")
     run = train(TrainConfig(**DEMO_DATA, **DEMO_MODEL))
+    assert run is not None  # one process: it has the run folder
     val = [r for r in read_metrics(run) if r["event"] == "val"]
     print(f"validation NELBO {val[0]['val_nelbo']:.3f} -> {val[-1]['val_nelbo']:.3f} nats/token "
           f"(untrained: ln V = {math.log(prepared.tokenizer.n_vocab):.3f}; unigram entropy of the corpus: "

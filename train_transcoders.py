@@ -10,38 +10,10 @@ layer, blocks.N.mlp/cfg.json + sae.safetensors in EleutherAI sparsify's layout, 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from training.config import TranscoderTrainConfig
+from training.transcoders_command import command, main
 
-from core import checks as c, cli
-from core.cli import arg
-from experiment import BatchFlags, LayersFlag, LoopFlags, NoiseFlag, RunFlags, ShapeFlags
-from training.transcoders import train_transcoders
-
-
-@dataclass
-class TranscoderTrainConfig(BatchFlags, LoopFlags, LayersFlag, NoiseFlag, ShapeFlags, RunFlags):
-    """Train one sparse transcoder per MLP of a frozen diffusion model."""
-
-    val_seq_len: Optional[int] = arg(None, "tokens per validation sequence (default: --train_seq_len)", c.COUNT)
-    save_model: bool = arg(True, "write checkpoints and the per-layer transcoder files")
-    expansion_factor: int = arg(32, "latents per MLP = expansion_factor × model_dim", c.count(1, 4096))
-    k: int = arg(32, "active latents per token (TopK)", c.count(runs=("100_000",)))
-    lr: Optional[float] = arg(None, "Adam learning rate (default: 2e-4 / sqrt(latents / 16384), as in sparsify)",
-                              c.positive(100.0))
-    auxk_alpha: float = arg(1 / 32, "weight of the AuxK loss (dead latents predict the residual)", c.Range(0.0, 1000.0))
-    dead_tokens: int = arg(10_000_000, "tokens without firing after which a latent counts as dead", c.count(1, 2**62))
-    skip_connection: bool = arg(False, "add a linear skip connection from input to output")
-    compile: Optional[bool] = arg(None, "torch.compile each transcoder's loss (default: on for CUDA, off on the CPU)")
-    resume: str = arg("", "resume (an interrupted job also resumes without it: same folder, same settings)",
-                      c.RESUME)
-    overwrite: bool = arg(False, "replace existing transcoders for this checkpoint")
-    wandb: bool = arg(False, "also log to Weights & Biases (needs the wandb package; a resumed job continues its run)")
-
-
-def main(cfg: TranscoderTrainConfig):
-    return train_transcoders(cfg)
-
+__all__ = ["TranscoderTrainConfig", "command", "main"]
 
 if __name__ == "__main__":
-    cli.run(main, TranscoderTrainConfig, description=TranscoderTrainConfig.__doc__)
+    command()

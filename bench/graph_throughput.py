@@ -86,7 +86,7 @@ def main() -> None:
           f"total effects: {t_effects:.3f} s   scores: {t_scores:.3f} s", flush=True)
     settings = StepSettings(graph_batch_size=args.graph_batch_size)
     res, t_step = timed(lambda: analyse_step(model, transcoders, x, positions, targets, settings), args.repeats)
-    n_checks = len(res["checks"])
+    n_checks = len(res.checks)
     print(f"whole step (graph, pruning, {n_checks} single ablations, faithfulness with {settings.random_draws} random "
           f"draws, scores): {t_step:.3f} s; a 32-step generation: {32 * t_step:.0f} s", flush=True)
     prompt = tokens[1:1 + args.prompt_len].tolist()

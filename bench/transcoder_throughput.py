@@ -20,7 +20,7 @@ from bench.common import CUDA as cuda, DEVICE as device, device_name, measure, r
 from model.distributed import Dist  # noqa: E402
 from model.objective import train_noise  # noqa: E402
 from model.precision import autocast as autocast_for  # noqa: E402
-from model.transcoder import Transcoder, TranscoderConfig  # noqa: E402
+from model.transcoder import Transcoder, TranscoderConfig, Transcoders  # noqa: E402
 from training.transcoders import LayerPairs, train_step  # noqa: E402
 
 
@@ -34,7 +34,7 @@ def main() -> None:
     mc, n = model.cfg, args.n_vocab
     layers = list(range(args.num_layers))
     tcfg = TranscoderConfig(args.model_dim, args.expansion_factor * args.model_dim, args.k)
-    transcoders = torch.nn.ModuleDict({str(i): Transcoder(tcfg) for i in layers}).to(device)
+    transcoders = Transcoders({str(i): Transcoder(tcfg) for i in layers}).to(device)
     optimizer = torch.optim.Adam(transcoders.parameters(), lr=1e-4)
     dead = {i: torch.zeros(tcfg.num_latents, dtype=torch.long, device=device) for i in layers}
     cfg = SimpleNamespace(dead_tokens=10_000_000, auxk_alpha=1 / 32)

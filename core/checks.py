@@ -87,7 +87,7 @@ class Kind:
     """A kind of text (or any value) a flag takes: a check, and the bad values the fuzz test tries."""
 
     name: str
-    test: Callable[[str, Any], None]  # (flag, value) → raises ValueError
+    test: Callable[[str, Any], object]  # (flag, value) → raises ValueError; what it returns is ignored
     bad: tuple[str, ...] = ()
     numbers_as_text: bool = False  # a --config file may give a number for it (written back as text)
     runs: tuple[str, ...] = field(default=())  # bad values only the stage itself can refuse (they need the run)
@@ -202,6 +202,7 @@ def _checkpoint(flag: str, value: str) -> None:
 def device_index(flag: str, value: Any) -> int | None:
     """The one parser of --device and --cuda: cpu → None; cuda → the current CUDA device's index; cuda:N or
     --cuda's int N → N. A CUDA device must exist (ValueError naming the flag otherwise)."""
+    index: int | None
     if isinstance(value, int):
         Range(0, 1023).check(flag, value)
         index, shown = value, f"cuda:{value}"
@@ -278,7 +279,7 @@ def _resume(flag: str, value: str) -> None:
 TEXT = Kind("text", _any)
 MASK_RATIO = Kind("noise level", _mask_ratio, ("x", "-0.5", "1.5", "nan", "inf", ""), numbers_as_text=True)
 NAME = Kind("name", _name, ("", "../escape", "a/b", ".", "x" * 300, "with space"))
-IN_PATH = Kind("file or folder", lambda flag, v: _existing(flag, v, "a file or folder") and None, ("", "{missing}"))
+IN_PATH = Kind("file or folder", lambda flag, v: _existing(flag, v, "a file or folder"), ("", "{missing}"))
 IN_FOLDER = Kind("folder", _in_folder, ("", "{missing}", "{file}"))
 RUN_FOLDER = Kind("run folder", _run_folder, ("", "{missing}", "{file}", "{dir}"))
 TEXT_FILE = Kind("text file", _text_file, ("{missing}", "{dir}", "{nonutf8}"))
@@ -292,10 +293,10 @@ DEVICE = Kind("device", _device, ("gpu", "cuda:abc", "cuda:-1", "cuda:99", "", "
 CUDA = Kind("cuda index", _device, ("-1", "99", "1024", "inf", "nan", "abc", "1.5", ""))
 REPO_ID = Kind("Hub repository", _repo_id, ("bad name with spaces", "a/b/c", "/x", "-x/y", "x" * 300))
 MODEL = Kind("model", _model_ref, ("", "{missing}", "{file}", "bad name with spaces", "a/b/c"))
-OPTIONAL_MODEL = Kind("model or nothing", lambda flag, v: v and _model_ref(flag, v), MODEL.bad[1:])
-INDICES = Kind("indices", lambda flag, v: index_list(flag, v) and None, ("x", "-1", "1,,x", "1.5", "9999999999"),
+OPTIONAL_MODEL = Kind("model or nothing", lambda flag, v: _model_ref(flag, v) if v else None, MODEL.bad[1:])
+INDICES = Kind("indices", index_list, ("x", "-1", "1,,x", "1.5", "9999999999"),
                runs=("99999",))
-LAYERS = Kind("layers", lambda flag, v: index_list(flag, v, allow_all=True) and None,
+LAYERS = Kind("layers", lambda flag, v: index_list(flag, v, allow_all=True),
               ("", "x", "-1", "0,,x", "9999999999"), runs=("99",))
 
 

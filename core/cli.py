@@ -1,16 +1,18 @@
 """Command-line flags from config dataclasses, and the one-line error contract.
 
-Every stage script declares one dataclass (a `Flags`); each field carries a one-line help text and a
-check of its value (`core.checks`) in its metadata. `run(main, Config)` builds the parser from it, checks
-every value, from the command line or a `--config` file alike, against the field's declared type and
-check (then the dataclass' own `__post_init__` checks, which raise ValueError), calls `main(cfg)`, and
-turns a `UserError` or an `OSError` into one line on stderr (`prog: error: ...`) and exit status 2.
+Every command declares one dataclass (a `Flags`; a stage's lives in the library beside its code); each
+field carries a one-line help text and a check of its value (`core.checks`) in its metadata.
+`run(main, Config)` builds the parser from it, checks every value, from the command line or a `--config`
+file alike, against the field's declared type and check (then the dataclass' own `__post_init__` checks,
+which raise ValueError), calls `main(cfg)`, and turns a `UserError` or an `OSError` into one line on
+stderr (`prog: error: ...`) and exit status 2.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import functools
+import importlib.metadata
 import json
 import math
 import sys
@@ -118,7 +120,7 @@ def parse_float(text: str) -> float:
 class OneLineParser(argparse.ArgumentParser):
     """argparse whose errors are a UserError (one line, no usage block)."""
 
-    def error(self, message: str) -> typing.NoReturn:  # type: ignore[override]
+    def error(self, message: str) -> typing.NoReturn:
         raise UserError(message.replace("argument ", "", 1) + " (--help lists the flags)")
 
 
@@ -160,7 +162,7 @@ def build_parser(cls: type, description: str, ignored: Sequence[str] = ()) -> ar
     parser = OneLineParser(description=description, allow_abbrev=False, prog=program_name())
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[operator]
         _add_field(parser, f.name, hints[f.name], default, f.metadata.get("help", ""))
     for name in ignored:
         # nargs="?": a value is optional, so a boolean flag given alone ("--quiet") is accepted too
@@ -222,7 +224,7 @@ def _flags_on_command_line(argv: Sequence[str]) -> set[str]:
     return {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
 
 
-def parse_config(cls: type, argv: Sequence[str] | None = None, description: str = "",
+def parse_config(cls: type, argv: Sequence[str] | None = None, description: str | None = "",
                  ignored: Sequence[str] = ()) -> Any:
     """Parse argv (and its --config file) into `cls`, checking every value against the field's type and
     check first; flags in `ignored` are accepted and reported once. Any mistake is a UserError."""
@@ -254,8 +256,8 @@ def parse_config(cls: type, argv: Sequence[str] | None = None, description: str 
     if given_ignored:
         print("ignored by this stage: " + ", ".join(f"--{n}" for n in given_ignored))
     for f in dataclasses.fields(cls):
-        if ns[f.name] is None and f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            ns[f.name] = f.default_factory()  # type: ignore[misc]
+        if ns[f.name] is None and f.default_factory is not dataclasses.MISSING:
+            ns[f.name] = f.default_factory()
     on_line = _flags_on_command_line(argv)
     if issubclass(cls, Flags):
         for name in names:  # each value alone first, so the message names where it came from
@@ -270,19 +272,34 @@ def parse_config(cls: type, argv: Sequence[str] | None = None, description: str 
         raise UserError(str(e)) from None
 
 
+DISTRIBUTION = "diffusion-interp"  # the installed project (pyproject.toml), whose console scripts name themselves
+
+
+@functools.cache
+def console_scripts() -> frozenset[str]:
+    """The names of the installed project's console scripts (none when it is not installed)."""
+    try:
+        entry_points = importlib.metadata.distribution(DISTRIBUTION).entry_points
+    except importlib.metadata.PackageNotFoundError:
+        return frozenset()
+    return frozenset(ep.name for ep in entry_points if ep.group == "console_scripts")
+
+
 def program_name(main: Callable | None = None) -> str:
-    """How the user called the command: `python -m <module>`, the script's file name, or (called from
-    Python, as the tests do) the module that defines `main`."""
+    """How the user called the command: `python -m <module>`, the script's file name, a console script by
+    its name, or (called from Python, as the tests do) the module that defines `main`."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     if spec is not None and spec.name and not spec.name.startswith("pytest"):
         return f"python -m {spec.name.removesuffix('.__main__')}"
     if sys.argv and sys.argv[0].endswith(".py"):
         return Path(sys.argv[0]).name
+    if sys.argv and Path(sys.argv[0]).name in console_scripts():
+        return Path(sys.argv[0]).name
     module = getattr(main, "__module__", None) or "python"
     return f"{module}.py" if "." not in module else f"python -m {module}"
 
 
-def run(main: Callable[[Any], Any], cls: type, argv: Sequence[str] | None = None, description: str = "",
+def run(main: Callable[[Any], Any], cls: type, argv: Sequence[str] | None = None, description: str | None = "",
         ignored: Sequence[str] = ()) -> None:
     """The entry point of every script: parse, run, and end user mistakes in one line with exit 2: a
     UserError, or an OSError (a read-only folder, a full disk, a file that vanished)."""

@@ -120,7 +120,8 @@ def _jsonl(path: str | os.PathLike, appended: bool, remedy: str) -> tuple[list[d
                 continue
             if pending is not None:
                 raise damaged(*pending[::2])
-            why, record = None, None
+            why: str | None = None
+            record: Any = None
             try:
                 record = json.loads(raw.decode("utf-8"))
                 if not isinstance(record, dict):

@@ -22,7 +22,7 @@ from data.shards import read_shard
 class Batch(NamedTuple):
     tokens: torch.Tensor  # (B, T) int64 token ids
     labels: torch.Tensor | None  # (B, T) int64 concept ids (synthetic corpus), else None
-    index: np.ndarray  # (B,) global slot (training) or window index (sequential): what seeds the noise
+    index: np.ndarray  # type: ignore[assignment]  # (shadows tuple.index) (B,) global slot (training) or window index (sequential): what seeds the noise
 
 
 class ShardLoader:

@@ -16,7 +16,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, NamedTuple, Optional
+from typing import Callable, Iterable, Literal, NamedTuple, Optional
 
 from core import checks as c, cli
 from core.cli import Flags, arg
@@ -116,7 +116,8 @@ def _get_tokenizer(name: str, folder: Path, texts) -> Tokenizer:
         return BPETokenizer.from_file(folder / "tokenizer.json")
     else:
         print(f"training a byte-level BPE tokenizer ({value} tokens) on the corpus")
-        tok = train_bpe(texts(), int(value))
+        assert isinstance(value, int)  # parse_tokenizer_name gives a bpe size as an int
+        tok = train_bpe(texts(), value)
     tok.save(folder)
     return tok
 
@@ -191,6 +192,7 @@ def _write(cfg: PrepareConfig, files, params: dict, folder: Path, work: Path) ->
     write_json_atomic(meta_path, {"params": params, "complete": False})
 
     labelled, num_shards = False, None
+    records: Callable[[int], Iterable[tuple[str, list | None]]]
     if cfg.dataset == "fineweb-edu":
         ds = sources.open_fineweb(cfg.subset)
         num_shards = cfg.num_shards or 8

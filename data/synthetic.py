@@ -147,7 +147,8 @@ class Document:
 def render(template: Template, binding: dict[str, str], concept_ids: dict[tuple[str, str], int],
            stop_at: str | None = None) -> tuple[str, list[tuple[int, int, int]]]:
     """Fill a template, recording a span per slot; with `stop_at`, return only the text before that slot."""
-    out, spans, pos = "", [], 0
+    out, pos = "", 0
+    spans: list[tuple[int, int, int]] = []
     for m in SLOT_RE.finditer(template.text):
         out += template.text[pos:m.start()]
         slot = m.group(1)
@@ -177,7 +178,7 @@ def generate_documents(n_chars: int, seed: int = 0) -> Iterator[Document]:
     while written < n_chars:
         topic = rng.choice(list(TOPIC_NAMES))
         text, spans = "", []
-        sentences = []
+        sentences: list[tuple[str, list]] = []
         if rng.random() < 0.8:
             sentences.append((rng.choice(INTROS).format(TOPIC_NAMES[topic]), []))
         for _ in range(rng.randint(3, 8)):
@@ -200,7 +201,7 @@ def fact_prompts() -> list[dict]:
     ids = {c: i + 1 for i, c in enumerate(concept_table())}
     facts = []
     for tp in TEMPLATES:
-        if tp.relation is None:
+        if tp.relation is None or tp.answer is None:
             continue
         category = SLOT_CATEGORY[tp.answer]
         for binding in frames[tp.frame]:

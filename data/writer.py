@@ -108,7 +108,7 @@ class ShardPlan:
 
 def finished_shards(out_dir: Path, plan: ShardPlan, labelled: bool) -> list[dict]:
     """The contiguous run of complete shards from 0 (an interrupted run resumes after them)."""
-    done = []
+    done: list[dict] = []
     while True:
         path = out_dir / shard_name(plan.prefix, len(done))
         if not path.exists():
@@ -132,7 +132,9 @@ def write_shards(records: Callable[[int], Iterable[Record]], tok: Tokenizer, out
     if done:
         print(f"resuming after {len(done)} finished shard(s), at document {next_doc:,}")
     shards = list(done)
-    buf, lab, n_buf, first_doc, n_docs, truncated = [], [], 0, next_doc, 0, 0
+    buf: list[np.ndarray] = []
+    lab: list[np.ndarray] = []
+    n_buf, first_doc, n_docs, truncated = 0, next_doc, 0, 0
 
     def capacity() -> int:
         return (plan.val_tokens or plan.shard_size) if not shards else plan.shard_size

@@ -1,6 +1,8 @@
 """Which device a stage runs on: --cuda N / --device, or one per process under torchrun."""
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 from core.checks import device_index
@@ -27,7 +29,14 @@ def use_compile(flag: bool | None, device: torch.device) -> bool:
     return flag if flag is not None else device.type == "cuda"
 
 
-def setup_distributed(cfg) -> tuple[Dist, torch.device]:
+class DeviceFlags(Protocol):
+    """What `setup_distributed` reads of a stage's config: --cuda and --device."""
+
+    cuda: int | None
+    device: str | None
+
+
+def setup_distributed(cfg: DeviceFlags) -> tuple[Dist, torch.device]:
     """Under torchrun: one process per device, NCCL on CUDA and gloo on the CPU. Otherwise one process
     on the device the flags name."""
     dist = from_environment()

@@ -92,7 +92,7 @@ class NoiseFlag(FlagGroup):
 class ScanFlags(NoiseFlag):
     """What the top-k scan keeps of every feature."""
 
-    top_k: int = arg(50, "top-activating examples kept per feature", c.count(runs=("1_000_000_000",)))
+    n_top: int = arg(50, "top-activating examples kept per feature", c.count(runs=("1_000_000_000",)))
     context_before: int = arg(20, "tokens of context before the activating token",
                              c.count(0, runs=("1_000_000_000",)))
     context_after: int = arg(10, "tokens of context after it (the model is bidirectional)", c.COUNT_OR_ZERO)

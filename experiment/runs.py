@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -41,7 +41,16 @@ def load_run(train_folder: str | os.PathLike, checkpoint: str, device: Any, shap
     return config, model, load_tokenizer(config["tokenizer"], folder), path
 
 
-def open_base_run(cfg, device) -> tuple[Path, dict, Path, DiffusionLM]:
+class BaseRunFlags(Protocol):
+    """What `open_base_run` reads of a stage's config (its RunFlags and ShapeFlags)."""
+
+    train_folder: str
+    checkpoint_name: str
+
+    def shape_flags(self) -> dict: ...
+
+
+def open_base_run(cfg: BaseRunFlags, device) -> tuple[Path, dict, Path, DiffusionLM]:
     """(run folder, run config, checkpoint path, frozen base model) for a stage with RunFlags and ShapeFlags."""
     folder, run_cfg, path, model = _open_model(cfg.train_folder, cfg.checkpoint_name, device, cfg.shape_flags())
     model.requires_grad_(False)

@@ -3,7 +3,10 @@
     exports, ground_truth   other tools' formats; the synthetic corpus's benchmark
     explanations            stage 6: attribution graphs, interventions, explanations of each denoising step
     descriptions            stage 5: feature descriptions and their held-out scores
-    contexts                stage 4: each feature's top-activating contexts and the feature browser
+    contexts, generation    stage 4: each feature's top-activating contexts and the feature browser;
+                            stage 2 (one module): step-by-step generation
 
-The browser's and the report's CSS and scripts live in `contexts/assets/` and `explanations/assets/`.
+Each room holds its stage's flags (`config`), its work (`stage`) and its command (`command`: `main(cfg)`
+and the console script). The browser's and the report's CSS and scripts live in `contexts/assets/` and
+`explanations/assets/`.
 """

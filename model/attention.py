@@ -5,10 +5,13 @@ positions of its own document (both directions). The two paths are tested equal.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
 
 AttnImpl = Literal["sdpa", "flex"]
 FLEX_BLOCK = 128  # FlexAttention's block size: CUDA sequence lengths must be a multiple of it
@@ -24,6 +27,8 @@ class DocMask:
 
     def __init__(self, doc: torch.Tensor, impl: AttnImpl) -> None:
         self.impl = impl
+        self.dense: torch.Tensor | None
+        self.block: BlockMask | None
         if impl == "sdpa":
             self.dense = (doc[:, None, :, None] == doc[:, None, None, :])  # (B, 1, T, T)
             self.block = None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -127,6 +127,10 @@ class DiffusionLM(nn.Module, PyTorchModelHubMixin, library_name="pytorch", tags=
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.head = zero_linear(cfg.model_dim, cfg.vocab_size)
         self.attn_impl: AttnImpl | None = None  # None: FlexAttention on CUDA, masked SDPA elsewhere
+
+    def block(self, layer: int) -> Block:
+        """Block `layer` (typed: indexing the nn.ModuleList gives a plain Module)."""
+        return cast(Block, self.blocks[layer])
 
     def compile_blocks(self, attn_impl: AttnImpl | None = None) -> None:
         """torch.compile every block (one graph serves them all: same code, same shapes), optionally fixing

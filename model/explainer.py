@@ -104,7 +104,7 @@ class Explainer:
             raise UserError(f"{name!r} is neither a seq2seq nor a causal language model: "
                             f"{str(e).splitlines()[0][:160]}") from None
         if not load_in_8bit:
-            self.model.to(device)
+            self.model.to(device)  # type: ignore[arg-type]  # transformers' stub of .to
         self.model.eval()
         self.tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
         if self.tok.pad_token is None:
@@ -123,8 +123,8 @@ class Explainer:
 
     def _format(self, prompt: str) -> str:
         if self.kind == "causal" and getattr(self.tok, "chat_template", None):
-            return self.tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                add_generation_prompt=True)
+            return str(self.tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                    add_generation_prompt=True))
         return prompt
 
     def count_tokens(self, prompt: str) -> int:

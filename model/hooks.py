@@ -17,7 +17,7 @@ def capture_mlps(model: DiffusionLM, layers: list[int]) -> Iterator[dict[int, tu
     for layer in layers:
         def hook(module, args, output, layer=layer):
             seen[layer] = (args[0].detach(), output.detach())
-        handles.append(model.blocks[layer].mlp.register_forward_hook(hook))
+        handles.append(model.block(layer).mlp.register_forward_hook(hook))
     try:
         yield seen
     finally:
@@ -33,7 +33,7 @@ def replace_mlps(model: DiffusionLM, replacements: dict[int, Callable[[torch.Ten
         def hook(module, args, output, fn=fn):
             x = args[0]
             return fn(x.reshape(-1, x.shape[-1])).reshape(output.shape).to(output.dtype)
-        handles.append(model.blocks[layer].mlp.register_forward_hook(hook))
+        handles.append(model.block(layer).mlp.register_forward_hook(hook))
     try:
         yield
     finally:

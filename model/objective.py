@@ -48,6 +48,15 @@ def val_noise(index: np.ndarray, n_total: int, seed: int, seq_len: int) -> tuple
     return T_MIN + (1 - T_MIN) * t.float(), u
 
 
+def at_mask_ratio(noise: tuple[torch.Tensor, torch.Tensor], mask_ratio: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`noise` (t (B,), uniforms (B, T)) as the noise process drew it when `mask_ratio` is "random", else with
+    every sequence's t fixed at `mask_ratio` (the same uniforms: the masks are nested across fixed ratios)."""
+    t, u = noise
+    if mask_ratio != "random":
+        t = torch.full_like(t, float(mask_ratio))
+    return t, u
+
+
 class Noised(NamedTuple):
     inputs: torch.Tensor  # (B, T) tokens with [MASK] where masked
     mask: torch.Tensor  # (B, T) bool, True where masked (these are scored)

@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
 from model.precision import matmul_dtype
+
+if TYPE_CHECKING:
+    from model.diffusion import DiffusionLM
 
 
 def newton_schulz(grad: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float,
@@ -63,7 +67,7 @@ class Muon(torch.optim.Muon):
         return loss
 
 
-def build_optimizers(model: torch.nn.Module, muon_lr: float, embed_lr: float, head_lr: float,
+def build_optimizers(model: DiffusionLM, muon_lr: float, embed_lr: float, head_lr: float,
                      fused: bool = False, ns_dtype: torch.dtype | None = None) -> list[torch.optim.Optimizer]:
     """Adam and Muon. `ns_dtype` is Muon's Newton–Schulz precision; by default bf16 where the model's
     device has native bf16 and fp32 elsewhere (model.precision.matmul_dtype)."""

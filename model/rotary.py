@@ -5,6 +5,8 @@ import torch
 
 
 class Rotary(torch.nn.Module):
+    inv_freq: torch.Tensor  # a buffer (declared for the type checker)
+
     def __init__(self, head_dim: int, base: float = 10_000.0) -> None:
         super().__init__()
         inv_freq = base ** (-torch.arange(0, head_dim // 2, dtype=torch.float32) / (head_dim // 2))

@@ -14,7 +14,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -176,3 +176,14 @@ class Transcoder(nn.Module):
 
     def config_dict(self) -> dict:
         return asdict(self.cfg)
+
+
+class Transcoders(nn.ModuleDict):
+    """One transcoder per layer, keyed by the layer as text (nn.ModuleDict's keys); its items are typed as
+    Transcoder for the type checker (a plain nn.ModuleDict gives Modules)."""
+
+    def __getitem__(self, key: str) -> Transcoder:
+        return cast(Transcoder, super().__getitem__(key))
+
+    def values(self) -> list[Transcoder]:  # type: ignore[override]
+        return [cast(Transcoder, tc) for tc in super().values()]

@@ -1,9 +1,18 @@
-"""Shared fixtures: a small prepared synthetic dataset, and a runner for the command-line contract."""
+"""Shared fixtures: a small prepared synthetic dataset, and a runner for the command-line contract.
+
+Tests marked `slow` (`make test-fast` leaves them out; `make test` and CI run everything): every test that
+uses one of the session's trained runs below (they train a model, its transcoders and so on, minutes on a
+CPU), which the hook at the end marks by itself, and the tests marked by hand that spawn whole pipelines
+or many subprocesses.
+"""
 from __future__ import annotations
 
 import pytest
 
 from tests.helpers import tiny_topk_config, tiny_train_config, tiny_transcoder_config
+
+# The session fixtures that train or run a stage of the pipeline: a test that uses one is slow.
+SLOW_FIXTURES = {"tiny_run", "tiny_transcoders", "tiny_topk", "tiny_descriptions"}
 
 
 @pytest.fixture
@@ -94,3 +103,10 @@ def tiny_descriptions(tiny_topk, tiny_run):
     from get_activation_descriptions import DescriptionsConfig, main
 
     return main(DescriptionsConfig(train_folder=str(tiny_run), explainer="tokens", device="cpu"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """The `slow` marker (registered in pyproject.toml) on every test that uses a trained session run."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -53,7 +53,7 @@ def tiny_transcoder_config(train_folder, **overrides):
 
 def tiny_topk_config(train_folder, **overrides):
     kw = dict(train_folder=str(train_folder), device="cpu", train_seq_len=128, batch_size=8, scan_batches=6,
-              top_k=10, context_before=8, context_after=4, n_quantile=6, n_random=6)
+              n_top=10, context_before=8, context_after=4, n_quantile=6, n_random=6)
     kw.update(overrides)
     return TopKConfig(**kw)
 

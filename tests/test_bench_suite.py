@@ -23,6 +23,6 @@ def test_rows_for_a_result_a_failure_and_a_time_out(tmp_path):
 
 
 def test_the_suite_fits_a_lent_gpus_budget():
-    """Every benchmark of the issue is in it, and their limits leave room in 8 minutes for the card's start."""
+    """Every GPU benchmark is in it, and their limits leave room in 8 minutes for the card's start."""
     assert {name for name, _, _ in SUITE} >= {"train", "transcoders", "topk", "generate", "explainer"}
     assert sum(limit for _, limit, _ in SUITE) <= 450

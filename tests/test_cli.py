@@ -86,6 +86,7 @@ def test_config_files_with_the_command_line_on_top(tmp_path):
         parse_config(Demo, ["--config", str(tmp_path / "missing.json")])
 
 
+@pytest.mark.slow
 def test_a_stage_reads_a_config_file(tmp_path):
     (tmp_path / "gen.yaml").write_text("gen_length: 8\nnum_generate_step: 3\n")  # a typo
     assert_one_line_error(run_cli(["generate.py", "--train_folder", str(tmp_path / "none"), "--config",

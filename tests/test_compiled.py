@@ -27,15 +27,15 @@ def dynamo():
 
 def record_graphs(monkeypatch, module, graphs_after_step: list[int]) -> None:
     """Wrap the stage's step loop so that each optimizer step reports how many graphs exist after it."""
-    real = module.run_steps
+    real = module.run_training_steps
 
-    def run_steps(cfg, start, tokens_per_step, show, step, *rest):
+    def run_training_steps(cfg, start, tokens_per_step, show, step, *rest):
         def counted(index):
             step(index)
             graphs_after_step.append(counters["stats"]["unique_graphs"])
         return real(cfg, start, tokens_per_step, show, counted, *rest)
 
-    monkeypatch.setattr(module, "run_steps", run_steps)
+    monkeypatch.setattr(module, "run_training_steps", run_training_steps)
 
 
 def assert_compiled_once(graphs_after_step: list[int], most: int) -> None:
@@ -48,6 +48,7 @@ def metrics(folder) -> list[dict]:
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_diffusion_training_compiled_equals_eager(synthetic_data, tmp_path, monkeypatch, dynamo):
     from train_diffusion import main
 
@@ -130,7 +131,7 @@ def test_scan_and_denoising_step_compiled_with_flex_equal_sdpa(tiny_run, tiny_tr
     flex.compile_blocks(attn_impl="flex")
     tcs = load_transcoders(tiny_transcoders, [0, 1], "cpu", eager.cfg.model_dim)
     loader = ShardLoader(open_data(config).folder, "train", 128, 8, 0, files=config["data"].get("train_files"))
-    s = ScanSettings(n_batches=3, top_k=5, context_before=4, context_after=2, n_quantile=4, n_random=4)
+    s = ScanSettings(n_batches=3, n_top=5, context_before=4, context_after=2, n_quantile=4, n_random=4)
     with torch.no_grad():
         ref, _ = scan(eager, tcs, loader, s, "cpu", tmp_path / "a.pt")
         got, _ = scan(flex, tcs, loader, s, "cpu", tmp_path / "b.pt")

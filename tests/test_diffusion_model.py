@@ -105,6 +105,7 @@ def _nelbo(model, tokens, draws=32):
     return float(terms.weighted_ce / terms.n_maskable)
 
 
+@pytest.mark.slow
 def test_tiny_model_overfits_a_tiny_batch():
     torch.manual_seed(0)
     # one sequence: with everything masked, several sequences of one batch would look alike, so only a
@@ -117,6 +118,7 @@ def test_tiny_model_overfits_a_tiny_batch():
     assert before > 0.95 * math.log(N_VOCAB) and after < 0.2, (before, after)
 
 
+@pytest.mark.slow
 def test_random_tokens_cannot_be_learned():
     """If the model could see its targets (the old bug: no masking), this loss would fall towards 0."""
     torch.manual_seed(0)

@@ -23,7 +23,7 @@ from tests.helpers import ROOT, assert_one_line_error, run_cli
 
 STEM = "state_step000400"
 HOLDER = f"pid {os.getpid()} on {socket.gethostname()}"  # the test process, holding a lock itself
-TOPK_FLAGS = ["--device", "cpu", "--train_seq_len", "128", "--batch_size", "8", "--scan_batches", "6", "--top_k", "10",
+TOPK_FLAGS = ["--device", "cpu", "--train_seq_len", "128", "--batch_size", "8", "--scan_batches", "6", "--n_top", "10",
               "--context_before", "8", "--context_after", "4", "--n_quantile", "6", "--n_random", "6"]
 TC_FLAGS = ["--device", "cpu", "--train_seq_len", "128", "--batch_size", "8", "--grad_acc_steps", "1", "--train_steps",
             "400", "--expansion_factor", "4", "--k", "8", "--val_loss_every", "0", "--val_tokens", "8192",

@@ -235,7 +235,7 @@ def test_an_orphan_temporary_of_a_killed_scan_is_removed_on_resume(tiny_run, tin
 
     run = copy_run(tiny_run, tmp_path / "run", "topk", "descriptions")
     argv = ["--train_folder", str(run), "--device", "cpu", "--train_seq_len", "128", "--batch_size", "4",
-            "--scan_batches", "2", "--top_k", "4", "--context_before", "4", "--context_after", "2", "--n_quantile", "2",
+            "--scan_batches", "2", "--n_top", "4", "--context_before", "4", "--context_after", "2", "--n_quantile", "2",
             "--n_random", "2"]
     cli.run(topk, TopKConfig, argv)
     out = run / TOPK

@@ -22,7 +22,7 @@ from experiment import list_checkpoints
 from tests.helpers import tiny_train_config, tiny_transcoder_config
 
 ERROR = re.compile(r"error: ")
-TOPK_FLAGS = ["--device", "cpu", "--train_seq_len", "128", "--batch_size", "8", "--scan_batches", "6", "--top_k", "10",
+TOPK_FLAGS = ["--device", "cpu", "--train_seq_len", "128", "--batch_size", "8", "--scan_batches", "6", "--n_top", "10",
               "--context_before", "8", "--context_after", "4", "--n_quantile", "6", "--n_random", "6"]
 
 
@@ -123,7 +123,7 @@ def test_scan_settings_fit_the_tokens_and_sequences_scanned(tiny_topk, tiny_run,
         before = digest(folder)
         base = ["--train_folder", str(folder), *TOPK_FLAGS, "--overwrite", "True"]
         tokens = "6,144 tokens the scan reads"  # 6 batches × 8 × 128
-        refused(capsys, main, TopKConfig, [*base, "--top_k", "1000000000"], "--top_k 1,000,000,000", tokens,
+        refused(capsys, main, TopKConfig, [*base, "--n_top", "1000000000"], "--n_top 1,000,000,000", tokens,
                 ignored=IGNORED)
         refused(capsys, main, TopKConfig, [*base, "--n_quantile", "6145"], "--n_quantile", tokens, ignored=IGNORED)
         refused(capsys, main, TopKConfig, [*base, "--n_random", "1000000"], "--n_random", tokens, ignored=IGNORED)
@@ -131,7 +131,7 @@ def test_scan_settings_fit_the_tokens_and_sequences_scanned(tiny_topk, tiny_run,
                 "= 1000000005 tokens", "--train_seq_len 128", ignored=IGNORED)
         refused(capsys, main, TopKConfig, [*base, "--context_before", "100", "--context_after", "28"],
                 "fit in one sequence", ignored=IGNORED)
-        refused(capsys, main, TopKConfig, [*base, "--train_seq_len", "100000", "--top_k", "10"],
+        refused(capsys, main, TopKConfig, [*base, "--train_seq_len", "100000", "--n_top", "10"],
                 "window(s) of 100000 tokens", ignored=IGNORED)  # longer than the training split
         assert digest(folder) == before
 

@@ -29,14 +29,15 @@ from core.checks import Kind, Range
 from tests.helpers import ERROR_LINE, ROOT, assert_one_line_error
 
 RUN = {"--train_folder": "{run}", "--device": "cpu"}
-# every command a user runs (module → base flags that make the rest of the command line valid)
+# every command a user runs (the module whose `cli.run` parses it → base flags that make the rest of the command
+# line valid); the six stages' modules are also the stage scripts' (SCRIPTS) and the console scripts'
 COMMANDS = {
-    "train_diffusion": {"--experiments_dir": "{ws}/exp", "--data_dir": "{ws}/data", "--device": "cpu"},
-    "generate": RUN,
-    "train_transcoders": RUN,
-    "get_topk_activations": RUN,
-    "get_activation_descriptions": {**RUN, "--explainer": "tokens"},
-    "generate_descriptions": {**RUN, "--explainer": "tokens"},
+    "training.diffusion_command": {"--experiments_dir": "{ws}/exp", "--data_dir": "{ws}/data", "--device": "cpu"},
+    "interp.generation": RUN,
+    "training.transcoders_command": RUN,
+    "interp.contexts.command": RUN,
+    "interp.descriptions.command": {**RUN, "--explainer": "tokens"},
+    "interp.explanations.command": {**RUN, "--explainer": "tokens"},
     "data.prepare": {"--data_dir": "{ws}/data"},
     "data.fineweb": {"--data_dir": "{ws}/data"},
     "interp.ground_truth.benchmark": RUN,
@@ -44,6 +45,15 @@ COMMANDS = {
     "interp.exports.delphi": RUN,
     "interp.exports.circuit_tracer": RUN,
     "experiment.hub": RUN,
+}
+# the stage scripts at the top of the repository → the library module whose `command` each runs
+SCRIPTS = {
+    "train_diffusion": "training.diffusion_command",
+    "generate": "interp.generation",
+    "train_transcoders": "training.transcoders_command",
+    "get_topk_activations": "interp.contexts.command",
+    "get_activation_descriptions": "interp.descriptions.command",
+    "generate_descriptions": "interp.explanations.command",
 }
 SOURCE_DIRS = ("core", "data", "model", "experiment", "training", "interp")
 
@@ -238,15 +248,15 @@ def test_broken_config_files_are_one_line(module, ws):
 
 
 CONFLICTS = [
-    ("train_diffusion", ["--cuda", "0", "--device", "cpu"]),
-    ("train_diffusion", ["--val_tokens", "100", "--val_seq_len", "4096"]),
-    ("train_diffusion", ["--model_dim", "96", "--num_heads", "5"]),
-    ("train_diffusion", ["--model_dim", "90", "--num_heads", "6"]),
-    ("generate", ["--gen_length", "10", "--block_length", "3"]),
-    ("generate", ["--gen_length", "8", "--block_length", "4", "--num_generate_steps", "3"]),
-    ("get_topk_activations", ["--scan_batches", "5", "--train_steps", "2", "--grad_acc_steps", "2"]),
+    ("training.diffusion_command", ["--cuda", "0", "--device", "cpu"]),
+    ("training.diffusion_command", ["--val_tokens", "100", "--val_seq_len", "4096"]),
+    ("training.diffusion_command", ["--model_dim", "96", "--num_heads", "5"]),
+    ("training.diffusion_command", ["--model_dim", "90", "--num_heads", "6"]),
+    ("interp.generation", ["--gen_length", "10", "--block_length", "3"]),
+    ("interp.generation", ["--gen_length", "8", "--block_length", "4", "--num_generate_steps", "3"]),
+    ("interp.contexts.command", ["--scan_batches", "5", "--train_steps", "2", "--grad_acc_steps", "2"]),
     ("interp.ground_truth.benchmark", ["--noise_levels", "0.5", "--noise_levels", "2"]),
-    ("generate_descriptions", ["--prompt", "x", "--gen_length", "6", "--block_length", "4"]),
+    ("interp.explanations.command", ["--prompt", "x", "--gen_length", "6", "--block_length", "4"]),
 ]
 
 
@@ -256,22 +266,69 @@ def test_conflicting_flags_are_one_line(module, flags, ws):
     assert refused(ws, cls, ignored, base_argv(ws, module) + flags) is None
 
 
+@pytest.mark.slow
 def test_the_real_entry_points_behave_the_same(tmp_path):
     """A bad flag through `python <script>` / `python -m <module>` (a script, a tool, a module that runs
     another's main): the program's name, one line, exit 2 (started together; each costs an interpreter)."""
     ws = Workspace(tmp_path)
     procs = {}
-    for module in ("train_diffusion", "generate_descriptions", "interp.descriptions.audit", "data.fineweb"):
-        args = [f"{module}.py"] if "." not in module else ["-m", module]
-        procs[module] = subprocess.Popen([sys.executable, *args, *base_argv(ws, module), "--seed_that_is_not", "1"],
-                                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for module, proc in procs.items():
+    for program in ("train_diffusion", "generate_descriptions", "interp.descriptions.audit", "data.fineweb"):
+        args = [f"{program}.py"] if "." not in program else ["-m", program]
+        argv = base_argv(ws, SCRIPTS.get(program, program)) + ["--seed_that_is_not", "1"]
+        procs[program] = subprocess.Popen([sys.executable, *args, *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True)
+    for program, proc in procs.items():
         out, err = proc.communicate(timeout=300)
         done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
         assert_one_line_error(done, "unrecognized arguments: --seed_that_is_not")
         assert done.returncode == 2
-        name = f"{module}.py" if "." not in module else f"python -m {module}"
+        name = f"{program}.py" if "." not in program else f"python -m {program}"
         assert err.strip().startswith(f"{name}: error: "), err
+
+
+def test_every_stage_script_runs_its_library_command():
+    """The scripts at the top are thin: each re-exports its stage's config and `main` and runs its `command`."""
+    found = {p.stem for p in ROOT.glob("*.py") if 'if __name__ == "__main__":' in p.read_text()} - {"demo"}
+    assert found == set(SCRIPTS), "add the new script to SCRIPTS"
+    for script, module in SCRIPTS.items():
+        mod, lib = importlib.import_module(script), importlib.import_module(module)
+        cls, _ = command(module)
+        assert mod.main is lib.main and mod.command is lib.command and getattr(mod, cls.__name__) is cls, script
+        assert "\n    command()\n" in (ROOT / f"{script}.py").read_text(), script
+
+
+def test_every_console_script_resolves_and_refuses_a_bad_flag_in_one_line(capsys):
+    """pyproject.toml's console scripts: one per stage, each its module's `command`, installed as declared;
+    a bad flag is one line naming the flag, exit 2 (called in-process; the next test runs one installed)."""
+    import tomllib  # Python 3.11+, as the project's environment
+    from importlib.metadata import distribution
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert sorted(declared.values()) == sorted(f"{m}:command" for m in SCRIPTS.values())
+    installed = {ep.name: ep.value for ep in distribution(cli.DISTRIBUTION).entry_points
+                 if ep.group == "console_scripts"}
+    assert installed == declared, "the installed entry points are stale: pip install --no-deps -e . (make test does)"
+    for name, target in declared.items():
+        module, attr = target.split(":")
+        fn = getattr(importlib.import_module(module), attr)
+        assert callable(fn), name
+        with pytest.raises(SystemExit) as e:
+            fn(["--seed_that_is_not", "1"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and ERROR_LINE.search(err), (name, err)
+        assert "unrecognized arguments: --seed_that_is_not" in err, (name, err)
+
+
+@pytest.mark.slow
+def test_an_installed_console_script_names_itself_in_its_one_line_error(tmp_path):
+    """The installed command, run from another folder: its own name, one line, exit 2."""
+    name = "diffusion-interp-topk"
+    exe = shutil.which(name, path=str(Path(sys.executable).parent))
+    assert exe, f"{name} is not installed beside {sys.executable}: pip install --no-deps -e . (make test does)"
+    done = subprocess.run([exe, "--train_folder", str(tmp_path), "--seed_that_is_not", "1"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert_one_line_error(done, "unrecognized arguments: --seed_that_is_not")
+    assert done.returncode == 2 and done.stderr.strip().startswith(f"{name}: error: "), done.stderr
 
 
 def test_run_dependent_values_are_refused_by_the_stage(tiny_descriptions, tiny_run, tmp_path):
@@ -309,6 +366,7 @@ def test_run_dependent_values_are_refused_by_the_stage(tiny_descriptions, tiny_r
     assert n >= 19 and not failures, "\n".join(failures)
 
 
+@pytest.mark.slow
 def test_unreadable_paths_are_one_line(tmp_path):
     """A folder or file the user may not read (as an unprivileged user: root reads everything, so the suite,
     when it runs as root, drops to `nobody` with setpriv)."""

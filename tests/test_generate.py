@@ -137,6 +137,7 @@ def test_cli_errors(tiny_run, extra, needle):
     assert_one_line_error(run_cli(["generate.py", "--train_folder", str(tiny_run), "--device", "cpu", *extra]), needle)
 
 
+@pytest.mark.slow
 def test_cli_missing_folder(tmp_path):
     assert_one_line_error(run_cli(["generate.py", "--train_folder", str(tmp_path / "nope")]), "does not exist")
     (tmp_path / "empty").mkdir()
@@ -145,7 +146,7 @@ def test_cli_missing_folder(tmp_path):
 
 def test_fact_protocol_does_not_tell_the_answers_length(monkeypatch):
     """Every fact of a relation gets the same number of masked slots (its longest candidate + 1), so the
-    slot count cannot single out the answer; before, it was the answer's own length + 1."""
+    slot count cannot single out the answer (a per-fact count, its own length + 1, would give it away)."""
     import model.fact_eval as fe
 
     class Tok:

@@ -25,7 +25,7 @@ from interp.explanations.interventions import (
     intervene,
     parse_changes,
     run_step,
-    run_steps,
+    run_step_settings,
 )
 from interp.explanations.replacement import _heads, _merge, demean, freeze, linear_forward, target_cotangents
 from interp.explanations.score import carried, mean_agreement, most_active, percentile, score_explanation
@@ -147,9 +147,10 @@ def test_parts_add_up_to_the_whole(setup):
     model, tcs, tokens = setup
     g, _ = build_graph(model, tcs, tokens, POSITIONS, TARGETS)
     parts = layer_parts(g)
-    for t, whole in enumerate(parts["whole"]):
-        total = parts["inputs"]["tokens"][t] + parts["inputs"]["masks"][t] + sum(
-            sum(p[k][t] for k in ("features", "error", "bias")) for p in parts["layers"].values())
+    assert list(parts.layers) == list(range(g.num_layers))
+    for t, whole in enumerate(parts.whole):
+        total = parts.tokens[t] + parts.masks[t] + sum(p.features[t] + p.error[t] + p.bias[t]
+                                                       for p in parts.layers.values())
         assert abs(total - whole) < 1e-4 * max(1.0, abs(whole)), (total, whole)
     # an active feature's direct inputs, plus its biases, are its activation
     rows = g.adjacency[:g.n_features].sum(1) + g.bias_inputs[:g.n_features].sum(1) + g.encoder_bias
@@ -307,18 +308,18 @@ def test_layers_cite_both_directions_and_the_path_says_what_it_carries(setup):
     assert cited[1] == {"for": [], "against": []}  # no transcoder
     res = analyse_step(model, tcs, tokens, POSITIONS, TARGETS, StepSettings(features_per_layer=2, random_draws=4,
                                                                             node_threshold=1.0, edge_threshold=1.0))
-    g, path = res["graph"], res["path"]
+    g, path = res.graph, res.path
     assert g.kind(path[0]) in (TOKEN, MASK) and g.kind(path[1]) == FEATURE and g.kind(path[-1]) == TARGET
     assert all(g.where(a)[0] is None or g.where(a)[0] < g.where(b)[0] for a, b in zip(path[1:], path[2:]))
     # what the path carries: its first edge, then each later edge per unit of its source
     expected = float(g.adjacency[path[1], path[0]])
     for src, dst in zip(path[1:], path[2:]):
         expected *= float(g.adjacency[dst, src]) / float(g.activations[src])
-    assert res["path_value"] == pytest.approx(expected) and path_value(g, path[:1]) is None
-    singles = res["single_ablations"]
-    pred = [x for c in res["checks"].values() for x in c.predicted]
-    real = [x for c in res["checks"].values() for x in c.measured]
-    assert singles["n"] == len(pred) == 3 * len(res["checks"])
+    assert res.path_value == pytest.approx(expected) and path_value(g, path[:1]) is None
+    singles = res.single_ablations
+    pred = [x for c in res.checks.values() for x in c.predicted]
+    real = [x for c in res.checks.values() for x in c.measured]
+    assert singles["n"] == len(pred) == 3 * len(res.checks)
     assert singles["pearson_graph_model"] == pytest.approx(float(torch.corrcoef(torch.tensor([pred, real]))[0, 1]),
                                                            abs=1e-4)
 
@@ -346,7 +347,8 @@ def test_steering_sets_values_in_the_model_and_in_the_replacement_model(setup):
     expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(TARGETS)[:, None])[:, 0]
     torch.testing.assert_close(steered, expected, atol=1e-5, rtol=1e-5)
     # batched settings give the same numbers as one at a time
-    many = run_steps(model, tcs, fz, POSITIONS, TARGETS, [{}, same, {(0, 2, inactive): 3.0}], batch_size=2).logp
+    many = run_step_settings(model, tcs, fz, POSITIONS, TARGETS, [{}, same, {(0, 2, inactive): 3.0}],
+                             batch_size=2).logp
     torch.testing.assert_close(many, torch.stack([base, base, steered]), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="layer 1 has no transcoder"):
         run_step(model, tcs, fz, POSITIONS, TARGETS, {(1, 2, 3): 1.0})

@@ -51,7 +51,7 @@ def kill_job(proc: subprocess.Popen) -> None:
 
 
 def topk_args(run, **flags) -> list[str]:
-    cfg = dict(device="cpu", train_seq_len=128, batch_size=8, scan_batches=6, top_k=10, context_before=8,
+    cfg = dict(device="cpu", train_seq_len=128, batch_size=8, scan_batches=6, n_top=10, context_before=8,
                context_after=4, n_quantile=6, n_random=6)
     cfg.update(flags)
     return ["get_topk_activations.py", "--train_folder", str(run)] + [x for k, v in cfg.items()

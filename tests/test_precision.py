@@ -87,6 +87,7 @@ def test_capped_onednn_means_no_native_bf16():
     assert out.stdout.strip() == "False"
 
 
+@pytest.mark.slow
 def test_training_matches_in_both_precisions(synthetic_data, tmp_path, monkeypatch):
     """The same tiny run with Newton–Schulz in bf16 and in fp32: validation NELBO within 1% at every
     check (over 150 steps: 2.913 against 2.918 nats/token), and both learn."""

@@ -188,6 +188,7 @@ def test_cli_fineweb_offline(tmp_path):
     assert_one_line_error(proc, "cannot reach", "--dataset synthetic")
 
 
+@pytest.mark.slow
 def test_cli_fineweb_subset_too_small(tmp_path):
     parquet = _fineweb_parquet(tmp_path / "fw.parquet", _docs(50))
     code = ("import sys, data.sources as s; from core import cli; from datasets import load_dataset; "

@@ -32,6 +32,7 @@ def kill_when(proc: subprocess.Popen, ready, timeout: float = 240) -> None:
     proc.wait()
 
 
+@pytest.mark.slow
 def test_sigkilled_diffusion_training_resumes_to_the_same_model(synthetic_data, tmp_path):
     common = ["train_diffusion.py", "--dataset", "synthetic", "--synthetic_mb", "0.3", "--data_dir",
               str(synthetic_data.folder.parent), "--device", "cpu", "--num_layers", "2", "--num_heads", "2",
@@ -157,7 +158,7 @@ def test_bad_inputs_across_stages(stage, flags, needle, broken_run):
     (["generate_descriptions.py", "--train_folder", "{missing}", "--explainer", "tokens"], "does not exist"),
     (["generate.py", "--train_folder", "{run}", "--num_heads", "3"], "disagrees"),
     (["train_transcoders.py", "--train_folder", "{run}", "--k", "0"], "must be positive"),
-    (["get_topk_activations.py", "--train_folder", "{run}", "--top_k", "-1"], "must be positive"),
+    (["get_topk_activations.py", "--train_folder", "{run}", "--n_top", "-1"], "must be positive"),
     (["generate_descriptions.py", "--train_folder", "{run}", "--explainer", "tokens", "--gen_length", "0"],
      "must be positive"),
 ])

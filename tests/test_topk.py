@@ -90,7 +90,7 @@ def test_topk_equals_brute_force_on_the_tiny_model(tiny_topk, tiny_run, tiny_tra
     cfg = tiny_topk_config(tiny_run)
     dense, batches = _all_latents(tiny_run, tiny_transcoders, cfg, layer=1)
     arrays = load_file(str(tiny_topk / "layer_01" / "arrays.safetensors"))
-    best = dense.T.topk(cfg.top_k, dim=1)  # (M, K)
+    best = dense.T.topk(cfg.n_top, dim=1)  # (M, K)
     fired = best.values > 0
     torch.testing.assert_close(arrays["top_values"][fired], best.values[fired])
     assert torch.equal(arrays["top_position"][fired], best.indices[fired])
@@ -195,7 +195,7 @@ def test_interrupted_scan_resumes_to_identical_output(tiny_run, tiny_transcoders
 
 def test_reference_command_line_parses(capsys, reference_machine):
     cfg = cli.parse_config(TopKConfig, REFERENCE, ignored=IGNORED)
-    assert (cfg.n_batches(), cfg.train_seq_len, cfg.top_k) == (8000, 4096, 50)  # --train_steps 1_000 × 8
+    assert (cfg.n_batches(), cfg.train_seq_len, cfg.n_top) == (8000, 4096, 50)  # --train_steps 1_000 × 8
     assert capsys.readouterr().out.strip() == "ignored by this stage: --save_model, --val_loss_every, --save_every"
 
 
@@ -230,8 +230,12 @@ def test_scan_batches_contradictions_are_refused(argv, needle, reference_machine
         cli.parse_config(TopKConfig, ["--train_folder", "experiments/X", *argv])
 
 
-def test_an_output_made_before_scan_batches_still_counts_as_finished(tiny_run, tiny_topk, tmp_path, capsys):
-    """Top-k outputs written before --scan_batches existed recorded train_steps × grad_acc_steps."""
+def test_an_output_made_before_scan_batches_and_n_top_still_counts_as_finished(tiny_run, tiny_topk, tmp_path, capsys):
+    """Top-k outputs written before --scan_batches existed recorded train_steps × grad_acc_steps; those written
+    before --n_top recorded it as top_k (in config.json and in the index's settings, which the delphi export
+    reads again)."""
+    from interp.contexts.scan import scan_inputs
+
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     out = run / "topk" / "state_step000400"
@@ -239,11 +243,16 @@ def test_an_output_made_before_scan_batches_still_counts_as_finished(tiny_run, t
     saved.pop("scan_batches")
     saved.update(train_steps=3, grad_acc_steps=2)  # 6 batches, as tiny_topk_config scans
     saved.update(checkpoint_name="latest")  # older outputs also kept the checkpoint as typed
+    saved["top_k"] = saved.pop("n_top")
     (out / "config.json").write_text(json.dumps(saved))
     before = (out / "layer_00" / "contexts.jsonl").read_text()
     assert main(tiny_topk_config(run, checkpoint_name="state_step000400.pt")) == out
     assert "is complete" in capsys.readouterr().out
     assert (out / "layer_00" / "contexts.jsonl").read_text() == before
+    settings = json.loads((out / "index.json").read_text())["settings"]
+    settings["top_k"] = settings.pop("n_top")
+    _, s = scan_inputs(settings, json.loads((run / "config.json").read_text()))
+    assert s.n_top == 10
 
 
 def _window(position, center=2, width=5, tokens=None, masked_at=()):

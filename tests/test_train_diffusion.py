@@ -33,7 +33,7 @@ def test_reference_command_line_parses(reference_machine):
 
 
 def test_tiny_model_learns_the_synthetic_corpus(tiny_run, synthetic_data):
-    """Validation NELBO after 400 tiny steps vs the corpus's unigram entropy (docs/STAGES.md quotes both)."""
+    """Validation NELBO after 400 tiny steps vs the corpus's unigram entropy (docs/stages/1-train.md quotes both)."""
     val = [r for r in read_metrics(tiny_run) if r["event"] == "val"]
     entropy = unigram_entropy(synthetic_data)
     assert 4.5 < entropy < 5.2  # the 0.3 MB corpus: 4.85 nats/token
@@ -87,6 +87,7 @@ def test_two_n_steps_equal_n_plus_resume_plus_n(synthetic_data, tmp_path, monkey
     assert strip(read_metrics(straight)) == strip(read_metrics(folder))  # one curve, no duplicated steps
 
 
+@pytest.mark.slow
 def test_two_process_ddp_equals_one_process(synthetic_data, tmp_path):
     common = ["--dataset", "synthetic", "--synthetic_mb", "0.3", "--data_dir", str(synthetic_data.folder.parent),
               "--device", "cpu", "--num_layers", "2", "--num_heads", "2", "--model_dim", "64", "--train_seq_len", "128",
@@ -134,8 +135,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(synthetic_data, tmp_p
     DiffusionLM.load(folder / "state_step000005.pt")  # intact
 
 
+@pytest.mark.slow
 def test_tiny_command_line_end_to_end(tmp_path):
-    """The tiny command of docs/STAGES.md, exactly, plus where to put its files."""
+    """The tiny command of docs/stages/1-train.md, exactly, plus where to put its files."""
     proc = run_cli(["train_diffusion.py", "--dataset", "synthetic", "--device", "cpu", "--num_layers", "2",
                     "--model_dim", "64", "--num_heads", "2", "--train_seq_len", "256", "--train_steps", "200",
                     "--data_dir", str(tmp_path / "data"), "--experiments_dir", str(tmp_path / "exp"),
@@ -146,6 +148,7 @@ def test_tiny_command_line_end_to_end(tmp_path):
     assert val[0]["step"] == 0 and val[-1]["step"] == 200 and val[-1]["val_nelbo"] < val[0]["val_nelbo"] - 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv,needle", [
     (["--train_steps", "0"], "--train_steps must be positive"),
     (["--model_dim", "30", "--num_heads", "4"], "not divisible"),
@@ -166,7 +169,8 @@ def test_bad_inputs_are_one_line_errors(argv, needle, tmp_path):
 def test_resume_with_another_shape_is_refused(tiny_run, synthetic_data):
     before = {p.name: p.stat().st_mtime_ns for p in tiny_run.iterdir()}
     proc = run_cli(["train_diffusion.py", "--resume", str(tiny_run), "--model_dim", "96", "--device", "cpu"])
-    assert_one_line_error(proc, "--model_dim 96 differs")
+    width = json.loads((tiny_run / "config.json").read_text())["train"]["model_dim"]
+    assert_one_line_error(proc, f"--resume: the run was trained with other settings {{'model_dim': ({width}, 96)}}")
     assert before == {p.name: p.stat().st_mtime_ns for p in tiny_run.iterdir()}
 
 

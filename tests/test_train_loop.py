@@ -3,7 +3,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from training.loop import due, run_steps
+from training.loop import due, run_training_steps
 
 
 @pytest.mark.parametrize("start,log_every,val_every,save_every,expected", [
@@ -23,8 +23,8 @@ def test_events_follow_their_steps(start, log_every, val_every, save_every, expe
         rates.append(tokens_per_s)
         return {}
 
-    run_steps(cfg, start, 100, False, lambda i: events.append(f"step {i}"), log,
-              lambda d: events.append(f"val {d}"), lambda d: events.append(f"save {d}"))
+    run_training_steps(cfg, start, 100, False, lambda i: events.append(f"step {i}"), log,
+                       lambda d: events.append(f"val {d}"), lambda d: events.append(f"save {d}"))
     assert events == expected
     assert all(r > 0 for r in rates)
 

@@ -254,5 +254,6 @@ def test_bad_inputs(tiny_run, extra, needle):
     assert before == sorted(p.name for p in tiny_run.rglob("*"))
 
 
+@pytest.mark.slow
 def test_missing_train_folder(tmp_path):
     assert_one_line_error(run_cli(["train_transcoders.py", "--train_folder", str(tmp_path / "x")]), "does not exist")

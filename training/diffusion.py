@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from core.files import UserError, atomic_path, load_checkpoint, read_json, remove_stale_temporaries, write_json_atomic
+from core.files import UserError, load_checkpoint, read_json, remove_stale_temporaries, write_json_atomic
 from core.locks import hold
 from data.loader import ShardLoader
 from data.prepare import PrepareConfig, PreparedData, prepare_dataset
@@ -30,13 +30,16 @@ from experiment import (
     use_compile,
 )
 from experiment.paths import LOSS_PLOT
+from experiment.plots import pyplot, save_figure
+from experiment.settings import refuse_other_settings
 from model.attention import FLEX_BLOCK
 from model.diffusion import DiffusionLM, ModelConfig
 from model.distributed import Dist
 from model.objective import VAL_SEED, diffusion_loss, train_noise, val_noise
 from model.optim import build_optimizers, lr_factor, set_lr
 from model.precision import autocast as autocast_for, describe
-from training.loop import finite, open_wandb, run_steps
+from training.config import TrainConfig
+from training.loop import finite, open_wandb, run_training_steps
 
 # Flags a resumed run must keep: they fix the model, the data or the order of batches.
 RESUME_FIXED = ("dataset", "tokenizer", "synthetic_mb", "num_layers", "num_heads", "model_dim", "mlp_ratio",
@@ -64,14 +67,13 @@ def find_resume(resume: str, experiments_dir: str) -> tuple[Path, Path]:
     raise UserError(f"--resume {resume}: no such run folder or checkpoint")
 
 
-def merge_resume_config(cfg, saved: dict, given: set[str] | None):
+def merge_resume_config(cfg: TrainConfig, saved: dict, given: set[str] | None) -> TrainConfig:
     """The saved run's flags, with the ones typed now on top; fixed flags must not change."""
     given = set(asdict(cfg)) if given is None else given
     current = asdict(cfg)
-    for name in RESUME_FIXED:
-        if name in given and current[name] != saved.get(name):
-            raise UserError(f"--resume: --{name} {current[name]} differs from the run's {saved.get(name)}; "
-                            "a resumed run keeps its model, data and batch shape")
+    refuse_other_settings("--resume: the run was trained", saved, current,
+                          "a resumed run keeps its model, data and batch shape",
+                          [name for name in RESUME_FIXED if name in given])
     merged = {k: (current[k] if k in given else saved.get(k, current[k])) for k in current}
     merged["resume"] = cfg.resume
     return type(cfg)(**merged)
@@ -79,11 +81,7 @@ def merge_resume_config(cfg, saved: dict, given: set[str] | None):
 
 def plot_losses(folder: Path) -> None:
     """loss.png: training loss and validation NELBO (nats/token) against step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     records = read_metrics(folder)
     train = [(r["step"], r["loss"]) for r in records if r.get("event") == "train"]
     val = [(r["step"], r["val_nelbo"]) for r in records if r.get("event") == "val"]
@@ -98,9 +96,7 @@ def plot_losses(folder: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    with atomic_path(folder / LOSS_PLOT) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, folder / LOSS_PLOT)
 
 
 @torch.no_grad()
@@ -141,7 +137,7 @@ def accumulate_gradients(net, micro_batches, acc: int, device: torch.device, aut
 class Run:
     """Everything the loop needs, built (or restored from a checkpoint) by `set_up`."""
 
-    cfg: Any
+    cfg: TrainConfig
     dist: Dist
     device: torch.device
     folder: Path | None  # None on ranks > 0 of a new run
@@ -164,7 +160,7 @@ class Run:
         return self.per_step * self.cfg.train_seq_len
 
 
-def train(cfg, given: set[str] | None = None) -> Path | None:
+def train(cfg: TrainConfig, given: set[str] | None = None) -> Path | None:
     """Run (or resume) a training run; returns its folder (on rank 0)."""
     dist, device = setup_distributed(cfg)
     try:
@@ -174,7 +170,7 @@ def train(cfg, given: set[str] | None = None) -> Path | None:
         dist.close()
 
 
-def _prepare_data(cfg, dist: Dist, tokens_per_step: int) -> PreparedData:
+def _prepare_data(cfg: TrainConfig, dist: Dist, tokens_per_step: int) -> PreparedData:
     """Rank 0 prepares (or finds) the shards, the others then open them."""
     shards_needed = max(1, math.ceil(cfg.train_steps * tokens_per_step / 100_000_000))
     prep = PrepareConfig(dataset=cfg.dataset, tokenizer=cfg.tokenizer, data_dir=cfg.data_dir,
@@ -188,7 +184,8 @@ def _prepare_data(cfg, dist: Dist, tokens_per_step: int) -> PreparedData:
     return data
 
 
-def set_up(cfg, given: set[str] | None, dist: Dist, device: torch.device, stack: contextlib.ExitStack) -> Run:
+def set_up(cfg: TrainConfig, given: set[str] | None, dist: Dist, device: torch.device,
+           stack: contextlib.ExitStack) -> Run:
     """Data, model, optimizers and the run folder of a new run, or all of them restored for a resumed one.
     `stack` holds the run folder's lock (rank 0) until the caller's block ends."""
     state, folder = None, None
@@ -230,7 +227,7 @@ def set_up(cfg, given: set[str] | None, dist: Dist, device: torch.device, stack:
         start = int(state["step"])
 
     log = RunLog(None, enabled=dist.main)
-    facts = {"world_size": dist.world, "device": str(device), "muon_ns_dtype": str(optimizers[1].ns_dtype)}
+    facts = {"world_size": dist.world, "device": str(device), "muon_ns_dtype": str(getattr(optimizers[1], "ns_dtype"))}
     if dist.main:
         if folder is None:
             folder = new_run_folder(cfg.model_name, cfg.experiments_dir)
@@ -320,19 +317,19 @@ def loop(r: Run) -> Path | None:
         log.metrics({"event": "val", "step": done, **result})
         if wandb:
             wandb.log(result, step=done)
-        if dist.main:
+        if dist.main and r.folder is not None:  # (the main process always has its folder)
             plot_losses(r.folder)
 
     def save(done: int) -> None:
         if cfg.save_model:
             check_weights(done)  # on every process (the weights are the same), so all of them stop
-        if dist.main and cfg.save_model:
+        if dist.main and r.folder is not None and cfg.save_model:  # (the main process always has its folder)
             r.model.save(r.folder / checkpoint_name(done), {
                 "step": done, "optimizers": [o.state_dict() for o in r.optimizers], "config": asdict(cfg),
                 "data_position": {"micro_batch": done * r.acc, "sequences_consumed": done * r.per_step},
                 "rng": {"torch": torch.get_rng_state()}, "loss_since_log": interval.cpu()})
 
-    run_steps(cfg, r.start, r.tokens_per_step, dist.main, step, log_train, validate, save)
+    run_training_steps(cfg, r.start, r.tokens_per_step, dist.main, step, log_train, validate, save)
     dist.barrier()  # no process tears the group down while another still writes or validates
     if dist.main:
         log(f"done: {cfg.train_steps} steps; files in {r.folder}")

@@ -10,6 +10,8 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from experiment import LoopFlags
+
 
 def due(done: int, every: int, total: int) -> bool:
     """Whether a periodic event (logging, validation, checkpoint) happens after step `done`: every
@@ -24,8 +26,9 @@ def finite(module: torch.nn.Module) -> bool:
     return bool(torch.stack([torch.isfinite(p).all() for p in params]).all()) if params else True
 
 
-def run_steps(cfg, start: int, tokens_per_step: int, show: bool, step: Callable[[int], None],
-              log: Callable[[int, float], dict], validate: Callable[[int], None], save: Callable[[int], None]) -> None:
+def run_training_steps(cfg: LoopFlags, start: int, tokens_per_step: int, show: bool, step: Callable[[int], None],
+                       log: Callable[[int, float], dict], validate: Callable[[int], None],
+                       save: Callable[[int], None]) -> None:
     """Optimizer steps `start`..`cfg.train_steps` under a progress bar. After step number `done` (from 1):
     `log(done, tokens/s)` every --log_every steps (it returns the bar's postfix), `validate(done)` every
     --val_loss_every and `save(done)` every --save_every, each also after the last step. Throughput
@@ -51,10 +54,10 @@ def run_steps(cfg, start: int, tokens_per_step: int, show: bool, step: Callable[
     bar.close()
 
 
-def open_wandb(enabled: bool, folder: Path, job: str, config: dict):
+def open_wandb(enabled: bool, folder: Path | None, job: str, config: dict):
     """A Weights & Biases run for this output folder, or None. Its id is derived from the folder, so an
     interrupted job that resumes logs into the same W&B run (resume="allow")."""
-    if not enabled:
+    if not enabled or folder is None:  # folder: None on the processes that write nothing
         return None
     try:
         import wandb

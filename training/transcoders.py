@@ -19,7 +19,6 @@ import torch.distributed as torch_dist
 
 from core.files import (
     UserError,
-    atomic_path,
     load_checkpoint,
     read_json,
     remove_stale_temporaries,
@@ -44,26 +43,26 @@ from experiment import (
     use_compile,
 )
 from experiment.paths import TRANSCODER_PLOT, TRANSCODER_SUMMARY_FILE
+from experiment.plots import pyplot, save_figure
+from experiment.settings import refuse_other_settings
 from model.diffusion import DiffusionLM
 from model.distributed import Dist
 from model.hooks import capture_mlps, replace_mlps
-from model.objective import VAL_SEED, apply_noise, diffusion_loss, train_noise, val_noise
+from model.objective import VAL_SEED, apply_noise, at_mask_ratio, diffusion_loss, train_noise, val_noise
 from model.optim import lr_factor
 from model.precision import autocast as autocast_for
-from model.transcoder import Transcoder, TranscoderConfig
-from training.loop import finite, open_wandb, run_steps
+from model.transcoder import Transcoder, TranscoderConfig, Transcoders
+from training.config import TranscoderTrainConfig
+from training.loop import finite, open_wandb, run_training_steps
 
 # Flags that define what is trained: a resumed or rerun job must keep them.
 FIXED = ("checkpoint", "layers", "expansion_factor", "k", "skip_connection", "mask_ratio", "train_seq_len",
          "batch_size", "grad_acc_steps", "seed", "auxk_alpha", "lr", "dead_tokens")
 
 
-def noise_for(cfg, batch, step: int, per_step: int, seq_len: int):
-    """The diffusion noise process (`random`), or a fixed t for every sequence."""
-    t, u = train_noise(batch.index, step, per_step, cfg.seed + 1, seq_len)
-    if cfg.mask_ratio != "random":
-        t = torch.full_like(t, float(cfg.mask_ratio))
-    return t, u
+def noise_for(cfg: TranscoderTrainConfig, batch, step: int, per_step: int, seq_len: int):
+    """A training batch's noise: the diffusion noise process (`random`), or a fixed t for every sequence."""
+    return at_mask_ratio(train_noise(batch.index, step, per_step, cfg.seed + 1, seq_len), cfg.mask_ratio)
 
 
 class LayerPairs:
@@ -85,7 +84,7 @@ def update_dead(tokens_since_fired: torch.Tensor, fired: torch.Tensor, n_tokens)
     tokens_since_fired[fired] = 0
 
 
-def _all_reduce_grads(transcoders: torch.nn.ModuleDict, dist: Dist) -> None:
+def _all_reduce_grads(transcoders: Transcoders, dist: Dist) -> None:
     if dist.world == 1:
         return
     for p in transcoders.parameters():
@@ -94,9 +93,9 @@ def _all_reduce_grads(transcoders: torch.nn.ModuleDict, dist: Dist) -> None:
             p.grad.div_(dist.world)
 
 
-def train_step(model, transcoders: torch.nn.ModuleDict, layers: list[int], micro_batches, acc: int,
-               scales: dict[int, float], dead: dict[int, torch.Tensor], cfg, optimizer, dist: Dist, autocast,
-               device, loss_fns: dict | None = None, compiled: bool = False) -> list[float]:
+def train_step(model, transcoders: Transcoders, layers: list[int], micro_batches, acc: int,
+               scales: dict[int, float], dead: dict[int, torch.Tensor], cfg: TranscoderTrainConfig, optimizer,
+               dist: Dist, autocast, device, loss_fns: dict | None = None, compiled: bool = False) -> list[float]:
     """One optimizer step of every layer's transcoder over `acc` micro-batches of (tokens, t, u); updates
     the dead-latent counters; returns each layer's training FVU. `loss_fns` (layer → a transcoder's loss,
     `compiled` when they are) default to the transcoders' own. Uncompiled, AuxK is skipped while no latent is
@@ -131,8 +130,8 @@ def train_step(model, transcoders: torch.nn.ModuleDict, layers: list[int], micro
 
 
 @torch.no_grad()
-def evaluate(model, transcoders: dict[int, Transcoder], layers, loader: ShardLoader, cfg, device, autocast,
-             dist: Dist, dead: dict[int, torch.Tensor]) -> dict:
+def evaluate(model, transcoders: dict[int, Transcoder], layers, loader: ShardLoader,
+             cfg: TranscoderTrainConfig, device, autocast, dist: Dist, dead: dict[int, torch.Tensor]) -> dict:
     """Per layer on fixed validation tokens and noise: FVU, L0, dead fraction, and the NELBO with that
     layer's MLP replaced by its transcoder; also with all replaced, and the base NELBO."""
     n_total = loader.n_sequential(cfg.val_tokens)
@@ -145,9 +144,7 @@ def evaluate(model, transcoders: dict[int, Transcoder], layers, loader: ShardLoa
     variants = ["base", *[f"layer_{layer}" for layer in layers], "all"]
     nelbo = {v: torch.zeros(2, dtype=torch.float64, device=device) for v in variants}
     for batch in loader.sequential(cfg.val_tokens):
-        t, u = val_noise(batch.index, n_total, VAL_SEED, loader.seq_len)
-        if cfg.mask_ratio != "random":
-            t = torch.full_like(t, float(cfg.mask_ratio))
+        t, u = at_mask_ratio(val_noise(batch.index, n_total, VAL_SEED, loader.seq_len), cfg.mask_ratio)
         tokens, t, u = batch.tokens.to(device), t.to(device), u.to(device)
         pairs = LayerPairs(model, layers, tokens, t, u, autocast)
         for layer, (x, y) in pairs.pairs.items():
@@ -165,26 +162,21 @@ def evaluate(model, transcoders: dict[int, Transcoder], layers, loader: ShardLoa
             with replace_mlps(model, {layer: transcoders[layer] for layer in chosen}), autocast:
                 terms = diffusion_loss(model, tokens, t, u)
             nelbo[v] += torch.stack([terms.weighted_ce.double(), terms.n_maskable.double()])
-    result = {"base_nelbo": None, "all_nelbo": None, "layers": {}}
-    for v, sums in nelbo.items():
-        nelbo[v] = float(dist.all_sum(sums)[0] / sums[1])
+    result: dict[str, Any] = {"base_nelbo": None, "all_nelbo": None, "layers": {}}
+    mean_nelbo = {v: float(dist.all_sum(sums)[0] / sums[1]) for v, sums in nelbo.items()}
     for layer in layers:
         s = [dist.all_sum(x) for x in stats[layer]]
         total_var = s[2] - s[1].pow(2).sum() / s[3]
         result["layers"][str(layer)] = {"fvu": float(s[0] / total_var), "l0": float(s[4] / s[3]),
                                         "dead_fraction": float((dead[layer] > cfg.dead_tokens).float().mean()),
-                                        "spliced_nelbo": nelbo[f"layer_{layer}"]}
-    result["base_nelbo"], result["all_nelbo"] = nelbo["base"], nelbo["all"]
+                                        "spliced_nelbo": mean_nelbo[f"layer_{layer}"]}
+    result["base_nelbo"], result["all_nelbo"] = mean_nelbo["base"], mean_nelbo["all"]
     return result
 
 
 def plot(out_dir: Path) -> None:
     """FVU and dead fraction per layer against step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     vals = [r for r in read_metrics(out_dir) if r.get("event") == "val"]
     if not vals:
         return
@@ -199,12 +191,10 @@ def plot(out_dir: Path) -> None:
         ax.grid(alpha=0.3)
     a.legend(fontsize="small", ncol=2)
     fig.tight_layout()
-    with atomic_path(out_dir / TRANSCODER_PLOT) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, out_dir / TRANSCODER_PLOT)
 
 
-def _settings(cfg, ckpt: Path, layers: list[int], num_latents: int, lr: float) -> dict:
+def _settings(cfg: TranscoderTrainConfig, ckpt: Path, layers: list[int], num_latents: int, lr: float) -> dict:
     s = asdict(cfg)
     s.update(checkpoint=ckpt.name, layers=layers, num_latents=num_latents, lr=lr)
     for name in ("train_folder", "checkpoint_name", "resume", "overwrite", "cuda", "device", "compile"):
@@ -216,13 +206,13 @@ def _settings(cfg, ckpt: Path, layers: list[int], num_latents: int, lr: float) -
 class Run:
     """Everything the loop needs, built (or restored from a checkpoint) by `set_up`."""
 
-    cfg: Any
+    cfg: TranscoderTrainConfig
     dist: Dist
     device: torch.device
     out_dir: Path
     model: DiffusionLM  # frozen
     layers: list[int]
-    transcoders: torch.nn.ModuleDict  # layer (as str) → Transcoder, learning at unit target scale
+    transcoders: Transcoders  # layer (as str) → Transcoder, learning at unit target scale
     scales: dict[int, float]  # each layer's target RMS on the first batch; folded back into the saved files
     dead: dict[int, torch.Tensor]  # tokens since each latent last fired
     optimizer: torch.optim.Optimizer
@@ -246,7 +236,7 @@ class Run:
         return {layer: self.transcoders[str(layer)].scaled(self.scales[layer]) for layer in self.layers}
 
 
-def train_transcoders(cfg) -> Path:
+def train_transcoders(cfg: TranscoderTrainConfig) -> Path:
     dist, device = setup_distributed(cfg)
     try:
         with contextlib.ExitStack() as stack:  # the output's lock (rank 0), and its replacement with --overwrite
@@ -256,22 +246,20 @@ def train_transcoders(cfg) -> Path:
         dist.close()
 
 
-def _saved_state(cfg, out_dir: Path, settings: dict, device) -> dict | None:
+def _saved_state(cfg: TranscoderTrainConfig, out_dir: Path, settings: dict, device) -> dict | None:
     """The checkpoint to resume from, after checking it was trained with the same settings."""
     if not (out_dir / CONFIG_FILE).exists() or cfg.overwrite:
         if cfg.resume:
             raise UserError(f"--resume: nothing to resume in {out_dir}")
         return None
     saved = read_json(out_dir / CONFIG_FILE)
-    diff = {k: (saved.get(k), settings[k]) for k in FIXED if saved.get(k) != settings[k]}
-    if diff:
-        raise UserError(f"{out_dir} holds transcoders trained with other settings {diff}; "
-                        "use --overwrite True to replace them")
+    refuse_other_settings(f"{out_dir} holds transcoders trained", saved, settings,
+                          "use --overwrite True to replace them", FIXED)
     kept = list_checkpoints(out_dir)
     return load_checkpoint(kept[-1], device) if kept else None
 
 
-def check_inputs(cfg, folder: Path, run_cfg: dict, out_dir: Path, world: int = 1) -> None:
+def check_inputs(cfg: TranscoderTrainConfig, folder: Path, run_cfg: dict, out_dir: Path, world: int = 1) -> None:
     """What the flags name against what exists, before the output folder is touched (UserError): --resume
     names this checkpoint's transcoder folder, the run folder or the newest of the transcoders' checkpoints
     ('latest' too; resuming always continues from the newest checkpoint), one validation window fits in
@@ -325,7 +313,8 @@ def _initial_scales(r: Run, autocast) -> None:
             r.transcoders[str(layer)].b_dec.copy_((total[:-2] / n / r.scales[layer]).float())
 
 
-def set_up(cfg, dist: Dist, device: torch.device, stack: contextlib.ExitStack) -> tuple[Run | None, Path]:
+def set_up(cfg: TranscoderTrainConfig, dist: Dist, device: torch.device,
+           stack: contextlib.ExitStack) -> tuple[Run | None, Path]:
     """The transcoders, optimizer and output folder, new or restored; (None, folder) when already finished.
     `stack` holds the output's lock (rank 0) until the caller's block ends."""
     folder, run_cfg, ckpt, model = open_base_run(cfg, device)
@@ -359,7 +348,7 @@ def set_up(cfg, dist: Dist, device: torch.device, stack: contextlib.ExitStack) -
                              dist.world)
     torch.manual_seed(cfg.seed)
     tcfg = TranscoderConfig(mc.model_dim, num_latents, cfg.k, cfg.skip_connection)
-    transcoders = torch.nn.ModuleDict({str(layer): Transcoder(tcfg) for layer in layers}).to(device)
+    transcoders = Transcoders({str(layer): Transcoder(tcfg) for layer in layers}).to(device)
     optimizer = torch.optim.Adam(transcoders.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8)
     for group in optimizer.param_groups:
         group["initial_lr"] = lr
@@ -460,7 +449,7 @@ def loop(r: Run) -> Path:
         for layer, tc in r.scaled().items():
             tc.save(r.out_dir / hookpoint(layer))
 
-    run_steps(cfg, r.start, r.per_step * cfg.train_seq_len, dist.main, step, log_train, validate, save)
+    run_training_steps(cfg, r.start, r.per_step * cfg.train_seq_len, dist.main, step, log_train, validate, save)
     dist.barrier()  # no process tears the group down while another still writes or validates
     final = r.final_dir or r.out_dir
     r.log(f"done: transcoders in {final}")

@@ -2,5 +2,5 @@
 
 The scan (`scan`), the streaming top-k buffers (`buffers`), context windows (`windows`), the on-disk
 feature store (`store`), each feature's output tokens (`logits`), the static feature browser (`browser`)
-and the stage itself (`stage`).
+the stage itself (`stage`), its flags (`config`) and its command (`command`).
 """

@@ -81,7 +81,7 @@ def write_layer_pages(folder: Path, layer: int, stats: list[dict], examples: lis
                    + static_examples(by_feature[first["feature"]]["top"][:10], first["max_activation"]))
     n_dead = sum(s["dead"] for s in stats)
     # a link to page.html#123 opens feature 123 (stage 6's report links its cited features so)
-    start = (f"pick(hashFeature() ?? {first['feature']});" if first
+    opening = (f"pick(hashFeature() ?? {first['feature']});" if first
              else "if (hashFeature() !== null) pick(hashFeature());")
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>Layer {layer} features</title>
@@ -100,7 +100,7 @@ hidden from the model ([MASK]).</div>
 <option value="frequency">by frequency</option><option value="max_activation">by max activation</option></select>
 <div id="items"></div></div>
 <div id="detail">{initial}</div>
-<script>list(); {start}</script>
+<script>list(); {opening}</script>
 </body></html>
 """
     write_text_atomic(folder / PAGE_FILE, page)

@@ -14,7 +14,7 @@ def decoder_logits(model: DiffusionLM, tc: Transcoder, pieces: list[str], k: int
     """Per feature: its k most promoted and k most suppressed text tokens, with the direct logit change of a
     unit-norm write along its decoder row (features `chunk` at a time, so a large vocabulary fits)."""
     head = model.head.weight[:model.cfg.n_vocab].float()  # (V, D)
-    out = []
+    out: list[dict] = []
     for start in range(0, tc.cfg.num_latents, chunk):
         logits = tc.W_dec[start:start + chunk].float() @ head.T  # (m, V)
         for kind, (values, ids) in (("promotes", logits.topk(k, -1)), ("suppresses", (-logits).topk(k, -1))):

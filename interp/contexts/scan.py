@@ -39,7 +39,7 @@ from interp.contexts.windows import document_bounds, window_columns
 from model.diffusion import DiffusionLM
 from model.distributed import Dist
 from model.hooks import capture_mlps
-from model.objective import apply_noise, train_noise
+from model.objective import apply_noise, at_mask_ratio, train_noise
 from model.transcoder import Transcoder
 
 CATEGORIES = ("top", "quantile", "random")
@@ -52,7 +52,7 @@ T_BINS = 10  # noise-level bins over [0, 1] for matching non-activating contexts
 @dataclass
 class ScanSettings:
     n_batches: int
-    top_k: int = 50
+    n_top: int = 50  # the top-activating examples (half explain, half score)
     context_before: int = 20
     context_after: int = 10
     n_quantile: int = 20  # activating examples spread over quantiles (half explain, half score)
@@ -69,15 +69,24 @@ class ScanSettings:
 
 
 def scan_inputs(settings: dict, run_cfg: dict, checkpoint_every: int = 200) -> tuple[ShardLoader, ScanSettings]:
-    """A scan's data loader and settings from its recorded settings (its config.json): what the scan reads,
-    and what the delphi export reads again, batch for batch."""
+    """A scan's data loader and settings from its recorded settings (its config.json, or its index's copy, in
+    today's names or older ones): what the scan reads, and what the delphi export reads again, batch for batch."""
+    settings = renamed_settings(settings)
     loader = ShardLoader(open_data(run_cfg).folder, "train", settings["train_seq_len"], settings["batch_size"],
                          settings["seed"], files=run_cfg["data"].get("train_files"))
-    s = ScanSettings(n_batches=settings["scan_batches"], top_k=settings["top_k"],
+    s = ScanSettings(n_batches=settings["scan_batches"], n_top=settings["n_top"],
                      context_before=settings["context_before"], context_after=settings["context_after"],
                      n_quantile=settings["n_quantile"], n_random=settings["n_random"],
                      mask_ratio=settings["mask_ratio"], seed=settings["seed"], checkpoint_every=checkpoint_every)
     return loader, s
+
+
+RENAMED = {"top_k": "n_top"}  # a recorded scan setting's older name → its name now
+
+
+def renamed_settings(settings: dict) -> dict:
+    """Recorded scan settings in today's names (outputs made before --n_top recorded it as top_k)."""
+    return {RENAMED.get(k, k): v for k, v in settings.items()}
 
 
 def _generator(device, *parts: int) -> torch.Generator:
@@ -95,9 +104,7 @@ class Batch:
         mc = model.cfg
         batch = loader.batch(index)
         B, T = batch.tokens.shape
-        t, u = train_noise(batch.index, index, B, s.seed + 2, T)
-        if s.mask_ratio != "random":
-            t = torch.full_like(t, float(s.mask_ratio))
+        t, u = at_mask_ratio(train_noise(batch.index, index, B, s.seed + 2, T), s.mask_ratio)
         self.tokens, self.t = batch.tokens.to(device), t.to(device)
         noised = apply_noise(self.tokens, self.t, u.to(device), mc.mask_id, mc.bos_id, mc.pad_id)
         with torch.no_grad(), capture_mlps(model, layers) as seen, autocast:
@@ -106,7 +113,7 @@ class Batch:
         self.masked = noised.mask.reshape(-1)
         self.first, self.last = document_bounds(self.tokens, mc.bos_id)
         self.B, self.T, self.N = B, T, B * T
-        self.base = index * self.N  # global position of this batch's first token
+        self.offset = index * self.N  # global position of this batch's first token
 
     def windows(self, local: torch.Tensor, s: ScanSettings) -> torch.Tensor:
         """Flat in-batch indices (E, C) of the context windows around `local` positions, -1 outside."""
@@ -118,7 +125,7 @@ class Batch:
 class LayerState:
     def __init__(self, num_latents: int, s: ScanSettings, pool: int, device) -> None:
         M = num_latents
-        self.top = TopKBuffer(M, s.top_k, device)
+        self.top = TopKBuffer(M, s.n_top, device)
         self.sample = TopKBuffer(M, s.sample_size, device)
         self.fire_count = torch.zeros(M, dtype=torch.long, device=device)
         self.act_sum = torch.zeros(M, dtype=torch.float64, device=device)
@@ -259,83 +266,126 @@ def scan(model: DiffusionLM, transcoders: dict[int, Transcoder], loader: ShardLo
          state_path: Path, autocast=None, dist: Dist | None = None) -> tuple[dict[int, LayerState], int]:
     """Run (or resume) both passes; returns the per-layer states (merged over the processes, on every one of
     them) and the number of tokens scanned."""
-    autocast = autocast or contextlib.nullcontext()
-    dist = dist or Dist()
-    base, state_path = state_path, state_file(state_path, dist)
-    layers = sorted(transcoders)
-    V = model.cfg.vocab_size
-    n_total = s.n_batches * loader.batch_size * loader.seq_len
-    pool_n = min(s.pool_size or max(256, 8 * s.n_random), n_total)
-    pool_pos = torch.randperm(n_total, generator=_generator("cpu", s.seed, 7))[:pool_n].sort().values.to(device)
-    states = {layer: LayerState(transcoders[layer].cfg.num_latents, s, pool_n, device) for layer in layers}
-    seq_t = torch.full((s.n_batches, loader.batch_size), float("nan"), device=device)  # each sequence's t
-    phase, start = 1, 0
-    if state_path.exists():
-        saved = load_checkpoint(state_path, device, require_model=False)
+    job = ScanJob(model, transcoders, loader, s, device, state_path, autocast or contextlib.nullcontext(),
+                  dist or Dist())
+    phase, next_batch = job.restore()
+    if job.dist.world > 1:
+        phase, next_batch = job.align_passes(phase, next_batch)
+    if phase == 1:
+        job.run_pass(1, next_batch, job.collect)
+        job.merge(1)
+        job.choose_all_examples()
+        phase, next_batch = 2, 0
+        job.save(2, 0)
+    job.run_pass(2, next_batch, job.fill_windows)
+    job.merge(2)
+    return job.states, job.n_total
+
+
+class ScanJob:
+    """One process's scan: what it reads (model, transcoders, batches), the random pool of positions for
+    non-activating contexts, each layer's state, each scanned sequence's t, and this process's state file.
+    `scan` runs its steps in order: restore, align the processes' passes, pass 1 (`collect`), merge, choose the
+    examples, pass 2 (`fill_windows`), merge."""
+
+    def __init__(self, model: DiffusionLM, transcoders: dict[int, Transcoder], loader: ShardLoader, s: ScanSettings,
+                 device, state_path: Path, autocast, dist: Dist) -> None:
+        self.model, self.transcoders, self.loader, self.s = model, transcoders, loader, s
+        self.device, self.autocast, self.dist = device, autocast, dist
+        self.requested_path, self.path = state_path, state_file(state_path, dist)
+        self.layers = sorted(transcoders)
+        self.n_total = s.n_batches * loader.batch_size * loader.seq_len
+        pool_n = min(s.pool_size or max(256, 8 * s.n_random), self.n_total)
+        draw = torch.randperm(self.n_total, generator=_generator("cpu", s.seed, 7))
+        self.pool_pos = draw[:pool_n].sort().values.to(device)
+        self.states = {layer: LayerState(transcoders[layer].cfg.num_latents, s, pool_n, device)
+                       for layer in self.layers}
+        self.seq_t = torch.full((s.n_batches, loader.batch_size), float("nan"), device=device)  # each sequence's t
+
+    def state(self) -> dict:
+        """Everything a resumed scan needs besides where it stopped (CPU tensors)."""
+        return {"seq_t": self.seq_t.cpu(), "layers": {str(k): v.state_dict() for k, v in self.states.items()}}
+
+    def load(self, state: dict) -> None:
+        self.seq_t = state["seq_t"].to(self.device)
+        for layer in self.layers:
+            self.states[layer].load_state_dict(state["layers"][str(layer)], self.device)
+
+    def save(self, phase: int, next_batch: int) -> None:
+        save_checkpoint(self.path, {"phase": phase, "next_batch": next_batch, **self.state()})
+
+    def restore(self) -> tuple[int, int]:
+        """(pass, next batch) to continue from: this process's state file's, or (1, 0) for a fresh scan."""
+        if not self.path.exists():
+            if self.dist.main:
+                note_other_process_counts(self.requested_path, self.dist)
+            return 1, 0
+        saved = load_checkpoint(self.path, self.device, require_model=False)
         if "seq_t" not in saved:
-            raise UserError(f"{state_path} was written by an older version of the scan; delete it (or rerun with "
+            raise UserError(f"{self.path} was written by an older version of the scan; delete it (or rerun with "
                             "--overwrite True) to scan again")
-        phase, start, seq_t = saved["phase"], saved["next_batch"], saved["seq_t"].to(device)
-        for layer in layers:
-            states[layer].load_state_dict(saved["layers"][str(layer)], device)
-        if dist.main:
-            print(f"resuming the scan: pass {phase}, batch {start}")
-    elif dist.main and (others := [p.name for p in base.parent.glob(f"{base.stem}*{base.suffix}")
-                                   if dist.world == 1 or not p.name.endswith(f"of{dist.world}{base.suffix}")]):
-        print(f"note: {', '.join(sorted(others))} belong to a scan with another number of processes; "
-              f"this one starts over (resume with that number to continue it)")
-    if dist.world > 1:
-        phases = all_gather_states(dist, phase)
-        if len(set(phases)) > 1:
-            # killed between the processes' pass-2 checkpoints: a process in pass 2 holds the merged pass-1
-            # state (the same on all of them); the others take it and begin pass 2
-            src = phases.index(2)
-            shared = broadcast_state(dist, src, {"seq_t": seq_t.cpu(), "layers": {
-                str(k): v.state_dict() for k, v in states.items()}} if dist.rank == src else None)
-            if phase == 1:
-                seq_t = shared["seq_t"].to(device)
-                for layer in layers:
-                    states[layer].load_state_dict(shared["layers"][str(layer)], device)
-                    states[layer].start_pass2(s.width)
-                phase, start = 2, 0
+        self.load(saved)
+        if self.dist.main:
+            print(f"resuming the scan: pass {saved['phase']}, batch {saved['next_batch']}")
+        return saved["phase"], saved["next_batch"]
 
-    def checkpoint(phase_: int, next_batch: int) -> None:
-        save_checkpoint(state_path, {"phase": phase_, "next_batch": next_batch, "seq_t": seq_t.cpu(),
-                                     "layers": {str(k): v.state_dict() for k, v in states.items()}})
+    def align_passes(self, phase: int, next_batch: int) -> tuple[int, int]:
+        """Under torchrun, (pass, next batch) with every process in the same pass. Killed between the processes'
+        pass-2 checkpoints, a process in pass 2 holds the merged pass-1 state (the same on all of them); the
+        others take it and begin pass 2."""
+        phases = all_gather_states(self.dist, phase)
+        if len(set(phases)) == 1:
+            return phase, next_batch
+        src = phases.index(2)
+        shared = broadcast_state(self.dist, src, self.state() if self.dist.rank == src else None)
+        if phase == 2:
+            return phase, next_batch
+        self.load(shared)
+        for st in self.states.values():
+            st.start_pass2(self.s.width)
+        return 2, 0
 
-    def run_pass(phase_: int, begin: int, body: Callable[[Batch, int], None]) -> None:
+    def run_pass(self, phase: int, begin: int, body: Callable[[Batch, int], None]) -> None:
+        """`body(batch, b)` over this process's batches b ≥ `begin`, saving the state every --checkpoint_every."""
+        s, dist = self.s, self.dist
         mine = [b for b in range(s.n_batches) if b % dist.world == dist.rank]
         todo = [b for b in mine if b >= begin]
-        for i, b in enumerate(tqdm(todo, desc=f"pass {phase_}/2", unit="batch", dynamic_ncols=True,
+        for i, b in enumerate(tqdm(todo, desc=f"pass {phase}/2", unit="batch", dynamic_ncols=True,
                                    disable=not dist.main, initial=len(mine) - len(todo), total=len(mine))):
-            body(Batch(model, loader, b, s, layers, device, autocast), b)
+            body(Batch(self.model, self.loader, b, s, self.layers, self.device, self.autocast), b)
             if (len(mine) - len(todo) + i + 1) % s.checkpoint_every == 0 and b != mine[-1]:
-                checkpoint(phase_, b + 1)
+                self.save(phase, b + 1)
 
-    def merge(phase_: int) -> None:
-        nonlocal seq_t
-        if dist.world == 1:
+    def merge(self, phase: int) -> None:
+        """Under torchrun, every process's states after pass `phase` merged into one, on every process."""
+        if self.dist.world == 1:
             return
-        mine = {str(k): v.state_dict() if phase_ == 1 else v.pass2_state_dict() for k, v in states.items()}
-        gathered = all_gather_states(dist, {"seq_t": seq_t.cpu(), "layers": mine})
-        seq_t = _first_finite([g["seq_t"] for g in gathered]).to(device)
-        for layer in layers:
+        mine = {str(k): v.state_dict() if phase == 1 else v.pass2_state_dict() for k, v in self.states.items()}
+        gathered = all_gather_states(self.dist, {"seq_t": self.seq_t.cpu(), "layers": mine})
+        self.seq_t = _first_finite([g["seq_t"] for g in gathered]).to(self.device)
+        for layer in self.layers:
             parts = [g["layers"][str(layer)] for g in gathered]
-            base = states[layer].state_dict() if phase_ == 2 else None
-            states[layer].load_state_dict(merge_states(parts, phase_, base), device)
+            pass1_state = self.states[layer].state_dict() if phase == 2 else None
+            self.states[layer].load_state_dict(merge_states(parts, phase, pass1_state), self.device)
 
-    def pass1(batch: Batch, b: int) -> None:
-        in_pool = (pool_pos >= batch.base) & (pool_pos < batch.base + batch.N)
+    def t_at(self, pos: torch.Tensor) -> torch.Tensor:
+        """The noise level t of the sequence that holds each global position."""
+        return self.seq_t.reshape(-1)[pos // self.loader.seq_len]
+
+    def collect(self, batch: Batch, b: int) -> None:
+        """Pass 1 over one batch: top-k and sample buffers, counts, the pool's firings, each sequence's t."""
+        s, V = self.s, self.model.cfg.vocab_size
+        in_pool = (self.pool_pos >= batch.offset) & (self.pool_pos < batch.offset + batch.N)
         pool_idx = torch.nonzero(in_pool)[:, 0]
-        pool_win = batch.windows(pool_pos[pool_idx] - batch.base, s)  # (P_b, C)
+        pool_win = batch.windows(self.pool_pos[pool_idx] - batch.offset, s)  # (P_b, C)
         tok_flat = batch.tokens.reshape(-1)
-        seq_t[b] = batch.t
-        for layer in layers:
-            st = states[layer]
-            f, a, pos, codes = active_features(transcoders[layer], batch.x[layer], autocast)
-            st.top.merge(f, a, batch.base + pos)
-            prio = torch.rand(len(f), generator=_generator(device, s.seed, b, layer), device=device)
-            st.sample.merge(f, prio, batch.base + pos, payload=a)
+        self.seq_t[b] = batch.t
+        for layer in self.layers:
+            st = self.states[layer]
+            f, a, pos, codes = active_features(self.transcoders[layer], batch.x[layer], self.autocast)
+            st.top.merge(f, a, batch.offset + pos)
+            prio = torch.rand(len(f), generator=_generator(self.device, s.seed, b, layer), device=self.device)
+            st.sample.merge(f, prio, batch.offset + pos, payload=a)
             st.fire_count += torch.bincount(f, minlength=st.top.n_groups)
             st.act_sum.index_add_(0, f, a.double())
             st.masked_count += torch.bincount(f[batch.masked[pos]], minlength=st.top.n_groups)
@@ -347,21 +397,29 @@ def scan(model: DiffusionLM, transcoders: dict[int, Transcoder], loader: ShardLo
                 rows = pool_idx[:, None, None].expand_as(fires)
                 st.pool_has[rows[fires], idx[safe][fires]] = True
 
-    def pass2(batch: Batch, b: int) -> None:
-        for layer in layers:
-            st = states[layer]
-            f, a, pos, codes = active_features(transcoders[layer], batch.x[layer], autocast)
+    def choose_all_examples(self) -> None:
+        """Between the passes: every layer's quantile and non-activating examples, and empty windows for pass 2."""
+        for layer in self.layers:
+            st = self.states[layer]
+            choose_examples(st, self.s, self.pool_pos, _generator(self.device, self.s.seed, 11, layer), self.t_at)
+            st.start_pass2(self.s.width)
+
+    def fill_windows(self, batch: Batch, b: int) -> None:
+        """Pass 2 over one batch: the activation histograms, and the windows of the chosen examples it holds."""
+        for layer in self.layers:
+            st = self.states[layer]
+            f, a, pos, codes = active_features(self.transcoders[layer], batch.x[layer], self.autocast)
             top_max = st.top.values[:, 0].clamp_min(1e-12)
             bins = (a / top_max[f] * HIST_BINS).long().clamp(0, HIST_BINS - 1)
             st.hist.index_put_((f, bins), torch.ones_like(f), accumulate=True)
             for cat in CATEGORIES:
                 chosen = st.chosen[cat]
-                here = (chosen >= batch.base) & (chosen < batch.base + batch.N)
+                here = (chosen >= batch.offset) & (chosen < batch.offset + batch.N)
                 feat, slot = torch.nonzero(here, as_tuple=True)
                 if not len(feat):
                     continue
-                local = chosen[feat, slot] - batch.base
-                flat = batch.windows(local, s)
+                local = chosen[feat, slot] - batch.offset
+                flat = batch.windows(local, self.s)
                 tok_flat = batch.tokens.reshape(-1)
                 st.win_tokens[cat][feat, slot] = torch.where(flat >= 0, tok_flat[flat.clamp_min(0)],
                                                              torch.full_like(flat, -1)).int()
@@ -370,19 +428,15 @@ def scan(model: DiffusionLM, transcoders: dict[int, Transcoder], loader: ShardLo
                 st.masked[cat][feat, slot] = batch.masked[local]
                 st.win_masked[cat][feat, slot] = batch.masked[flat.clamp_min(0)] & (flat >= 0)
 
-    if phase == 1:
-        run_pass(1, start, pass1)
-        merge(1)
-        for layer in layers:
-            st = states[layer]
-            choose_examples(st, s, pool_pos, _generator(device, s.seed, 11, layer),
-                            lambda pos: seq_t.reshape(-1)[pos // loader.seq_len])
-            st.start_pass2(s.width)
-        phase, start = 2, 0
-        checkpoint(2, 0)
-    run_pass(2, start, pass2)
-    merge(2)
-    return states, n_total
+
+def note_other_process_counts(state_path: Path, dist: Dist) -> None:
+    """A note when state files of a scan with another number of processes lie beside `state_path` (a fresh scan
+    with this number starts over; they stay, for a rerun with theirs)."""
+    others = [p.name for p in state_path.parent.glob(f"{state_path.stem}*{state_path.suffix}")
+              if dist.world == 1 or not p.name.endswith(f"of{dist.world}{state_path.suffix}")]
+    if others:
+        print(f"note: {', '.join(sorted(others))} belong to a scan with another number of processes; "
+              f"this one starts over (resume with that number to continue it)")
 
 
 def _first_finite(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -432,7 +486,9 @@ def merge_states(parts: list[dict], phase: int, base: dict | None = None) -> dic
     merged pass-1 state on every process (`base`, this process's whole state) and merges the processes'
     `pass2_state_dict()`s: histograms summed, each window from the process whose batch held it."""
     first = parts[0]
-    out = dict(first if phase == 1 else base)
+    if phase == 2 and base is None:
+        raise ValueError("merging pass 2 needs this process's whole state (`base`)")
+    out = dict(first if phase == 1 else base or {})
     if phase == 1:
         out["top"] = merge_topk([p["top"] for p in parts], first["top"]["values"].shape[1])
         out["sample"] = merge_topk([p["sample"] for p in parts], first["sample"]["values"].shape[1])

@@ -21,9 +21,11 @@ from experiment import (
     use_compile,
 )
 from experiment.paths import ARRAYS_FILE, CONTEXTS_FILE, FEATURES_FILE, INDEX_FILE, PAGE_FILE, SCAN_STATE_FILE
+from experiment.settings import refuse_other_settings
 from interp.contexts.browser import write_layer_pages, write_root_page
+from interp.contexts.config import TopKConfig
 from interp.contexts.logits import decoder_logits
-from interp.contexts.scan import scan, scan_inputs
+from interp.contexts.scan import renamed_settings, scan, scan_inputs
 from interp.contexts.store import (
     PROTOCOL,
     feature_examples,
@@ -42,7 +44,7 @@ NOT_SETTINGS = ("train_folder", "checkpoint_name", "overwrite", "cuda", "device"
                 "num_layers", "num_heads", "model_dim", "scan_batches", "train_steps", "grad_acc_steps")
 
 
-def scan_settings(cfg, checkpoint: str, layers: list[int]) -> dict:
+def scan_settings(cfg: TopKConfig, checkpoint: str, layers: list[int]) -> dict:
     """What the output depends on; saved as its config.json and compared on a rerun."""
     settings = {k: v for k, v in asdict(cfg).items() if k not in NOT_SETTINGS}
     settings.update(scan_batches=cfg.n_batches(), checkpoint=checkpoint, layers=layers)
@@ -50,16 +52,16 @@ def scan_settings(cfg, checkpoint: str, layers: list[int]) -> dict:
 
 
 def saved_settings(path: Path) -> dict:
-    """An output's settings. Outputs made before --scan_batches recorded train_steps × grad_acc_steps, and
-    the checkpoint as it was typed besides its file name."""
-    saved = read_json(path)
+    """An output's settings, in today's names (`renamed_settings`). Outputs made before --scan_batches recorded
+    train_steps × grad_acc_steps, and the checkpoint as it was typed besides its file name."""
+    saved = renamed_settings(read_json(path))
     saved.pop("checkpoint_name", None)
     if "scan_batches" not in saved and "train_steps" in saved:
         saved["scan_batches"] = saved.pop("train_steps") * saved.pop("grad_acc_steps", 1)
     return saved
 
 
-def check_scan(cfg, settings: dict, run_cfg: dict) -> None:
+def check_scan(cfg: TopKConfig, settings: dict, run_cfg: dict) -> None:
     """What the scan is asked to keep against what it reads, before any file is written (UserError): a
     context window fits one sequence, and no feature can have more top, quantile or non-activating
     examples than the scan has tokens. The model itself has no longest sequence (rotary positions are
@@ -70,7 +72,7 @@ def check_scan(cfg, settings: dict, run_cfg: dict) -> None:
         raise UserError(f"--context_before {cfg.context_before} + 1 + --context_after {cfg.context_after} = {window} "
                         f"tokens: a context window must fit in one sequence of --train_seq_len {cfg.train_seq_len}")
     n_tokens = cfg.n_batches() * cfg.batch_size * cfg.train_seq_len
-    for name in ("top_k", "n_quantile", "n_random"):
+    for name in ("n_top", "n_quantile", "n_random"):
         if getattr(cfg, name) > n_tokens:
             raise UserError(f"--{name} {getattr(cfg, name):,} is more than the {n_tokens:,} tokens the scan reads "
                             f"({cfg.n_batches():,} batches × --batch_size {cfg.batch_size} × --train_seq_len "
@@ -78,7 +80,7 @@ def check_scan(cfg, settings: dict, run_cfg: dict) -> None:
     scan_inputs(settings, run_cfg)
 
 
-def run_topk(cfg) -> Path:
+def run_topk(cfg: TopKConfig) -> Path:
     """One process, or one per device under torchrun (each scans a share of the batches; rank 0 writes)."""
     dist, device = setup_distributed(cfg)
     try:
@@ -87,7 +89,7 @@ def run_topk(cfg) -> Path:
         dist.close()
 
 
-def _run_topk(cfg, dist: Dist, device) -> Path:
+def _run_topk(cfg: TopKConfig, dist: Dist, device) -> Path:
     folder, run_cfg, ckpt, model = open_base_run(cfg, device)
     paths = StagePaths(folder, ckpt.name)
     tc_dir, out_dir = paths.transcoders, paths.topk
@@ -114,15 +116,13 @@ def _run_topk(cfg, dist: Dist, device) -> Path:
     return out_dir
 
 
-def _scan_into(cfg, dist: Dist, device, folder: Path, run_cfg: dict, ckpt: Path, model, tc_dir: Path, out_dir: Path,
-               layers: list[int], settings: dict, final: Path) -> Path | None:
+def _scan_into(cfg: TopKConfig, dist: Dist, device, folder: Path, run_cfg: dict, ckpt: Path, model, tc_dir: Path,
+               out_dir: Path, layers: list[int], settings: dict, final: Path) -> Path | None:
     """Scan and write the outputs into `out_dir` (`final`, or its replacement being written); None when a
     finished output was found there."""
     if (out_dir / CONFIG_FILE).exists():
-        saved = saved_settings(out_dir / CONFIG_FILE)
-        if saved != settings:
-            diff = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
-            raise UserError(f"{out_dir} was made with other settings {diff}; use --overwrite True to replace it")
+        refuse_other_settings(f"{out_dir} was made", saved_settings(out_dir / CONFIG_FILE), settings,
+                              "use --overwrite True to replace it")
         if (out_dir / INDEX_FILE).exists():
             if read_json(out_dir / INDEX_FILE).get("protocol", 1) < PROTOCOL:
                 raise UserError(f"{out_dir} was made by an older protocol (windows without their mask pattern, "

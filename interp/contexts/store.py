@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from core import files
 from core.files import UserError, atomic_path, load_safetensors, read_json, save_safetensors
@@ -85,7 +85,7 @@ def feature_examples(st: LayerState, s: ScanSettings, pieces: list[str], seq_len
         hi = min(lo + chunk, st.top.n_groups)
         part = {c: [getattr(st, name)[c][lo:hi].cpu().tolist() for name in names] for c in CATEGORIES}
         for i in range(hi - lo):
-            record = {"feature": lo + i}
+            record: dict[str, Any] = {"feature": lo + i}
             for c in CATEGORIES:
                 items = []
                 for pos, toks, acts, t, masked, win_masked in zip(*(rows[i] for rows in part[c])):
@@ -153,7 +153,7 @@ def noise_levels(records: list[dict]) -> dict:
     Live here means: with at least one held-out activating example. A dead feature's (or one whose
     activating examples all went to the explain half) non-activating windows have no activating partner
     whose t they follow, so counting them would compare the two halves of different features."""
-    out = {"bin_edges": [i / T_BINS for i in range(T_BINS + 1)]}
+    out: dict[str, Any] = {"bin_edges": [i / T_BINS for i in range(T_BINS + 1)]}
     live = [r for r in records if any(e["split"] == "score" for c in ("top", "quantile") for e in r[c])]
     for name, cats in (("activating", ("top", "quantile")), ("non_activating", ("random",))):
         ts = [e["t"] for r in live for c in cats for e in r[c] if e["split"] == "score"]

@@ -7,7 +7,7 @@
 - noise: the mean t of the held-out activating and non-activating examples (should match);
 - hidden triggers: held-out non-activating windows that show, as plain text, one of the three tokens
   the feature is most often active on although the model saw it masked (should be 0: masked tokens
-  read [MASK]), and how many would show it rendered as clean text (as descriptions were judged before).
+  read [MASK]), and how many would show it rendered as clean text (what a judge reading clean text would see).
 
 It reads older outputs too (those that recorded only the centre's mask state count as "unknown").
 """
@@ -83,7 +83,7 @@ def main(cfg: AuditConfig) -> dict:
         print(f"layer {layer}: held-out activating windows overlapping the explain half {a['overlap_explain']} of "
               f"{a['scored_activating']} ({a['overlap_explain'] / n:.1%}), identical {a['identical_to_explain']}; "
               f"mean t activating {t_act}, non-activating {t_non}; non-activating windows showing a masked "
-              f"top token as text {a['hidden_trigger_shown']} of {a['non_activating']} (as clean text, as before: "
+              f"top token as text {a['hidden_trigger_shown']} of {a['non_activating']} (if rendered as clean text: "
               f"{a['hidden_trigger_in_clean_text']})"
               + (f" ({a['mask_state_unknown']} unknown: an older output)" if a["mask_state_unknown"] else ""))
     return out

@@ -7,12 +7,11 @@
   A marked masked token shows its hidden word (<<[MASK=word]>>, a "reveal"), so a wrong marking reveals
   in the same share as the right one of its example (`fuzzing_positions`): the share of reveals is no
   cue to which marking is right.
-- token_match, printed "token_match (visible words)" (no LLM; called "simulation" before, which it is
-  not: the simulation of the literature has a model predict every token's activation from the
-  description): predict activation 1 at tokens matching the words the description quotes (its content
+- token_match, printed "token_match (visible words)" (no LLM, and not a simulation: the simulation of
+  the literature has a model predict every token's activation from the description): predict activation 1 at tokens matching the words the description quotes (its content
   words when it quotes none), 0 elsewhere; Pearson correlation with the true activations. It reads the
-  text as the model saw it: a masked token is [MASK] and never matches (records made before it did so
-  lack `"reads"` and are summarised apart). A keyword match, kept as the model-free score.
+  text as the model saw it: a masked token is [MASK] and never matches (a record without `"reads"`,
+  whose match read hidden words too, is summarised apart). A keyword match, kept as the model-free score.
 - simulation (with the judge, as in the literature's "all at once" simulation): the judge reads the
   description and a held-out window as the model saw it and predicts, for every token, how strongly
   the feature fires there on a 0–9 scale (the expected digit after each token's line, all of a
@@ -28,7 +27,7 @@ from __future__ import annotations
 
 import random
 import re
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from interp.descriptions.prompts import MASK_SHOWN, mark, plain
 
@@ -206,11 +205,12 @@ def scores_from_judgements(probs: Sequence[float], n_pos: int, n_neg: int) -> di
     d_pos, d_neg = probs[:n_pos], probs[n_pos:n_pos + n_neg]
     f_right, f_wrong = probs[n_pos + n_neg:n_pos * 2 + n_neg], probs[n_pos * 2 + n_neg:]
     # each judgement kept, in score_sets' order, so the scores can be recomputed (and exported to delphi)
-    detection = {"auroc": auroc(d_pos, d_neg), "balanced_accuracy": balanced_accuracy(d_pos, d_neg),
-                 "n_activating": len(d_pos), "n_non_activating": len(d_neg),
-                 "probabilities": {"activating": _floats(d_pos), "non_activating": _floats(d_neg)}}
-    fuzzing = {"balanced_accuracy": balanced_accuracy(f_right, f_wrong), "auroc": auroc(f_right, f_wrong),
-               "n": len(f_right), "probabilities": {"right": _floats(f_right), "wrong": _floats(f_wrong)}}
+    detection: dict[str, Any] = {"auroc": auroc(d_pos, d_neg), "balanced_accuracy": balanced_accuracy(d_pos, d_neg),
+                                 "n_activating": len(d_pos), "n_non_activating": len(d_neg),
+                                 "probabilities": {"activating": _floats(d_pos), "non_activating": _floats(d_neg)}}
+    fuzzing: dict[str, Any] = {"balanced_accuracy": balanced_accuracy(f_right, f_wrong),
+                               "auroc": auroc(f_right, f_wrong), "n": len(f_right),
+                               "probabilities": {"right": _floats(f_right), "wrong": _floats(f_wrong)}}
     # an undefined score is reported as such: never a number, never a crash
     if why := missing_class(len(d_pos), len(d_neg)):
         detection["undefined"] = why
@@ -268,7 +268,7 @@ def simulation(description: str, contexts: list[dict],
     rows = predict([p for p, _ in requests], [lines for _, lines in requests]) if requests else []
     pred = [v for row in rows for v in row]
     true = [float(a) for e in contexts for a in e["acts"]]
-    out = {"correlation": pearson(pred, true), "n_tokens": len(true), "n_windows": len(contexts)}
+    out: dict[str, Any] = {"correlation": pearson(pred, true), "n_tokens": len(true), "n_windows": len(contexts)}
     if out["correlation"] is None:
         out["undefined"] = ("fewer than two tokens" if len(true) < 2 else "constant prediction"
                             if len(set(pred)) < 2 else "constant activations")

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from tqdm import tqdm
@@ -23,7 +24,6 @@ from tqdm import tqdm
 from core.checks import index_list
 from core.files import (
     UserError,
-    atomic_path,
     remove_stale_temporaries,
     write_json_atomic,
 )
@@ -36,8 +36,10 @@ from experiment.paths import (
     INDEX_FILE,
     SCORES_PLOT,
 )
+from experiment.plots import pyplot, save_figure
 from interp.contexts.browser import write_page_descriptions
 from interp.contexts.store import PROTOCOL, read_index, read_jsonl
+from interp.descriptions.config import SCORER_NAMES as SCORERS, DescriptionsConfig
 from interp.descriptions.prompts import clean, explain_examples, fit_prompt, tokens_description
 from interp.descriptions.records import (
     TOKENS,
@@ -53,7 +55,6 @@ from interp.descriptions.scoring import TOKEN_MATCH_LABEL, judge_many, score_set
 from model.distributed import Dist
 from model.explainer import Explainer
 
-SCORERS = ("detection", "fuzzing", "token_match", "simulation")
 JUDGED = ("detection", "fuzzing", "simulation")
 
 
@@ -118,26 +119,29 @@ def check_features(wanted: set[int] | None, topk_dir: Path, index: dict, layers:
                             f"{layer} has features 0..{n - 1}")
 
 
-def describe_batch(items: list[tuple[dict, dict]], explainer, cfg, limit: BatchSize | None = None) -> list[dict]:
+def describe_batch(items: list[tuple[dict, dict]], explainer, cfg: DescriptionsConfig,
+                   limit: BatchSize | None = None) -> list[dict]:
     """Descriptions for (stats, contexts) pairs: one batched generation, one batched retry with sampling
     for the empty or echoed answers, failures recorded as such."""
     if explainer is None:  # the tokens baseline
-        return [{"description": tokens_description(s, r, cfg.n_examples), "raw": [], "failure": None,
-                 "prompt_examples": [e["position"] for e in explain_examples(r, cfg.n_examples)]} for s, r in items]
+        return [{"description": tokens_description(stats, contexts, cfg.n_examples), "raw": [], "failure": None,
+                 "prompt_examples": [e["position"] for e in explain_examples(contexts, cfg.n_examples)]}
+                for stats, contexts in items]
     prompts, shown = [], []
     budget = explainer.prompt_budget(cfg.max_new_tokens) - 8  # room left for the description it writes
-    for stats, record in items:
-        prompt, examples = fit_prompt(explain_examples(record, cfg.n_examples), stats, explainer.count_tokens, budget)
+    for stats, contexts in items:
+        prompt, examples = fit_prompt(explain_examples(contexts, cfg.n_examples), stats, explainer.count_tokens,
+                                      budget)
         prompts.append(prompt)
         shown.append([e["position"] for e in examples])
     limit = limit or BatchSize(cfg.batch_size)
     gen = batched(lambda ps: explainer.generate(ps, cfg.max_new_tokens), limit)
     raws = gen(prompts)
-    results = []
+    results: list[dict[str, Any]] = []
     for prompt, raw, pos in zip(prompts, raws, shown):
         desc, why = clean(raw, prompt)
         results.append({"description": desc, "raw": [raw], "failure": why, "prompt_examples": pos})
-    retry = [i for i, r in enumerate(results) if r["failure"]]
+    retry = [i for i, result in enumerate(results) if result["failure"]]
     if retry:
         again = batched(lambda ps: explainer.generate(ps, cfg.max_new_tokens, sample=True, seed=cfg.seed),
                         limit)([prompts[i] for i in retry])
@@ -197,11 +201,7 @@ def _stats(values: list[float], n_scored: int) -> dict:
 
 def plot_scores(records: list[dict], path: Path) -> None:
     """Box plots of each score per layer, one box per explainer side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     explainers = sorted({r["explainer"] for r in records})
     layers = sorted({r["layer"] for r in records})
     metrics = [("detection", "auroc", "detection AUROC"), ("fuzzing", "balanced_accuracy", "fuzzing balanced acc."),
@@ -224,12 +224,23 @@ def plot_scores(records: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize="small")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
-def run_descriptions(cfg, explainer_factory=None) -> Path:
+@dataclass
+class Request:
+    """What run_descriptions checked before any process starts: the stage's folders, the checkpoint, the top-k
+    output's index, and which layers, features (None: every live one) and scorers."""
+
+    paths: StagePaths
+    ckpt: Path
+    index: dict
+    layers: list[int]
+    wanted: set[int] | None
+    scorers: list[str]
+
+
+def run_descriptions(cfg: DescriptionsConfig, explainer_factory=None) -> Path:
     """`explainer_factory(name, device)` builds the LLM wrapper (tests pass a scripted one)."""
     folder = resolve_run_folder(cfg.train_folder)
     ckpt = resolve_checkpoint(folder, cfg.checkpoint_name)
@@ -248,8 +259,8 @@ def run_descriptions(cfg, explainer_factory=None) -> Path:
         raise UserError(f"layer(s) {missing} have no top-k output (have {index['layers']})")
     wanted = parse_features(cfg.features)
     check_features(wanted, topk_dir, index, layers)
-    scorers = [s.strip() for s in cfg.scorers.split(",") if s.strip()]
-    unknown = [s for s in scorers if s not in SCORERS]
+    scorers = [name.strip() for name in cfg.scorers.split(",") if name.strip()]
+    unknown = [name for name in scorers if name not in SCORERS]
     if unknown:
         raise UserError(f"--scorers: unknown {unknown}; choose from {', '.join(SCORERS)}")
 
@@ -258,119 +269,201 @@ def run_descriptions(cfg, explainer_factory=None) -> Path:
         with contextlib.ExitStack() as stack:
             if dist.main:  # under torchrun, rank 0 holds the lock for the job
                 stack.enter_context(hold(paths.descriptions))
-            return _describe(cfg, dist, device, explainer_factory, paths, ckpt, index, layers, wanted, scorers, stack)
+            request = Request(paths, ckpt, index, layers, wanted, scorers)
+            return _describe(cfg, dist, device, explainer_factory, request, stack)
     finally:
         dist.close()
 
 
-def _describe(cfg, dist: Dist, device, explainer_factory, paths: StagePaths, ckpt: Path, index: dict,
-              layers: list[int], wanted, scorers: list[str], stack: contextlib.ExitStack) -> Path:
-    topk_dir = paths.topk
+def _describe(cfg: DescriptionsConfig, dist: Dist, device, explainer_factory, request: Request,
+              stack: contextlib.ExitStack) -> Path:
+    """The stage's steps, in order, with the lock held: load the models, open the records file, list the features
+    still to describe, describe and score them (this process's share), gather every process's records (and swap
+    in an --overwrite's), then write the summary, plot and pages."""
+    paths = request.paths
+    models = load_models(cfg, device, explainer_factory, request.scorers)
+    # --overwrite: the explainer's new records go to a staging file, and replace its old ones in paths.records
+    # only once every feature is described; until then paths.records stays as it was
+    target = staging_records(paths.records) if cfg.overwrite else paths.records
+    records = open_records(cfg, dist, paths, target, models.tag, stack)
+    done = {(r["layer"], r["feature"]) for r in records if r["explainer"] == models.tag}
+    todo = features_to_describe(cfg, paths.topk, request.layers, request.wanted, done)
+    judged = models.judge_name or "none: detection, fuzzing and simulation are not scored"
+    if dist.main:
+        print(f"describing {len(todo)} features with {models.tag} (judge: {judged}); {len(done)} already done; "
+              f"writing {paths.records}" + (f" (from {dist.world} processes)" if dist.world > 1 else ""))
+    records += describe_features(cfg, dist, todo, models, request.scorers, target)
+    if dist.world > 1:
+        dist.barrier()
+        if not dist.main:
+            return paths.descriptions
+        fold_parts(target)
+        records = read_records(paths.records)
+    if cfg.overwrite:  # complete: the explainer's new records replace its old ones
+        rewrite_records(paths.records, [r for r in read_records(paths.records) if r["explainer"] != models.tag]
+                        + read_records(target))
+        clear_records(target)
+        records = read_records(paths.records)
+    summary = write_outputs(paths, request.ckpt, request.index, records)
+    print_summary(paths, summary.get(models.tag, {}))
+    return paths.descriptions
+
+
+@dataclass
+class Models:
+    """The explainer (None for the tokens baseline) and the judge (None when nothing is judged), with the names
+    the records carry: `tag` the explainer's, `judge_name` the judge's (None for none)."""
+
+    explainer: Explainer | None
+    judge: Explainer | None
+    judge_name: str | None
+    tag: str
+
+
+def load_models(cfg: DescriptionsConfig, device, explainer_factory, scorers: list[str]) -> Models:
+    """The explainer, and the judge when a judged scorer is asked for (the explainer itself when they are the
+    same model)."""
     make = explainer_factory or (lambda name: Explainer(name, device, cfg.dtype, cfg.load_in_8bit,
                                                         cfg.trust_remote_code))
     explainer = None if cfg.explainer == TOKENS else make(cfg.explainer)
     judge_name = cfg.judge or (None if cfg.explainer == TOKENS else cfg.explainer)
     judge = None
-    if judge_name and any(s in scorers for s in JUDGED):
+    if judge_name and any(name in scorers for name in JUDGED):
         judge = explainer if judge_name == cfg.explainer and explainer is not None else make(judge_name)
     tag = cfg.explainer if explainer is None else explainer.name
+    return Models(explainer, judge, judge_name, tag)
 
-    out_dir = paths.descriptions
-    path = paths.records
-    # --overwrite: the explainer's new records go to a staging file, and replace its old ones in `path` only
-    # once every feature is described; until then `path` stays as it was
-    target = staging_records(path) if cfg.overwrite else path
+
+def open_records(cfg: DescriptionsConfig, dist: Dist, paths: StagePaths, target: Path, tag: str,
+                 stack: contextlib.ExitStack) -> list[dict]:
+    """The records already made (without the explainer's own under --overwrite), once rank 0 has cleaned up after
+    a killed run: its temporary files, its processes' parts folded in, a line cut short dropped, an interrupted
+    overwrite's records cleared (and this one's cleared if it fails). Refuses the explainer's records of an older
+    protocol."""
     if dist.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for d in (out_dir, topk_dir):  # a killed run's temporary files (its pages go to the top-k folder)
-            remove_stale_temporaries(d)
-        fold_parts(path)  # a killed torchrun job's finished records
-        read_records(path, rewrite=True)  # drops a line cut short by a kill
+        paths.descriptions.mkdir(parents=True, exist_ok=True)
+        for folder in (paths.descriptions, paths.topk):  # a killed run's temporary files (its pages go to top-k)
+            remove_stale_temporaries(folder)
+        fold_parts(paths.records)  # a killed torchrun job's finished records
+        read_records(paths.records, rewrite=True)  # drops a line cut short by a kill
         if cfg.overwrite:
             clear_records(target)  # an interrupted overwrite's records: this one starts over
             stack.callback(clear_records, target)  # and leaves none behind if it fails
     dist.barrier()
-    records = read_records(path)  # rank 0 has dropped any cut line: nothing left to rewrite
+    records = read_records(paths.records)  # rank 0 has dropped any cut line: nothing left to rewrite
     if cfg.overwrite:
         records = [r for r in records if r["explainer"] != tag]
     if any(r.get("protocol", 1) < PROTOCOL for r in records if r["explainer"] == tag):
-        raise UserError(f"{path} holds {tag}'s descriptions made under an older protocol; --overwrite True "
+        raise UserError(f"{paths.records} holds {tag}'s descriptions made under an older protocol; --overwrite True "
                         "redoes them")
-    done = {(r["layer"], r["feature"]) for r in records if r["explainer"] == tag}
+    return records
 
+
+def features_to_describe(cfg: DescriptionsConfig, topk_dir: Path, layers: list[int], wanted: set[int] | None,
+                         done: set[tuple[int, int]]) -> list[tuple[int, dict, dict]]:
+    """(layer, feature stats, feature contexts) of every live feature asked for and not `done`, layer by layer."""
     todo = []
     for layer in layers:
-        ldir = topk_dir / layer_name(layer)
-        stats = read_jsonl(ldir / FEATURES_FILE)
-        live = [s for s in stats if not s["dead"] and (wanted is None or s["feature"] in wanted)]
+        layer_dir = topk_dir / layer_name(layer)
+        live = [stats for stats in read_jsonl(layer_dir / FEATURES_FILE)
+                if not stats["dead"] and (wanted is None or stats["feature"] in wanted)]
         if cfg.max_features_per_layer:
             live = live[:cfg.max_features_per_layer]
-        keep = {s["feature"] for s in live} - {f for (lay, f) in done if lay == layer}
+        keep = {stats["feature"] for stats in live} - {f for (lay, f) in done if lay == layer}
         if keep:
-            contexts = {r["feature"]: r for r in read_jsonl(ldir / CONTEXTS_FILE) if r["feature"] in keep}
-            todo += [(layer, s, contexts[s["feature"]]) for s in live if s["feature"] in keep]
-    judged = judge_name or "none: detection, fuzzing and simulation are not scored"
-    if dist.main:
-        print(f"describing {len(todo)} features with {tag} (judge: {judged}); {len(done)} already done; writing "
-              f"{path}" + (f" (from {dist.world} processes)" if dist.world > 1 else ""))
-    # one size per kind of call, kept over the run: a size that ran out of memory is not tried again
-    limit, judge_limit, digits_limit = (BatchSize(cfg.batch_size) for _ in range(3))
-    judge_fn = batched(judge.yes_probability, judge_limit) if judge is not None else None
-    simulate = judge is not None and "simulation" in scorers
-    digits_fn = batched(judge.expected_digits_all_at_once, digits_limit) if simulate else None
+            contexts = {c["feature"]: c for c in read_jsonl(layer_dir / CONTEXTS_FILE) if c["feature"] in keep}
+            todo += [(layer, stats, contexts[stats["feature"]]) for stats in live if stats["feature"] in keep]
+    return todo
+
+
+class Scorer:
+    """A description's scores on its feature's held-out contexts, by the scorers asked for: the judge's
+    (detection, fuzzing: asked for a whole batch of features at once), token match, simulation. One batch size
+    per kind of judge call, kept over the run: a size that ran out of memory is not tried again."""
+
+    def __init__(self, cfg: DescriptionsConfig, judge, scorers: list[str]) -> None:
+        self.cfg, self.scorers = cfg, scorers
+        self.judge_fn = batched(judge.yes_probability, BatchSize(cfg.batch_size)) if judge is not None else None
+        simulate = judge is not None and "simulation" in scorers
+        self.digits_fn = batched(judge.expected_digits_all_at_once, BatchSize(cfg.batch_size)) if simulate else None
+
+    def judge(self, chunk: list[tuple[int, dict, dict]], answers: list[dict]) -> dict[int, dict]:
+        """The judge's scores of each described feature of `chunk` (by its place in the chunk), in one call."""
+        judge_fn = self.judge_fn
+        judged = [i for i, answer in enumerate(answers) if answer["description"] is not None] if judge_fn else []
+        if judge_fn is None or not judged:
+            return {}
+        return dict(zip(judged, judge_many(
+            [(answers[i]["description"], chunk[i][2], self.cfg.seed + chunk[i][1]["feature"]) for i in judged],
+            judge_fn, self.cfg.n_score)))
+
+    def score(self, description: str | None, judgement: dict | None, pos: list[dict], neg: list[dict]) -> dict:
+        """The scores of `description` (none when it failed) on the held-out activating `pos` and
+        non-activating `neg` contexts, with the judge's `judgement` of it."""
+        scores: dict = {}
+        if description is None:
+            return scores
+        if judgement is not None:
+            scores.update({k: v for k, v in judgement.items() if k in self.scorers})
+        if "token_match" in self.scorers:
+            scores["token_match"] = token_match(description, pos + neg)
+        if "simulation" in self.scorers and self.digits_fn is not None:
+            shown = pos[:self.cfg.n_simulate] + neg[:self.cfg.n_simulate]
+            scores["simulation"] = simulation(description, shown, self.digits_fn)
+        return scores
+
+
+def describe_features(cfg: DescriptionsConfig, dist: Dist, todo: list[tuple[int, dict, dict]], models: Models,
+                      scorers: list[str], target: Path) -> list[dict]:
+    """This process's share of `todo` described and scored, each record appended to `target` (this process's part
+    of it under torchrun) the moment it is made; returns the new records."""
+    limit = BatchSize(cfg.batch_size)  # the explainer's, kept over the run like the judge's
+    scorer = Scorer(cfg, models.judge, scorers)
+    judge_name = models.judge_name if scorer.judge_fn is not None else None
     # batches of features as one process makes them, dealt out to the processes in turn: every batch
     # reaches the explainer as it would in one process, so the outputs do not depend on the process count
     chunks = [todo[i:i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)][dist.rank::dist.world]
     out_path = target if dist.world == 1 else part_path(target, dist.rank)
+    made = []
     bar = tqdm(total=sum(map(len, chunks)), unit="feature", dynamic_ncols=True, disable=not dist.main)
     for chunk in chunks:
-        described = describe_batch([(s, r) for _, s, r in chunk], explainer, cfg, limit)
-        judged_here = [i for i, d in enumerate(described) if d["description"] is not None] if judge_fn else []
-        judgements = dict(zip(judged_here, judge_many(
-            [(described[i]["description"], chunk[i][2], cfg.seed + chunk[i][1]["feature"]) for i in judged_here],
-            judge_fn, cfg.n_score))) if judged_here else {}
-        for i, ((layer, stats, record), d) in enumerate(zip(chunk, described)):
-            pos, neg = score_sets(record, cfg.n_score)
-            scores: dict = {}
-            if d["description"] is not None:
-                if i in judgements:
-                    scores.update({k: v for k, v in judgements[i].items() if k in scorers})
-                if "token_match" in scorers:
-                    scores["token_match"] = token_match(d["description"], pos + neg)
-                if "simulation" in scorers and digits_fn is not None:
-                    shown = pos[:cfg.n_simulate] + neg[:cfg.n_simulate]
-                    scores["simulation"] = simulation(d["description"], shown, digits_fn)
-            rec = {"explainer": tag, "protocol": PROTOCOL, "judge": judge_name if judge_fn is not None else None,
-                   "layer": layer,
-                   "feature": stats["feature"], **d, "scores": scores,
-                   "score_contexts": {"activating": [e["position"] for e in pos],
-                                      "non_activating": [e["position"] for e in neg]}}
-            append_record(out_path, rec)
-            records.append(rec)
+        answers = describe_batch([(stats, contexts) for _, stats, contexts in chunk], models.explainer, cfg, limit)
+        judgements = scorer.judge(chunk, answers)
+        for i, ((layer, stats, contexts), answer) in enumerate(zip(chunk, answers)):
+            pos, neg = score_sets(contexts, cfg.n_score)
+            record = {"explainer": models.tag, "protocol": PROTOCOL, "judge": judge_name, "layer": layer,
+                      "feature": stats["feature"], **answer,
+                      "scores": scorer.score(answer["description"], judgements.get(i), pos, neg),
+                      "score_contexts": {"activating": [e["position"] for e in pos],
+                                         "non_activating": [e["position"] for e in neg]}}
+            append_record(out_path, record)
+            made.append(record)
             bar.update(1)
     bar.close()
-    if dist.world > 1:
-        dist.barrier()
-        if not dist.main:
-            return out_dir
-        fold_parts(target)
-        records = read_records(path)
-    if cfg.overwrite:  # complete: the explainer's new records replace its old ones
-        rewrite_records(path, [r for r in read_records(path) if r["explainer"] != tag] + read_records(target))
-        clear_records(target)
-        records = read_records(path)
+    return made
+
+
+def write_outputs(paths: StagePaths, ckpt: Path, index: dict, records: list[dict]) -> dict:
+    """summary.json, the scores' plot, and the descriptions in the feature browser's pages; returns the summary."""
     summary = summarise(records)
-    noise = {layer: s.get("held_out_noise") for layer, s in index.get("summary", {}).items()}
-    write_json_atomic(out_dir / DESCRIPTIONS_SUMMARY_FILE, {"checkpoint": ckpt.name, "explainers": summary,
-                                                            "held_out_noise": noise})
-    plot_scores(records, out_dir / SCORES_PLOT)
+    noise = {layer: layer_summary.get("held_out_noise") for layer, layer_summary in index.get("summary", {}).items()}
+    write_json_atomic(paths.descriptions / DESCRIPTIONS_SUMMARY_FILE, {"checkpoint": ckpt.name, "explainers": summary,
+                                                                       "held_out_noise": noise})
+    plot_scores(records, paths.descriptions / SCORES_PLOT)
     for layer in sorted({r["layer"] for r in records}):  # the feature browser shows them
-        if (topk_dir / layer_name(layer)).is_dir():
-            write_page_descriptions(topk_dir / layer_name(layer), [r for r in records if r["layer"] == layer])
-    for layer, s in sorted(summary.get(tag, {}).items(), key=lambda kv: int(kv[0])):
+        if (paths.topk / layer_name(layer)).is_dir():
+            write_page_descriptions(paths.topk / layer_name(layer), [r for r in records if r["layer"] == layer])
+    return summary
+
+
+def print_summary(paths: StagePaths, per_layer: dict) -> None:
+    """One line per layer of this explainer's summary (`per_layer`), and where the outputs are."""
+    for layer, layer_summary in sorted(per_layer.items(), key=lambda kv: int(kv[0])):
         parts = [(f"{printed(k)} {v['mean']:.3f}" if v["mean"] is not None else f"{printed(k)} undefined")
                  + (f" ({v['n_undefined']} of {v['n'] + v['n_undefined']} undefined)" if v["n_undefined"] else "")
-                 for k, v in s["scores"].items()]
-        print(f"layer {layer}: {s['n']} features, {s['failures']} failures; mean " + (", ".join(parts) or "no scores"))
-    print(f"descriptions: {path}; summary: {out_dir / DESCRIPTIONS_SUMMARY_FILE}; plot: {out_dir / SCORES_PLOT}")
-    return out_dir
+                 for k, v in layer_summary["scores"].items()]
+        print(f"layer {layer}: {layer_summary['n']} features, {layer_summary['failures']} failures; mean "
+              + (", ".join(parts) or "no scores"))
+    out_dir = paths.descriptions
+    print(f"descriptions: {paths.records}; summary: {out_dir / DESCRIPTIONS_SUMMARY_FILE}; "
+          f"plot: {out_dir / SCORES_PLOT}")

@@ -47,7 +47,7 @@ def graph_json(g: Graph, pr: Pruned, slug: str, scan: str, prompt_tokens: list[s
         node = {"ctx_idx": pos, "influence": ranks[i], "reverse_ctx_idx": 0, "run_idx": 0, "token_prob": 0.0,
                 "is_target_logit": False, "clerp": "", "activation": None}
         if kind == FEATURE:
-            _, _, feature = g.feature_nodes[i].tolist()
+            layer, _, feature = g.feature_nodes[i].tolist()
             nid = f"{layer}_{feature}_{pos}"
             node.update(feature=cantor(layer, feature), layer=str(layer), feature_type="cross layer transcoder",
                         jsNodeId=f"{layer}_{feature}-0", clerp=describe(layer, feature),

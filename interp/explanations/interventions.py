@@ -94,7 +94,7 @@ def patched(model: DiffusionLM, transcoders: dict[int, Transcoder], fz: FrozenSt
     else:
         touched = {lay for setting in settings for lay, _, _ in setting}
         hooks = {layer: _model_hook(transcoders, fz, layer, settings) for layer in touched}
-    handles = [model.blocks[layer].mlp.register_forward_hook(h) for layer, h in hooks.items()]
+    handles = [model.block(layer).mlp.register_forward_hook(h) for layer, h in hooks.items()]
     try:
         yield
     finally:
@@ -106,14 +106,14 @@ class StepRun(NamedTuple):
     """A step re-run under interventions, one row per setting."""
     logp: torch.Tensor  # (S, n) nats: the targets' log-probabilities as the sampler saw them (BOS excluded)
     value: torch.Tensor  # (S, n) logit units: the targets' demeaned pre-cap logits (the graph's target values)
-    top: list[list[int]]  # (S, n) the model's top token at each position (what a temperature-0 step commits)
+    top: list  # (S, n) the model's top token at each position (what a temperature-0 step commits); (n,) for one
 
 
 @torch.no_grad()
-def run_steps(model: DiffusionLM, transcoders: dict[int, Transcoder], fz: FrozenStep, positions: list[int],
-              targets: list[int], settings: list[Setting], replacement: bool = False, batch_size: int = 64
-              ) -> StepRun:
-    """Re-run the step once per setting, `batch_size` at a time."""
+def run_step_settings(model: DiffusionLM, transcoders: dict[int, Transcoder], fz: FrozenStep, positions: list[int],
+                      targets: list[int], settings: list[Setting], replacement: bool = False, batch_size: int = 64
+                      ) -> StepRun:
+    """Re-run the step once per setting, `batch_size` settings at a time (one forward each)."""
     pos = torch.tensor(positions, device=fz.tokens.device)
     wanted = torch.tensor(targets, device=fz.tokens.device)[None, :, None]
     no_vocab = torch.zeros_like(fz.tokens, dtype=torch.bool)  # the vocabulary projection only where it is read
@@ -134,7 +134,7 @@ def run_steps(model: DiffusionLM, transcoders: dict[int, Transcoder], fz: Frozen
 def run_step(model, transcoders, fz: FrozenStep, positions: list[int], targets: list[int],
              setting: Setting | None = None, replacement: bool = False) -> StepRun:
     """One setting (none: the step as it ran): a StepRun whose rows are (n,) and (n,) top tokens."""
-    run = run_steps(model, transcoders, fz, positions, targets, [setting or {}], replacement)
+    run = run_step_settings(model, transcoders, fz, positions, targets, [setting or {}], replacement)
     return StepRun(run.logp[0], run.value[0], run.top[0])
 
 
@@ -167,9 +167,10 @@ def ablate(model, transcoders, fz: FrozenStep, g: Graph, effects: torch.Tensor, 
     −Σ total effects. Measured in the model, and (with `replacement`) in the replacement model, whose base
     is the model's own (its errors make it exact)."""
     settings = [{node_key(g, i): 0.0 for i in nodes} for nodes in node_sets]
-    run = run_steps(model, transcoders, fz, g.positions, g.targets, settings)
-    in_replacement = ((run_steps(model, transcoders, fz, g.positions, g.targets, settings, replacement=True).value
-                       - base.value).tolist() if replacement else [[] for _ in node_sets])
+    run = run_step_settings(model, transcoders, fz, g.positions, g.targets, settings)
+    in_replacement = ((run_step_settings(model, transcoders, fz, g.positions, g.targets, settings,
+                                         replacement=True).value - base.value).tolist()
+                      if replacement else [[] for _ in node_sets])
     checks = []
     for k, nodes in enumerate(node_sets):
         predicted = (-effects[:, nodes].sum(1)).tolist()
@@ -273,8 +274,8 @@ def intervene(model, transcoders, fz: FrozenStep, g: Graph, effects: torch.Tenso
                              f"position {c.position} is outside the step's {len(fz.tokens)} positions")
     setting = {(c.layer, c.position, c.feature): c.target(fz) for c in changes}
     run = run_step(model, transcoders, fz, g.positions, g.targets, setting)
-    keys = {tuple(k): i for i, k in enumerate(g.feature_nodes.tolist())}
-    nodes = [keys.get((c.layer, c.position, c.feature)) for c in changes]
+    node_of = {tuple(k): i for i, k in enumerate(g.feature_nodes.tolist())}
+    nodes = [node_of.get((c.layer, c.position, c.feature)) for c in changes]
     predicted = None
     if all(i is not None for i in nodes):
         scale = torch.tensor([(setting[(c.layer, c.position, c.feature)] - float(g.activations[i])) /

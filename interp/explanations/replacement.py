@@ -70,8 +70,9 @@ def freeze(model: DiffusionLM, transcoders: dict[int, Transcoder], tokens: torch
     embed = x.clone()
     doc = torch.cumsum((tokens == mc.bos_id).int(), 0)
     same_doc = doc[:, None] == doc[None, :]  # (T, T)
-    fz = dict(attn_inv=[], probs=[], mlp_inv=[], acts=[], idx=[], error=[])
-    for layer, block in enumerate(model.blocks):
+    fz: dict[str, list[torch.Tensor]] = dict(attn_inv=[], probs=[], mlp_inv=[], acts=[], idx=[], error=[])
+    for layer in range(mc.num_layers):
+        block = model.block(layer)
         att = block.attn
         inv = inv_rms(x)
         h = x * inv
@@ -105,8 +106,8 @@ def linear_forward(model: DiffusionLM, transcoders: dict[int, Transcoder], fz: F
     given, so a change anywhere reaches every later feature linearly. Unchanged, it equals the real
     model's residual (tested)."""
     r = fz.embed
-    for layer, block in enumerate(model.blocks):
-        att = block.attn
+    for layer in range(model.cfg.num_layers):
+        att = model.block(layer).attn
         r = r + att.out(_merge(fz.probs[layer] @ _heads(att.v(r * fz.attn_inv[layer]), att.h)))
         tc = transcoders.get(layer)
         written = fz.error[layer]
@@ -133,7 +134,7 @@ class DirectEffects:
 
 def _attention_vjp(model: DiffusionLM, fz: FrozenStep, layer: int, g: torch.Tensor) -> torch.Tensor:
     """Cotangent on r_l from a cotangent g (R, T, D) on the attention's output (frozen pattern and scale)."""
-    att = model.blocks[layer].attn
+    att = model.block(layer).attn
     gy = _heads(g @ att.out.weight, att.h)  # (R, H, T, Dh)
     gv = fz.probs[layer].transpose(-1, -2) @ gy  # Pᵀ: cotangent on the values
     return (_merge(gv) @ att.v.weight) * fz.attn_inv[layer]

@@ -7,6 +7,7 @@ import math
 import os
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -16,11 +17,12 @@ from experiment import StagePaths, load_run, load_transcoders, resolve_device, t
 from experiment.paths import EXPLANATIONS_FILE, FEATURES_FILE, GRAPHS_DIR, PAGE_FILE, REPORT_FILE, layer_name
 from interp.contexts.store import read_jsonl
 from interp.descriptions.records import TOKENS, read_records
+from interp.explanations.config import ExplainConfig
 from interp.explanations.graph import FEATURE, MASK, TARGET, TOKEN
 from interp.explanations.graph_export import graph_json, write_graph
 from interp.explanations.interventions import check_changes, parse_changes
 from interp.explanations.report import write_report
-from interp.explanations.step_analysis import EFFECT_FLOOR, MI_FORMULA, StepSettings, analyse_step
+from interp.explanations.step_analysis import EFFECT_FLOOR, MI_FORMULA, StepAnalysis, StepSettings, analyse_step
 from interp.explanations.wording import (
     INTERPRETATION_RUBRIC,
     OUTPUT_RUBRIC,
@@ -71,8 +73,8 @@ def node_name(g, i: int, tok, descriptions: dict, frequency: dict | None = None)
     return f"L{layer} error@{pos}"
 
 
-def cited_entry(res: dict, i: int, gross: float, descriptions: dict, frequency: dict, page_of) -> dict:
-    g, effects = res["graph"], res["effects"]
+def cited_entry(res: StepAnalysis, i: int, gross: float, descriptions: dict, frequency: dict, page_of) -> dict:
+    g, effects = res.graph, res.effects
     lay, pos, feature = g.feature_nodes[i].tolist()
     rec = descriptions.get((lay, feature)) or {}
     total = float(effects[:, i].mean())
@@ -84,49 +86,49 @@ def cited_entry(res: dict, i: int, gross: float, descriptions: dict, frequency: 
             "generic": freq is not None and freq >= GENERIC_FREQUENCY,
             "description": rec.get("description", UNDESCRIBED),
             "detection_auroc": ((rec.get("scores") or {}).get("detection") or {}).get("auroc"),
-            "check": res["checks"][i].as_dict(), "page": page_of(lay, feature)}
+            "check": res.checks[i].as_dict(), "page": page_of(lay, feature)}
 
 
-def graph_record(res: dict, tok, descriptions: dict, page_of=lambda layer, feature: None,
+def graph_record(res: StepAnalysis, tok, descriptions: dict, page_of=lambda layer, feature: None,
                  frequency: dict | None = None) -> dict:
     """The step's graph in numbers (means over the committed tokens, which weigh equally), in logit units:
     `whole` is the targets' value (their demeaned pre-cap logit), which the parts (inputs and layers) add up
     to; shares are parts over the gross flow Σ|parts|, so they stay readable when pushes for and against
     nearly cancel. `target` has the real log-probability (nats) and its lift above uniform beside it."""
-    g, parts = res["graph"], res["parts"]
+    g, parts = res.graph, res.parts
     frequency = frequency or {}
-    inputs = {k: mean(v) for k, v in parts["inputs"].items()}
-    layer_parts = {lay: {k: mean(v) for k, v in p.items()} for lay, p in parts["layers"].items()}
+    inputs = {"tokens": mean(parts.tokens), "masks": mean(parts.masks)}
+    layer_parts = {str(lay): {k: mean(v) for k, v in asdict(p).items()} for lay, p in parts.layers.items()}
     totals = {lay: sum(p.values()) for lay, p in layer_parts.items()}
     gross = sum(abs(v) for v in inputs.values()) + sum(abs(v) for v in totals.values()) or 1.0
     layers = {}
-    for lay, sides in res["cited"].items():
+    for lay, sides in res.cited.items():
         p = layer_parts[str(lay)]
         cited = {side: [cited_entry(res, i, gross, descriptions, frequency, page_of) for i in nodes]
                  for side, nodes in sides.items()}
         shown = sum(c["direct"] for side in cited.values() for c in side)
         layers[str(lay)] = {"part": totals[str(lay)], "share": totals[str(lay)] / gross, **p,
                             "other_features": p["features"] - shown, **cited}
-    pr, path = res["pruned"], res["path"]
-    scored = res["score"].as_dict() if res["score"] else None
+    pr, path = res.pruned, res.path
+    scored = res.score.as_dict() if res.score else None
     t_end = path[-1] - g.target_start if path else None
     columns = zip(g.targets, g.target_values.tolist(), g.logprobs.tolist(), g.lift.tolist())
     per_token = [{"token": t, "text": tok.decode([t]), "value": round(v, 5), "logprob": round(lp, 5),
                   "lift": round(h, 5)} for t, v, lp, h in columns]
-    return {"whole": mean(parts["whole"]), "gross": gross, "inputs": inputs,
+    return {"whole": mean(parts.whole), "gross": gross, "inputs": inputs,
             "input_shares": {k: v / gross for k, v in inputs.items()}, "layers": layers,
-            "target": {"value": mean(parts["whole"]), "logprob": float(g.logprobs.mean()), "lift": float(g.lift.mean()),
+            "target": {"value": mean(parts.whole), "logprob": float(g.logprobs.mean()), "lift": float(g.lift.mean()),
                        "uniform_logprob": -math.log(g.n_choices), "per_token": per_token,
                        "unit": "logit (pre-soft-cap, demeaned over the tokens a step can commit)"},
-            "path": [node_name(g, i, tok, descriptions, frequency) for i in path], "path_value": res["path_value"],
-            "path_share": (res["path_value"] / float(g.target_values[t_end])
-                           if res["path_value"] is not None and float(g.target_values[t_end]) else None),
+            "path": [node_name(g, i, tok, descriptions, frequency) for i in path], "path_value": res.path_value,
+            "path_share": (res.path_value / float(g.target_values[t_end])
+                           if res.path_value is not None and float(g.target_values[t_end]) else None),
             "nodes": int(g.adjacency.shape[0]), "feature_nodes": g.n_features,
             "pruned_nodes": int(pr.node_mask.sum()), "pruned_edges": pr.n_edges,
-            "graph_quality": res["graph_quality"], "single_ablations": res["single_ablations"],
+            "graph_quality": res.graph_quality, "single_ablations": res.single_ablations,
             "explanation_score": scored,
-            "scores": headline_scores(scored, res["graph_quality"]),
-            "logprobs": [round(x, 5) for x in res["base"].logp.tolist()], "intervention": res["intervention"]}
+            "scores": headline_scores(scored, res.graph_quality),
+            "logprobs": [round(x, 5) for x in res.base.logp.tolist()], "intervention": res.intervention}
 
 
 def headline_scores(d: dict | None, quality: dict) -> dict:
@@ -141,7 +143,7 @@ def headline_scores(d: dict | None, quality: dict) -> dict:
 
 
 def explain_step(model, transcoders, tok, row: list[int], positions: list[int], targets: list[int], probs: list[float],
-                 descriptions: dict, explainer, cfg, prompt_text: str, settings: StepSettings,
+                 descriptions: dict, explainer, cfg: ExplainConfig, prompt_text: str, settings: StepSettings,
                  page_of=lambda layer, feature: None, frequency: dict | None = None) -> tuple[dict, dict]:
     """Everything about one denoising step (`row` is the model's input before the step), and its graph JSON."""
     committed = tok.decode(targets)
@@ -157,8 +159,8 @@ def explain_step(model, transcoders, tok, row: list[int], positions: list[int], 
     layers = sorted(rec["layers"], key=int)
     path = " → ".join(rec["path"])
     context = tok.decode(row, mask_text=" _").replace(tok.decode([tok.bos_id]), "").strip()
-    result = {"committed": [{"position": p, "token": t, "text": tok.decode([t]), "prob": round(pr, 4)}
-                            for p, t, pr in zip(positions, targets, probs)]}
+    result: dict[str, Any] = {"committed": [{"position": p, "token": t, "text": tok.decode([t]),
+                                             "prob": round(pr, 4)} for p, t, pr in zip(positions, targets, probs)]}
     parts = [(f"layer {lay}", rec["layers"][lay]["share"]) for lay in layers]
     parts += [("input tokens", rec["input_shares"]["tokens"]), ("[MASK] inputs", rec["input_shares"]["masks"])]
     numbers = compose_total(committed, rec["target"], path, rec["path_value"], rec["path_share"], parts)
@@ -180,7 +182,7 @@ def explain_step(model, transcoders, tok, row: list[int], positions: list[int], 
     result.update({"per_layer_description": layer_texts, "total_description": total, "output_score": out_score,
                    "interpretation_score": interp_score, "raw_ratings": raws, "graph": rec})
     prompt_tokens = [tok.decode([t], mask_text="[MASK]") for t in row]
-    export = graph_json(res["graph"], res["pruned"], "", "", prompt_tokens, tok.decode,
+    export = graph_json(res.graph, res.pruned, "", "", prompt_tokens, tok.decode,
                         lambda lay, f: (descriptions.get((lay, f)) or {}).get("description", ""), probs)
     return result, export
 
@@ -306,7 +308,7 @@ def feature_frequencies(topk: Path, layers: list[int]) -> dict[tuple[int, int], 
     return out
 
 
-def run_explanations(cfg, explainer_factory=None) -> Path:
+def run_explanations(cfg: ExplainConfig, explainer_factory=None) -> Path:
     device = resolve_device(cfg.cuda, cfg.device)
     config, model, tok, ckpt = load_run(cfg.train_folder, cfg.checkpoint_name, device, cfg.shape_flags())
     folder = Path(cfg.train_folder)
@@ -336,8 +338,8 @@ def run_explanations(cfg, explainer_factory=None) -> Path:
                             ckpt, tag, device, json_path)
 
 
-def _explain_all(cfg, paths: StagePaths, layers, descriptions, transcoders, explainer, prompts, settings, model, tok,
-                 ckpt, tag, device, json_path: Path) -> Path:
+def _explain_all(cfg: ExplainConfig, paths: StagePaths, layers, descriptions, transcoders, explainer, prompts,
+                 settings: StepSettings, model, tok, ckpt, tag, device, json_path: Path) -> Path:
     folder = paths.run
     graphs = json_path.parent / (json_path.stem + "_graphs" if cfg.output else GRAPHS_DIR)
     scan = f"{folder.name}/{ckpt.name}"

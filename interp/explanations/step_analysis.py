@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import torch
 
 from interp.explanations.graph import MASK, Graph, Pruned, build_graph, graph_scores, prune, total_effects
-from interp.explanations.interventions import ablate, intervene, run_step
-from interp.explanations.score import score_explanation, single_ablation_agreement
+from interp.explanations.interventions import Check, StepRun, ablate, intervene, run_step
+from interp.explanations.score import ExplanationScore, score_explanation, single_ablation_agreement
 
 
 @dataclass
@@ -42,24 +42,39 @@ MI_FORMULA = ("10 × carried × agreement: carried = the drop of each committed 
               "features (interp/explanations/score.py)")
 
 
-def layer_parts(g: Graph) -> dict:
+@dataclass
+class LayerPart:
+    """One layer's direct part of each target's value (logit units, one number per target), by source."""
+
+    features: list[float]
+    error: list[float]
+    bias: list[float]
+
+
+@dataclass
+class Parts:
+    """Each target's value (`whole`) split by where its direct inputs come from: the input tokens, the
+    [MASK] inputs, and per layer its features, error and bias. They add up to `whole` (tested)."""
+
+    tokens: list[float]
+    masks: list[float]
+    layers: dict[int, LayerPart]  # every layer of the model, in order
+    whole: list[float]
+
+
+def layer_parts(g: Graph) -> Parts:
     """Each target's value split by where its direct inputs come from: per layer (features, error, bias)
     and the inputs (tokens, [MASK]s). The parts of each target add up to its value (tested)."""
     A = g.adjacency[g.target_start:]  # (n, N)
-    n_layers, layers_of = g.num_layers, g.feature_nodes[:, 0]
-    parts = {"inputs": {"tokens": [], "masks": []}, "layers": {str(lay): {"features": [], "error": [], "bias": []}
-                                                               for lay in range(n_layers)}}
+    layers_of = g.feature_nodes[:, 0]
     is_mask = torch.tensor([g.kind(i) == MASK for i in range(g.embed_start, g.target_start)], device=A.device)
     embeds = A[:, g.embed_start:g.target_start]
-    parts["inputs"]["masks"] = embeds[:, is_mask].sum(1).tolist()
-    parts["inputs"]["tokens"] = embeds[:, ~is_mask].sum(1).tolist()
-    for lay in range(n_layers):
-        p = parts["layers"][str(lay)]
-        p["features"] = A[:, :g.n_features][:, layers_of == lay].sum(1).tolist()
-        p["error"] = A[:, g.error_start + lay * g.n_pos:g.error_start + (lay + 1) * g.n_pos].sum(1).tolist()
-        p["bias"] = g.bias_inputs[g.target_start:, lay].tolist()
-    parts["whole"] = g.target_values.tolist()
-    return parts
+    layers = {lay: LayerPart(
+        features=A[:, :g.n_features][:, layers_of == lay].sum(1).tolist(),
+        error=A[:, g.error_start + lay * g.n_pos:g.error_start + (lay + 1) * g.n_pos].sum(1).tolist(),
+        bias=g.bias_inputs[g.target_start:, lay].tolist()) for lay in range(g.num_layers)}
+    return Parts(tokens=embeds[:, ~is_mask].sum(1).tolist(), masks=embeds[:, is_mask].sum(1).tolist(), layers=layers,
+                 whole=g.target_values.tolist())
 
 
 def strongest_path(g: Graph, pr: Pruned) -> list[int]:
@@ -118,9 +133,28 @@ def cite(g: Graph, mean_effect: torch.Tensor, n: int) -> dict[int, dict[str, lis
     return cited
 
 
+@dataclass
+class StepAnalysis:
+    """The graph of one step and everything measured on it (`analyse_step`); the dicts are JSON-ready."""
+
+    graph: Graph
+    pruned: Pruned
+    effects: torch.Tensor  # (targets, nodes): each node's total effect on each target's value
+    cited: dict[int, dict[str, list[int]]]  # per layer, the cited feature nodes "for" and "against" the tokens
+    checks: dict[int, Check]  # each cited node's single ablation
+    score: ExplanationScore | None  # None when no cited feature pushes for the tokens
+    single_ablations: dict  # how the single ablations' predictions compare (score.single_ablation_agreement)
+    graph_quality: dict  # the graph's replacement and completeness scores
+    parts: Parts
+    path: list[int]  # the strongest path's nodes, input to target (empty: none)
+    path_value: float | None  # what it carries into its target
+    base: StepRun  # the step as it ran
+    intervention: dict | None  # the --intervene changes' measured and predicted effects (None: none asked)
+
+
 def analyse_step(model, transcoders, tokens: torch.Tensor, positions: list[int], targets: list[int],
-                 st: StepSettings) -> dict:
-    """The graph of one step and everything measured on it (JSON-ready, plus the graph objects)."""
+                 st: StepSettings) -> StepAnalysis:
+    """The graph of one step and everything measured on it."""
     g, fz = build_graph(model, transcoders, tokens, positions, targets, st.graph_batch_size)
     pr = prune(g, st.node_threshold, st.edge_threshold)
     effects = total_effects(g)  # (n, N)
@@ -137,8 +171,8 @@ def analyse_step(model, transcoders, tokens: torch.Tensor, positions: list[int],
              if top else None)
     asked = intervene(model, transcoders, fz, g, effects, st.changes, base) if st.changes else None
     path = strongest_path(g, pr)
-    return {"graph": g, "pruned": pr, "effects": effects, "cited": cited, "checks": checks, "score": score,
-            "single_ablations": single_ablation_agreement(list(checks.values())),
-            "graph_quality": {"replacement": replacement, "completeness": completeness},
-            "parts": layer_parts(g), "path": path, "path_value": path_value(g, path),
-            "base": base, "intervention": asked}
+    return StepAnalysis(graph=g, pruned=pr, effects=effects, cited=cited, checks=checks, score=score,
+                        single_ablations=single_ablation_agreement(list(checks.values())),
+                        graph_quality={"replacement": replacement, "completeness": completeness},
+                        parts=layer_parts(g), path=path, path_value=path_value(g, path), base=base,
+                        intervention=asked)

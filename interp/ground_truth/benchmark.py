@@ -114,6 +114,7 @@ def collect(model, transcoders: dict, loader: ShardLoader, max_tokens: int, t: f
                 enc = tc.encode(seen[layer][0].reshape(-1, mc.model_dim).float())
                 feats.append(enc.indices[keep] + offsets[layer])
                 acts.append(enc.acts[keep])
+        assert batch.labels is not None  # the synthetic corpus labels every token
         cats = category_of[batch.labels.to(device).reshape(-1)[keep]]
         context = context_ids(noised.inputs, mc.vocab_size).reshape(-1)[keep]
         halves[b % 2].append(Positions(cats, noised.mask.reshape(-1)[keep], tokens.reshape(-1)[keep],
@@ -142,7 +143,7 @@ def score_view(select: Positions, report: Positions, full: tuple[Positions, Posi
         held = float(best.f1_heldout[c])
         controls = max(float(rand.p99[c]), float(shuf.max[c]), float(lookup[c]), float(context[c]))
         no_model = max(float(lookup[c]), float(context[c]))
-        probe_rows = {}
+        probe_rows: dict[str, dict] = {}
         for k in ks:
             p, ps = probes[k], probes_shuf[k]
             f1 = float(p.f1_heldout[c])

@@ -148,10 +148,10 @@ def _patterns(table: tuple[tuple[str, tuple[str, ...]], ...]) -> list[tuple[re.P
         for member in members:
             for form in _member_forms(member):
                 entries.setdefault((form, category, "member"), _is_weak(member))
-    out = []
-    for (text, category, kind), weak in sorted(entries.items(), key=lambda e: -len(e[0][0])):
+    out: list[tuple[re.Pattern, str | None, str, bool]] = []
+    for (text, named, kind), weak in sorted(entries.items(), key=lambda e: -len(e[0][0])):
         case = kind == "member" and (len(text) <= 2 or text.isupper() or text in CASE_SENSITIVE_MEMBERS)
-        out.append((_pattern(text, case), category, kind, weak))
+        out.append((_pattern(text, case), named, kind, weak))
     return out
 
 

@@ -1,6 +1,8 @@
 """The ground-truth benchmark's printed tables (the numbers themselves are in ground_truth.json)."""
 from __future__ import annotations
 
+from typing import Any, Callable
+
 
 def _f(v, width: int = 6) -> str:
     return f"{'-':>{width}s}" if v is None else f"{v:{width}.3f}"
@@ -13,6 +15,10 @@ def _label(c: dict) -> str:
 def _mark(r: dict) -> str:
     """* recovered and above every control; ~ recovered but a control does as well; blank otherwise."""
     return "*" if r["credited"] else "~" if r["recovered"] else " "
+
+
+def _probe_heldout(k: int) -> Callable[[dict], Any]:
+    return lambda c: (c.get("mean_probe_heldout") or {}).get(str(k))
 
 
 def print_overview(result: dict) -> None:
@@ -31,14 +37,14 @@ def print_overview(result: dict) -> None:
         print(f"{r0['category']:22s}" + "".join(f"{x:>{w}s}" for x in cells))
     print("-" * len(head))
     ks = result["probe_k"]
-    lines = [("mean F1, chosen half", lambda c: c.get("mean_f1_selection")),
+    lines: list[tuple[str, Callable[[dict], Any]]] = [("mean F1, chosen half", lambda c: c.get("mean_f1_selection")),
              ("mean F1, held out", lambda c: c.get("mean_f1_heldout")),
              ("  random live feature", lambda c: c.get("mean_random_feature")),
              ("  random live, p99", lambda c: c.get("mean_random_feature_p99")),
              ("  shuffled labels", lambda c: c.get("mean_shuffled_labels")),
              ("  token-id lookup", lambda c: c.get("mean_lookup")),
              ("  context lookup (i±1)", lambda c: c.get("mean_context_lookup"))]
-    lines += [(f"probe k={k}, held out", lambda c, k=k: (c.get("mean_probe_heldout") or {}).get(str(k))) for k in ks]
+    lines += [(f"probe k={k}, held out", _probe_heldout(k)) for k in ks]
     lines += [(f"  probe k={ks[-1]}, shuffled", lambda c: (c.get("mean_probe_shuffled") or {}).get(str(ks[-1]))),
               ("model's ceiling, accuracy", lambda c: c.get("mean_ceiling_accuracy")),
               ("model's ceiling, F1", lambda c: c.get("mean_ceiling")),
