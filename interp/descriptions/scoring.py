@@ -8,8 +8,9 @@
   in the same share as the right one of its example (`fuzzing_positions`): the share of reveals is no
   cue to which marking is right.
 - token_match, printed "token_match (visible words)" (no LLM, and not a simulation: the simulation of
-  the literature has a model predict every token's activation from the description): predict activation 1 at tokens matching the words the description quotes (its content
-  words when it quotes none), 0 elsewhere; Pearson correlation with the true activations. It reads the
+  the literature has a model predict every token's activation from the description): predict
+  activation 1 at tokens matching the words the description quotes (its content words when it quotes
+  none), 0 elsewhere; Pearson correlation with the true activations. It reads the
   text as the model saw it: a masked token is [MASK] and never matches (a record without `"reads"`,
   whose match read hidden words too, is summarised apart). A keyword match, kept as the model-free score.
 - simulation (with the judge, as in the literature's "all at once" simulation): the judge reads the
