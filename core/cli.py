@@ -224,6 +224,28 @@ def _flags_on_command_line(argv: Sequence[str]) -> set[str]:
     return {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
 
 
+RUN_SECTIONS = {"train", "model", "tokenizer", "data"}  # a run's config.json: stage 1's flags under "train"
+
+
+def is_run_config(values: dict) -> bool:
+    """Whether a --config mapping is a run's config.json (sections, not flags)."""
+    sections = isinstance(values.get("train"), dict) and isinstance(values.get("model"), dict)
+    return sections and set(values) <= RUN_SECTIONS
+
+
+def run_config_section(values: dict, path: str, flags: set[str]) -> dict:
+    """A run's own config.json as --config: its "train" section (stage 1's flags) when that is all flags of
+    this command; otherwise one line saying what to pass. Any other mapping is returned as it is."""
+    if not is_run_config(values):
+        return values
+    unknown = sorted(set(values["train"]) - flags)
+    if unknown:
+        raise UserError(f"--config {path} is a run's config.json, whose \"train\" section has flags this command "
+                        f"does not take ({', '.join(unknown[:4])}{', ...' if len(unknown) > 4 else ''}): "
+                        "train_diffusion.py takes that section; later stages read the run with --train_folder")
+    return dict(values["train"])
+
+
 def parse_config(cls: type, argv: Sequence[str] | None = None, description: str | None = "",
                  ignored: Sequence[str] = ()) -> Any:
     """Parse argv (and its --config file) into `cls`, checking every value against the field's type and
@@ -234,7 +256,7 @@ def parse_config(cls: type, argv: Sequence[str] | None = None, description: str 
     names = {f.name for f in dataclasses.fields(cls)}
     from_file: dict[str, Any] = {}
     if known.config:  # the file's values become defaults, so the command line still wins
-        values = read_config_file(known.config)
+        values = run_config_section(read_config_file(known.config), known.config, names | set(ignored))
         unknown = sorted(set(values) - names - set(ignored))
         if unknown:
             raise UserError(f"--config {known.config}: unknown flag(s) {', '.join(unknown)}")
@@ -327,5 +349,6 @@ def given_flags(argv: Sequence[str] | None = None) -> set[str]:
         path = a.split("=", 1)[1] if a.startswith("--config=") else argv[i + 1] if a == "--config" and i + 1 < len(
             argv) else None
         if path:
-            names |= set(read_config_file(path))
+            values = read_config_file(path)
+            names |= set(values["train"] if is_run_config(values) else values)
     return names - {"config"}

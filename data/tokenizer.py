@@ -94,6 +94,12 @@ class Tokenizer:
             raise UserError(f"the transformers tokenizer put [MASK]/[PAD] at {fast.mask_token_id}/"
                             f"{fast.pad_token_id}, not {self.mask_id}/{self.pad_id}")
         fast.save_pretrained(str(folder))
+        # transformers 5 names the class "TokenizersBackend", which transformers 4 cannot load; both load this
+        # name to the same fast tokenizer (tests/test_export_tokenizer.py)
+        config = Path(folder) / "tokenizer_config.json"
+        values = json.loads(config.read_text())
+        values["tokenizer_class"] = "PreTrainedTokenizerFast"
+        write_text_atomic(config, json.dumps(values, indent=2, sort_keys=True) + "\n")
 
     def _transformers_tokenizer(self):
         raise NotImplementedError

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
-from tqdm import tqdm
 
 from core.files import UserError
+from core.progress import progress
 from data.shards import ShardError, read_header, write_shard
 from data.tokenizer import Tokenizer, load_tokenizer
 
@@ -154,7 +154,7 @@ def write_shards(records: Callable[[int], Iterable[Record]], tok: Tokenizer, out
         return plan.num_shards is not None and len(shards) > plan.num_shards
 
     tasks = _batched(records(next_doc), DOCS_PER_TASK)
-    bar = tqdm(total=total_docs, initial=next_doc, unit="doc", desc=f"tokenizing {source_name}", dynamic_ncols=True)
+    bar = progress(total=total_docs, initial=next_doc, unit="doc", desc=f"tokenizing {source_name}")
     with bar:
         for results in ordered_map(_tokenize_batch, tasks, workers, _init_worker, (tok.spec(), str(out_dir))):
             for ids, labels in results:

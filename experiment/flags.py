@@ -77,6 +77,18 @@ class LoopFlags(FlagGroup):
     log_every: int = arg(10, "log the training loss every N steps", c.COUNT)
 
 
+WANDB_PROJECT = "diffusion-interp"
+
+
+@dataclass
+class WandbFlags(FlagGroup):
+    """Logging a training stage to Weights & Biases as well."""
+
+    wandb: bool = arg(False, "also log to Weights & Biases (needs the wandb package; a resumed run or job continues "
+                             "its W&B run)")
+    wandb_project: str = arg(WANDB_PROJECT, "the W&B project it logs into (with --wandb True)", c.NAME)
+
+
 @dataclass
 class LayersFlag(FlagGroup):
     layers: str = arg("all", "comma-separated layer indices, or all", c.LAYERS)

@@ -8,11 +8,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
-from tqdm import tqdm
-
 from core import checks as c, cli
 from core.cli import arg
 from core.files import write_json_atomic
+from core.progress import progress
 from experiment import RunFlags, SamplingFlags, ShapeFlags, load_run, resolve_device
 from model.precision import autocast
 from model.sampler import generate
@@ -33,7 +32,7 @@ def run_generation(cfg: GenerateConfig, model, tok, prompts: list[str]) -> list[
     """Generate for every prompt (in batches); one JSON-ready record per prompt."""
     records = []
     quiet = cfg.quiet or len(prompts) <= cfg.batch_size
-    for i in tqdm(range(0, len(prompts), cfg.batch_size), desc="generating", disable=quiet):
+    for i in progress(range(0, len(prompts), cfg.batch_size), desc="generating", show=not quiet):
         batch = prompts[i:i + cfg.batch_size]
         ids = [tok.encode(p) for p in batch]
         with autocast(next(model.parameters()).device):

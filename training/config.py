@@ -10,11 +10,12 @@ from core import checks as c
 from core.cli import arg
 from data.prepare import DATASET, SYNTHETIC_MB, TOKENIZER
 from experiment import BatchFlags, LayersFlag, LoopFlags, NoiseFlag, RunFlags, ShapeFlags
+from experiment.flags import WandbFlags
 from model.diffusion import check_shape
 
 
 @dataclass
-class TrainConfig(BatchFlags, LoopFlags):
+class TrainConfig(WandbFlags, BatchFlags, LoopFlags):
     """Train a masked-diffusion LM; writes experiments/<stamp>_<model_name>/."""
 
     dataset: str = arg("fineweb-edu", "fineweb-edu, synthetic, or a path to .txt/.jsonl/.parquet files",
@@ -40,7 +41,6 @@ class TrainConfig(BatchFlags, LoopFlags):
     device: Optional[str] = arg(None, "cpu, cuda or cuda:N (default: cuda:0 if available, else cpu)", c.DEVICE)
     compile: Optional[bool] = arg(None, "torch.compile the blocks (default: on for CUDA, off on the CPU)")
     resume: str = arg("", "continue a run: its folder, a checkpoint file, or 'latest'", c.RESUME)
-    wandb: bool = arg(False, "also log to Weights & Biases (needs the wandb package; a resumed run continues its run)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -50,7 +50,7 @@ class TrainConfig(BatchFlags, LoopFlags):
 
 
 @dataclass
-class TranscoderTrainConfig(BatchFlags, LoopFlags, LayersFlag, NoiseFlag, ShapeFlags, RunFlags):
+class TranscoderTrainConfig(WandbFlags, BatchFlags, LoopFlags, LayersFlag, NoiseFlag, ShapeFlags, RunFlags):
     """Train one sparse transcoder per MLP of a frozen diffusion model."""
 
     val_seq_len: Optional[int] = arg(None, "tokens per validation sequence (default: --train_seq_len)", c.COUNT)
@@ -66,4 +66,3 @@ class TranscoderTrainConfig(BatchFlags, LoopFlags, LayersFlag, NoiseFlag, ShapeF
     resume: str = arg("", "resume (an interrupted job also resumes without it: same folder, same settings)",
                       c.RESUME)
     overwrite: bool = arg(False, "replace existing transcoders for this checkpoint")
-    wandb: bool = arg(False, "also log to Weights & Biases (needs the wandb package; a resumed job continues its run)")

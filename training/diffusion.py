@@ -264,7 +264,7 @@ def loop(r: Run) -> Path | None:
     """Train from `r.start` to --train_steps; validate, log and save on the way."""
     cfg, dist, device, log = r.cfg, r.dist, r.device, r.log
     autocast = autocast_for(device)
-    wandb = open_wandb(dist.main and cfg.wandb, r.folder, "train_diffusion", asdict(cfg))
+    wandb = open_wandb(dist.main and cfg.wandb, r.folder, "train_diffusion", asdict(cfg), cfg.wandb_project)
     interval = torch.zeros(3, dtype=torch.float64, device=device)  # loss terms since the last log line
     if r.state is not None and "loss_since_log" in r.state:  # so a resumed curve equals the uninterrupted one
         interval += r.state["loss_since_log"].to(device)

@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm import tqdm
 
+from core.progress import progress
 from experiment import LoopFlags
+from experiment.flags import WANDB_PROJECT
 
 
 def due(done: int, every: int, total: int) -> bool:
@@ -35,7 +36,7 @@ def run_training_steps(cfg: LoopFlags, start: int, tokens_per_step: int, show: b
     counts the steps' own time only, not validation or saving. A fresh run validates once before training."""
     if start == 0 and cfg.val_loss_every:
         validate(0)
-    bar = tqdm(total=cfg.train_steps, initial=start, unit="step", disable=not show, dynamic_ncols=True)
+    bar = progress(total=cfg.train_steps, initial=start, unit="step", show=show)
     seconds, tokens = 0.0, 0  # since the last log line
     for index in range(start, cfg.train_steps):
         t0 = time.perf_counter()
@@ -54,9 +55,9 @@ def run_training_steps(cfg: LoopFlags, start: int, tokens_per_step: int, show: b
     bar.close()
 
 
-def open_wandb(enabled: bool, folder: Path | None, job: str, config: dict):
-    """A Weights & Biases run for this output folder, or None. Its id is derived from the folder, so an
-    interrupted job that resumes logs into the same W&B run (resume="allow")."""
+def open_wandb(enabled: bool, folder: Path | None, job: str, config: dict, project: str = WANDB_PROJECT):
+    """A Weights & Biases run for this output folder in `project` (--wandb_project), or None. Its id is derived
+    from the folder, so an interrupted job that resumes logs into the same W&B run (resume="allow")."""
     if not enabled or folder is None:  # folder: None on the processes that write nothing
         return None
     try:
@@ -66,5 +67,5 @@ def open_wandb(enabled: bool, folder: Path | None, job: str, config: dict):
 
         raise UserError("--wandb True needs the wandb package: pip install wandb") from None
     run_id = hashlib.sha1(str(Path(folder).resolve()).encode()).hexdigest()[:16]
-    return wandb.init(project="diffusion-interp", name=f"{Path(folder).name} ({job})", id=run_id, resume="allow",
+    return wandb.init(project=project, name=f"{Path(folder).name} ({job})", id=run_id, resume="allow",
                       job_type=job, config=config, dir=str(folder))

@@ -393,7 +393,7 @@ def loop(r: Run) -> Path:
     cfg, dist, device = r.cfg, r.dist, r.device
     autocast = autocast_for(device)
     fvu: list[float] = []
-    wandb = open_wandb(dist.main and cfg.wandb, r.out_dir, "train_transcoders", asdict(cfg))
+    wandb = open_wandb(dist.main and cfg.wandb, r.out_dir, "train_transcoders", asdict(cfg), cfg.wandb_project)
 
     def step(index: int) -> None:
         nonlocal fvu

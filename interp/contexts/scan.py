@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm import tqdm
 
 from core.files import UserError, load_checkpoint, save_checkpoint
+from core.progress import progress
 from data.loader import ShardLoader
 from experiment import open_data
 from interp.contexts.buffers import PairCounter, TopKBuffer
@@ -350,8 +350,8 @@ class ScanJob:
         s, dist = self.s, self.dist
         mine = [b for b in range(s.n_batches) if b % dist.world == dist.rank]
         todo = [b for b in mine if b >= begin]
-        for i, b in enumerate(tqdm(todo, desc=f"pass {phase}/2", unit="batch", dynamic_ncols=True,
-                                   disable=not dist.main, initial=len(mine) - len(todo), total=len(mine))):
+        for i, b in enumerate(progress(todo, desc=f"pass {phase}/2", unit="batch", show=dist.main,
+                                       initial=len(mine) - len(todo), total=len(mine))):
             body(Batch(self.model, self.loader, b, s, self.layers, self.device, self.autocast), b)
             if (len(mine) - len(todo) + i + 1) % s.checkpoint_every == 0 and b != mine[-1]:
                 self.save(phase, b + 1)

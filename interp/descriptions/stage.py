@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from tqdm import tqdm
 
 from core.checks import index_list
 from core.files import (
@@ -28,6 +27,7 @@ from core.files import (
     write_json_atomic,
 )
 from core.locks import hold
+from core.progress import progress
 from experiment import StagePaths, layer_name, parse_layers, resolve_checkpoint, resolve_run_folder, setup_distributed
 from experiment.paths import (
     CONTEXTS_FILE,
@@ -425,7 +425,7 @@ def describe_features(cfg: DescriptionsConfig, dist: Dist, todo: list[tuple[int,
     chunks = [todo[i:i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)][dist.rank::dist.world]
     out_path = target if dist.world == 1 else part_path(target, dist.rank)
     made = []
-    bar = tqdm(total=sum(map(len, chunks)), unit="feature", dynamic_ncols=True, disable=not dist.main)
+    bar = progress(total=sum(map(len, chunks)), unit="feature", show=dist.main)
     for chunk in chunks:
         answers = describe_batch([(stats, contexts) for _, stats, contexts in chunk], models.explainer, cfg, limit)
         judgements = scorer.judge(chunk, answers)

@@ -9,7 +9,8 @@ Writes (default `experiments/X/exports/delphi/<checkpoint stem>/`):
                                                latent) of every nonzero activation, `activations` (n,), `tokens`
                                                (sequences, seq_len) as the model saw them ([MASK] where masked);
                                                besides (delphi ignores them) `clean_tokens` and each sequence's `t`
-    latents/blocks.N.mlp/config.json           delphi's cache config (`model_name`: the tokenizer folder below)
+    latents/blocks.N.mlp/config.json           delphi's cache config (`model_name`: "tokenizer", the folder below,
+                                               relative to the export: delphi run from the export folder finds it)
     tokenizer/                                 the run's tokenizer as a `transformers` fast tokenizer
     <explainer>/explanations/blocks.N.mlp_latent<F>.txt   each description (a JSON string)
     <explainer>/scores/detection|fuzz/blocks.N.mlp_latent<F>.txt   one entry per held-out judgement
@@ -41,12 +42,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from core import checks as c, cli
 from core.cli import arg
 from core.files import CHECKSUM_KEY, UserError, atomic_path, tensors_sha256, write_json_atomic
 from core.locks import hold_output
+from core.progress import progress
 from data.loader import ShardLoader
 from data.tokenizer import load_tokenizer
 from experiment import (
@@ -80,7 +81,7 @@ def collect(model, transcoders: dict, loader: ShardLoader, s: ScanSettings, devi
     locs: dict[int, list] = defaultdict(list)
     acts: dict[int, list] = defaultdict(list)
     seen, clean, ts = [], [], []
-    for b in tqdm(range(s.n_batches), desc="delphi cache", unit="batch", dynamic_ncols=True):
+    for b in progress(range(s.n_batches), desc="delphi cache", unit="batch"):
         batch = Batch(model, loader, b, s, layers, device, autocast)
         masked = batch.masked.reshape(batch.B, batch.T)
         seen.append(batch.tokens.masked_fill(masked, mc.mask_id).int().cpu())
@@ -244,7 +245,7 @@ def export(cfg: DelphiExportConfig) -> Path:
     try:
         try:
             tok.save_for_transformers(tmp / TOKENIZER_DIR)
-            model_name = str((out / TOKENIZER_DIR).resolve())
+            model_name = TOKENIZER_DIR  # relative to the export folder, so a moved or shared export still loads
         except (UserError, OSError) as e:
             model_name = run_cfg["tokenizer"]
             print(f"note: no transformers tokenizer written ({e}); pass one to delphi's LatentDataset(tokenizer=...)")
