@@ -1,5 +1,9 @@
 """The transcoders as circuit-tracer reads them: loaded by its own loaders (in a subprocess with the
-package and the versions it pins), they compute this project's outputs once TopK is set as config.yaml says."""
+package and the versions it pins), they compute this project's outputs once the activation is set to ReLU
+then TopK(k), k from config.yaml. config.yaml names the activation with upstream circuit-tracer's keys
+(`activation: topk`, `k`): upstream v0.5.0's Hub loader builds `TopK(k)` from them, which keeps negative
+latents where a token has fewer than k positive pre-activations; that TopK alone is checked here too.
+(Upstream's own loaders were run on an export by hand, see docs/TOOLS.md: CI has no network.)"""
 from __future__ import annotations
 
 import torch
@@ -25,7 +29,9 @@ lazy = load_transcoder_set(paths, scan="x", feature_input_hook=cfg["feature_inpu
 result = {}
 for i, t in enumerate(ts):
     result[f"relu_{i}"] = t(x[str(i)])
-    assert cfg["activation_function"] == "topk"
+    assert cfg["activation"] == "topk" and "activation_function" not in cfg
+    t.activation_function = TopK(cfg["k"])   # what upstream's Hub loader builds from config.yaml
+    result[f"topk_{i}"] = t(x[str(i)])
     for s in (t, lazy[i]):
         s.activation_function = torch.nn.Sequential(torch.nn.ReLU(), TopK(cfg["k"]))
     result[f"out_{i}"] = t(x[str(i)])
@@ -36,21 +42,24 @@ print(cfg["feature_input_hook"], cfg["feature_output_hook"], cfg["k"], type(ts).
 """
 
 
-def check_circuit_tracer_outputs(out, ours: dict, tmp_path) -> None:
-    """circuit-tracer's loaders read `out` and, with TopK set as config.yaml says, compute `ours`' outputs."""
+def check_circuit_tracer_outputs(out, ours: dict, tmp_path) -> int:
+    """circuit-tracer's loaders read `out` and, with ReLU then TopK(k) set, compute `ours`' outputs; TopK(k)
+    alone (upstream's from config.yaml) computes them only for tokens with at least k positive pre-activations.
+    Returns how many test tokens have fewer."""
     cfg = yaml.safe_load((out / "config.yaml").read_text())
-    assert cfg["model_kind"] == "transcoder_set" and cfg["activation_function"] == "topk"
-    assert cfg["k"] == ours[0].cfg.k
+    assert cfg["model_kind"] == "transcoder_set" and cfg["activation"] == "topk" and cfg["k"] == ours[0].cfg.k
     torch.manual_seed(0)
-    # inputs at the scale the MLPs see (a normalised residual stream: unit RMS), some rows with fewer than
-    # k positive pre-activations, where TopK alone and ReLU-then-TopK differ
+    # inputs at the scale the MLPs see (a normalised residual stream: unit RMS); zero rows, whose pre-activations
+    # are the encoder's bias: where fewer than k of them are positive, TopK alone and ReLU-then-TopK differ
     x = {str(i): torch.randn(64, ours[i].cfg.d_in) for i in ours}
-    x["0"][:4] = -ours[0].encoder.weight[:4] * 5
+    for v in x.values():
+        v[:4] = 0
     save_file(x, str(tmp_path / "x.safetensors"))
     proc = side_package_python("circuit-tracer", LOAD, str(out.parent.parent), f"circuit-tracer/{out.name}",
                                str(tmp_path / "x.safetensors"), str(tmp_path / "y.safetensors"))
     assert proc.stdout.split() == ["ln2.hook_normalized", "hook_mlp_out", str(cfg["k"]), "TranscoderSet", "2"]
     y = load_file(str(tmp_path / "y.safetensors"))
+    n_few = 0
     for i, tc in ours.items():
         with torch.no_grad():
             want, dense = tc(x[str(i)]), tc.dense_latents(x[str(i)])
@@ -59,6 +68,12 @@ def check_circuit_tracer_outputs(out, ours: dict, tmp_path) -> None:
         torch.testing.assert_close(y[f"lazy_{i}"], want, rtol=1e-5, atol=1e-5)
         # left at the ReLU its loader builds, circuit-tracer computes something else: the swap matters
         assert (y[f"relu_{i}"] - want).abs().max() > 1e-2
+        with torch.no_grad():
+            few = (tc.encoder(x[str(i)]) > 0).sum(-1) < tc.cfg.k
+        torch.testing.assert_close(y[f"topk_{i}"][~few], want[~few], rtol=1e-5, atol=1e-5)
+        assert ((y[f"topk_{i}"] - want).abs().amax(-1)[few] > 1e-3).all()  # negative latents kept
+        n_few += int(few.sum())
+    return n_few
 
 
 def test_circuit_tracer_loads_the_transcoders_with_the_same_outputs(tiny_run, tiny_transcoders, tmp_path):
@@ -89,6 +104,7 @@ def test_skip_connections_and_a_second_export(tiny_run, tiny_transcoders, tmp_pa
         tc = Transcoder(TranscoderConfig(base.cfg.d_in, base.cfg.num_latents, base.cfg.k, skip_connection=True))
         with torch.no_grad():
             tc.encoder.bias.normal_(0, 0.1)
+            tc.encoder.bias[2:].sub_(1.0)  # at a zero input only latents 0 and 1 are positive: fewer than k
             tc.W_skip.normal_(0, 0.1)
         tc.save(run / "transcoders" / tiny_transcoders.name / f"blocks.{i}.mlp")
         ours[i] = tc
@@ -99,7 +115,7 @@ def test_skip_connections_and_a_second_export(tiny_run, tiny_transcoders, tmp_pa
     export(str(run), output=str(out))
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "layer_0.safetensors", "layer_1.safetensors"]
     assert "W_skip" in load_file(str(out / "layer_1.safetensors"))
-    check_circuit_tracer_outputs(out, ours, tmp_path)
+    assert check_circuit_tracer_outputs(out, ours, tmp_path) == 8  # the zero rows of both layers
 
 
 def test_export_refuses_an_incomplete_transcoder_set(tiny_run, tiny_transcoders, tmp_path):

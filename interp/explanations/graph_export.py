@@ -8,6 +8,10 @@ Node ids follow circuit-tracer's (`{layer}_{feature}_{pos}` for features, `E_{to
 scheme (`0_{layer}_{pos}`) could collide with a layer-0 feature. A feature's `feature` number is the
 Cantor pairing of (layer, feature), unique across layers; its `clerp` is the stage-5 description.
 A [MASK] input is an `embedding` node whose prompt token reads "[MASK]" (and `input_kind: "mask"`).
+
+Beside the graphs, `features/{feature}.json` holds each cited feature in the schema of circuit-tracer's
+feature files (`frontend/feature_models.py`), built from the top-k scan, and every graph's `scan` is
+"./data/features": the viewer then loads a clicked feature's examples from there, offline.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from pathlib import Path
 import torch
 
 from core.files import write_json_atomic
+from experiment.paths import CONTEXTS_FILE, FEATURES_FILE
 from interp.explanations.graph import ERROR, FEATURE, MASK, TARGET, Graph, Pruned
 
 METADATA_FILE = "graph-metadata.json"
@@ -94,3 +99,91 @@ def write_graph(folder: Path, graph: dict, node_threshold: float) -> Path:
     listed = [m for m in listed if m["slug"] != graph["metadata"]["slug"]] + [graph["metadata"]]
     write_json_atomic(index, {"graphs": listed})
     return path
+
+
+# The feature files beside the graphs. The viewer fetches a feature's examples from `{scan}/{feature}.json`
+# when `scan` starts with "./" (any other scan is looked up on remote hosts), and serves ./data/ from the
+# graphs folder (its local server, `circuit_tracer.frontend.local_server.serve(data_dir=graphs)`).
+FEATURES_SUBDIR = "features"
+FEATURE_SCAN = f"./data/{FEATURES_SUBDIR}"
+EXAMPLE_GROUPS = (("top", "Top activations"), ("quantile", "Activations across the range"),
+                  ("random", "Non-activating contexts"))
+
+
+def cited_features(graph: dict) -> set[tuple[int, int]]:
+    """The (layer, feature) of every transcoder-feature node of a graph JSON."""
+    return {(int(n["node_id"].split("_")[0]), int(n["node_id"].split("_")[1])) for n in graph["nodes"]
+            if n["feature_type"] == "cross layer transcoder"}
+
+
+def example_json(e: dict) -> dict:
+    """One top-k example as the viewer's Example: tokens the model could not see ([MASK]) read «token»."""
+    hidden = set(e.get("masked_at", ()))
+    tokens = [f"«{p}»" if i in hidden else p for i, p in enumerate(e["pieces"])]
+    return {"tokens": tokens, "tokens_acts_list": e["acts"], "train_token_ind": e["center"],
+            "is_repeated_datapoint": False}
+
+
+def histogram_quantiles(counts: list[int], top: float) -> list[float]:
+    """The 1st..100th percentile of a feature's non-zero activations, each read as the upper edge of the
+    histogram bin (0..top, equal widths) where the cumulative count reaches it."""
+    total, width, out, cum, b = sum(counts), top / max(1, len(counts)), [], 0, 0
+    if not total:
+        return []
+    for q in range(1, 101):
+        while b < len(counts) and cum + counts[b] < total * q / 100:
+            cum += counts[b]
+            b += 1
+        out.append(round(width * min(b + 1, len(counts)), 5))
+    return out
+
+
+def feature_json(layer: int, feature: int, stats: dict | None, contexts: dict | None, transcoder_id: str) -> dict:
+    """One feature in the schema of circuit-tracer's feature files (`frontend/feature_models.py`), from the
+    top-k scan: its examples, promoted and suppressed tokens, activation histogram (over firing tokens) and
+    firing frequency. Without a scan of its layer it has no examples (the viewer then shows an empty list)."""
+    quantiles = [{"quantile_name": name, "examples": [example_json(e) for e in contexts[c]]}
+                 for c, name in EXAMPLE_GROUPS if contexts and contexts.get(c)]
+    top = float(stats["histogram"]["bin_edges_max"]) if stats else 0.0
+    counts = list(stats["histogram"]["counts"]) if stats else []
+    return {"transcoder_id": transcoder_id, "index": feature, "layer": layer, "examples_quantiles": quantiles,
+            "top_logits": [t for t, _ in stats.get("promotes", [])] if stats else [],
+            "bottom_logits": [t for t, _ in stats.get("suppresses", [])] if stats else [],
+            "act_min": 0.0, "act_max": top if top > 0 else 1.0, "quantile_values": histogram_quantiles(counts, top),
+            "histogram": [float(x) for x in counts],
+            "activation_frequency": float(stats["frequency"]) if stats else 0.0}
+
+
+def _records(path: Path, wanted: set[int]) -> dict[int, dict]:
+    """The lines of a top-k JSON-lines file whose `feature` is wanted, read one line at a time (a layer's
+    contexts.jsonl can be large)."""
+    out: dict[int, dict] = {}
+    if not path.exists():
+        return out
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            head = json.loads(line[:line.index(",")] + "}") if line.startswith('{"feature": ') else None
+            if head is not None and head["feature"] not in wanted:
+                continue  # skip parsing a long line of someone else's examples
+            record = json.loads(line)
+            if record["feature"] in wanted:
+                out[record["feature"]] = record
+    return out
+
+
+def write_feature_files(folder: Path, todo: set[tuple[int, int]], layer_dir, transcoder_id) -> list[Path]:
+    """`folder/features/{cantor(layer, feature)}.json` for every (layer, feature) of `todo` (replacing an earlier
+    run's). `layer_dir(layer)` is the top-k scan's folder of a layer, `transcoder_id(layer)` a name for its
+    transcoder."""
+    out_dir = folder / FEATURES_SUBDIR
+    written = []
+    for layer in sorted({la for la, _ in todo}):
+        wanted = {f for la, f in todo if la == layer}
+        stats = _records(layer_dir(layer) / FEATURES_FILE, wanted)
+        contexts = _records(layer_dir(layer) / CONTEXTS_FILE, wanted)
+        for f in sorted(wanted):
+            path = out_dir / f"{cantor(layer, f)}.json"
+            out_dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(path, feature_json(layer, f, stats.get(f), contexts.get(f), transcoder_id(layer)))
+            written.append(path)
+    return written

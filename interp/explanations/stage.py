@@ -19,7 +19,7 @@ from interp.contexts.store import read_jsonl
 from interp.descriptions.records import TOKENS, read_records
 from interp.explanations.config import ExplainConfig
 from interp.explanations.graph import FEATURE, MASK, TARGET, TOKEN
-from interp.explanations.graph_export import graph_json, write_graph
+from interp.explanations.graph_export import FEATURE_SCAN, cited_features, graph_json, write_feature_files, write_graph
 from interp.explanations.interventions import check_changes, parse_changes
 from interp.explanations.report import write_report
 from interp.explanations.step_analysis import EFFECT_FLOOR, MI_FORMULA, StepAnalysis, StepSettings, analyse_step
@@ -342,7 +342,8 @@ def _explain_all(cfg: ExplainConfig, paths: StagePaths, layers, descriptions, tr
                  settings: StepSettings, model, tok, ckpt, tag, device, json_path: Path) -> Path:
     folder = paths.run
     graphs = json_path.parent / (json_path.stem + "_graphs" if cfg.output else GRAPHS_DIR)
-    scan = f"{folder.name}/{ckpt.name}"
+    run_name = f"{folder.name}/{ckpt.stem}"
+    features_written: set[tuple[int, int]] = set()
 
     def page_of(layer: int, feature: int) -> str | None:  # the feature browser's page, relative to the report
         page = paths.topk / layer_name(layer) / PAGE_FILE
@@ -371,8 +372,12 @@ def _explain_all(cfg: ExplainConfig, paths: StagePaths, layers, descriptions, tr
             s["state_text"] = tok.decode(states[step], mask_text=" _")
             if export:
                 slug = f"p{p}_step{step:03d}"
-                export["metadata"].update(slug=slug, scan=scan)
+                export["metadata"].update(slug=slug, scan=FEATURE_SCAN)  # where the viewer finds the feature files
                 s["graph"]["file"] = str(write_graph(graphs, export, cfg.node_threshold).relative_to(json_path.parent))
+                cited = cited_features(export) - features_written  # each feature's file once per run
+                write_feature_files(graphs, cited, lambda la: paths.topk / layer_name(la),
+                                    lambda la: f"{run_name}/{layer_name(la)}")
+                features_written |= cited
             steps.append(s)
             print_step(s["state_text"], prompt, step, s)
         completion = tok.decode(states[-1])

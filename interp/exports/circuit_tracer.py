@@ -5,14 +5,15 @@
 
 Writes (default `experiments/X/exports/circuit-tracer/<checkpoint stem>/`) one `layer_{i}.safetensors` per
 layer with circuit-tracer's names (`W_enc` (M, D), `b_enc`, `W_dec` (M, D), `b_dec`, and `W_skip` where the
-transcoder has one) and `config.yaml` (`model_kind: transcoder_set`, the hook names, and this project's
-activation: `activation_function: topk`, `k`). The folder is what circuit-tracer's cache and Hub loaders
-read (`load_transcoder_from_hub`, `load_transcoders_from_cache`).
+transcoder has one) and `config.yaml` (`model_kind: transcoder_set`, the hook names, and the activation under
+upstream circuit-tracer's keys: `activation: topk`, `k`). The folder is what circuit-tracer's cache and Hub
+loaders read (`load_transcoder_from_hub`, `load_transcoders_from_cache`).
 
-circuit-tracer 0.5.0 builds every transcoder it loads from files with a ReLU (or a JumpReLU when a threshold
-is stored): it has a `TopK` module but no loader sets it. After loading, set each transcoder's
-`activation_function` to ReLU then `TopK(k)` (k from config.yaml, see docs/TOOLS.md): the outputs are then this
-project's (tested with the real package); left at ReLU they are not.
+This project's activation is ReLU then TopK(k). Upstream's Hub loader (v0.5.0) builds `TopK(k)` alone from
+config.yaml, which keeps negative latents where a token has fewer than k positive pre-activations. Its cache
+loader, and every loader of PyPI's fork (circuit-tracer 0.5.0 on PyPI), build a ReLU. After loading, set each
+transcoder's `activation_function` to ReLU then `TopK(k)` (docs/TOOLS.md): the outputs are then this project's
+(tested with the PyPI package; upstream's checked by hand).
 """
 from __future__ import annotations
 
@@ -56,8 +57,9 @@ def config_yaml(k: int, num_layers: int, num_latents: int, checkpoint: str) -> s
             f"feature_input_hook: {INPUT_HOOK}\n"
             f"feature_output_hook: {OUTPUT_HOOK}\n"
             "module: blocks.{layer}.mlp  # the DiffusionLM module each transcoder reads and replaces\n"
-            "# circuit-tracer 0.5.0 loads these with a ReLU: set activation_function to ReLU then TopK(k)\n"
-            "activation_function: topk\n"
+            "# upstream circuit-tracer (v0.5.0) builds TopK(k) from these two keys on its Hub path; this project's\n"
+            "# activation is ReLU then TopK(k): set activation_function to that after loading (docs/TOOLS.md)\n"
+            "activation: topk\n"
             f"k: {k}\n")
 
 
