@@ -24,6 +24,11 @@ DELPHI_PINS := eai-delphi==0.1.3 faiss-cpu==1.15.1 sentence-transformers==6.2.0 
   jaxtyping==0.3.11 wadler-lindig==0.1.8 blobfile==3.3.0 lxml==6.1.3 orjson==3.13.0 simple-parsing==0.1.9 \
   docstring-parser==0.18.0 scipy==1.17.1 scikit-learn==1.9.1 joblib==1.6.0 threadpoolctl==3.8.0 \
   cloudpickle==3.1.3 narwhals==2.29.0 plotly==7.1.0
+# SAELens for its SAE.load_from_disk: the package and what `import sae_lens` needs beyond the project's packages
+# (transformer-lens, and wandb, which its config module imports), in a folder a test subprocess puts on its path
+SAELENS := $(VENV)/saelens
+SAELENS_PINS := sae-lens==6.54.12 transformer-lens==3.9.0 better-abc==0.0.3 jaxtyping==0.3.11 wandb==0.31.0 \
+  platformdirs==4.14.8 protobuf==7.36.2 opentelemetry-api==1.45.2
 # the scripts its viewer loads from public CDNs, from the npm registry instead (the tests run offline):
 # tests/viewer/ holds their versions and the d3 + d3-jetpack bundle's entry
 VIEWER_JS := $(VENV)/viewer-js
@@ -33,7 +38,7 @@ VIEWER_JS := $(VENV)/viewer-js
 # requirements*.txt pin the versions; the project itself is then installed in editable mode, without
 # dependencies, so `import experiment` works from anywhere (tests need no sys.path edits).
 # `make demo` needs only the runtime (.runtime); `make test` and `make lint` add the development tools,
-# circuit-tracer's and delphi's side folders and the viewer bundle (.installed, which needs Node.js).
+# circuit-tracer's, delphi's and SAELens's side folders and the viewer bundle (.installed, which needs Node.js).
 $(BIN)/.runtime: requirements.txt pyproject.toml Makefile
 	@command -v $(PY) >/dev/null 2>&1 || { echo "error: no $(PY) on PATH; this project needs Python $(PY_MIN) or" \
 	  "newer (requires-python in pyproject.toml): install python$(PY_MIN), or run make PY=/path/to/python3.x" >&2; exit 1; }
@@ -52,6 +57,7 @@ $(BIN)/.installed: $(BIN)/.runtime requirements-dev.txt tests/viewer/package.jso
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --target $(CIRCUIT_TRACER) $(CIRCUIT_TRACER_PINS)
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --target $(DELPHI) $(DELPHI_PINS)
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --target $(SAELENS) $(SAELENS_PINS)
 	mkdir -p $(VIEWER_JS) && cp tests/viewer/package.json tests/viewer/d3-with-jetpack.js $(VIEWER_JS)/
 	cd $(VIEWER_JS) && npm install --silent --no-audit --no-fund \
 	  && node_modules/.bin/esbuild d3-with-jetpack.js --bundle --minify --log-level=warning --outfile=d3-with-jetpack.min.js

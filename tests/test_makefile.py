@@ -16,7 +16,7 @@ from tests.test_dependencies import minimum_python
 MAKE = shutil.which("make")
 pytestmark = pytest.mark.skipif(MAKE is None or shutil.which("sed") is None, reason="needs make and sed")
 # what only `make test` and `make lint` install
-DEV_ONLY = ("npm", "node", "esbuild", "requirements-dev.txt", "circuit-tracer", "delphi", "viewer-js")
+DEV_ONLY = ("npm", "node", "esbuild", "requirements-dev.txt", "circuit-tracer", "delphi", "saelens", "viewer-js")
 
 
 def make(*args: str, path: str | None = None, **env: str) -> subprocess.CompletedProcess:
