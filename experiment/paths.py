@@ -13,6 +13,7 @@
         hub/<checkpoint stem>/                  the model as a Hub folder (python -m experiment.hub)
         exports/circuit-tracer/<checkpoint stem>/  the transcoders for circuit-tracer (interp.exports.circuit_tracer)
         exports/delphi/<checkpoint stem>/       delphi's latent cache, explanations and scores (interp.exports.delphi)
+        exports/neuronpedia/<checkpoint stem>/  Neuronpedia's import rows (interp.exports.neuronpedia)
         ground_truth.json
 """
 from __future__ import annotations
