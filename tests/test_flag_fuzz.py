@@ -44,6 +44,9 @@ COMMANDS = {
     "interp.descriptions.audit": RUN,
     "interp.exports.delphi": RUN,
     "interp.exports.circuit_tracer": RUN,
+    "interp.exports.saelens": RUN,
+    "interp.exports.sparsify": RUN,
+    "interp.exports.neuronpedia": RUN,
     "experiment.hub": RUN,
 }
 # the stage scripts at the top of the repository → the library module whose `command` each runs
