@@ -62,6 +62,11 @@ GROUND_TRUTH_FILE = "ground_truth.json"
 EXPORTS_DIR = "exports"
 
 
+def export_folder(run: Path, tool: str, checkpoint: Path, output: str = "") -> Path:
+    """Where an export for `tool` writes: `output` when given, else `<run>/exports/<tool>/<checkpoint stem>/`."""
+    return Path(output) if output else run / EXPORTS_DIR / tool / checkpoint.stem
+
+
 def layer_name(layer: int) -> str:
     """The folder of one layer's top-k output or pages."""
     return f"layer_{layer:02d}"

@@ -35,7 +35,7 @@ from experiment import (
     resolve_checkpoint,
 )
 from experiment.hub import UploadFlags, check_repo_id
-from experiment.paths import EXPORTS_DIR, resolve_run_folder
+from experiment.paths import export_folder, resolve_run_folder
 
 EXPORT_NAME = "circuit-tracer"
 # TransformerLens's names of the points a transcoder reads and writes: the MLP's input here is the
@@ -79,7 +79,7 @@ def export(train_folder: str, checkpoint_name: str = "latest", output: str = "")
     if len(ks) > 1 or len(widths) > 1:
         raise UserError(f"circuit-tracer's transcoder set needs one k and one width for all layers; these have k "
                         f"{sorted(ks)} and widths {sorted(widths)}")
-    out = Path(output) if output else folder / EXPORTS_DIR / EXPORT_NAME / ckpt.stem
+    out = export_folder(folder, EXPORT_NAME, ckpt, output)
     with hold(out):  # one export at a time into a folder (released before any upload)
         for stale in [out / "config.yaml", *out.glob("layer_*.safetensors")]:  # an earlier export: incomplete until
             stale.unlink(missing_ok=True)  # config.yaml is written again, and no layer of a deeper model may linger

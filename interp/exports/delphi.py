@@ -62,7 +62,7 @@ from experiment import (
     resolve_device,
     resolve_run_folder,
 )
-from experiment.paths import CONTEXTS_FILE, EXPORTS_DIR, INDEX_FILE
+from experiment.paths import CONTEXTS_FILE, INDEX_FILE, export_folder
 from interp.contexts.scan import Batch, ScanSettings, active_features, scan_inputs
 from interp.contexts.store import REMAKE, read_index, read_jsonl
 from interp.descriptions.prompts import MASK_SHOWN
@@ -208,16 +208,12 @@ class DelphiExportConfig(ShapeFlags, RunFlags):
     overwrite: bool = arg(False, "replace an existing export")
 
 
-def export_folder(cfg: DelphiExportConfig, folder: Path, checkpoint: Path) -> Path:
-    return Path(cfg.output) if cfg.output else folder / EXPORTS_DIR / EXPORT_NAME / checkpoint.stem
-
-
 def main(cfg: DelphiExportConfig) -> Path:
     """The export, under its sibling lock `.<name>.lock`: two exports at once would remove each other's
     half-made folder."""
     resolve_device(cfg.cuda, cfg.device)
     folder = resolve_run_folder(cfg.train_folder)
-    with hold_output(export_folder(cfg, folder, resolve_checkpoint(folder, cfg.checkpoint_name))):
+    with hold_output(export_folder(folder, EXPORT_NAME, resolve_checkpoint(folder, cfg.checkpoint_name), cfg.output)):
         return export(cfg)
 
 
@@ -231,7 +227,7 @@ def export(cfg: DelphiExportConfig) -> Path:
     settings, layers = index.get("settings"), index["layers"]
     if not isinstance(settings, dict):
         raise UserError(f"{paths.topk / INDEX_FILE} is damaged (no settings); {REMAKE}")
-    out = export_folder(cfg, folder, ckpt)
+    out = export_folder(folder, EXPORT_NAME, ckpt, cfg.output)
     if out.exists() and not cfg.overwrite:
         raise UserError(f"{out} exists; --overwrite True replaces it")
     transcoders = load_transcoders(paths.transcoders, layers, device, model.cfg.model_dim)

@@ -50,7 +50,7 @@ from core.cli import arg
 from core.files import UserError, read_json
 from core.locks import Replacement, hold_output
 from experiment import RunFlags, StagePaths, hookpoint, layer_name, resolve_checkpoint, resolve_run_folder
-from experiment.paths import CONFIG_FILE, CONTEXTS_FILE, EXPORTS_DIR, FEATURES_FILE, INDEX_FILE, transcoder_dir
+from experiment.paths import CONFIG_FILE, CONTEXTS_FILE, FEATURES_FILE, INDEX_FILE, export_folder, transcoder_dir
 from interp.contexts.store import read_index, read_jsonl
 from interp.descriptions.prompts import MASK_SHOWN
 from interp.descriptions.records import TOKENS, all_records
@@ -250,14 +250,10 @@ class NeuronpediaExportConfig(RunFlags):
     overwrite: bool = arg(False, "replace an existing export")
 
 
-def export_folder(cfg: NeuronpediaExportConfig, folder: Path, checkpoint: Path) -> Path:
-    return Path(cfg.output) if cfg.output else folder / EXPORTS_DIR / EXPORT_NAME / checkpoint.stem
-
-
 def main(cfg: NeuronpediaExportConfig) -> Path:
     """The export, under its sibling lock `.<name>.lock`."""
     folder = resolve_run_folder(cfg.train_folder)
-    with hold_output(export_folder(cfg, folder, resolve_checkpoint(folder, cfg.checkpoint_name))):
+    with hold_output(export_folder(folder, EXPORT_NAME, resolve_checkpoint(folder, cfg.checkpoint_name), cfg.output)):
         return export(cfg)
 
 
@@ -279,7 +275,7 @@ def export(cfg: NeuronpediaExportConfig) -> Path:
     if not MODEL_ID_RE.match(model_id):
         raise UserError(f"--model_id {model_id!r}: Neuronpedia's model ids are lowercase letters, digits, '_' or "
                         "'-' (at most 128)")
-    out = export_folder(cfg, folder, ckpt)
+    out = export_folder(folder, EXPORT_NAME, ckpt, cfg.output)
     if out.exists() and not cfg.overwrite:
         raise UserError(f"{out} exists; --overwrite True replaces it")
     index = read_index(paths.topk)

@@ -32,7 +32,7 @@ from core.files import UserError, read_json, save_safetensors, write_json_atomic
 from core.locks import hold
 from experiment import CONFIG_FILE, RunFlags, StagePaths, finished_transcoder_layers, hookpoint, load_transcoders
 from experiment.hub import UploadFlags, check_repo_id
-from experiment.paths import EXPORTS_DIR, resolve_checkpoint, resolve_run_folder
+from experiment.paths import export_folder, resolve_checkpoint, resolve_run_folder
 from model.transcoder import Transcoder
 
 EXPORT_NAME = "saelens"
@@ -76,7 +76,7 @@ def export(train_folder: str, checkpoint_name: str = "latest", output: str = "")
         raise UserError(f"the transcoders of layers {skip} have a skip connection (W_skip), which SAELens "
                         f"{SAELENS_VERSION} cannot express (its TopK SAE has no skip term, its skip transcoders are "
                         "ReLU or JumpReLU): export them with python -m interp.exports.circuit_tracer instead")
-    out = Path(output) if output else folder / EXPORTS_DIR / EXPORT_NAME / ckpt.stem
+    out = export_folder(folder, EXPORT_NAME, ckpt, output)
     model_name = f"DiffusionLM {folder.name}/{ckpt.name}"
     with hold(out):  # one export at a time into a folder (released before any upload)
         for stale in out.glob("blocks.*.mlp"):  # an earlier export's layers: none of another model's may linger

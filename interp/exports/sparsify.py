@@ -22,7 +22,7 @@ from core.files import UserError, atomic_path
 from core.locks import hold
 from experiment import CONFIG_FILE, RunFlags, StagePaths, finished_transcoder_layers, hookpoint, transcoder_dir
 from experiment.hub import UploadFlags, check_repo_id
-from experiment.paths import EXPORTS_DIR, TRANSCODER_SUMMARY_FILE, resolve_checkpoint, resolve_run_folder
+from experiment.paths import TRANSCODER_SUMMARY_FILE, export_folder, resolve_checkpoint, resolve_run_folder
 from model.transcoder import CFG_FILE, WEIGHTS_FILE
 
 EXPORT_NAME = "sparsify"
@@ -40,7 +40,7 @@ def export(train_folder: str, checkpoint_name: str = "latest", output: str = "")
     layers = finished_transcoder_layers(tc_dir)
     if not layers:
         raise UserError(f"no finished transcoders in {tc_dir}: run train_transcoders.py for this checkpoint first")
-    out = Path(output) if output else folder / EXPORTS_DIR / EXPORT_NAME / ckpt.stem
+    out = export_folder(folder, EXPORT_NAME, ckpt, output)
     with hold(out):  # one export at a time into a folder (released before any upload)
         for stale in [*out.glob("blocks.*.mlp"), out / CONFIG_FILE, out / TRANSCODER_SUMMARY_FILE]:
             if stale.is_dir():  # an earlier export's layers: none of another model's may linger
