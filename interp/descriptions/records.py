@@ -13,6 +13,7 @@ from core.files import atomic_path, read_jsonl, resume_jsonl
 from core.locks import STAGING_SUFFIX
 
 TOKENS = "tokens"  # the model-free explainer: a description lists the tokens a feature fires on
+OLDER_TOKEN_MATCH = "token_match_all_words"  # the keyword match of older records, which read hidden words too
 
 REDO = "delete that line and get_activation_descriptions.py describes its feature again"
 
@@ -75,3 +76,14 @@ def staging_records(path: Path) -> Path:
 def clear_records(path: Path) -> None:
     for p in [path, *part_files(path)]:
         p.unlink(missing_ok=True)
+
+
+def measured_scores(record: dict) -> dict:
+    """A record's scores by what they measured. Older records called the keyword match "simulation" (it has
+    "words"); before it read the text as the model saw it (it has "reads"), it matched the hidden words
+    too, and those are kept apart, as OLDER_TOKEN_MATCH."""
+    out = {}
+    for k, v in (record.get("scores") or {}).items():
+        k = "token_match" if k == "simulation" and "words" in (v or {}) else k
+        out[OLDER_TOKEN_MATCH if k == "token_match" and "reads" not in (v or {}) else k] = v
+    return out

@@ -42,10 +42,12 @@ from interp.contexts.store import PROTOCOL, read_index, read_jsonl
 from interp.descriptions.config import SCORER_NAMES as SCORERS, DescriptionsConfig
 from interp.descriptions.prompts import clean, explain_examples, fit_prompt, tokens_description
 from interp.descriptions.records import (
+    OLDER_TOKEN_MATCH,
     TOKENS,
     append_record,
     clear_records,
     fold_parts,
+    measured_scores,
     part_path,
     read_records,
     rewrite_records,
@@ -152,19 +154,7 @@ def describe_batch(items: list[tuple[dict, dict]], explainer, cfg: DescriptionsC
     return results
 
 
-OLDER_TOKEN_MATCH = "token_match_all_words"  # the keyword match of older records, which read hidden words too
 LABELS = {"token_match": TOKEN_MATCH_LABEL, OLDER_TOKEN_MATCH: "token_match (hidden words too: older records)"}
-
-
-def _scores(record: dict) -> dict:
-    """A record's scores by what they measured. Older records called the keyword match "simulation" (it has
-    "words"); before it read the text as the model saw it (it has "reads"), it matched the hidden words
-    too, and those are kept apart, as OLDER_TOKEN_MATCH."""
-    out = {}
-    for k, v in record.get("scores", {}).items():
-        k = "token_match" if k == "simulation" and "words" in (v or {}) else k
-        out[OLDER_TOKEN_MATCH if k == "token_match" and "reads" not in (v or {}) else k] = v
-    return out
 
 
 def printed(summary_key: str) -> str:
@@ -181,7 +171,7 @@ def summarise(records: list[dict]) -> dict:
         layer = out.setdefault(r["explainer"], {}).setdefault(str(r["layer"]), {"n": 0, "failures": 0, "scores": {}})
         layer["n"] += 1
         layer["failures"] += r["failure"] is not None
-        scores = _scores(r)
+        scores = measured_scores(r)
         for name, key in (("detection", "auroc"), ("fuzzing", "balanced_accuracy"), ("token_match", "correlation"),
                           (OLDER_TOKEN_MATCH, "correlation"), ("simulation", "correlation")):
             score = scores.get(name)
@@ -211,7 +201,7 @@ def plot_scores(records: list[dict], path: Path) -> None:
     width = 0.8 / max(1, len(explainers))
     for ax, (name, key, title) in zip(axes, metrics):
         for j, ex in enumerate(explainers):
-            data = [[(_scores(r).get(name) or {}).get(key) for r in records
+            data = [[(measured_scores(r).get(name) or {}).get(key) for r in records
                      if r["explainer"] == ex and r["layer"] == layer] for layer in layers]
             data = [[v for v in d if v is not None] or [float("nan")] for d in data]
             pos = [i + (j - (len(explainers) - 1) / 2) * width for i in range(len(layers))]

@@ -53,7 +53,7 @@ from experiment import RunFlags, StagePaths, hookpoint, layer_name, resolve_chec
 from experiment.paths import CONFIG_FILE, CONTEXTS_FILE, FEATURES_FILE, INDEX_FILE, export_folder, transcoder_dir
 from interp.contexts.store import read_index, read_jsonl
 from interp.descriptions.prompts import MASK_SHOWN
-from interp.descriptions.records import TOKENS, all_records
+from interp.descriptions.records import OLDER_TOKEN_MATCH, TOKENS, all_records, measured_scores
 
 EXPORT_NAME = "neuronpedia"
 BATCH_ROWS = 1024  # rows per batch file, as in Neuronpedia's own exports
@@ -140,17 +140,6 @@ def activation_rows(contexts: dict, model_id: str, source: str, creator_id: str,
                    "creatorId": creator_id, "createdAt": created}
 
 
-def record_scores(record: dict) -> dict:
-    """A record's scores by what they measured: older records called the keyword match "simulation" (it has
-    "words"); an older keyword match that read the hidden words too (no "reads") is left out."""
-    out = {}
-    for name, score in (record.get("scores") or {}).items():
-        name = "token_match" if name == "simulation" and "words" in (score or {}) else name
-        if name != "token_match" or "reads" in (score or {}):
-            out[name] = score
-    return out
-
-
 def defined(score: dict | None, metric: str) -> float | None:
     value = (score or {}).get(metric)
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
@@ -159,7 +148,7 @@ def defined(score: dict | None, metric: str) -> float | None:
 def explanation_rows(record: dict, model_id: str, source: str, creator_id: str,
                      created: str) -> tuple[dict, list[dict]]:
     """An "Explanation" row for one description, and its "ExplanationScore" rows."""
-    scores = record_scores(record)
+    scores = {k: v for k, v in measured_scores(record).items() if k != OLDER_TOKEN_MATCH}  # hidden words too: left out
     explainer = explainer_model_name(record["explainer"])
     eid = f"{model_id}@{source}#{record['feature']}:{slug(explainer)}"
     headline = next((v for s, m, *_ in HEADLINE if (v := defined(scores.get(s), m)) is not None), None)
