@@ -63,6 +63,10 @@ class BatchFlags(FlagGroup):
     batch_size: int = arg(1, "sequences per micro-batch (per process)", c.COUNT)
     grad_acc_steps: int = arg(8, "micro-batches per optimizer step, over all processes", c.COUNT)
     seed: int = arg(0, "seed for initialisation, data order and noise", c.SEED)
+    forward_batch_size: int = arg(0, "sequences per forward pass (per process), a multiple of --batch_size: only how "
+                                     "the micro-batches are packed, the data, noise and result stay those of "
+                                     "--batch_size; 0: on a GPU as many as fit 32,768 tokens, elsewhere --batch_size",
+                                  c.COUNT_OR_ZERO)
 
 
 @dataclass
