@@ -15,6 +15,8 @@ from experiment import resolve_device  # noqa: E402
 from model.diffusion import DiffusionLM, ModelConfig  # noqa: E402
 from model.precision import describe  # noqa: E402
 
+ROOT = Path(__file__).resolve().parent.parent
+COMPILE_CACHE = ROOT / ".cache" / "compile"  # git-ignored; the device tool can carry it to a bare card
 DEVICE = resolve_device()  # the stages' own default: the first GPU when there is one, else the CPU
 CUDA = DEVICE.type == "cuda"
 
@@ -64,3 +66,32 @@ def measure(step, warmup: int, steps: int) -> tuple[float, float]:
     if CUDA:
         torch.cuda.synchronize()
     return time.perf_counter() - t0, torch.cuda.max_memory_allocated() / 2**30 if CUDA else float("nan")
+
+
+def fake_run(folder: Path, args, seq_len: int | None = None) -> Path:
+    """A run folder the stages open, at the bench shape `args`, with random weights (bench/fake_run.py)."""
+    from bench.fake_run import fake_run as make
+
+    return make(folder, args, seq_len)
+
+
+def _cache_file(name: str) -> Path:
+    return COMPILE_CACHE / f"{name}-torch{torch.__version__}-{DEVICE.type}.bin"
+
+
+def load_compile_cache(name: str) -> bool:
+    """Load torch's compile artifacts saved by an earlier run of benchmark `name` (torch.compiler's portable
+    cache: a bare machine then skips the slow part of compiling). Whether there were any."""
+    path = _cache_file(name)
+    if not path.exists():
+        return False
+    torch.compiler.load_cache_artifacts(path.read_bytes())
+    return True
+
+
+def save_compile_cache(name: str) -> None:
+    """Save what this process compiled, for `load_compile_cache` next time."""
+    artifacts = torch.compiler.save_cache_artifacts()
+    if artifacts is not None:
+        _cache_file(name).parent.mkdir(parents=True, exist_ok=True)
+        _cache_file(name).write_bytes(artifacts[0])

@@ -22,6 +22,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 CUDA = torch.cuda.is_available()
+# torch's on-disk compile cache, shared by every benchmark and stage process (git-ignored; the device tool's
+# `carry` can bring it to a bare card, which then skips most of the compilation)
+INDUCTOR_CACHE = ROOT / ".cache" / "inductor"
 # name, time limit (s), script and flags: on a GPU the reference shape, sized to the budget
 SUITE = [
     ("train", 90, ["bench/train_throughput.py", "--steps", "20", "--warmup", "4"]),
@@ -40,7 +43,8 @@ def run(name: str, limit: int, cmd: list[str], logs: Path | None) -> dict:
     t0 = time.perf_counter()
     try:
         proc = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True, timeout=limit,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                              env={"TORCHINDUCTOR_CACHE_DIR": str(INDUCTOR_CACHE), **os.environ,
+                                   "PYTHONUNBUFFERED": "1"})
         out, status = proc.stdout + proc.stderr, "ok" if proc.returncode == 0 else f"exit {proc.returncode}"
     except subprocess.TimeoutExpired as e:
         out = "".join(x.decode() if isinstance(x, bytes) else x for x in (e.stdout or "", e.stderr or ""))
