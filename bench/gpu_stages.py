@@ -155,7 +155,8 @@ def main() -> None:
                 row["lines"] += steady_throughput([m for m in Path(fill["run"]).rglob("metrics.jsonl")
                                                    if m.parent != Path(fill["run"])])
             rows.append(row)
-            print("\n".join(row["lines"]) + f"\n== {script}: {row['status']}, {row['wall']:.0f} s", flush=True)
+            print(f"stage {row['name']}: {row['status']}, {row['wall']:.0f} s" +
+                  "".join(f"; {line}" for line in row["lines"]), flush=True)
         print()
         print(table(rows).replace("| benchmark |", "| stage |"))
 

@@ -1,4 +1,5 @@
-"""Every GPU benchmark in one call, within 8 minutes on one H100 or H200, ending in one markdown table.
+"""The six stage scripts and every GPU benchmark in one call, within 8 minutes on one H100 or H200, ending in
+one markdown table.
 
     python bench/gpu_suite.py              # on a GPU: the reference shapes; on a CPU: the scripts' tiny shapes
     python bench/gpu_suite.py --only train,explainer
@@ -27,15 +28,16 @@ CUDA = torch.cuda.is_available()
 INDUCTOR_CACHE = ROOT / ".cache" / "inductor"
 # name, time limit (s), script and flags: on a GPU the reference shape, sized to the budget
 SUITE = [
-    ("train", 90, ["bench/train_throughput.py", "--steps", "20", "--warmup", "4"]),
-    ("transcoders", 60, ["bench/transcoder_throughput.py", "--steps", "10", "--warmup", "2"]),
-    ("topk", 60, ["bench/topk_throughput.py", "--batches", "8"]),
-    ("generate", 45, ["bench/generate_throughput.py", "--steps", "16,64", "--batch_sizes", "1,32"]),
-    ("explainer", 135, ["bench/explainer_throughput.py", "--compare", "--rounds", "2"]),
-    ("graph", 60, ["bench/graph_throughput.py", "--repeats", "2"]),
+    ("stages", 210, ["bench/gpu_stages.py", "--limit", "75"]),  # the six stage scripts themselves, first
+    ("train", 50, ["bench/train_throughput.py", "--steps", "20", "--warmup", "4"]),
+    ("transcoders", 40, ["bench/transcoder_throughput.py", "--steps", "10", "--warmup", "2"]),
+    ("topk", 40, ["bench/topk_throughput.py", "--batches", "8"]),
+    ("generate", 25, ["bench/generate_throughput.py", "--steps", "16,64", "--batch_sizes", "1,32"]),
+    ("explainer", 60, ["bench/explainer_throughput.py", "--compare", "--rounds", "2"]),
+    ("graph", 25, ["bench/graph_throughput.py", "--repeats", "2"]),
 ]
 # the lines a table row keeps: the numbers, not the set-up chatter
-HEADLINE = re.compile(r"tokens/s|descriptions/s|judgements/s|peak memory|MFU|ratio|graph:|whole step|"
+HEADLINE = re.compile(r"^stage \w+:|tokens/s|descriptions/s|judgements/s|peak memory|MFU|ratio|graph:|whole step|"
                       r"^device |vs CPU", re.I)
 
 
