@@ -2,6 +2,12 @@
 
 Document ids come from BOS: every BOS starts a new document, and a position attends to exactly the
 positions of its own document (both directions). The two paths are tested equal.
+
+The FlexAttention block mask is built from the document ids with a few tensor operations, without a
+compiled `create_block_mask` and without reading anything on the host: since the ids never decrease along
+a row, a block of positions holds the documents from its first position's to its last position's, so a
+(query block, key block) pair is empty when those ranges do not meet, full when both blocks are complete
+and lie in one and the same document, and partial (the mask_mod decides position by position) otherwise.
 """
 from __future__ import annotations
 
@@ -22,26 +28,53 @@ def document_ids(tokens: torch.Tensor, bos_id: int) -> torch.Tensor:
     return torch.cumsum((tokens == bos_id).to(torch.int32), dim=1)
 
 
+def _ordered(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, H, nq, nk) bool → (count per query block, key-block indices with the chosen ones first, in order),
+    int32, as FlexAttention's BlockMask stores them."""
+    dense = blocks.to(torch.int32)
+    indices = torch.argsort(dense, dim=-1, descending=True, stable=True)
+    return dense.sum(-1).to(torch.int32), indices.to(torch.int32)
+
+
+def document_blocks(doc: torch.Tensor, block: int = FLEX_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """doc (B, T), non-decreasing along each row → (partial, full), each (B, 1, nb, nb) bool with
+    nb = ⌈T / block⌉: the (query block, key block) pairs that some but not all / all of their position pairs
+    share a document. Positions past T (the last block's padding) belong to no document."""
+    B, T = doc.shape
+    nb = -(-T // block)
+    starts = torch.arange(nb, device=doc.device) * block
+    ends = torch.clamp(starts + block, max=T)
+    first, last = doc[:, starts], doc[:, ends - 1]  # (B, nb): the documents a block spans
+    meet = (first[:, :, None] <= last[:, None, :]) & (first[:, None, :] <= last[:, :, None])
+    whole = (first == last) & (ends - starts == block)  # one document, no padding
+    full = whole[:, :, None] & whole[:, None, :] & (first[:, :, None] == first[:, None, :])
+    return (meet & ~full)[:, None], full[:, None]
+
+
+def document_block_mask(doc: torch.Tensor) -> BlockMask:
+    """FlexAttention's BlockMask for attention inside documents, from the document ids (B, T)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    def same_doc(b, h, q, k):
+        return doc[b, q] == doc[b, k]
+
+    T = doc.shape[1]
+    partial, full = document_blocks(doc)
+    return BlockMask.from_kv_blocks(*_ordered(partial), *_ordered(full), BLOCK_SIZE=(FLEX_BLOCK, FLEX_BLOCK),
+                                    mask_mod=same_doc, seq_lengths=(T, T))
+
+
 class DocMask:
     """What one forward pass needs to restrict attention to documents, built once for all layers."""
 
     def __init__(self, doc: torch.Tensor, impl: AttnImpl) -> None:
         self.impl = impl
-        self.dense: torch.Tensor | None
-        self.block: BlockMask | None
+        self.dense: torch.Tensor | None = None
+        self.block: BlockMask | None = None
         if impl == "sdpa":
             self.dense = (doc[:, None, :, None] == doc[:, None, None, :])  # (B, 1, T, T)
-            self.block = None
         else:
-            from torch.nn.attention.flex_attention import create_block_mask
-
-            def same_doc(b, h, q, k):
-                return doc[b, q] == doc[b, k]
-
-            B, T = doc.shape
-            self.dense = None
-            # _compile builds the block mask without materialising (B, T, T) on the GPU
-            self.block = create_block_mask(same_doc, B, None, T, T, device=doc.device, _compile=doc.is_cuda)
+            self.block = document_block_mask(doc)
 
 
 _compiled_flex = None

@@ -19,7 +19,7 @@ from torch import nn
 
 from core.files import UserError, load_checkpoint, save_checkpoint
 from model.attention import AttnImpl, DocMask, attend, document_ids
-from model.rotary import Rotary
+from model.rotary import Rotary, RotaryTables, rotate
 
 
 def check_shape(num_layers: int, num_heads: int, model_dim: int, mlp_ratio: float) -> None:
@@ -69,6 +69,10 @@ def zero_linear(d_in: int, d_out: int) -> nn.Linear:
 
 
 class Attention(nn.Module):
+    """Multi-head attention inside documents. q, k and v stay three Linear modules (their state-dict keys and
+    the readers of their weights are unchanged); the forward runs them as one matmul over their concatenated
+    weights."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         d, self.h = cfg.model_dim, cfg.num_heads
@@ -76,12 +80,16 @@ class Attention(nn.Module):
         self.out = zero_linear(d, d)
         self.rotary = Rotary(d // self.h)
 
-    def forward(self, x: torch.Tensor, mask: DocMask) -> torch.Tensor:
-        B, T, D = x.shape  # x: (B, T, D), already normalised
-        split = lambda t: t.view(B, T, self.h, D // self.h).transpose(1, 2)  # noqa: E731  (B, H, T, Dh)
-        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
-        q, k = self.rotary(norm(q)), self.rotary(norm(k))  # QK-norm, then positions
-        y = attend(q, k, v, mask)  # (B, H, T, Dh)
+    def forward(self, x: torch.Tensor, mask: DocMask, rope: RotaryTables | None = None) -> torch.Tensor:
+        """x: (B, T, D), already normalised; `rope`: the rotary tables of length T (computed here if None)."""
+        B, T, D = x.shape
+        qkv = F.linear(x, torch.cat([self.q.weight, self.k.weight, self.v.weight]))  # (B, T, 3D)
+        q, k, v = qkv.view(B, T, 3, self.h, D // self.h).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, Dh) each
+        rope = self.rotary.tables(T, x.device) if rope is None else rope
+        q, k = rotate(norm(q), rope), rotate(norm(k), rope)  # QK-norm, then positions
+        # q and k come out of `rotate` contiguous; v, a view into qkv (row stride 3D), is made so as well: torch
+        # 2.13's compiled CPU FlexAttention computes wrong outputs from that view (tests/test_model_forward.py)
+        y = attend(q, k, v.contiguous(), mask)  # (B, H, T, Dh)
         return self.out(y.transpose(1, 2).reshape(B, T, D))
 
 
@@ -104,8 +112,8 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, mask: DocMask) -> torch.Tensor:
-        x = x + self.attn(norm(x), mask)
+    def forward(self, x: torch.Tensor, mask: DocMask, rope: RotaryTables | None = None) -> torch.Tensor:
+        x = x + self.attn(norm(x), mask, rope)
         return x + self.mlp(norm(x))
 
 
@@ -136,7 +144,11 @@ class DiffusionLM(nn.Module, PyTorchModelHubMixin, library_name="pytorch", tags=
         """torch.compile every block (one graph serves them all: same code, same shapes), optionally fixing
         the attention path (e.g. "flex" on the CPU, whose compiled forward torch supports). Shapes are
         static: a stage's batches share one shape, and a second shape compiles a second graph instead of a
-        dynamic one (torch 2.13's compiled CPU FlexAttention fails to build with a dynamic batch size)."""
+        dynamic one (torch 2.13's compiled CPU FlexAttention fails to build with a dynamic batch size).
+
+        Module hooks are guarded: dynamo skips those guards by default, and a block compiled once without hooks would
+        then run without them later too (a plain forward pass would silence every later capture or replacement)."""
+        torch._dynamo.config.skip_nnmodule_hook_guards = False
         if attn_impl is not None:
             self.attn_impl = attn_impl
         for block in self.blocks:
@@ -144,15 +156,24 @@ class DiffusionLM(nn.Module, PyTorchModelHubMixin, library_name="pytorch", tags=
 
     def forward(self, tokens: torch.Tensor, select: torch.Tensor | None = None,
                 attn_impl: AttnImpl | None = None) -> ModelOutput:
-        """tokens: (B, T) with [MASK] at noised positions. `select` (B, T) bool restricts the (costly)
-        vocabulary projection to those positions, e.g. the masked ones during training."""
+        """tokens: (B, T) with [MASK] at noised positions. `select` restricts the (costly) vocabulary projection
+        to some positions: a (B, T) bool mask (its True positions, in order: the count depends on the data), or
+        (N,) int64 indices into the B·T positions in row-major order (N rows, a static shape; an empty one skips
+        the projection)."""
         impl = attn_impl or self.attn_impl or ("flex" if tokens.is_cuda else "sdpa")
         mask = DocMask(document_ids(tokens, self.cfg.bos_id), impl)
+        rope = self.block(0).attn.rotary.tables(tokens.shape[1], tokens.device)  # one set for every layer
         x = norm(self.embed(tokens))  # (B, T, D)
         for block in self.blocks:
-            x = block(x, mask)
+            x = block(x, mask, rope)
         x = norm(x)
-        return ModelOutput(self.logits(x if select is None else x[select]), x)
+        if select is None:
+            rows = x
+        elif select.dtype == torch.bool:
+            rows = x[select]
+        else:
+            rows = x.flatten(0, 1)[select]
+        return ModelOutput(self.logits(rows), x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """(..., D) → (..., n_vocab), soft-capped; ids ≥ n_vocab ([MASK], [PAD], padding) are never logits."""

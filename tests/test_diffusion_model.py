@@ -81,9 +81,16 @@ def test_never_predicts_mask_or_padding():
 
 
 def _fit(model, make_batch, steps, lr_scale=1.0):
+    """`steps` optimizer steps, the learning rates cooled down linearly over the last 30% (as a real schedule
+    does): at a constant rate the last weights are a random point of a noisy trajectory, and the final NELBO
+    then depends on float rounding (it ranged from 0.02 to 0.4 over seeds and summation orders)."""
     opts = build_optimizers(model, 0.02 * lr_scale, 0.3 * lr_scale, 0.02 * lr_scale)
+    base = [[group["lr"] for group in o.param_groups] for o in opts]
     losses = []
     for step in range(steps):
+        for o, lrs in zip(opts, base):
+            for group, lr in zip(o.param_groups, lrs):
+                group["lr"] = lr * min(1.0, (steps - step) / (0.3 * steps))
         tokens = make_batch(step)
         slots = torch.arange(len(tokens)).numpy() + step * len(tokens)
         t, u = train_noise(slots, step, len(tokens), 0, tokens.shape[1])
@@ -115,7 +122,7 @@ def test_tiny_model_overfits_a_tiny_batch():
     before = _nelbo(model, fixed)
     _fit(model, lambda s: fixed.repeat(8, 1), 250, lr_scale=3)  # 8 noise draws of it per step
     after = _nelbo(model, fixed)
-    assert before > 0.95 * math.log(N_VOCAB) and after < 0.2, (before, after)
+    assert before > 0.95 * math.log(N_VOCAB) and after < 0.05, (before, after)
 
 
 @pytest.mark.slow
@@ -143,6 +150,58 @@ def test_flex_attention_equals_sdpa():
     doc = document_ids(x, BOS)
     torch.testing.assert_close(attend(q, k, v, DocMask(doc, "flex")), attend(q, k, v, DocMask(doc, "sdpa")),
                                atol=1e-5, rtol=1e-4)
+
+
+def random_layouts(n: int):
+    """(B, T) tokens with BOS at random: long and short documents, none, rows that start inside one, sequence
+    lengths on and off the 128-position block grid."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(n):
+        B = int(torch.randint(1, 4, (1,), generator=g))
+        blocks, length = (int(x) for x in torch.randint(1, 600, (2,), generator=g))
+        T = 128 * (blocks % 4 + 1) if trial % 3 else length
+        rate = (0.0, 0.002, 0.01, 0.05, 0.5)[trial % 5]
+        tokens = torch.where(torch.rand(B, T, generator=g) < rate, BOS, 1)
+        if trial % 2:
+            tokens[:, 0] = BOS
+        yield tokens
+
+
+def test_document_block_mask_equals_create_block_mask():
+    """Built from the document ids with tensor ops: the same partial and full blocks, in the same order, as
+    create_block_mask evaluating the mask position by position."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from model.attention import document_block_mask
+
+    for tokens in random_layouts(40):
+        doc = document_ids(tokens, BOS)
+        B, T = doc.shape
+        ref = create_block_mask(lambda b, h, q, k: doc[b, q] == doc[b, k], B, None, T, T, device="cpu")
+        got = document_block_mask(doc)
+        assert got.seq_lengths == ref.seq_lengths and got.BLOCK_SIZE == ref.BLOCK_SIZE
+        for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+                     "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):
+            a, b = getattr(got, name), getattr(ref, name)
+            assert a.dtype == b.dtype and torch.equal(a, b), (tokens.shape, name)
+
+
+def test_document_block_mask_never_waits_for_the_host():
+    from model.attention import document_block_mask
+    from tests.syncs import syncing_ops
+
+    doc = document_ids(next(iter(random_layouts(4))), BOS)
+    assert not syncing_ops(lambda: document_block_mask(doc))
+
+
+@torch.no_grad()
+def test_flex_attention_with_the_block_mask_equals_sdpa_for_random_layouts():
+    g = torch.Generator().manual_seed(1)
+    for tokens in random_layouts(10):
+        doc = document_ids(tokens, BOS)
+        q, k, v = torch.randn(3, tokens.shape[0], 2, tokens.shape[1], 16, generator=g).unbind(0)
+        torch.testing.assert_close(attend(q, k, v, DocMask(doc, "flex")), attend(q, k, v, DocMask(doc, "sdpa")),
+                                   atol=1e-5, rtol=1e-4)
 
 
 def test_documents_never_see_each_other():
