@@ -87,6 +87,44 @@ def test_two_n_steps_equal_n_plus_resume_plus_n(synthetic_data, tmp_path, monkey
     assert strip(read_metrics(straight)) == strip(read_metrics(folder))  # one curve, no duplicated steps
 
 
+def test_packed_runs_resume_exactly_and_may_change_the_packing(synthetic_data, tmp_path, monkeypatch):
+    """--forward_batch_size (micro-batches packed into one forward pass) is recorded like any flag; a packed
+    run resumes bit for bit; and it is not a setting a resumed run must keep: the result stays that of the
+    same sequences and noise, up to float sums."""
+    import shutil
+
+    data_dir = synthetic_data.folder.parent
+    kw = dict(train_steps=6, save_every=3, log_every=2, batch_size=4, grad_acc_steps=2)
+    straight = main(tiny_train_config(tmp_path / "a", data_dir, forward_batch_size=8, **kw))
+    assert json.loads((straight / "config.json").read_text())["train"]["forward_batch_size"] == 8
+    assert "2 micro-batches per forward pass" in (straight / "log.txt").read_text()
+
+    real_save, saved = DiffusionLM.save, []
+
+    def save_then_die(self, path, extra=None):
+        real_save(self, path, extra)
+        saved.append(path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(DiffusionLM, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        main(tiny_train_config(tmp_path / "b", data_dir, forward_batch_size=8, **kw))
+    monkeypatch.setattr(DiffusionLM, "save", real_save)
+    folder = saved[0].parent
+    other = shutil.copytree(folder, tmp_path / "c" / folder.name)
+    main(tiny_train_config(tmp_path / "b", data_dir, forward_batch_size=8, resume=str(folder), **kw))
+    main(tiny_train_config(tmp_path / "c", data_dir, forward_batch_size=4, resume=str(other), **kw))
+
+    a = torch.load(straight / "state_step000006.pt", weights_only=True)["model"]
+    b = torch.load(folder / "state_step000006.pt", weights_only=True)["model"]
+    c = torch.load(other / "state_step000006.pt", weights_only=True)["model"]
+    for name, tensor in a.items():
+        assert torch.equal(tensor, b[name]), name
+    torch.testing.assert_close(c["head.weight"], a["head.weight"], atol=1e-3, rtol=0)  # see the DDP test below
+    losses = [[r["loss"] for r in read_metrics(run) if r["event"] == "train"] for run in (straight, other)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
 @pytest.mark.slow
 def test_two_process_ddp_equals_one_process(synthetic_data, tmp_path):
     common = ["--dataset", "synthetic", "--synthetic_mb", "0.3", "--data_dir", str(synthetic_data.folder.parent),

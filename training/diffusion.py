@@ -1,5 +1,6 @@
 """The diffusion training loop behind train_diffusion.py: data, model, optimizers, DDP, validation,
-checkpoints, resume, metrics and the loss plot. `set_up` builds (or restores) everything, `loop` trains."""
+checkpoints, resume, metrics and the loss plot. `set_up` builds (or restores) everything, `train_step` is
+one optimizer step (what bench/train_throughput.py times), `loop` trains."""
 from __future__ import annotations
 
 import contextlib
@@ -9,6 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -29,17 +31,18 @@ from experiment import (
     truncate_metrics,
     use_compile,
 )
+from experiment.packing import micro_batches_per_forward
 from experiment.paths import LOSS_PLOT
 from experiment.plots import pyplot, save_figure
 from experiment.settings import refuse_other_settings
 from model.attention import FLEX_BLOCK
 from model.diffusion import DiffusionLM, ModelConfig
 from model.distributed import Dist
-from model.objective import VAL_SEED, diffusion_loss, train_noise, val_noise
+from model.objective import VAL_SEED, count_masked, diffusion_loss, train_noise, val_noise
 from model.optim import build_optimizers, lr_factor, set_lr
 from model.precision import autocast as autocast_for, describe
 from training.config import TrainConfig
-from training.loop import finite, open_wandb, run_training_steps
+from training.loop import Prefetch, finite, open_wandb, run_training_steps
 
 # Flags a resumed run must keep: they fix the model, the data or the order of batches.
 RESUME_FIXED = ("dataset", "tokenizer", "synthetic_mb", "num_layers", "num_heads", "model_dim", "mlp_ratio",
@@ -107,8 +110,9 @@ def evaluate(model: DiffusionLM, loader: ShardLoader, max_tokens: int, device: t
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     for batch in loader.sequential(max_tokens):
         t, u = val_noise(batch.index, n_total, VAL_SEED, loader.seq_len)
+        n_masked = count_masked(batch.tokens, t, u, model.cfg.bos_id, model.cfg.pad_id)  # on the host: no sync
         with autocast:
-            terms = diffusion_loss(model, batch.tokens.to(device), t.to(device), u.to(device))
+            terms = diffusion_loss(model, batch.tokens.to(device), t.to(device), u.to(device), n_masked)
         sums += torch.stack([x.double() for x in terms])
     sums = dist.all_sum(sums)
     nelbo = float(sums[0] / sums[2])
@@ -116,19 +120,27 @@ def evaluate(model: DiffusionLM, loader: ShardLoader, max_tokens: int, device: t
             "val_tokens": int(sums[2])}
 
 
-def accumulate_gradients(net, micro_batches, acc: int, device: torch.device, autocast, dist: Dist) -> torch.Tensor:
-    """Backward over `acc` micro-batches of (tokens, t, u); DDP synchronises on the last one only.
+# one forward pass's (tokens, t, u) on the host, and its number of masked positions (counted there, so the loss
+# has static shapes and never waits for the device)
+Forward = tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]
 
-    The gradient is that of Σ(CE/t) / (positions of the step, all processes together), so it does not
-    depend on how the step's sequences are split over processes and micro-batches. Returns the summed
-    (weighted CE, masked, maskable) over all processes, for reporting."""
+
+def accumulate_gradients(net, forwards: list[Forward], tokens_per_process: int, device: torch.device, autocast,
+                         dist: Dist) -> torch.Tensor:
+    """Backward over this process's forward passes of one step; DDP synchronises on the last one only.
+
+    The gradient is that of Σ(CE/t) / (positions of the step, all processes together): each process divides
+    by its own `tokens_per_process` and DDP averages over processes, so it does not depend on how the step's
+    sequences are split over processes, micro-batches and forward passes. Returns the summed (weighted CE,
+    masked, maskable) over all processes, on the device."""
     sums = torch.zeros(3, dtype=torch.float64, device=device)
-    for micro, (tokens, t, u) in enumerate(micro_batches):
-        sync = net.no_sync() if dist.world > 1 and micro < acc - 1 else contextlib.nullcontext()
+    for i, (tokens, t, u, n_masked) in enumerate(forwards):
+        sync = net.no_sync() if dist.world > 1 and i < len(forwards) - 1 else contextlib.nullcontext()
         with sync:
             with autocast:
-                terms = diffusion_loss(net, tokens.to(device, non_blocking=True), t.to(device), u.to(device))
-            (terms.weighted_ce / (tokens.numel() * acc)).backward()
+                terms = diffusion_loss(net, tokens.to(device, non_blocking=True), t.to(device, non_blocking=True),
+                                       u.to(device, non_blocking=True), n_masked)
+            (terms.weighted_ce / tokens_per_process).backward()
         sums += torch.stack([x.detach().double() for x in terms])
     return dist.all_sum(sums)
 
@@ -150,6 +162,8 @@ class Run:
     start: int
     acc: int  # micro-batches per process per step
     state: dict | None  # the checkpoint resumed from
+    group: int = 1  # consecutive micro-batches per forward pass (--forward_batch_size)
+    prefetch: Prefetch[list[Forward]] | None = None  # the next step's forward passes, made in the background
 
     @property
     def per_step(self) -> int:  # sequences per optimizer step, all processes together
@@ -158,6 +172,78 @@ class Run:
     @property
     def tokens_per_step(self) -> int:
         return self.per_step * self.cfg.train_seq_len
+
+    def forwards(self, index: int) -> list[Forward]:
+        """Step `index`'s forward passes (`step_forwards`), made one step ahead in a background thread."""
+        if self.prefetch is None:
+            self.prefetch = Prefetch(lambda i: step_forwards(self, i), self.cfg.train_steps)
+        return self.prefetch.get(index)
+
+    def close(self) -> None:
+        if self.prefetch is not None:
+            self.prefetch.close()
+            self.prefetch = None
+
+
+def step_forwards(r: Run, index: int) -> list[Forward]:
+    """This process's forward passes of optimizer step `index`: its micro-batches in order, `r.group`
+    consecutive ones concatenated into each pass, with their noise (seeded by global slot, so packing changes
+    neither the sequences nor their noise). In pinned memory on CUDA, so the copies to the GPU do not wait."""
+    cfg, forwards = r.cfg, []
+    for first in range(0, r.acc, r.group):
+        batches = [r.train_loader.batch(index * r.acc + micro) for micro in range(first, first + r.group)]
+        tokens = batches[0].tokens if r.group == 1 else torch.cat([b.tokens for b in batches])
+        slots = np.concatenate([b.index for b in batches])
+        t, u = train_noise(slots, index, r.per_step, cfg.seed, cfg.train_seq_len)
+        n_masked = count_masked(tokens, t, u, r.model.cfg.bos_id, r.model.cfg.pad_id)
+        if r.device.type == "cuda":
+            tokens, t, u = tokens.pin_memory(), t.pin_memory(), u.pin_memory()
+        forwards.append((tokens, t, u, n_masked))
+    return forwards
+
+
+def train_step(r: Run, index: int) -> torch.Tensor:
+    """Optimizer step `index` (from 0): its learning rates, the gradient over its forward passes (made ahead,
+    `Run.forwards`), Muon and Adam. Returns the step's (weighted CE, masked, maskable) sums over all
+    processes, on the device: the step itself reads nothing back from the device."""
+    cfg = r.cfg
+    set_lr(r.optimizers, lr_factor(index, cfg.train_steps, cfg.cooldown_frac))
+    sums = accumulate_gradients(r.net, r.forwards(index), r.acc * cfg.batch_size * cfg.train_seq_len, r.device,
+                                autocast_for(r.device), r.dist)
+    for opt in r.optimizers:
+        opt.step()
+    for opt in r.optimizers:
+        opt.zero_grad(set_to_none=True)
+    return sums
+
+
+class LossSums:
+    """The (weighted CE, masked, maskable) sums of the steps since the last log line, and the first step whose
+    loss was not finite with that loss, all kept on the device: adding a step reads nothing on the host."""
+
+    def __init__(self, device: torch.device, saved: torch.Tensor | None = None) -> None:
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+        if saved is not None:  # a checkpoint's, so a resumed curve equals the uninterrupted one
+            self.sums += saved.to(device)
+        self._first_bad = torch.zeros(2, dtype=torch.float64, device=device)  # (step, loss); step 0: none yet
+
+    def add(self, done: int, sums: torch.Tensor) -> None:
+        """Step number `done`'s sums."""
+        self.sums += sums
+        loss = sums[0] / sums[2]
+        bad = ~torch.isfinite(loss) & (self._first_bad[0] == 0)
+        self._first_bad = torch.where(bad, torch.stack([torch.full_like(loss, done), loss]), self._first_bad)
+
+    def first_bad(self) -> tuple[int, float] | None:
+        """(step, loss) of the first step whose loss was NaN or infinite, or None (reads the device)."""
+        step, loss = self._first_bad.tolist()
+        return (int(step), loss) if step else None
+
+    def take(self) -> float:
+        """The mean loss since the last call (reads the device), and a fresh start."""
+        mean = float(self.sums[0] / self.sums[2])
+        self.sums.zero_()
+        return mean
 
 
 def train(cfg: TrainConfig, given: set[str] | None = None) -> Path | None:
@@ -201,6 +287,7 @@ def set_up(cfg: TrainConfig, given: set[str] | None, dist: Dist, device: torch.d
         raise UserError(f"on CUDA the sequence lengths must be multiples of {FLEX_BLOCK} (FlexAttention blocks); "
                         f"got --train_seq_len {cfg.train_seq_len}, --val_seq_len {cfg.val_seq_len}")
     acc = cfg.grad_acc_steps // dist.world
+    group = micro_batches_per_forward(cfg.forward_batch_size, cfg.batch_size, acc, cfg.train_seq_len, device)
     tokens_per_step = cfg.grad_acc_steps * cfg.batch_size * cfg.train_seq_len
     data = _prepare_data(cfg, dist, tokens_per_step)
     tok = data.tokenizer
@@ -216,7 +303,7 @@ def set_up(cfg: TrainConfig, given: set[str] | None, dist: Dist, device: torch.d
 
     torch.manual_seed(cfg.seed)
     model = DiffusionLM(mcfg).to(device)
-    optimizers = build_optimizers(model, cfg.muon_lr, cfg.embed_lr, cfg.head_lr)
+    optimizers = build_optimizers(model, cfg.muon_lr, cfg.embed_lr, cfg.head_lr, fused=device.type == "cuda")
     start = 0
     if state is not None:
         if state.get("model_config") != asdict(mcfg):
@@ -249,7 +336,8 @@ def set_up(cfg: TrainConfig, given: set[str] | None, dist: Dist, device: torch.d
         f"{cfg.num_layers} layers, d={cfg.model_dim}, {cfg.num_heads} heads; device {device}, "
         f"{dist.world} process(es); Muon's Newton–Schulz in {facts['muon_ns_dtype']} ({describe(device)})")
     log(f"data: {data.folder} ({data.meta['train_tokens']:,} training tokens); {tokens_per_step:,} tokens per step "
-        f"= {cfg.grad_acc_steps} micro-batches × {cfg.batch_size} sequences × {cfg.train_seq_len} tokens")
+        f"= {cfg.grad_acc_steps} micro-batches × {cfg.batch_size} sequences × {cfg.train_seq_len} tokens"
+        + (f", {group} micro-batches per forward pass" if group > 1 else ""))
 
     if use_compile(cfg.compile, device):
         model.compile_blocks()
@@ -257,17 +345,16 @@ def set_up(cfg: TrainConfig, given: set[str] | None, dist: Dist, device: torch.d
     if dist.world > 1:
         net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     return Run(cfg, dist, device, folder, model, net, optimizers, train_loader, val_loader,
-               log, start, acc, state)
+               log, start, acc, state, group)
 
 
 def loop(r: Run) -> Path | None:
-    """Train from `r.start` to --train_steps; validate, log and save on the way."""
+    """Train from `r.start` to --train_steps; validate, log and save on the way. The loss is read on the host
+    at log steps only; a NaN or infinite loss stops the run there, or before a validation or a checkpoint."""
     cfg, dist, device, log = r.cfg, r.dist, r.device, r.log
     autocast = autocast_for(device)
     wandb = open_wandb(dist.main and cfg.wandb, r.folder, "train_diffusion", asdict(cfg), cfg.wandb_project)
-    interval = torch.zeros(3, dtype=torch.float64, device=device)  # loss terms since the last log line
-    if r.state is not None and "loss_since_log" in r.state:  # so a resumed curve equals the uninterrupted one
-        interval += r.state["loss_since_log"].to(device)
+    losses = LossSums(device, r.state.get("loss_since_log") if r.state is not None else None)
     factor = 1.0
 
     def diverged(what: str) -> None:
@@ -275,35 +362,26 @@ def loop(r: Run) -> Path | None:
         raise TrainingDiverged(f"{what}; stopped. Last good checkpoint: {kept[-1] if kept else 'none saved yet'}. "
                                "Try lower learning rates.")
 
+    def check_loss() -> None:
+        bad = losses.first_bad()
+        if bad is not None:
+            diverged(f"the loss became {bad[1]} at step {bad[0]}")
+
     def check_weights(done: int) -> None:  # before validating or saving: never a checkpoint of NaN weights
+        check_loss()
         if not finite(r.model):
             diverged(f"the weights became NaN or infinite at step {done}")
 
     def step(index: int) -> None:
         nonlocal factor
         factor = lr_factor(index, cfg.train_steps, cfg.cooldown_frac)
-        set_lr(r.optimizers, factor)
-
-        def micro_batches():
-            for micro in range(r.acc):
-                batch = r.train_loader.batch(index * r.acc + micro)
-                yield batch.tokens, *train_noise(batch.index, index, r.per_step, cfg.seed, cfg.train_seq_len)
-
-        sums = accumulate_gradients(r.net, micro_batches(), r.acc, device, autocast, dist)
-        loss = float(sums[0] / sums[2])
-        interval.add_(sums)
-        if not math.isfinite(loss):
-            diverged(f"the loss became {loss} at step {index + 1}")
-        for opt in r.optimizers:
-            opt.step()
-        for opt in r.optimizers:
-            opt.zero_grad(set_to_none=True)
+        losses.add(index + 1, train_step(r, index))
 
     def log_train(done: int, tokens_per_s: float) -> dict:
-        mean_loss = float(interval[0] / interval[2])  # over the steps since the last log line
+        check_loss()
+        mean_loss = losses.take()  # over the steps since the last log line
         record = {"event": "train", "step": done, "loss": mean_loss, "lr_factor": factor,
                   "tokens_per_s": tokens_per_s, "tokens": done * r.tokens_per_step}
-        interval.zero_()
         log.metrics(record)
         if wandb:
             wandb.log(record, step=done)
@@ -327,11 +405,13 @@ def loop(r: Run) -> Path | None:
             r.model.save(r.folder / checkpoint_name(done), {
                 "step": done, "optimizers": [o.state_dict() for o in r.optimizers], "config": asdict(cfg),
                 "data_position": {"micro_batch": done * r.acc, "sequences_consumed": done * r.per_step},
-                "rng": {"torch": torch.get_rng_state()}, "loss_since_log": interval.cpu()})
+                "rng": {"torch": torch.get_rng_state()}, "loss_since_log": losses.sums.cpu()})
 
-    run_training_steps(cfg, r.start, r.tokens_per_step, dist.main, step, log_train, validate, save)
+    try:
+        run_training_steps(cfg, r.start, r.tokens_per_step, dist.main, step, log_train, validate, save, device)
+    finally:
+        r.close()
     dist.barrier()  # no process tears the group down while another still writes or validates
     if dist.main:
         log(f"done: {cfg.train_steps} steps; files in {r.folder}")
     return r.folder
-
