@@ -1,61 +1,88 @@
-"""Transcoder training throughput: every layer's transcoder trained from one frozen base forward pass.
+"""Transcoder training throughput: the stage's own optimizer step, every layer's transcoder trained from one
+frozen base pass per --forward_batch_size.
 
-    python bench/transcoder_throughput.py      # CUDA: 12 layers, d=384, expansion 32, k 32, T=4096, B=8; CPU: tiny
+    python bench/transcoder_throughput.py      # CUDA: 12 layers, d=384, expansion 32, k 32, 8 × 4096 tokens; CPU: tiny
 
-Prints tokens/s (tokens of base-model input per second, all layers together) and peak memory. Random
-weights and tokens: the compute is the same as for a trained model.
+Builds a run folder with random weights (bench.common.fake_run) and the stage's Run through its own `set_up`,
+so the step is the stage's: its compile setting (losses and base blocks compiled on CUDA), its AuxK decision
+(off until a latent has been silent for --dead_tokens tokens), its packing and its optimizer. One step is
+--batch_size micro-batches of one sequence (as the reference command line: --grad_acc_steps 8). Prints the
+first step's time (compilation included) apart from the steady-state tokens/s (tokens of base-model input per
+second, all layers together) and the peak memory.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+import tempfile
+import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import CUDA as cuda, DEVICE as device, device_name, measure, random_model, shape_args  # noqa: E402
+from bench.common import CUDA as cuda, DEVICE as device, device_name, fake_run, shape_args  # noqa: E402
 from model.distributed import Dist  # noqa: E402
-from model.objective import train_noise  # noqa: E402
 from model.precision import autocast as autocast_for  # noqa: E402
-from model.transcoder import Transcoder, TranscoderConfig, Transcoders  # noqa: E402
-from training.transcoders import LayerPairs, train_step  # noqa: E402
+from training.config import TranscoderTrainConfig  # noqa: E402
+from training.transcoders import any_dead, optimizer_step, set_up  # noqa: E402
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     shape_args(p, transcoder=True)
-    p.add_argument("--steps", type=int, default=20 if cuda else 5)
-    p.add_argument("--warmup", type=int, default=3 if cuda else 1)
+    p.add_argument("--steps", type=int, default=20 if cuda else 5, help="timed steps, after the first")
+    p.add_argument("--warmup", type=int, default=2 if cuda else 1, help="untimed steps after the first")
+    p.add_argument("--dead_tokens", type=int, default=10_000_000, help="the stage's flag (1: AuxK from step 2 on)")
+    p.add_argument("--forward_batch_size", type=int, default=0, help="the stage's flag (0: its default)")
+    p.add_argument("--compile", choices=("default", "on", "off"), default="default", help="the stage's --compile")
+    p.add_argument("--folder", type=Path, default=None, help="where the fake run is built (default: a temporary one)")
     args = p.parse_args()
-    model = random_model(args)
-    mc, n = model.cfg, args.n_vocab
-    layers = list(range(args.num_layers))
-    tcfg = TranscoderConfig(args.model_dim, args.expansion_factor * args.model_dim, args.k)
-    transcoders = Transcoders({str(i): Transcoder(tcfg) for i in layers}).to(device)
-    optimizer = torch.optim.Adam(transcoders.parameters(), lr=1e-4)
-    dead = {i: torch.zeros(tcfg.num_latents, dtype=torch.long, device=device) for i in layers}
-    cfg = SimpleNamespace(dead_tokens=10_000_000, auxk_alpha=1 / 32)
-    autocast = autocast_for(device)
-    B, T = args.batch_size, args.seq_len
+    with contextlib.ExitStack() as stack:
+        folder = args.folder or Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        t0 = time.perf_counter()
+        run = fake_run(folder, args)
+        print(f"fake run: {time.perf_counter() - t0:.0f} s", flush=True)
+        cfg = TranscoderTrainConfig(
+            train_folder=str(run), device=str(device), train_seq_len=args.seq_len, batch_size=1,
+            grad_acc_steps=args.batch_size, forward_batch_size=args.forward_batch_size,
+            expansion_factor=args.expansion_factor, k=args.k, dead_tokens=args.dead_tokens,
+            train_steps=1 + args.warmup + args.steps, val_loss_every=0, save_every=0, save_model=False,
+            val_tokens=args.seq_len, overwrite=True,
+            compile={"default": None, "on": True, "off": False}[args.compile])
+        r, _ = set_up(cfg, Dist(), device, stack)
+        assert r is not None
+        autocast = autocast_for(device)
+        print(f"device {device_name()}; {args.num_layers} layers, d={args.model_dim}, "
+              f"{args.expansion_factor * args.model_dim} latents, k={args.k}; {args.batch_size}×{args.seq_len} tokens "
+              f"per step, {r.group} micro-batch(es) per forward pass; compiled: {r.compiled}", flush=True)
 
-    def batches(step):
-        tokens = torch.randint(0, n - 1, (B, T))
-        tokens[:, 0] = mc.bos_id
-        yield tokens, *train_noise(step * B + torch.arange(B).numpy(), step, B, 0, T)
+        def step(index: int) -> list[float]:
+            fvu = optimizer_step(r, index, autocast).tolist()  # reading the FVU waits for the device
+            if cuda:
+                torch.cuda.synchronize()
+            return fvu
 
-    first = LayerPairs(model, layers, *(v.to(device) for v in next(batches(0))), autocast)
-    scales = {i: float(y.pow(2).mean()) ** 0.5 for i, (x, y) in first.pairs.items()}  # as training does
-    print(f"device {device_name()}; {args.num_layers} layers, d={args.model_dim}, "
-          f"{tcfg.num_latents} latents, k={args.k}; {B}×{T} tokens per step", flush=True)
-    fvus = []
-    dt, peak = measure(lambda i: fvus.append(train_step(model, transcoders, layers, batches(i), 1, scales, dead, cfg,
-                                                        optimizer, Dist(), autocast, device)), args.warmup, args.steps)
-    fvu = fvus[-1]
-    print(f"tokens/s: {args.steps * B * T / dt:,.0f}   step: {dt / args.steps * 1e3:.0f} ms   "
-          f"peak memory: {peak:.2f} GiB   mean FVU {sum(fvu) / len(fvu):.3f}")
+        t0 = time.perf_counter()
+        step(0)
+        first = time.perf_counter() - t0
+        for i in range(args.warmup):
+            step(1 + i)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        auxk = []
+        for i in range(args.steps):
+            auxk.append(any_dead(r.dead, cfg.dead_tokens))  # the step's own decision
+            fvu = step(1 + args.warmup + i)
+        dt = time.perf_counter() - t0
+        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+        print(f"first step (compilation included): {first:.1f} s")
+        print(f"tokens/s: {args.steps * args.batch_size * args.seq_len / dt:,.0f}   "
+              f"step: {dt / args.steps * 1e3:.0f} ms   peak memory: {peak:.2f} GiB   "
+              f"mean FVU {sum(fvu) / len(fvu):.3f}   AuxK in {sum(auxk)} of the {args.steps} timed steps")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@
 
 The names most stages need are re-exported here.
 """
-from experiment.devices import resolve_device, setup_distributed, use_compile
+from experiment.devices import resolve_device, setup_distributed, to_device, use_compile
 from experiment.flags import (
                               BatchFlags,
                               LayersFlag,
@@ -42,4 +42,4 @@ __all__ = ["BatchFlags", "CONFIG_FILE", "LayersFlag", "LoopFlags", "METADATA_FIL
            "finished_transcoder_layers", "hookpoint", "layer_name", "list_checkpoints", "load_run", "load_transcoders",
            "metadata", "new_run_folder", "open_base_run", "open_data", "parse_layers", "read_metrics",
            "resolve_checkpoint", "resolve_device", "resolve_run_folder", "setup_distributed", "transcoder_dir",
-           "transcoder_layers", "truncate_metrics", "use_compile"]
+           "to_device", "transcoder_layers", "truncate_metrics", "use_compile"]

@@ -24,6 +24,14 @@ def resolve_device(cuda: int | None = None, device: str | None = None) -> torch.
     return torch.device("cpu") if index is None else torch.device("cuda", index)
 
 
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A host tensor's copy on `device`. To a GPU it goes from pinned memory without blocking: a plain copy
+    would make the host wait until the GPU has finished all the work queued so far."""
+    if torch.device(device).type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def use_compile(flag: bool | None, device: torch.device) -> bool:
     """--compile: as given, or by default on CUDA only (on the CPU the compile time outweighs the gain)."""
     return flag if flag is not None else device.type == "cuda"

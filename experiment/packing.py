@@ -24,8 +24,9 @@ def micro_batches_per_forward(forward_batch_size: int, batch_size: int, micro_ba
     if forward_batch_size:
         group, rest = divmod(forward_batch_size, batch_size)
         if rest or micro_batches % group:
-            raise UserError(f"--forward_batch_size {forward_batch_size} must be a multiple of --batch_size {batch_size} "
-                            f"that divides this process's {micro_batches * batch_size} sequences per step")
+            raise UserError(f"--forward_batch_size {forward_batch_size} must be a multiple of --batch_size "
+                            f"{batch_size} that divides the {micro_batches * batch_size} sequences this process runs "
+                            "per step (in the scan: per --checkpoint_every batches)")
         return group
     if device.type != "cuda":
         return 1

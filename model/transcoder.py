@@ -7,6 +7,10 @@
 Parameters are named as in EleutherAI sparsify's `SparseCoder` (`encoder.weight`, `encoder.bias`,
 `W_dec`, `b_dec`, `W_skip`), and `save`/`load` use its on-disk layout (`cfg.json` + `sae.safetensors`),
 so `sparsify.SparseCoder.load_from_disk` reads these files and computes the same outputs (tested).
+
+Training's backward is sparse: the dense pre-activations are computed without autograd, and the gradient
+reaches the encoder only through the rows of the latents a token uses (its k TopK latents, and AuxK's), so no
+(N, M) tensor is built in the backward (`ActiveLatents`).
 """
 from __future__ import annotations
 
@@ -44,10 +48,53 @@ class TranscoderConfig:
                 "skip_connection": self.skip_connection, "transcode": True, "d_in": self.d_in}
 
 
+BACKWARD_CHUNK = 2**25  # elements of the (tokens × active latents, d_in) products one backward chunk builds
+
+
+def _rows_outer_sum(g: torch.Tensor, indices: torch.Tensor, x: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """(num_rows, D) fp32: row m holds Σ g[n, j] · x[n] over the (n, j) with indices[n, j] = m, added with
+    index_add_ a chunk of tokens at a time (a compiled graph fuses the products into the scatter)."""
+    out = torch.zeros(num_rows, x.shape[1], dtype=torch.float32, device=x.device)
+    n, k = g.shape
+    step = max(1, BACKWARD_CHUNK // max(1, k * x.shape[1]))
+    for s in range(0, n, step):
+        rows = g[s:s + step, :, None] * x[s:s + step, None, :].float()  # (chunk, k, D)
+        out.index_add_(0, indices[s:s + step].reshape(-1), rows.reshape(-1, x.shape[1]))
+    return out
+
+
+class ActiveLatents(torch.autograd.Function):
+    """values[n, j] = ReLU(x[n] · W_enc[indices[n, j]] + b_enc[indices[n, j]]), already computed by the caller
+    (from the dense pre-activations it chose `indices` from; 0 where it left a slot unused). The forward
+    returns them; the backward is that of the formula on the chosen rows only: ReLU passes the gradient where
+    the value is > 0, W_enc's gradient is Σ g[n, j] x[n] into row indices[n, j] (no (N, M) tensor), b_enc's is
+    Σ g[n, j], x's is Σ_j g[n, j] W_enc[indices[n, j]]. Equal to dense autograd through the TopK (tested)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, indices: torch.Tensor,
+                values: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight, indices, values)
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, indices, values = ctx.saved_tensors
+        g = torch.where(values > 0, grad.float(), 0.0)  # ReLU's gradient: 0 where the pre-activation is ≤ 0
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.embedding_bag(indices, weight, per_sample_weights=g.to(weight.dtype), mode="sum").to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = _rows_outer_sum(g, indices, x, weight.shape[0]).to(weight.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=g.device)
+            grad_b = grad_b.index_add_(0, indices.reshape(-1), g.reshape(-1)).to(weight.dtype)
+        return grad_x, grad_w, grad_b, None, None
+
+
 class Encoded(NamedTuple):
     acts: torch.Tensor  # (N, k) values of the active latents (≥ 0)
     indices: torch.Tensor  # (N, k) which latents
-    pre_acts: torch.Tensor  # (N, M) ReLU pre-activations (for AuxK)
+    pre_acts: torch.Tensor  # (N, M) ReLU pre-activations (for AuxK), without autograd
 
 
 class TranscoderLoss(NamedTuple):
@@ -81,9 +128,19 @@ class Transcoder(nn.Module):
         self.W_skip = nn.Parameter(torch.zeros(cfg.d_in, cfg.d_in)) if cfg.skip_connection else None
 
     def encode(self, x: torch.Tensor) -> Encoded:
-        pre = F.relu(self.encoder(x))  # (N, M)
+        """The k largest ReLU pre-activations of each row of x; their gradient is sparse (`ActiveLatents`)."""
+        with torch.no_grad():
+            pre = F.relu(self.encoder(x))  # (N, M)
         acts, indices = pre.topk(self.cfg.k, dim=-1, sorted=False)
-        return Encoded(acts, indices, pre)
+        return Encoded(self.with_gradient(x, indices, acts), indices, pre)
+
+    def with_gradient(self, x: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """`values` (the ReLU pre-activations of x at `indices`) with the encoder's sparse gradient attached,
+        where autograd records."""
+        w, b = self.encoder.weight, self.encoder.bias
+        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or b.requires_grad):
+            return ActiveLatents.apply(x, w, b, indices, values)
+        return values
 
     def decode(self, acts: torch.Tensor, indices: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         """Σ_j acts_j · W_dec[indices_j] + b_dec, a gather of k rows per token (no dense (N, M) product)."""
@@ -110,19 +167,22 @@ class Transcoder(nn.Module):
         y_hat = self.decode(enc.acts, enc.indices, x)
         err = y - y_hat
         total_variance = (y - y.mean(0)).pow(2).sum()
-        auxk = y.new_zeros(()) if dead is None else self.auxk_loss(enc.pre_acts, err, dead, total_variance)
+        auxk = y.new_zeros(()) if dead is None else self.auxk_loss(enc.pre_acts, err, dead, total_variance, x)
         return TranscoderLoss(y_hat, enc, err.pow(2).sum(), total_variance, auxk)
 
     def auxk_loss(self, pre_acts: torch.Tensor, err: torch.Tensor, dead: torch.Tensor,
-                  total_variance: torch.Tensor) -> torch.Tensor:
+                  total_variance: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         """The d_in/2 largest pre-activations among dead latents reconstruct the error; weaker while few
         latents are dead (× min(dead / (d_in/2), 1), so 0 with none). Where fewer than d_in/2 are dead,
         the rest of the top d_in/2 are live latents at -inf, weighted 0: the same sum as taking only the
-        dead ones, at a fixed shape."""
+        dead ones, at a fixed shape. With the encoder's input `x`, the gradient reaches the encoder through
+        the chosen latents' rows (as `encode`'s); without it, through `pre_acts`' own autograd, if any."""
         half = self.cfg.d_in // 2
         scale = (dead.sum() / half).clamp(max=1.0)
         aux_acts, aux_idx = pre_acts.masked_fill(~dead, float("-inf")).topk(half, dim=-1, sorted=False)
         aux_acts = torch.where(torch.isfinite(aux_acts), aux_acts.clamp_min(0), torch.zeros_like(aux_acts))
+        if x is not None:
+            aux_acts = self.with_gradient(x, aux_idx, aux_acts)
         err_hat = F.embedding_bag(aux_idx, self.W_dec, per_sample_weights=aux_acts.to(self.W_dec.dtype), mode="sum")
         return scale * (err_hat - err.detach()).pow(2).sum() / total_variance
 

@@ -86,8 +86,10 @@ def test_transcoder_training_compiled_equals_eager(tiny_run, tiny_transcoders, t
     eager = run("eager", False)
     record_graphs(monkeypatch, training.transcoders, dynamo)
     compiled = run("compiled", True)
-    assert_compiled_once(dynamo, most=2)  # one loss graph per layer's transcoder
-    assert len(dynamo) == 5
+    # the first step compiles the blocks and the loss without AuxK (no latent is dead yet); the second adds the
+    # loss with AuxK (every latent that did not fire is dead at --dead_tokens 1); then nothing recompiles
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert len(dynamo) == 5 and dynamo[0] <= 2 and dynamo[1] <= 3 and dynamo[1:] == [dynamo[1]] * 4, dynamo
     steps = [(a, b) for a, b in zip(eager, compiled, strict=True) if a["event"] == "train"]
     assert len(steps) == 5
     for a, b in steps:

@@ -39,9 +39,11 @@ from experiment import (
     parse_layers,
     read_metrics,
     setup_distributed,
+    to_device,
     truncate_metrics,
     use_compile,
 )
+from experiment.packing import micro_batches_per_forward
 from experiment.paths import TRANSCODER_PLOT, TRANSCODER_SUMMARY_FILE
 from experiment.plots import pyplot, save_figure
 from experiment.settings import refuse_other_settings
@@ -66,22 +68,30 @@ def noise_for(cfg: TranscoderTrainConfig, batch, step: int, per_step: int, seq_l
 
 
 class LayerPairs:
-    """MLP (input, output) pairs of one noised batch, every position except padding, as (N, D) float."""
+    """MLP (input, output) pairs of one noised batch as (N, D) float, every position in order. `padded`: drop
+    the padding positions (a boolean selection, whose size the host must read); training windows hold no
+    padding and pass False."""
 
-    def __init__(self, model: DiffusionLM, layers: list[int], tokens: torch.Tensor, t, u, autocast) -> None:
+    def __init__(self, model: DiffusionLM, layers: list[int], tokens: torch.Tensor, t, u, autocast,
+                 padded: bool = True) -> None:
         mc = model.cfg
         noised = apply_noise(tokens, t, u, mc.mask_id, mc.bos_id, mc.pad_id)
-        keep = noised.inputs != mc.pad_id
         with torch.no_grad(), capture_mlps(model, layers) as seen, autocast:
-            model(noised.inputs, select=torch.zeros_like(keep))  # the head is not needed: select nothing
-        self.pairs = {layer: (x[keep].float(), y[keep].float()) for layer, (x, y) in seen.items()}
-        self.n_tokens = int(keep.sum())
+            model(noised.inputs, select=noised.inputs.new_zeros(0))  # no head needed: select no position
+        if padded:
+            keep = noised.inputs != mc.pad_id
+            self.pairs = {layer: (x[keep].float(), y[keep].float()) for layer, (x, y) in seen.items()}
+            self.n_tokens = int(keep.sum())
+        else:
+            self.pairs = {layer: (x.reshape(-1, x.shape[-1]).float(), y.reshape(-1, y.shape[-1]).float())
+                          for layer, (x, y) in seen.items()}
+            self.n_tokens = tokens.numel()
 
 
 def update_dead(tokens_since_fired: torch.Tensor, fired: torch.Tensor, n_tokens) -> None:
-    """Count tokens since each latent last fired: +n_tokens for all, then 0 for those that fired."""
-    tokens_since_fired += n_tokens
-    tokens_since_fired[fired] = 0
+    """Count tokens since each latent last fired: +n_tokens for all, then 0 for those that fired (`fired` a
+    bool mask; no host sync)."""
+    tokens_since_fired.add_(n_tokens).masked_fill_(fired, 0)
 
 
 def _all_reduce_grads(transcoders: Transcoders, dist: Dist) -> None:
@@ -93,40 +103,66 @@ def _all_reduce_grads(transcoders: Transcoders, dist: Dist) -> None:
             p.grad.div_(dist.world)
 
 
+def any_dead(dead: dict[int, torch.Tensor], dead_tokens: int) -> bool:
+    """Whether any layer has a latent silent for more than `dead_tokens` tokens: one host read for all."""
+    return bool(torch.stack([(d > dead_tokens).any() for d in dead.values()]).any())
+
+
+def packed(micro_batches, group: int):
+    """The micro-batches of (tokens, t, u), `group` at a time (fewer at the end if they run out) concatenated
+    along the batch for one forward pass: (how many micro-batches, tokens, t, u)."""
+    batch: list = []
+    for micro in micro_batches:
+        batch.append(micro)
+        if len(batch) == group:
+            yield len(batch), *(torch.cat(parts) for parts in zip(*batch))
+            batch = []
+    if batch:
+        yield len(batch), *(torch.cat(parts) for parts in zip(*batch))
+
+
 def train_step(model, transcoders: Transcoders, layers: list[int], micro_batches, acc: int,
                scales: dict[int, float], dead: dict[int, torch.Tensor], cfg: TranscoderTrainConfig, optimizer,
-               dist: Dist, autocast, device, loss_fns: dict | None = None, compiled: bool = False) -> list[float]:
-    """One optimizer step of every layer's transcoder over `acc` micro-batches of (tokens, t, u); updates
-    the dead-latent counters; returns each layer's training FVU. `loss_fns` (layer → a transcoder's loss,
-    `compiled` when they are) default to the transcoders' own. Uncompiled, AuxK is skipped while no latent is
-    dead (its value is then 0); compiled, it always runs, so that the graph never changes."""
+               dist: Dist, autocast, device, loss_fns: dict | None = None, group: int = 1) -> torch.Tensor:
+    """One optimizer step of every layer's transcoder over `acc` micro-batches of (tokens, t, u), `group` of
+    them per base-model forward pass (each micro-batch's loss on its own rows, as unpacked); updates the
+    dead-latent counters; returns each layer's training FVU as a device tensor (float64, one per layer).
+    `loss_fns` (layer → a transcoder's loss, compiled or not) default to the transcoders' own. AuxK runs on
+    every layer while any layer has a dead latent (its value is 0 on a layer with none), else on none: one
+    host read per step decides, and each compiled loss has one graph with AuxK and one without. No other
+    host sync: no padding selection, fired latents counted by index_add_."""
     loss_fns = loss_fns or {layer: transcoders[str(layer)].loss for layer in layers}
-    fired = {layer: torch.zeros(len(dead[layer]), dtype=torch.bool, device=device) for layer in layers}
+    masks = {layer: dead[layer] > cfg.dead_tokens for layer in layers}
+    auxk = any_dead(dead, cfg.dead_tokens)
+    fired = {layer: torch.zeros(len(dead[layer]), dtype=torch.int32, device=device) for layer in layers}
     sums = torch.zeros(len(layers), 2, dtype=torch.float64, device=device)  # SSE, total variance
-    n_tokens = torch.zeros((), dtype=torch.long, device=device)
-    for tokens, t, u in micro_batches:
-        pairs = LayerPairs(model, layers, tokens.to(device), t.to(device), u.to(device), autocast)
+    n_tokens = 0
+    for parts, tokens, t, u in packed(micro_batches, group):
+        pairs = LayerPairs(model, layers, to_device(tokens, device), to_device(t, device), to_device(u, device),
+                           autocast, padded=False)
         n_tokens += pairs.n_tokens
-        for i, layer in enumerate(layers):
-            x, y = pairs.pairs[layer]
-            with autocast:
-                dead_now = dead[layer] > cfg.dead_tokens
-                out = loss_fns[layer](x, y / scales[layer], dead_now if compiled or bool(dead_now.any()) else None)
-            ((out.fvu + cfg.auxk_alpha * out.auxk) / acc).backward()
-            fired[layer][out.encoded.indices[out.encoded.acts > 0]] = True
-            sums[i] += torch.stack([out.sse.detach().double(), out.total_variance.detach().double()])
+        rows = pairs.n_tokens // parts  # micro-batches share one shape
+        for part in range(parts):
+            for i, layer in enumerate(layers):
+                x, y = (v[part * rows:(part + 1) * rows] for v in pairs.pairs[layer])
+                with autocast:
+                    out = loss_fns[layer](x, y / scales[layer], masks[layer] if auxk else None)
+                ((out.fvu + cfg.auxk_alpha * out.auxk) / acc).backward()
+                enc = out.encoded
+                fired[layer].index_add_(0, enc.indices.reshape(-1), (enc.acts > 0).reshape(-1).to(torch.int32))
+                sums[i] += torch.stack([out.sse.detach().double(), out.total_variance.detach().double()])
     _all_reduce_grads(transcoders, dist)
     dist.all_sum(sums)
-    dist.all_sum(n_tokens)
+    total = dist.all_sum(torch.full((), n_tokens, dtype=torch.long, device=device)) if dist.world > 1 else n_tokens
     for layer in layers:
-        update_dead(dead[layer], dist.all_sum(fired[layer].long()) > 0, n_tokens)
+        update_dead(dead[layer], dist.all_sum(fired[layer]) > 0, total)
     for tc in transcoders.values():
         tc.remove_parallel_gradient()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     for tc in transcoders.values():
         tc.normalize_decoder()
-    return (sums[:, 0] / sums[:, 1]).tolist()
+    return sums[:, 0] / sums[:, 1]
 
 
 @torch.no_grad()
@@ -197,7 +233,8 @@ def plot(out_dir: Path) -> None:
 def _settings(cfg: TranscoderTrainConfig, ckpt: Path, layers: list[int], num_latents: int, lr: float) -> dict:
     s = asdict(cfg)
     s.update(checkpoint=ckpt.name, layers=layers, num_latents=num_latents, lr=lr)
-    for name in ("train_folder", "checkpoint_name", "resume", "overwrite", "cuda", "device", "compile"):
+    for name in ("train_folder", "checkpoint_name", "resume", "overwrite", "cuda", "device", "compile",
+                 "forward_batch_size"):
         s.pop(name, None)
     return s
 
@@ -224,7 +261,8 @@ class Run:
     start: int
     acc: int  # micro-batches per process per step
     loss_fns: dict = dataclasses.field(default_factory=dict)  # layer → its transcoder's loss (compiled or not)
-    compiled: bool = False
+    compiled: bool = False  # the losses and the base model's blocks
+    group: int = 1  # micro-batches per base-model forward pass (--forward_batch_size)
     final_dir: Path | None = None  # with --overwrite, `out_dir` is its replacement being written (see core.locks)
     replacement: Replacement | None = None  # rank 0's, swapped in for `final_dir` at the end
 
@@ -330,6 +368,8 @@ def set_up(cfg: TranscoderTrainConfig, dist: Dist, device: torch.device,
     if cfg.grad_acc_steps % dist.world:
         raise UserError(f"--grad_acc_steps {cfg.grad_acc_steps} must be divisible by the {dist.world} processes")
     check_inputs(cfg, folder, run_cfg, out_dir, dist.world)
+    per_forward = micro_batches_per_forward(cfg.forward_batch_size, cfg.batch_size, cfg.grad_acc_steps // dist.world,
+                                            cfg.train_seq_len, device)
     # --overwrite trains beside the old transcoders and swaps the new ones in only once they are finished
     replace = cfg.overwrite and has_output(out_dir)
     dist.barrier()  # every process has looked before rank 0 creates anything
@@ -349,12 +389,13 @@ def set_up(cfg: TranscoderTrainConfig, dist: Dist, device: torch.device,
     torch.manual_seed(cfg.seed)
     tcfg = TranscoderConfig(mc.model_dim, num_latents, cfg.k, cfg.skip_connection)
     transcoders = Transcoders({str(layer): Transcoder(tcfg) for layer in layers}).to(device)
-    optimizer = torch.optim.Adam(transcoders.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    optimizer = torch.optim.Adam(transcoders.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8,
+                                 fused=device.type == "cuda")  # one kernel per step, and no host read of its step
     for group in optimizer.param_groups:
         group["initial_lr"] = lr
     dead = {layer: torch.zeros(num_latents, dtype=torch.long, device=device) for layer in layers}
     r = Run(cfg, dist, device, out_dir, model, layers, transcoders, {}, dead, optimizer, lr, settings, train_loader,
-            val_loader, RunLog(None, enabled=dist.main), 0, cfg.grad_acc_steps // dist.world)
+            val_loader, RunLog(None, enabled=dist.main), 0, cfg.grad_acc_steps // dist.world, group=per_forward)
     if state is not None:
         transcoders.load_state_dict(state["model"], strict=True)
         optimizer.load_state_dict(state["optimizers"][0])
@@ -378,6 +419,8 @@ def set_up(cfg: TranscoderTrainConfig, dist: Dist, device: torch.device,
     r.compiled = use_compile(cfg.compile, device)
     r.loss_fns = {layer: torch.compile(transcoders[str(layer)].loss) if r.compiled else transcoders[str(layer)].loss
                   for layer in layers}
+    if r.compiled:
+        model.compile_blocks()
     r.log.folder = r.out_dir if dist.main else None
     if dist.main:
         remove_stale_temporaries(r.out_dir)  # what a killed run was writing (checkpoints, transcoder files)
@@ -388,36 +431,51 @@ def set_up(cfg: TranscoderTrainConfig, dist: Dist, device: torch.device,
     return r, out_dir
 
 
+def optimizer_step(r: Run, index: int, autocast) -> torch.Tensor:
+    """Optimizer step number `index` (from 0) of the run: its learning rate, its micro-batches and their noise,
+    `train_step`; each layer's training FVU as a device tensor (read by the caller when it needs them)."""
+    cfg = r.cfg
+    r.optimizer.param_groups[0]["lr"] = r.lr * lr_factor(index, cfg.train_steps, 0.2)
+
+    def micro_batches():
+        for micro in range(r.acc):
+            batch = r.train_loader.batch(index * r.acc + micro)
+            yield batch.tokens, *noise_for(cfg, batch, index, r.per_step, cfg.train_seq_len)
+
+    return train_step(r.model, r.transcoders, r.layers, micro_batches(), r.acc, r.scales, r.dead, cfg, r.optimizer,
+                      r.dist, autocast, r.device, r.loss_fns, r.group)
+
+
 def loop(r: Run) -> Path:
-    """Train every layer's transcoder from `r.start` to --train_steps; validate, log and save on the way."""
+    """Train every layer's transcoder from `r.start` to --train_steps; validate, log and save on the way. The
+    steps' FVUs stay on the device until a log step reads them; a non-finite one stops the run there (and
+    non-finite weights stop it before any validation or checkpoint)."""
     cfg, dist, device = r.cfg, r.dist, r.device
     autocast = autocast_for(device)
-    fvu: list[float] = []
+    fvu = torch.zeros(len(r.layers), dtype=torch.float64, device=device)  # the last step's
+    first_bad = torch.zeros((), dtype=torch.long, device=device)  # the first step with a non-finite FVU, or 0
     wandb = open_wandb(dist.main and cfg.wandb, r.out_dir, "train_transcoders", asdict(cfg), cfg.wandb_project)
 
     def step(index: int) -> None:
-        nonlocal fvu
-        r.optimizer.param_groups[0]["lr"] = r.lr * lr_factor(index, cfg.train_steps, 0.2)
-
-        def micro_batches():
-            for micro in range(r.acc):
-                batch = r.train_loader.batch(index * r.acc + micro)
-                yield batch.tokens, *noise_for(cfg, batch, index, r.per_step, cfg.train_seq_len)
-
-        fvu = train_step(r.model, r.transcoders, r.layers, micro_batches(), r.acc, r.scales, r.dead, cfg,
-                         r.optimizer, dist, autocast, device, r.loss_fns, r.compiled)
-        if not all(math.isfinite(v) for v in fvu):
-            raise UserError(f"transcoder training diverged at step {index + 1} (FVU {fvu}); lower --lr")
+        nonlocal fvu, first_bad
+        fvu = optimizer_step(r, index, autocast)
+        first_bad = torch.where((first_bad == 0) & ~torch.isfinite(fvu).all(), index + 1, first_bad)
 
     def log_train(done: int, tokens_per_s: float) -> dict:
-        record = {"event": "train", "step": done, "fvu": dict(zip(map(str, r.layers), fvu)),
+        values, bad = fvu.tolist(), int(first_bad)
+        if bad:
+            raise UserError(f"transcoder training diverged at step {bad} (FVU at step {done}: {values}); lower --lr")
+        record = {"event": "train", "step": done, "fvu": dict(zip(map(str, r.layers), values)),
                   "tokens_per_s": tokens_per_s}
         r.log.metrics(record)
         if wandb:
             wandb.log(record, step=done)
-        return {"fvu": f"{sum(fvu) / len(fvu):.3f}", "tok_s": f"{tokens_per_s:,.0f}"}
+        return {"fvu": f"{sum(values) / len(values):.3f}", "tok_s": f"{tokens_per_s:,.0f}"}
 
     def check_weights(done: int) -> None:  # before validating or saving: never a checkpoint of NaN weights
+        if int(first_bad):  # a step whose FVU was not finite, though the weights may still be
+            raise UserError(f"transcoder training diverged at step {int(first_bad)} (its FVU was not finite); "
+                            "stopped before validating or saving; lower --lr")
         if not finite(r.transcoders):
             kept = list_checkpoints(r.out_dir) if r.out_dir.is_dir() else []
             raise UserError(f"transcoder training diverged at step {done} (the weights became NaN or infinite); "
@@ -449,7 +507,8 @@ def loop(r: Run) -> Path:
         for layer, tc in r.scaled().items():
             tc.save(r.out_dir / hookpoint(layer))
 
-    run_training_steps(cfg, r.start, r.per_step * cfg.train_seq_len, dist.main, step, log_train, validate, save)
+    run_training_steps(cfg, r.start, r.per_step * cfg.train_seq_len, dist.main, step, log_train, validate, save,
+                       device)
     dist.barrier()  # no process tears the group down while another still writes or validates
     final = r.final_dir or r.out_dir
     r.log(f"done: transcoders in {final}")
