@@ -36,20 +36,21 @@ def test_streaming_topk_equals_brute_force():
         mine = values[groups == grp]
         best = mine.topk(min(K, len(mine)))
         n = len(best.values)
-        torch.testing.assert_close(buf.values[grp, :n], best.values)
-        assert buf.ids[grp, :n].tolist() == ids[groups == grp][best.indices].tolist()
-        torch.testing.assert_close(buf.payload[grp, :n], best.values * 2)
-        assert (buf.ids[grp, n:] == -1).all()
+        got_values, got_ids, got_payload = buf.ordered()
+        torch.testing.assert_close(got_values[grp, :n], best.values)
+        assert got_ids[grp, :n].tolist() == ids[groups == grp][best.indices].tolist()
+        torch.testing.assert_close(got_payload["payload"][grp, :n], best.values * 2)
+        assert (got_ids[grp, n:] == -1).all()
 
 
 def test_pair_counter_is_exact():
     g = torch.Generator().manual_seed(1)
-    counter, truth = PairCounter(), collections.Counter()
+    counter, truth = PairCounter(60), collections.Counter()
     for _ in range(5):
         keys = torch.randint(0, 60, (300,), generator=g)
         counter.add(keys)
         truth.update(keys.tolist())
-    assert dict(zip(counter.keys.tolist(), counter.counts.tolist())) == dict(truth)
+    assert dict(zip(*(x.tolist() for x in counter.items()))) == dict(truth)
     items, counts = counter.top_per_group(6, 10, 3)  # keys = group * 10 + item
     for grp in range(6):
         expected = sorted(((c, k % 10) for k, c in truth.items() if k // 10 == grp), key=lambda x: -x[0])[:3]
@@ -177,15 +178,15 @@ def test_interrupted_scan_resumes_to_identical_output(tiny_run, tiny_transcoders
 
     def save_then_die(path, state):
         real(path, state)
-        saves.append(state["phase"])
-        if state["phase"] == 2 and state["next_batch"] == 2:
-            raise KeyboardInterrupt  # killed in the middle of the second pass
+        saves.append(state["next_batch"])
+        if state["next_batch"] == 4:
+            raise KeyboardInterrupt  # killed after its second checkpoint
 
     monkeypatch.setattr(scan_mod, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         main(tiny_topk_config(runs[1], **kw))
     monkeypatch.setattr(scan_mod, "save_checkpoint", real)
-    assert saves == [1, 1, 2, 2]
+    assert saves == [2, 4]
     b = main(tiny_topk_config(runs[1], **kw))
     for layer in ("layer_00", "layer_01"):
         for name in ("features.jsonl", "contexts.jsonl"):

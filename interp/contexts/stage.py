@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -41,7 +42,8 @@ from model.precision import autocast as autocast_for
 # Flags that do not change what the scan produces (the checkpoint counts by its resolved file name, so
 # `latest` and the name it stands for are the same output).
 NOT_SETTINGS = ("train_folder", "checkpoint_name", "overwrite", "cuda", "device", "compile", "checkpoint_every",
-                "num_layers", "num_heads", "model_dim", "scan_batches", "train_steps", "grad_acc_steps")
+                "forward_batch_size", "num_layers", "num_heads", "model_dim", "scan_batches", "train_steps",
+                "grad_acc_steps")
 
 
 def scan_settings(cfg: TopKConfig, checkpoint: str, layers: list[int]) -> dict:
@@ -53,9 +55,11 @@ def scan_settings(cfg: TopKConfig, checkpoint: str, layers: list[int]) -> dict:
 
 def saved_settings(path: Path) -> dict:
     """An output's settings, in today's names (`renamed_settings`). Outputs made before --scan_batches recorded
-    train_steps × grad_acc_steps, and the checkpoint as it was typed besides its file name."""
+    train_steps × grad_acc_steps, and the checkpoint as it was typed besides its file name; some recorded
+    --forward_batch_size, which is not a setting of the output."""
     saved = renamed_settings(read_json(path))
     saved.pop("checkpoint_name", None)
+    saved.pop("forward_batch_size", None)  # recorded for a while; it changes only how batches are packed
     if "scan_batches" not in saved and "train_steps" in saved:
         saved["scan_batches"] = saved.pop("train_steps") * saved.pop("grad_acc_steps", 1)
     return saved
@@ -141,17 +145,21 @@ def _scan_into(cfg: TopKConfig, dist: Dist, device, folder: Path, run_cfg: dict,
     if use_compile(cfg.compile, device):
         model.compile_blocks()
     tok = load_tokenizer(run_cfg["tokenizer"], folder)
-    loader, s = scan_inputs(settings, run_cfg, cfg.checkpoint_every)
+    loader, s = scan_inputs(settings, run_cfg, cfg.checkpoint_every, cfg.forward_batch_size)
     n_batches = s.n_batches
     if dist.main:
         print(f"scanning {n_batches:,} batches × {cfg.batch_size} × {cfg.train_seq_len} = "
               f"{n_batches * cfg.batch_size * cfg.train_seq_len:,} tokens through layers {layers} "
-              f"({', '.join(str(transcoders[layer].cfg.num_latents) for layer in layers)} features), twice"
+              f"({', '.join(str(transcoders[layer].cfg.num_latents) for layer in layers)} features), in one pass"
               + (f", over {dist.world} processes" if dist.world > 1 else ""))
     autocast = autocast_for(device)
+    started = time.perf_counter()
     states, n_tokens = scan(model, transcoders, loader, s, device, out_dir / SCAN_STATE_FILE, autocast, dist)
     if not dist.main:  # the merged states are on every process; rank 0 writes them
         return out_dir
+    seconds = time.perf_counter() - started  # (the scan ends with results read on the host: the device is done)
+    print(f"scan: {seconds:.1f} s, {n_tokens / seconds:,.0f} tokens/s with the first batch's compilation "
+          "(of a resumed scan, only the batches scanned now took this time)")
 
     pieces = vocab_pieces(tok)
     window_of = np.concatenate([loader.window_ids(b) for b in range(n_batches)])  # scan sequence → data window
@@ -160,7 +168,7 @@ def _scan_into(cfg: TopKConfig, dist: Dist, device, folder: Path, run_cfg: dict,
         st = states[layer]
         ldir = out_dir / layer_name(layer)
         ldir.mkdir(exist_ok=True)
-        stats = [dict(row, **lens) for row, lens in zip(feature_stats(st, n_tokens, model.cfg.vocab_size, pieces),
+        stats = [dict(row, **lens) for row, lens in zip(feature_stats(st, n_tokens, pieces),
                                                         decoder_logits(model, transcoders[layer], pieces))]
         examples = list(feature_examples(st, s, pieces, cfg.train_seq_len, window_of))
         write_jsonl(ldir / FEATURES_FILE, stats)

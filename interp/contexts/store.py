@@ -16,7 +16,6 @@ from core.files import UserError, atomic_path, load_safetensors, read_json, save
 from experiment.paths import INDEX_FILE
 from interp.contexts.scan import CATEGORIES, HIST_BINS, T_BINS, LayerState, ScanSettings
 
-N_TOP_TOKENS = 10
 # What the examples mean. 2: each window's mask pattern, a split with no shared position, noise-matched
 # non-activating windows (1, unversioned: the centre's mask only, ranks alternating between the halves).
 PROTOCOL = 2
@@ -55,11 +54,13 @@ def assign_splits(record: dict, seq_len: int, window_of=None) -> None:
         record[c] = kept
 
 
-def feature_stats(st: LayerState, n_tokens: int, vocab: int, pieces: list[str]) -> list[dict]:
+def feature_stats(st: LayerState, n_tokens: int, pieces: list[str]) -> list[dict]:
+    """Per feature: firing statistics, its activation histogram (HIST_BINS bins over (0, bin_edges_max], the
+    power of two at or above its largest activation) and its most frequent tokens."""
     fired = st.fire_count.cpu()
     top_max = st.top.values[:, 0].clamp_min(0).cpu()
-    tok_ids, tok_counts = (x.cpu() for x in st.tokens.top_per_group(st.top.n_groups, vocab, N_TOP_TOKENS))
-    hist, act_sum, masked = st.hist.cpu(), st.act_sum.cpu(), st.masked_count.cpu()
+    tok_ids, tok_counts = (x.cpu() for x in st.top_tokens)
+    hist, hist_max, act_sum, masked = st.hist.cpu(), st.hist_max.cpu(), st.act_sum.cpu(), st.masked_count.cpu()
     out = []
     for f in range(st.top.n_groups):
         n = int(fired[f])
@@ -67,7 +68,7 @@ def feature_stats(st: LayerState, n_tokens: int, vocab: int, pieces: list[str]) 
             "feature": f, "dead": n == 0, "fire_count": n, "frequency": n / n_tokens,
             "mean_activation": float(act_sum[f] / n) if n else 0.0, "max_activation": float(top_max[f]),
             "masked_fraction": float(masked[f] / n) if n else None,
-            "histogram": {"bin_edges_max": float(top_max[f]), "bins": HIST_BINS, "counts": hist[f].tolist()},
+            "histogram": {"bin_edges_max": float(hist_max[f]), "bins": HIST_BINS, "counts": hist[f].tolist()},
             "top_tokens": [[pieces[int(i)] if 0 <= int(i) < len(pieces) else f"<{int(i)}>", int(c)]
                            for i, c in zip(tok_ids[f], tok_counts[f]) if i >= 0],
         })
@@ -113,7 +114,8 @@ def write_jsonl(path: Path, records) -> None:
 
 def write_arrays(path: Path, st: LayerState) -> None:
     tensors = {"top_values": st.top.values.clamp_min(0), "fire_count": st.fire_count, "act_sum": st.act_sum,
-               "masked_count": st.masked_count, "histogram": st.hist}
+               "masked_count": st.masked_count, "histogram": st.hist,
+               "histogram_max": st.hist_max}
     for c in CATEGORIES:
         tensors.update({f"{c}_position": st.chosen[c], f"{c}_window_tokens": st.win_tokens[c],
                         f"{c}_window_acts": st.win_acts[c], f"{c}_t": st.t[c], f"{c}_masked": st.masked[c],

@@ -116,13 +116,13 @@ def run_step_settings(model: DiffusionLM, transcoders: dict[int, Transcoder], fz
     """Re-run the step once per setting, `batch_size` settings at a time (one forward each)."""
     pos = torch.tensor(positions, device=fz.tokens.device)
     wanted = torch.tensor(targets, device=fz.tokens.device)[None, :, None]
-    no_vocab = torch.zeros_like(fz.tokens, dtype=torch.bool)  # the vocabulary projection only where it is read
+    no_vocab = torch.zeros(0, dtype=torch.long, device=fz.tokens.device)  # the head only where it is read (below)
     logps, values, tops = [], [], []
     for i in range(0, len(settings), batch_size):
         part = settings[i:i + batch_size]
         B = len(part)
         with patched(model, transcoders, fz, part, replacement):
-            hidden = model(fz.tokens.expand(B, -1), select=no_vocab.expand(B, -1)).hidden
+            hidden = model(fz.tokens.expand(B, -1), select=no_vocab).hidden
         z = model.raw_logits(hidden[:, pos])  # (B, n, n_vocab)
         logp = torch.log_softmax(exclude_bos(model.soft_cap(z), model.cfg.bos_id), -1)
         logps.append(logp.gather(-1, wanted.expand(B, -1, -1))[..., 0])
