@@ -7,9 +7,10 @@ Every stage runs its reference command line (../shared/DESIGN.md) with `--cuda 0
 process under a time limit, in one work folder (--work, default a temporary one; the logs go to $OUT/stages/ when
 OUT is set). Nothing is downloaded: the data is the synthetic corpus tokenized with a byte-level BPE of exactly
 gpt2's 50,257 ids (trained on random words, bench/fake_run.py), and the explainer is a randomly initialised T5 of
-Flan-T5-XXL's shape saved with save_pretrained and loaded back by stage 5 and 6 through the same path as the real
-one. The table gives each stage's wall time (compilation included), its steady throughput where it logs one (the
-last interval of its metrics.jsonl), its headline lines, and how it ended.
+Flan-T5-XXL's shape saved with save_pretrained and loaded back by stage 5 through the same path as the real one.
+A random explainer's descriptions come out empty, so stage 5 also runs the `tokens` baseline, whose
+descriptions stage 6 explains with. The table gives each stage's wall time (compilation included), its steady
+throughput where it logs one (the last interval of its metrics.jsonl), its headline lines, and how it ended.
 """
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ def stage_lines(work: Path, tokenizer: Path, explainer: Path, steps: int, scan_s
                 cuda: bool = CUDA, run_folder: str = "{run}",
                 checkpoint: str = "{ckpt}") -> list[tuple[str, list[str]]]:
     """(stage script, its flags): the reference lines with --cuda 0 (or the CPU), `steps` training steps,
-    `scan_steps` × 8 scanned batches, the offline data and explainer. {run} and {ckpt} are filled in once
+    `scan_steps` × 8 scanned batches, the offline data and explainer (stage 5 twice: the random explainer,
+    then the `tokens` baseline that stage 6 uses). {run} and {ckpt} are filled in once
     stage 1 has made them."""
     shape = TINY_SHAPE if tiny else REFERENCE_SHAPE
     seq = "256" if tiny else "4096"
@@ -66,7 +68,10 @@ def stage_lines(work: Path, tokenizer: Path, explainer: Path, steps: int, scan_s
                                   *shape, *device, *loop, "--val_tokens", str(8 * int(seq))]),
         ("get_topk_activations.py", topk),
         ("get_activation_descriptions.py", [*topk, "--explainer", str(explainer), *small_describe]),
-        ("generate_descriptions.py", [*base, *device, *shape, *sample, "--explainer", str(explainer)]),
+        # a random explainer writes nothing usable (its descriptions come out empty), so stage 6 explains with
+        # the `tokens` baseline's descriptions; its graphs, the GPU's work, are the same
+        ("get_activation_descriptions.py", [*topk, "--explainer", "tokens"]),
+        ("generate_descriptions.py", [*base, *device, *shape, *sample, "--explainer", "tokens"]),
     ]
 
 
@@ -75,6 +80,7 @@ def make_explainer(folder: Path, shape: str) -> Path:
     saved with save_pretrained: stages 5 and 6 load it as they would load google/flan-t5-xxl."""
     if (folder / "config.json").exists():
         return folder
+    import itertools
     import random
     import string
 
@@ -82,12 +88,14 @@ def make_explainer(folder: Path, shape: str) -> Path:
     from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
 
     rng = random.Random(0)
+    answers = ["yes no Yes No 0 1 2 3 4 5 6 7 8 9"] * 200  # the judge's answers must be tokens of their own
     words = (" ".join("".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(2, 7)))
                       for _ in range(100)) for _ in range(20_000))
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
-    tok.train_from_iterator(words, trainers.BpeTrainer(vocab_size=32_000 if shape != "tiny" else 512,
-                                                       special_tokens=["<pad>", "</s>", "<unk>"]))
+    trainer = trainers.BpeTrainer(vocab_size=32_000 if shape != "tiny" else 512,
+                                  special_tokens=["<pad>", "</s>", "<unk>"])
+    tok.train_from_iterator(itertools.chain(answers, words), trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
     config = T5Config(vocab_size=len(fast), **T5_SHAPES[shape], feed_forward_proj="gated-gelu",
                       tie_word_embeddings=False, decoder_start_token_id=fast.pad_token_id,
@@ -142,7 +150,8 @@ def main() -> None:
         for script, flags in stage_lines(work, tokenizer, explainer, steps, args.scan_steps, args.tiny):
             flags = [f.format(**fill) if "{" in f else f for f in flags]
             print(f"== {script} {' '.join(flags)}", flush=True)
-            row = run(Path(script).stem, args.limit, [script, *flags], logs)
+            name = Path(script).stem + ("_tokens" if flags[-2:] == ["--explainer", "tokens"] else "")
+            row = run(name, args.limit, [script, *flags], logs)
             if script == "train_diffusion.py":
                 runs = sorted((work / "experiments").glob("*"))
                 if not runs:

@@ -37,7 +37,7 @@ SUITE = [
     ("graph", 25, ["bench/graph_throughput.py", "--repeats", "2"]),
 ]
 # the lines a table row keeps: the numbers, not the set-up chatter
-HEADLINE = re.compile(r"^stage \w+:|tokens/s|descriptions/s|judgements/s|peak memory|MFU|ratio|graph:|whole step|"
+HEADLINE = re.compile(r"^stage \w+:|tokens/s|descriptions/s|judgements/s|peak memory|MFU|\bratios?\b|graph:|whole step|"
                       r"^device |vs CPU", re.I)
 
 
