@@ -71,7 +71,9 @@ def stage_lines(work: Path, tokenizer: Path, explainer: Path, steps: int, scan_s
         # a random explainer writes nothing usable (its descriptions come out empty), so stage 6 explains with
         # the `tokens` baseline's descriptions; its graphs, the GPU's work, are the same
         ("get_activation_descriptions.py", [*topk, "--explainer", "tokens"]),
-        ("generate_descriptions.py", [*base, *device, *shape, *sample, "--explainer", "tokens"]),
+        # one prompt and 8 denoising steps (the defaults: 4 prompts × 32 steps, a graph each)
+        ("generate_descriptions.py", [*base, *device, *shape, *sample, "--prompt", "The capital of France is",
+                                      "--num_generate_steps", "8", "--explainer", "tokens"]),
     ]
 
 

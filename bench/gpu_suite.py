@@ -37,8 +37,8 @@ SUITE = [
     ("graph", 25, ["bench/graph_throughput.py", "--repeats", "2"]),
 ]
 # the lines a table row keeps: the numbers, not the set-up chatter
-HEADLINE = re.compile(r"^stage \w+:|tokens/s|descriptions/s|judgements/s|peak memory|MFU|\bratios?\b|graph:|whole step|"
-                      r"^device |vs CPU", re.I)
+HEADLINE = re.compile(r"^stage \w+:|tokens/s|(descriptions|judgements)/s(?!\w)|peak memory|MFU|\bratios?\b|graph:|"
+                      r"whole step|^device |vs CPU", re.I)
 
 
 def run(name: str, limit: int, cmd: list[str], logs: Path | None) -> dict:

@@ -115,8 +115,10 @@ class ScanFlags(NoiseFlag):
     n_quantile: int = arg(20, "activating examples spread over the activation range (half held out for scoring)",
                      c.COUNT_OR_ZERO)
     n_random: int = arg(20, "non-activating contexts per feature (half held out for scoring)", c.COUNT_OR_ZERO)
-    checkpoint_every: int = arg(200, "save the scan's state every N batches (an interrupted scan resumes)",
-                           c.COUNT)
+    checkpoint_every: int = arg(200, "save the scan's state at most every N batches (an interrupted scan resumes)",
+                                c.COUNT)
+    checkpoint_minutes: float = arg(10.0, "and only once this many minutes have passed since the last save "
+                                          "(0: every N batches)", c.Range(0.0, 1e6))
 
 
 @dataclass

@@ -93,7 +93,7 @@ def test_two_process_scan_equals_one_process(tiny_run, tiny_topk, tmp_path):
 def test_killed_two_process_scan_resumes(tiny_run, tiny_transcoders, tmp_path):
     one = copy_run(tiny_run, tmp_path / "one")
     two = copy_run(tiny_run, tmp_path / "two")
-    flags = dict(scan_batches=120, checkpoint_every=1)
+    flags = dict(scan_batches=120, checkpoint_every=1, checkpoint_minutes=0)
     ref = run_cli(topk_args(one, **flags), timeout=600)
     assert ref.returncode == 0, ref.stderr[-3000:]
     out = two / "topk" / "state_step000400"
@@ -179,7 +179,7 @@ def test_two_process_scan_resumes_with_one_process_behind_the_other(tiny_run, ti
     """Killed when one process's checkpoint was well behind the other's (each keeps its own state file): the
     resumed job continues each from its own, and the output is still one process's."""
     one, two = copy_run(tiny_run, tmp_path / "one"), copy_run(tiny_run, tmp_path / "two")
-    flags = dict(scan_batches=200, checkpoint_every=1)
+    flags = dict(scan_batches=200, checkpoint_every=1, checkpoint_minutes=0)
     ref = run_cli(topk_args(one, **flags), timeout=600)
     assert ref.returncode == 0, ref.stderr[-3000:]
     out = two / "topk" / "state_step000400"

@@ -46,7 +46,7 @@ def tiny(tmp_path_factory):
 
 def settings(**kw):
     base = dict(n_batches=7, n_top=5, context_before=3, context_after=2, n_quantile=4, n_random=4, sample_size=12,
-                pool_size=40, checkpoint_every=3)
+                pool_size=40, checkpoint_every=3, checkpoint_minutes=0)
     return ScanSettings(**{**base, **kw})
 
 

@@ -172,7 +172,7 @@ def test_interrupted_scan_resumes_to_identical_output(tiny_run, tiny_transcoders
         dst = tmp_path / name
         shutil.copytree(tiny_run, dst, ignore=shutil.ignore_patterns("topk"))
         runs.append(dst)
-    kw = dict(checkpoint_every=2, scan_batches=5)
+    kw = dict(checkpoint_every=2, checkpoint_minutes=0, scan_batches=5)
     a = main(tiny_topk_config(runs[0], **kw))
     real, saves = scan_mod.save_checkpoint, []
 

@@ -20,7 +20,8 @@ for value (tested against brute force over every token's latents).
 
 The batches and their noise depend only on (seed, batch index): a resumed scan sees the same data, and
 packing g consecutive batches into one forward pass (`forward_batch_size`) changes nothing but speed. The
-state is saved every `checkpoint_every` batches.
+state is saved at a boundary of `checkpoint_every` batches once `checkpoint_minutes` have passed since the last
+save (the state carries every example's window: on a card it takes longer to write than many batches to scan).
 
 Under torchrun each process scans the batches b with b mod world = rank; at the end the processes' states
 are merged (`merge_states`) into exactly what one process would have: the buffers by (value, then position:
@@ -32,6 +33,7 @@ world size.
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -79,6 +81,7 @@ class ScanSettings:
     mask_ratio: str = "random"
     seed: int = 0
     checkpoint_every: int = 200
+    checkpoint_minutes: float = 10.0  # save at a --checkpoint_every boundary only this long after the last save
     forward_batch_size: int = 0  # sequences per forward pass (0: experiment.packing's default)
 
     @property
@@ -86,8 +89,8 @@ class ScanSettings:
         return self.context_before + 1 + self.context_after
 
 
-def scan_inputs(settings: dict, run_cfg: dict, checkpoint_every: int = 200,
-                forward_batch_size: int = 0) -> tuple[ShardLoader, ScanSettings]:
+def scan_inputs(settings: dict, run_cfg: dict, checkpoint_every: int = 200, forward_batch_size: int = 0,
+                checkpoint_minutes: float = 10.0) -> tuple[ShardLoader, ScanSettings]:
     """A scan's data loader and settings from its recorded settings (its config.json, or its index's copy, in
     today's names or older ones): what the scan reads, and what the delphi export reads again, batch for batch."""
     settings = renamed_settings(settings)
@@ -97,7 +100,7 @@ def scan_inputs(settings: dict, run_cfg: dict, checkpoint_every: int = 200,
                      context_before=settings["context_before"], context_after=settings["context_after"],
                      n_quantile=settings["n_quantile"], n_random=settings["n_random"],
                      mask_ratio=settings["mask_ratio"], seed=settings["seed"], checkpoint_every=checkpoint_every,
-                     forward_batch_size=forward_batch_size)
+                     forward_batch_size=forward_batch_size, checkpoint_minutes=checkpoint_minutes)
     return loader, s
 
 
@@ -429,18 +432,22 @@ class ScanJob:
         return saved["next_batch"]
 
     def run(self, begin: int) -> None:
-        """`collect` over this process's batches b ≥ `begin`, saving the state every --checkpoint_every."""
+        """`collect` over this process's batches b ≥ `begin`, saving the state at a --checkpoint_every boundary
+        once --checkpoint_minutes have passed since the last save (or the start)."""
         s, dist = self.s, self.dist
         mine = [b for b in range(s.n_batches) if b % dist.world == dist.rank]
         every = forward_groups(mine, 0, self.per_forward, s.checkpoint_every)
         groups = forward_groups(mine, begin, self.per_forward, s.checkpoint_every)
         done = sum(b < begin for b in mine)
+        last_save = time.monotonic()
         for group in progress(groups, desc="scan", unit="forward", show=dist.main, initial=len(every) - len(groups),
                               total=len(every)):
             self.collect(Batch(self.model, self.loader, group, s, self.layers, self.device, self.autocast))
             done += len(group)
-            if done % s.checkpoint_every == 0 and group[-1] != mine[-1]:
+            if done % s.checkpoint_every == 0 and group[-1] != mine[-1] \
+                    and time.monotonic() - last_save >= 60 * s.checkpoint_minutes:
                 self.save(group[-1] + 1)
+                last_save = time.monotonic()
 
     def merge(self) -> None:
         """Under torchrun, every process's state merged into one, on every process."""

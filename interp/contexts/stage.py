@@ -42,8 +42,8 @@ from model.precision import autocast as autocast_for
 # Flags that do not change what the scan produces (the checkpoint counts by its resolved file name, so
 # `latest` and the name it stands for are the same output).
 NOT_SETTINGS = ("train_folder", "checkpoint_name", "overwrite", "cuda", "device", "compile", "checkpoint_every",
-                "forward_batch_size", "num_layers", "num_heads", "model_dim", "scan_batches", "train_steps",
-                "grad_acc_steps")
+                "checkpoint_minutes", "forward_batch_size", "num_layers", "num_heads", "model_dim", "scan_batches",
+                "train_steps", "grad_acc_steps")
 
 
 def scan_settings(cfg: TopKConfig, checkpoint: str, layers: list[int]) -> dict:
@@ -145,7 +145,7 @@ def _scan_into(cfg: TopKConfig, dist: Dist, device, folder: Path, run_cfg: dict,
     if use_compile(cfg.compile, device):
         model.compile_blocks()
     tok = load_tokenizer(run_cfg["tokenizer"], folder)
-    loader, s = scan_inputs(settings, run_cfg, cfg.checkpoint_every, cfg.forward_batch_size)
+    loader, s = scan_inputs(settings, run_cfg, cfg.checkpoint_every, cfg.forward_batch_size, cfg.checkpoint_minutes)
     n_batches = s.n_batches
     if dist.main:
         print(f"scanning {n_batches:,} batches × {cfg.batch_size} × {cfg.train_seq_len} = "
