@@ -20,7 +20,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import CUDA as cuda, DEVICE as device, device_name, fake_run, shape_args  # noqa: E402
+from bench.common import (  # noqa: E402
+    CUDA as cuda,
+    DEVICE as device,
+    device_name,
+    fake_run,
+    load_compile_cache,
+    save_compile_cache,
+    shape_args,
+)
 from experiment import open_base_run, use_compile  # noqa: E402
 from interp.contexts.config import TopKConfig  # noqa: E402
 from interp.contexts.scan import ScanJob, scan, scan_inputs  # noqa: E402
@@ -47,6 +55,7 @@ def main() -> None:
     shape_args(p, transcoder=True)
     p.add_argument("--batches", type=int, default=60 if cuda else 40, help="scan batches (of --batch_size sequences)")
     args = p.parse_args()
+    cached = load_compile_cache("topk")  # torch's compile artifacts from an earlier run, if any
     with tempfile.TemporaryDirectory() as tmp:
         run = fake_run(Path(tmp), args)
         cfg = TopKConfig(train_folder=str(run), train_seq_len=args.seq_len, batch_size=args.batch_size,
@@ -77,7 +86,9 @@ def main() -> None:
     quarter = max(1, len(steady) // 4)
     early, late = sum(steady[:quarter]) / quarter, sum(steady[-quarter:]) / quarter
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
-    print(f"first forward pass (compilation, allocations): {times[0]:.2f} s; {len(times)} forward passes of "
+    save_compile_cache("topk")
+    print(f"first forward pass (compilation{' from the cache' if cached else ''}, allocations): "
+          f"{times[0]:.2f} s; {len(times)} forward passes of "
           f"{per_forward:g} batches")
     print(f"steady state: {tokens * len(steady) / sum(steady):,.0f} tokens/s; the whole scan "
           f"{args.batches * args.batch_size * args.seq_len / total:,.0f} tokens/s in {total:.1f} s")

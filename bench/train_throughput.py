@@ -26,7 +26,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import CUDA as cuda, DEVICE as device, device_name, fake_run, shape_args  # noqa: E402
+from bench.common import (  # noqa: E402
+    CUDA as cuda,
+    DEVICE as device,
+    device_name,
+    fake_run,
+    load_compile_cache,
+    save_compile_cache,
+    shape_args,
+)
 from experiment import CONFIG_FILE, use_compile  # noqa: E402
 from model.distributed import Dist  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
@@ -45,6 +53,7 @@ def main() -> None:
     p.add_argument("--compile", choices=("default", "on", "off"), default="default", help="the stage's --compile")
     p.add_argument("--folder", type=Path, default=None, help="where the fake run is built (default: a temporary one)")
     args = p.parse_args()
+    cached = load_compile_cache("train")  # torch's compile artifacts from an earlier run, if any
     if args.batch_size % args.micro_batch_size:
         p.error(f"--micro_batch_size {args.micro_batch_size} does not divide --batch_size {args.batch_size}")
 
@@ -90,7 +99,9 @@ def main() -> None:
         dt = time.perf_counter() - t0
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
         tps = args.steps * run.tokens_per_step / dt
-        print(f"first step (compilation included): {first:.1f} s, loss {first_loss:.3f}")
+        save_compile_cache("train")
+        print(f"first step (compilation{' from the cache' if cached else ''} included): {first:.1f} s, "
+              f"loss {first_loss:.3f}")
         print(f"tokens/s: {tps:,.0f}   step: {dt / args.steps * 1e3:.1f} ms   "
               f"MFU: {tps * flops_per_token / PEAK_FLOPS:.1%}   peak memory: {peak:.2f} GiB   "
               f"final loss {float(sums[0] / sums[2]):.3f}")

@@ -23,7 +23,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import CUDA as cuda, DEVICE as device, device_name, fake_run, shape_args  # noqa: E402
+from bench.common import (  # noqa: E402
+    CUDA as cuda,
+    DEVICE as device,
+    device_name,
+    fake_run,
+    load_compile_cache,
+    save_compile_cache,
+    shape_args,
+)
 from model.distributed import Dist  # noqa: E402
 from model.precision import autocast as autocast_for  # noqa: E402
 from training.config import TranscoderTrainConfig  # noqa: E402
@@ -40,6 +48,7 @@ def main() -> None:
     p.add_argument("--compile", choices=("default", "on", "off"), default="default", help="the stage's --compile")
     p.add_argument("--folder", type=Path, default=None, help="where the fake run is built (default: a temporary one)")
     args = p.parse_args()
+    cached = load_compile_cache("transcoders")  # torch's compile artifacts from an earlier run, if any
     with contextlib.ExitStack() as stack:
         folder = args.folder or Path(stack.enter_context(tempfile.TemporaryDirectory()))
         t0 = time.perf_counter()
@@ -79,7 +88,8 @@ def main() -> None:
             fvu = step(1 + args.warmup + i)
         dt = time.perf_counter() - t0
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
-        print(f"first step (compilation included): {first:.1f} s")
+        save_compile_cache("transcoders")
+        print(f"first step (compilation{' from the cache' if cached else ''} included): {first:.1f} s")
         print(f"tokens/s: {args.steps * args.batch_size * args.seq_len / dt:,.0f}   "
               f"step: {dt / args.steps * 1e3:.0f} ms   peak memory: {peak:.2f} GiB   "
               f"mean FVU {sum(fvu) / len(fvu):.3f}   AuxK in {sum(auxk)} of the {args.steps} timed steps")

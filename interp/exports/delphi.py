@@ -29,7 +29,8 @@ become delphi's per-example entries (`activating`, `probability`, `prediction` =
 `correct`, `str_tokens` as the judge saw them, `activations`; `distance` 0 for top examples, i for the
 i-th example spread over the activation range, -1 for non-activating ones). "fuzz" holds our fuzzing test
 (a correctly marked window is `activating`, a wrongly marked one is not). delphi's own analysis of them
-gives this project's balanced accuracy and AUROC (tested).
+gives this project's balanced accuracy and AUROC (tested). A score left undefined (no activating context in
+the score half) is not exported: delphi cannot analyse one class.
 """
 from __future__ import annotations
 
@@ -152,11 +153,14 @@ def score_entries(record: dict, contexts: dict) -> dict[str, list[dict]]:
     pos = [by_pos[p] for p in record["score_contexts"]["activating"]]
     neg = [by_pos[p] for p in record["score_contexts"]["non_activating"]]
     out = {}
-    det = record["scores"].get("detection", {}).get("probabilities")
+    # a score this project leaves undefined (no activating context in the score half) is not exported: delphi's
+    # analysis of one class (its compute_auc) fails, and there is no number of ours to compare with
+    scores = {name: s for name, s in record["scores"].items() if not (isinstance(s, dict) and "undefined" in s)}
+    det = scores.get("detection", {}).get("probabilities")
     if det:
         out["detection"] = ([_entry(e, c, i, True, p) for (c, i, e), p in zip(pos, det["activating"])]
                             + [_entry(e, c, i, False, p) for (c, i, e), p in zip(neg, det["non_activating"])])
-    fuzz = record["scores"].get("fuzzing", {}).get("probabilities")
+    fuzz = scores.get("fuzzing", {}).get("probabilities")
     if fuzz:
         out["fuzz"] = ([_entry(e, c, i, True, p) for (c, i, e), p in zip(pos, fuzz["right"])]
                        + [_entry(e, c, i, False, p) for (c, i, e), p in zip(pos, fuzz["wrong"])])
