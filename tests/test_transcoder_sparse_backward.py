@@ -25,9 +25,11 @@ def dense_loss(tc: Transcoder, x: torch.Tensor, y: torch.Tensor, dead: torch.Ten
 
 def awkward_transcoder(skip: bool) -> Transcoder:
     """Latents 0-7 are copies of latents 8-15 (tied pre-activations), and the biases are low enough that many
-    tokens have fewer than k positive pre-activations (latents whose ReLU is 0 enter the top k)."""
+    tokens have fewer than k positive pre-activations (latents whose ReLU is 0 enter the top k). Its backward is
+    the sparse one (by default only on CUDA)."""
     torch.manual_seed(0)
     tc = Transcoder(TranscoderConfig(D, M, K, skip))
+    tc.sparse_backward = True
     with torch.no_grad():
         tc.encoder.weight.normal_(0, 0.3)
         tc.encoder.bias.normal_(-1.0, 0.3)
@@ -140,3 +142,20 @@ def test_under_bf16_autocast_close_to_dense():
         assert got[name].dtype == torch.float32
         torch.testing.assert_close(got[name], want[name], rtol=0.05, atol=0.02 * float(want[name].abs().max()),
                                    msg=name)
+
+
+def test_the_cpu_default_is_dense_autograd_and_equal():
+    """On a CPU the encoder's gradient goes through the dense pre-activations (faster there); the same numbers."""
+    tc = awkward_transcoder(False)
+    x, y = torch.randn(64, D).requires_grad_(), torch.randn(64, D)
+    dead = torch.zeros(M, dtype=torch.bool)
+    dead[::3] = True
+    sparse = tc.loss(x, y, dead)
+    tc.sparse_backward = None
+    dense = tc.loss(x, y, dead)
+    assert sparse.encoded.acts.grad_fn is not None and dense.encoded.pre_acts.requires_grad
+    assert not sparse.encoded.pre_acts.requires_grad  # the sparse path keeps no graph through (N, M)
+    want = grads(tc, x, dense.fvu + dense.auxk)
+    got = grads(tc, x, sparse.fvu + sparse.auxk)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
