@@ -73,5 +73,7 @@ def test_feature_pages_show_descriptions_scores_and_logit_effects(tiny_descripti
     assert f"feature {rec['feature']}</h2>" in dom and "<h3>Descriptions</h3>" in dom  # rendered, not the script
     assert html.escape(rec["description"][:40], quote=False) in dom
     corr = rec["scores"]["token_match"]["correlation"]
-    assert f"token_match (visible words) correlation {corr:.3f} (chance 0)" in dom
+    shown = re.findall(r"token_match \(visible words\) correlation (-?[0-9.]+) \(chance 0\)", dom)
+    # the page rounds the stored value in JavaScript (toFixed(3)): equal to 3 decimals, up to the last digit's rounding
+    assert shown and abs(float(shown[0]) - corr) <= 0.0011, (shown, corr)
     assert "promotes (logit)" in dom and "suppresses (logit)" in dom
