@@ -164,6 +164,19 @@ def test_sparse_pair_counter_work_per_batch_does_not_grow_with_the_batches_befor
     assert counter.items()[1].sum() == 256 * n
 
 
+def test_dense_pair_counter_lists_its_table_in_chunks():
+    """The dense table is listed a chunk at a time (CUDA's nonzero takes under 2**31 elements): chunks that do not
+    divide the table give the same keys and counts as one pass."""
+    counter = PairCounter(1000)
+    keys = torch.randint(0, 1000, (3000,), generator=torch.Generator().manual_seed(5))
+    counter.add(keys)
+    whole = counter.items()
+    counter.chunk = 7
+    chunked = counter.items()
+    assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
+    assert whole[0].tolist() == sorted(set(keys.tolist())) and int(whole[1].sum()) == 3000
+
+
 def test_dense_pair_counter_adds_without_syncing():
     counter = PairCounter(1000)
     keys, valid = torch.randint(0, 1000, (5000,)), torch.rand(5000) < 0.5

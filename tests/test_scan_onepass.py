@@ -168,17 +168,21 @@ def test_a_scan_batch_issues_no_syncing_operation(tiny, tmp_path):
         assert not counts, counts
 
 
-def test_processes_states_merge_into_one_process_state(tiny, tmp_path):
-    """What torchrun's processes do, without torchrun: each scans the batches b ≡ rank (mod 2), packed, and
-    `merge_states` of their states gives one process's result (act_sum: up to summation order)."""
-    from interp.contexts.scan import merge_states
-
+def test_processes_states_merge_into_one_process_state(tiny, tmp_path, monkeypatch):
+    """What torchrun's processes do, without torchrun: each scans the batches b ≡ rank (mod 2), packed, saves its
+    state, and rank 0 folds the other's state file into its own: one process's result (act_sum: up to summation
+    order). The other process ends with its own state, unmerged."""
     model, tcs, loader = tiny
+    monkeypatch.setattr(Dist, "barrier", lambda self: None)  # the processes run one after the other here
     s = settings(forward_batch_size=2 * BATCH, checkpoint_every=2)
     whole, _ = scan(model, tcs, loader, settings(), "cpu", tmp_path / "a.pt")
     jobs = [ScanJob(model, tcs, loader, s, "cpu", tmp_path / "b.pt", FP32, Dist(rank=r, world=2)) for r in (0, 1)]
     for job in jobs:
         job.run(0)
     assert all(job.per_forward == 2 for job in jobs)
-    jobs[0].load(merge_states([job.full_state() for job in jobs]))
+    own = jobs[1].full_state()
+    for job in reversed(jobs):  # rank 1 saves its state; rank 0 saves its own and merges
+        job.merge()
+    assert sorted(p.name for p in tmp_path.glob("b.rank*")) == ["b.rank0of2.pt", "b.rank1of2.pt"]
+    assert torch.allclose(jobs[1].full_state()["seq_t"], own["seq_t"], equal_nan=True)
     _same(whole, jobs[0].results())

@@ -183,6 +183,7 @@ class PairCounter:
     def __init__(self, n_keys: int, device: torch.device | str = "cpu", dense_bytes: int = 2**30,
                  max_total: int = 2**62, min_pending: int = 2**16) -> None:
         self.n_keys, self.device, self.min_pending = n_keys, torch.device(device), min_pending
+        self.chunk = 2**30  # elements per nonzero call when listing the dense table
         dtype = torch.int32 if max_total < 2**31 else torch.long
         self.dense = n_keys * dtype.itemsize <= dense_bytes
         self.table = torch.zeros(n_keys if self.dense else 0, dtype=dtype, device=device)
@@ -225,8 +226,9 @@ class PairCounter:
 
     def items(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(distinct keys ascending, their counts), the keys counted at least once."""
-        if self.dense:
-            keys = torch.nonzero(self.table)[:, 0]
+        if self.dense:  # in chunks under 2**31 elements (the reference shape's table has 7.4 G)
+            keys = torch.cat([torch.nonzero(self.table[lo:lo + self.chunk])[:, 0] + lo
+                              for lo in range(0, max(self.n_keys, 1), self.chunk)])
             return keys, self.table[keys].long()
         self.consolidate()
         return self.keys, self.counts

@@ -28,7 +28,8 @@ are merged (`merge_states`) into exactly what one process would have: the buffer
 one process's arrival order), counts and histograms summed, the pool's firings or-ed, each pool window taken
 from the process that scanned its batch. Only the float64 activation sums can differ, in their last bits
 (another summation order). Each process keeps its own state file, so a killed job resumes with the same
-world size.
+world size; the merge goes through those files (rank 0 reads them one at a time), so the processes must share
+the run folder (one machine, or a shared file system).
 """
 from __future__ import annotations
 
@@ -361,13 +362,13 @@ def state_file(state_path: Path, dist: Dist) -> Path:
 
 def scan(model: DiffusionLM, transcoders: dict[int, Transcoder], loader: ShardLoader, s: ScanSettings, device,
          state_path: Path, autocast=None, dist: Dist | None = None) -> tuple[dict[int, LayerState], int]:
-    """Run (or resume) the scan; returns the per-layer results (merged over the processes, on every one of
-    them) and the number of tokens scanned."""
+    """Run (or resume) the scan; returns the per-layer results (under torchrun merged over the processes, on
+    rank 0; the other processes get none) and the number of tokens scanned."""
     job = ScanJob(model, transcoders, loader, s, device, state_path, autocast or contextlib.nullcontext(),
                   dist or Dist())
     job.run(job.restore())
     job.merge()
-    return job.results(), job.n_total
+    return (job.results() if job.dist.main else {}), job.n_total
 
 
 def forward_groups(mine: list[int], begin: int, per_forward: int, checkpoint_every: int) -> list[list[int]]:
@@ -450,10 +451,20 @@ class ScanJob:
                 last_save = time.monotonic()
 
     def merge(self) -> None:
-        """Under torchrun, every process's state merged into one, on every process."""
+        """Under torchrun, every process's state merged into one on rank 0, through the state files: each process
+        saves its finished state, and rank 0 folds the others' in one file at a time (a collective would hold
+        every process's state, windows included, on every process at once). The processes share the run folder."""
         if self.dist.world == 1:
             return
-        self.load(merge_states(all_gather_states(self.dist, self.full_state())))
+        self.save(self.s.n_batches)  # finished: a rerun that stops during the merge scans nothing again
+        self.dist.barrier()
+        if not self.dist.main:
+            return
+        state = self.full_state()
+        for rank in range(1, self.dist.world):
+            other = state_file(self.requested_path, Dist(rank=rank, world=self.dist.world))
+            state = merge_states([state, load_checkpoint(other, "cpu", require_model=False)])
+        self.load(state)
 
     def t_at(self, pos: torch.Tensor) -> torch.Tensor:
         """The noise level t of the sequence that holds each global position."""
@@ -591,15 +602,6 @@ def _first_finite(parts: list[torch.Tensor]) -> torch.Tensor:
     for p in parts[1:]:
         out = torch.where(torch.isfinite(p), p, out)
     return out
-
-
-def all_gather_states(dist: Dist, state):
-    """Every process's state (CPU tensors), on every process."""
-    import torch.distributed as torch_dist
-
-    gathered: list = [None] * dist.world
-    torch_dist.all_gather_object(gathered, state)
-    return gathered
 
 
 def merge_states(parts: list[dict]) -> dict:

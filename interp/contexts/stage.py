@@ -155,7 +155,7 @@ def _scan_into(cfg: TopKConfig, dist: Dist, device, folder: Path, run_cfg: dict,
     autocast = autocast_for(device)
     started = time.perf_counter()
     states, n_tokens = scan(model, transcoders, loader, s, device, out_dir / SCAN_STATE_FILE, autocast, dist)
-    if not dist.main:  # the merged states are on every process; rank 0 writes them
+    if not dist.main:  # rank 0 holds the merged states and writes them
         return out_dir
     seconds = time.perf_counter() - started  # (the scan ends with results read on the host: the device is done)
     print(f"scan: {seconds:.1f} s, {n_tokens / seconds:,.0f} tokens/s with the first batch's compilation "
