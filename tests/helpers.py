@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from get_topk_activations import TopKConfig
+from tests.forked_cli import forkable, run_forked
 from train_diffusion import TrainConfig
 from train_transcoders import TranscoderTrainConfig
 
@@ -16,7 +17,11 @@ ERROR_LINE = re.compile(r"^(?:[\w.\- ]+: )?error: ")  # "error: ..." or "<progra
 
 
 def run_cli(args: list[str], env: dict | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
-    """Run `python args...` from the repository root, as a user would."""
+    """Run `python args...` from the repository root, as a user would: in a process forked from a server that
+    imported torch already (tests/forked_cli.py), or a fresh interpreter where that could differ (`env` given,
+    torchrun)."""
+    if forkable(args, env):
+        return run_forked(args, ROOT, timeout)
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=full_env, capture_output=True, text=True,
                           timeout=timeout)

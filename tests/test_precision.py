@@ -90,7 +90,7 @@ def test_capped_onednn_means_no_native_bf16():
 @pytest.mark.slow
 def test_training_matches_in_both_precisions(synthetic_data, tmp_path, monkeypatch):
     """The same tiny run with Newton–Schulz in bf16 and in fp32: validation NELBO within 1% at every
-    check (over 150 steps: 2.913 against 2.918 nats/token), and both learn."""
+    check (over 60 steps: 4.756 against 4.788 at step 30, 3.991 against 4.001 nats/token at 60), and both learn."""
     import model.optim
     from experiment import read_metrics
     from tests.helpers import tiny_train_config
@@ -99,8 +99,8 @@ def test_training_matches_in_both_precisions(synthetic_data, tmp_path, monkeypat
     curves = {}
     for dtype in (torch.bfloat16, torch.float32):
         monkeypatch.setattr(model.optim, "matmul_dtype", lambda device, dtype=dtype: dtype)
-        run = main(tiny_train_config(tmp_path / str(dtype), synthetic_data.folder.parent, train_steps=100,
-                                     val_loss_every=50))
+        run = main(tiny_train_config(tmp_path / str(dtype), synthetic_data.folder.parent, train_steps=60,
+                                     val_loss_every=30))
         assert json.loads((run / "metadata.json").read_text())["muon_ns_dtype"] == str(dtype)
         curves[dtype] = [r["val_nelbo"] for r in read_metrics(run) if r["event"] == "val"]
     lo, hi = curves[torch.bfloat16], curves[torch.float32]

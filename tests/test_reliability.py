@@ -37,18 +37,18 @@ def test_sigkilled_diffusion_training_resumes_to_the_same_model(synthetic_data, 
     common = ["train_diffusion.py", "--dataset", "synthetic", "--synthetic_mb", "0.3", "--data_dir",
               str(synthetic_data.folder.parent), "--device", "cpu", "--num_layers", "2", "--num_heads", "2",
               "--model_dim", "64", "--train_seq_len", "128", "--val_seq_len", "128", "--val_tokens", "4096",
-              "--batch_size", "4", "--grad_acc_steps", "1", "--train_steps", "60", "--save_every", "4",
-              "--val_loss_every", "20", "--log_every", "2"]
+              "--batch_size", "4", "--grad_acc_steps", "1", "--train_steps", "24", "--save_every", "4",
+              "--val_loss_every", "12", "--log_every", "2"]
     assert run_cli([*common, "--experiments_dir", str(tmp_path / "a")], timeout=300).returncode == 0
     proc = start([*common, "--experiments_dir", str(tmp_path / "b")])
     kill_when(proc, lambda: any((tmp_path / "b").glob("*/state_step000008.pt")))
     (run_b,) = (tmp_path / "b").iterdir()
-    assert not (run_b / "state_step000060.pt").exists()
+    assert not (run_b / "state_step000024.pt").exists()
     resumed = run_cli([*common, "--resume", str(run_b)], timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     (run_a,) = (tmp_path / "a").iterdir()
-    a = torch.load(run_a / "state_step000060.pt", weights_only=True)["model"]
-    b = torch.load(run_b / "state_step000060.pt", weights_only=True)["model"]
+    a = torch.load(run_a / "state_step000024.pt", weights_only=True)["model"]
+    b = torch.load(run_b / "state_step000024.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     strip = lambda rs: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rs]  # noqa: E731
     assert strip(read_metrics(run_a)) == strip(read_metrics(run_b))
@@ -63,7 +63,7 @@ def _copy_base(tiny_run, dst):
 def test_sigkilled_transcoder_training_resumes_to_the_same_transcoders(tiny_run, tmp_path):
     runs = [_copy_base(tiny_run, tmp_path / n) for n in ("a", "b")]
     flags = ["--device", "cpu", "--train_seq_len", "128", "--batch_size", "8", "--grad_acc_steps", "1",
-             "--train_steps", "40", "--expansion_factor", "4", "--k", "8", "--val_loss_every", "10",
+             "--train_steps", "20", "--expansion_factor", "4", "--k", "8", "--val_loss_every", "10",
              "--val_tokens", "4096", "--save_every", "5", "--log_every", "1"]
     assert run_cli(["train_transcoders.py", "--train_folder", str(runs[0]), *flags], timeout=300).returncode == 0
     proc = start(["train_transcoders.py", "--train_folder", str(runs[1]), *flags])
@@ -72,8 +72,8 @@ def test_sigkilled_transcoder_training_resumes_to_the_same_transcoders(tiny_run,
     again = run_cli(["train_transcoders.py", "--train_folder", str(runs[1]), *flags], timeout=300)  # same command
     assert again.returncode == 0, again.stderr[-2000:]
     out_a = runs[0] / "transcoders" / "state_step000400"
-    a = torch.load(out_a / "state_step000040.pt", weights_only=True)
-    b = torch.load(out_b / "state_step000040.pt", weights_only=True)
+    a = torch.load(out_a / "state_step000020.pt", weights_only=True)
+    b = torch.load(out_b / "state_step000020.pt", weights_only=True)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     for layer in ("blocks.0.mlp", "blocks.1.mlp"):
         assert (out_a / layer / "sae.safetensors").read_bytes() == (out_b / layer / "sae.safetensors").read_bytes()
