@@ -1,7 +1,11 @@
-"""Bidirectional attention inside each document: FlexAttention block masks on CUDA, masked SDPA on the CPU.
+"""Bidirectional attention inside each document, or over the whole row: FlexAttention block masks on CUDA,
+masked SDPA on the CPU.
 
 Document ids come from BOS: every BOS starts a new document, and a position attends to exactly the
-positions of its own document (both directions). The two paths are tested equal.
+positions of its own document (both directions). Without document ids every position attends every position
+of its row (the public LLaDA and Dream models). An optional key mask (False: padding) removes keys from both
+kinds. The two paths are tested equal. Query heads may outnumber key/value heads (grouped-query attention:
+each key/value head serves that many consecutive query heads).
 
 The FlexAttention block mask is built from the document ids with a few tensor operations, without a
 compiled `create_block_mask` and without reading anything on the host: since the ids never decrease along
@@ -64,36 +68,66 @@ def document_block_mask(doc: torch.Tensor) -> BlockMask:
                                     mask_mod=same_doc, seq_lengths=(T, T))
 
 
-class DocMask:
-    """What one forward pass needs to restrict attention to documents, built once for all layers."""
+def key_block_mask(doc: torch.Tensor, keys: torch.Tensor) -> BlockMask:
+    """FlexAttention's BlockMask for attention inside documents (B, T) to the keys that are True in `keys` (B, T)."""
+    from torch.nn.attention.flex_attention import BlockMask
 
-    def __init__(self, doc: torch.Tensor, impl: AttnImpl) -> None:
+    def same_doc_and_key(b, h, q, k):
+        return (doc[b, q] == doc[b, k]) & keys[b, k]
+
+    B, T = doc.shape
+    nb = -(-T // FLEX_BLOCK)
+    padded = F.pad(keys, (0, nb * FLEX_BLOCK - T), value=False).view(B, nb, FLEX_BLOCK)
+    some, every = padded.any(-1)[:, None, None, :], padded.all(-1)[:, None, None, :]  # (B, 1, 1, nb) per key block
+    partial, full = document_blocks(doc)
+    full_keys = full & every
+    return BlockMask.from_kv_blocks(*_ordered((partial | full) & some & ~full_keys), *_ordered(full_keys),
+                                    BLOCK_SIZE=(FLEX_BLOCK, FLEX_BLOCK), mask_mod=same_doc_and_key,
+                                    seq_lengths=(T, T))
+
+
+class DocMask:
+    """What one forward pass needs to restrict attention, built once for all layers: `doc` (B, T) document ids
+    (None: the whole row is one document), `key_mask` (B, T) bool (None: every key; False keys are never
+    attended). A query with no key left gets NaN from SDPA and zeros from FlexAttention."""
+
+    def __init__(self, doc: torch.Tensor | None, impl: AttnImpl, key_mask: torch.Tensor | None = None) -> None:
         self.impl = impl
         self.dense: torch.Tensor | None = None
         self.block: BlockMask | None = None
         if impl == "sdpa":
-            self.dense = (doc[:, None, :, None] == doc[:, None, None, :])  # (B, 1, T, T)
-        else:
+            if doc is not None:
+                self.dense = (doc[:, None, :, None] == doc[:, None, None, :])  # (B, 1, T, T)
+            if key_mask is not None:
+                keys = key_mask[:, None, None, :]  # (B, 1, 1, T)
+                self.dense = keys if self.dense is None else self.dense & keys
+        elif key_mask is not None:
+            doc = torch.zeros_like(key_mask, dtype=torch.int32) if doc is None else doc
+            self.block = key_block_mask(doc, key_mask)
+        elif doc is not None:
             self.block = document_block_mask(doc)
 
 
 _compiled_flex = None
 
 
-def _flex(q, k, v, block_mask):
+def _flex(q, k, v, block_mask, gqa: bool):
     global _compiled_flex
     from torch.nn.attention.flex_attention import flex_attention
 
     if q.device.type != "cuda" or torch.compiler.is_compiling():
         # inside a compiled block dynamo fuses it; on the CPU it runs unfused (tests only)
-        return flex_attention(q, k, v, block_mask=block_mask)
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
     if _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
-    return _compiled_flex(q, k, v, block_mask=block_mask)
+    return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=gqa)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: DocMask) -> torch.Tensor:
-    """q, k, v: (B, H, T, Dh) → (B, H, T, Dh)."""
+    """q: (B, H, T, Dh), k and v: (B, H_kv, T, Dh) with H a multiple of H_kv → (B, H, T, Dh)."""
+    gqa = k.shape[1] != q.shape[1]
     if mask.impl == "sdpa":
+        if gqa:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, enable_gqa=True)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense)
-    return _flex(q, k, v, mask.block)
+    return _flex(q, k, v, mask.block, gqa)
