@@ -42,8 +42,10 @@ def _exit_code(code) -> int:
     return 1
 
 
-def _child(args: list[str], cwd: str, env: dict[str, str], out: str, err: str, root: str) -> None:
-    """In the forked child: the command line with fds 1 and 2 on the files `out` and `err`."""
+def _child(args: list[str], cwd: str, env: dict[str, str], out: str, err: str) -> None:
+    """In the forked child: the command line with fds 1 and 2 on the files `out` and `err`. The import path is
+    the fork server's, which is the caller's: the repository root first, where the scripts are, as an
+    interpreter started on one of them would have it."""
     for fd, path in ((1, out), (2, err)):
         os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
     os.chdir(cwd)
@@ -53,13 +55,10 @@ def _child(args: list[str], cwd: str, env: dict[str, str], out: str, err: str, r
     try:
         if args[0] == "-m":
             sys.argv = [args[1], *args[2:]]
-            sys.path.insert(0, cwd)
             runpy.run_module(args[1], run_name="__main__", alter_sys=True)
         else:
-            script = str(Path(cwd) / args[0])
             sys.argv = [args[0], *args[1:]]
-            sys.path.insert(0, str(Path(script).parent))
-            runpy.run_path(script, run_name="__main__")
+            runpy.run_path(str(Path(cwd) / args[0]), run_name="__main__")
     except SystemExit as e:
         code = _exit_code(e.code)
     except BaseException:  # as the interpreter does: the traceback on stderr, exit code 1
@@ -85,7 +84,7 @@ def run_forked(args: list[str], cwd: Path, timeout: float) -> subprocess.Complet
     """`python *args` in `cwd`, as a forked child of the fork server; the result as subprocess.run's."""
     with tempfile.TemporaryDirectory() as tmp:
         out, err = f"{tmp}/out", f"{tmp}/err"
-        child = _server().Process(target=_child, args=(args, str(cwd), dict(os.environ), out, err, str(cwd)))
+        child = _server().Process(target=_child, args=(args, str(cwd), dict(os.environ), out, err))
         child.start()
         child.join(timeout)
         if child.is_alive():
