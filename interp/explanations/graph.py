@@ -3,10 +3,11 @@
 Nodes, in this order (circuit-tracer's): active features (layer, position, feature), error terms
 (layer, position), input embeddings (position; a [MASK] input is a node of its own kind), and the
 targets: the tokens committed at this step. The adjacency A[target, source] holds direct effects.
-A target's value is the committed token's demeaned logit before the soft cap, in logit units
+A target's value is the committed token's demeaned logit before any soft cap, in logit units
 (interp/explanations/replacement.py, target_cotangents): the model's own number, which the direct effects into it plus
-the decoder biases add up to exactly; an active feature's direct inputs plus its biases add up to its
-activation. The token's real log-probability (nats) and its lift above the uniform choice are kept beside it.
+the bias terms (decoder biases, attention value biases) add up to exactly; an active feature's direct inputs plus its
+biases add up to its activation. The token's real log-probability (nats, over the tokens a step can commit) and its
+lift above the uniform choice are kept beside it.
 
 Influence, pruning and the two graph scores follow circuit-tracer's definitions (row-normalised |A|,
 influence = w·(Â + Â² + …), cumulative thresholds 0.8 for nodes and 0.98 for edges); total effects
@@ -19,9 +20,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from interp.explanations.replacement import FrozenStep, backward, freeze, target_cotangents
+from interp.explanations.replacement import (
+    FrozenStep,
+    backward,
+    encoder_cotangents,
+    freeze,
+    log_probs,
+    target_cotangents,
+)
 from model.diffusion import DiffusionLM
-from model.sampler import exclude_bos
 from model.transcoder import Transcoder
 
 NODE_THRESHOLD = 0.8  # circuit-tracer's defaults
@@ -40,10 +47,11 @@ class Graph:
     positions: list[int]  # the committed tokens' positions
     targets: list[int]  # the committed tokens
     target_values: torch.Tensor  # (n,) each target's value: its demeaned pre-cap logit (g · r, logit units)
-    logprobs: torch.Tensor  # (n,) each target's log-probability (nats), as the sampler saw it (BOS excluded)
-    bias_inputs: torch.Tensor  # (N, L) each node's direct input from each layer's decoder bias (0 for inputs)
+    logprobs: torch.Tensor  # (n,) each target's log-probability (nats) over the tokens a step can commit
+    bias_inputs: torch.Tensor  # (N, L) each node's direct input from each layer's bias terms: the decoder bias
+    # and the attention's value bias, written at every position (0 for inputs)
     encoder_bias: torch.Tensor  # (F,) each feature's encoder bias
-    n_choices: int = 0  # tokens a step can commit (the text vocabulary less BOS): uniform log p = −ln n_choices
+    n_choices: int = 0  # tokens a step can commit (n_vocab less never_predicted()): uniform log p = −ln n_choices
     weights: torch.Tensor = field(init=False)  # (n,) the targets' weights in influence: equal, summing to 1
 
     def __post_init__(self) -> None:
@@ -138,20 +146,21 @@ def build_graph(model: DiffusionLM, transcoders: dict[int, Transcoder], tokens: 
         for chunk in rows.split(batch_size):
             _, pos, feat = feat_nodes[chunk].T
             g = fz.embed.new_zeros(len(chunk), T, D)
-            g[torch.arange(len(chunk)), pos] = tc.encoder.weight[feat] * fz.mlp_inv[layer][pos]
+            g[torch.arange(len(chunk)), pos] = encoder_cotangents(tc, fz, layer, pos, feat)
             d = backward(model, transcoders, fz, g, layer)
             A[chunk, :N - n], B[chunk] = columns(d), torch.stack(d.biases, 1)
     grads, target_values = target_cotangents(model, fz, positions, targets)
     g = fz.embed.new_zeros(n, T, D)
-    g[torch.arange(n), torch.tensor(positions)] = grads
+    g[torch.arange(n), model.readout_rows(torch.tensor(positions, device=tokens.device))] = grads  # the rows read
     d = backward(model, transcoders, fz, g, L)
     A[N - n:, :N - n], B[N - n:] = columns(d), torch.stack(d.biases, 1)
     enc_bias = torch.cat([A.new_zeros(0)] + [transcoders[layer].encoder.bias[fz.idx[layer][a]]
                                              for layer, a in enumerate(active) if layer in transcoders])
-    logprobs = torch.log_softmax(exclude_bos(fz.logits[positions].clone(), model.cfg.bos_id), -1)
+    never = model.cfg.never_predicted()
+    logprobs = log_probs(fz.logits[positions], never)
     logprobs = logprobs.gather(-1, torch.tensor(targets, device=logprobs.device)[:, None])[:, 0]
     graph = Graph(A, feat_nodes, acts, L, tokens.tolist(), model.cfg.mask_id, list(positions), list(targets),
-                  target_values, logprobs, B, enc_bias, model.cfg.n_vocab - 1)
+                  target_values, logprobs, B, enc_bias, model.cfg.n_vocab - len(never))
     return graph, fz
 
 

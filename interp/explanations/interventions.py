@@ -24,9 +24,8 @@ import torch
 
 from core.files import UserError
 from interp.explanations.graph import Graph
-from interp.explanations.replacement import FrozenStep, demean
+from interp.explanations.replacement import FrozenStep, demean, log_probs
 from model.diffusion import DiffusionLM
-from model.sampler import exclude_bos
 from model.transcoder import Transcoder
 
 Setting = dict[tuple[int, int, int], float]  # (layer, position, feature) → new activation
@@ -104,7 +103,7 @@ def patched(model: DiffusionLM, transcoders: dict[int, Transcoder], fz: FrozenSt
 
 class StepRun(NamedTuple):
     """A step re-run under interventions, one row per setting."""
-    logp: torch.Tensor  # (S, n) nats: the targets' log-probabilities as the sampler saw them (BOS excluded)
+    logp: torch.Tensor  # (S, n) nats: the targets' log-probabilities over the tokens a step can commit
     value: torch.Tensor  # (S, n) logit units: the targets' demeaned pre-cap logits (the graph's target values)
     top: list  # (S, n) the model's top token at each position (what a temperature-0 step commits); (n,) for one
 
@@ -114,7 +113,8 @@ def run_step_settings(model: DiffusionLM, transcoders: dict[int, Transcoder], fz
                       targets: list[int], settings: list[Setting], replacement: bool = False, batch_size: int = 64
                       ) -> StepRun:
     """Re-run the step once per setting, `batch_size` settings at a time (one forward each)."""
-    pos = torch.tensor(positions, device=fz.tokens.device)
+    rows = model.readout_rows(torch.tensor(positions, device=fz.tokens.device))  # where each prediction is read
+    never = model.cfg.never_predicted()
     wanted = torch.tensor(targets, device=fz.tokens.device)[None, :, None]
     no_vocab = torch.zeros(0, dtype=torch.long, device=fz.tokens.device)  # the head only where it is read (below)
     logps, values, tops = [], [], []
@@ -123,10 +123,10 @@ def run_step_settings(model: DiffusionLM, transcoders: dict[int, Transcoder], fz
         B = len(part)
         with patched(model, transcoders, fz, part, replacement):
             hidden = model(fz.tokens.expand(B, -1), select=no_vocab).hidden
-        z = model.raw_logits(hidden[:, pos])  # (B, n, n_vocab)
-        logp = torch.log_softmax(exclude_bos(model.soft_cap(z), model.cfg.bos_id), -1)
+        z = model.raw_logits(hidden[:, rows])  # (B, n, n_vocab)
+        logp = log_probs(model.soft_cap(z), never)
         logps.append(logp.gather(-1, wanted.expand(B, -1, -1))[..., 0])
-        values.append(demean(z, model.cfg.bos_id).gather(-1, wanted.expand(B, -1, -1))[..., 0])
+        values.append(demean(z, never).gather(-1, wanted.expand(B, -1, -1))[..., 0])
         tops += logp.argmax(-1).tolist()
     return StepRun(torch.cat(logps), torch.cat(values), tops)
 
