@@ -1,9 +1,12 @@
 """Step-by-step diffusion sampling: start fully masked, commit a scheduled number of tokens per step.
 
-At each step the model predicts every masked position of the current block; a token is drawn for each
-(temperature, top-k, top-p; or argmax at temperature 0) and the positions to commit are chosen by the
-model's probability of the drawn token (LLaDA's low-confidence remasking: the least confident stay
-masked) or at random (MDLM's ancestral order). Committed and prompt tokens never change. Semi-
+`generate` runs the sampler `SamplerConfig.sampler` names; "auto" is the model's own: this project's rule
+below for this project's models, the released LLaDA or Dream rule (model/public_samplers.py) for those.
+
+This project's rule: at each step the model predicts every masked position of the current block; a token
+is drawn for each (temperature, top-k, top-p; or argmax at temperature 0) and the positions to commit are
+chosen by the model's probability of the drawn token (LLaDA's low-confidence remasking: the least confident
+stay masked) or at random (MDLM's ancestral order). Committed and prompt tokens never change. Semi-
 autoregressive blocks (LLaDA) fill `block_length` positions at a time, left to right.
 """
 from __future__ import annotations
@@ -13,11 +16,19 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from model.diffusion import DiffusionLM
+from core.files import UserError
+from model.diffusion import DiffusionLM, ModelConfig
+
+SAMPLERS = ("auto", "diffusionlm", "llada", "dream")
+DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 
 
 @dataclass
 class SamplerConfig:
+    """Every sampler's knobs. A knob the chosen sampler does not have must keep its default (`generate`
+    refuses it otherwise): cfg_scale is LLaDA's; alg, alg_temp and eps are Dream's; top_k and top_p are this
+    project's and Dream's; block_length and remasking are this project's and LLaDA's."""
+
     gen_length: int = 32
     steps: int = 32
     block_length: int | None = None  # None: one block
@@ -26,6 +37,11 @@ class SamplerConfig:
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1: off
     seed: int = 0
+    sampler: Literal["auto", "diffusionlm", "llada", "dream"] = "auto"  # auto: the model family's own
+    cfg_scale: float = 0.0  # LLaDA's classifier-free guidance (0: off)
+    alg: Literal["origin", "maskgit_plus", "topk_margin", "entropy"] = "origin"  # Dream's choice of positions
+    alg_temp: float = 0.0  # Dream: 0 commits the most confident positions, > 0 samples them at this temperature
+    eps: float = 1e-3  # Dream: the last of the timesteps linspace(1, eps, steps + 1)
 
     def __post_init__(self) -> None:
         if self.gen_length <= 0 or self.steps <= 0:
@@ -39,6 +55,32 @@ class SamplerConfig:
                              "blocks")
         if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
             raise ValueError("--temperature and --top_k must be ≥ 0 and --top_p in (0, 1]")
+        if self.sampler not in SAMPLERS or self.alg not in DREAM_ALGS:
+            raise ValueError(f"--sampler must be one of {SAMPLERS} and --alg one of {DREAM_ALGS}, got "
+                             f"{self.sampler!r}, {self.alg!r}")
+        if self.cfg_scale < 0 or self.alg_temp < 0 or not 0 < self.eps < 1:
+            raise ValueError("--cfg_scale and --alg_temp must be ≥ 0 and --eps in (0, 1)")
+
+    def rule(self, model: ModelConfig) -> str:
+        """The sampler that runs for `model`: `sampler`, or the model family's own for "auto". This project's
+        sampler needs this project's models; LLaDA's and Dream's need a public model (either of them)."""
+        rule = model.family if self.sampler == "auto" else self.sampler
+        if (rule == "diffusionlm") != (model.family == "diffusionlm"):
+            raise UserError(f"--sampler {rule} cannot sample a {model.family} model (this project's sampler is for "
+                            "this project's models, LLaDA's and Dream's for the public ones)")
+        foreign = [name for name, owners in KNOB_OWNERS.items()
+                   if rule not in owners and getattr(self, name) != getattr(DEFAULTS, name)]
+        if foreign:
+            raise UserError(f"--{foreign[0]} {getattr(self, foreign[0])} is not a knob of the {rule} sampler "
+                            f"(it belongs to {' and '.join(KNOB_OWNERS[foreign[0]])})")
+        return rule
+
+
+# the knobs that belong to some samplers only (the others must keep the default)
+KNOB_OWNERS = {"block_length": ("diffusionlm", "llada"), "remasking": ("diffusionlm", "llada"),
+               "top_k": ("diffusionlm", "dream"), "top_p": ("diffusionlm", "dream"), "cfg_scale": ("llada",),
+               "alg": ("dream",), "alg_temp": ("dream",), "eps": ("dream",)}
+DEFAULTS = SamplerConfig()
 
 
 def commit_schedule(length: int, steps: int) -> list[int]:
@@ -49,7 +91,8 @@ def commit_schedule(length: int, steps: int) -> list[int]:
 
 
 class Generation(NamedTuple):
-    tokens: torch.Tensor  # (B, P + L) final rows: [PAD]* [BOS] prompt continuation (prompts left-padded)
+    tokens: torch.Tensor  # (B, P + L) final rows, prompts left-padded: [PAD]* [BOS] prompt continuation (this
+    # project's), pad* prompt continuation (LLaDA's and Dream's samplers: the prompts as given, pad = EOS)
     prompt_width: int  # P: the continuation starts at this column in every row
     states: list[torch.Tensor]  # steps + 1 tensors (B, L): the continuation before step 1 and after each step
     committed_at: torch.Tensor  # (B, L) the step (1-based) at which each position was committed
@@ -61,6 +104,12 @@ def exclude_bos(logits: torch.Tensor, bos_id: int) -> torch.Tensor:
     new document)."""
     logits[..., bos_id] = float("-inf")
     return logits
+
+
+def as_sampled(logits: torch.Tensor, model: ModelConfig) -> torch.Tensor:
+    """The logits whose softmax `Generation.probs` holds, in place: this project's sampler excludes BOS,
+    LLaDA's and Dream's exclude nothing (LLaDA's guided logits under cfg_scale are not these)."""
+    return exclude_bos(logits, model.bos_id) if model.family == "diffusionlm" else logits
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -79,7 +128,13 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 
 @torch.no_grad()
 def generate(model: DiffusionLM, prompts: list[list[int]], cfg: SamplerConfig) -> Generation:
-    """Generate `cfg.gen_length` tokens after each prompt (a list of text ids, without BOS), batched."""
+    """Generate `cfg.gen_length` tokens after each prompt, batched, with the sampler `cfg.rule` picks. A prompt
+    is a list of text ids: without BOS for this project's sampler (it adds BOS), exactly the ids the model
+    reads for LLaDA's and Dream's (chat template and BOS included, as their tokenizers give them)."""
+    if cfg.rule(model.cfg) != "diffusionlm":
+        from model.public_samplers import generate_public  # it imports this module
+
+        return generate_public(model, prompts, cfg)
     mc, device = model.cfg, next(model.parameters()).device
     B, L = len(prompts), cfg.gen_length
     P = 1 + max(len(p) for p in prompts)
