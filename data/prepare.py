@@ -23,7 +23,15 @@ from core.cli import Flags, arg
 from core.files import UserError, read_json, remove_stale_temporaries, write_json_atomic
 from core.locks import hold_output
 from data import sources
-from data.tokenizer import BPETokenizer, TiktokenTokenizer, Tokenizer, load_tokenizer, parse_tokenizer_name, train_bpe
+from data.tokenizer import (
+    BPETokenizer,
+    ModelTokenizer,
+    TiktokenTokenizer,
+    Tokenizer,
+    load_tokenizer,
+    parse_tokenizer_name,
+    train_bpe,
+)
 from data.writer import ShardPlan, write_shards
 
 META_FILE = "meta.json"
@@ -60,8 +68,9 @@ class PrepareConfig(Flags):
 
     dataset: str = arg("fineweb-edu", "fineweb-edu, synthetic, or the path of a .txt/.jsonl/.parquet file or folder",
                        DATASET)
-    tokenizer: str = arg("", "gpt2, bpe:<vocab size> (trained on the corpus), or a tokenizer.json; "
-                             "empty: gpt2 for fineweb-edu, bpe:4096 otherwise", TOKENIZER)
+    tokenizer: str = arg("", "gpt2, bpe:<vocab size> (trained on the corpus), a tokenizer.json, or hf:<folder> "
+                             "(a released model's own tokenizer and ids); empty: gpt2 for fineweb-edu, bpe:4096 "
+                             "otherwise", TOKENIZER)
     data_dir: str = arg("data_cache", "where prepared datasets live, one folder each", c.ROOT_FOLDER)
     subset: str = arg("sample-10BT", "FineWeb-edu subset (sample-10BT, sample-100BT, sample-350BT, default, "
                                      "CC-MAIN-...)", c.NAME)
@@ -92,7 +101,11 @@ class PreparedData(NamedTuple):
 
 
 def _tok_tag(name: str) -> str:
+    """The tokenizer's part of a dataset folder's name (a released model's: a hash of its tokenizer and ids, so
+    two tokenizers never share a folder)."""
     kind, value = parse_tokenizer_name(name)
+    if kind == ModelTokenizer.KIND:
+        return ModelTokenizer.tag(str(value))
     return f"bpe{value}" if kind == "bpe" else Path(str(value)).stem if kind == "file" else str(value)
 
 
@@ -110,7 +123,9 @@ def _get_tokenizer(name: str, folder: Path, texts) -> Tokenizer:
     kind, value = parse_tokenizer_name(name)
     if kind == "tiktoken":
         return TiktokenTokenizer.from_name(str(value))
-    if kind == "file":
+    if kind == ModelTokenizer.KIND:
+        tok: Tokenizer = ModelTokenizer.from_model_folder(str(value))
+    elif kind == "file":
         tok = BPETokenizer.from_file(str(value))
     elif (folder / "tokenizer.json").exists():
         return BPETokenizer.from_file(folder / "tokenizer.json")
@@ -232,7 +247,10 @@ def _write(cfg: PrepareConfig, files, params: dict, folder: Path, work: Path) ->
         meta.update(concepts="concepts.json", facts="facts.jsonl", corpus="corpus.jsonl")
     write_json_atomic(meta_path, meta)
     print(f"prepared {folder}: {meta['train_tokens']:,} training and {meta['val_tokens']:,} validation tokens "
-          f"in {n_train} + 1 shard(s), vocabulary {tok.n_vocab:,} (+[MASK], [PAD]; embedding {tok.vocab_size:,})")
+          f"in {n_train} + 1 shard(s), " + (f"{tok.name}'s vocabulary ({tok.n_vocab:,} rows, the mask id inside)"
+                                             if isinstance(tok, ModelTokenizer) else
+                                             f"vocabulary {tok.n_vocab:,} (+[MASK], [PAD]; embedding "
+                                             f"{tok.vocab_size:,})"))
     return PreparedData(folder, tok, meta)
 
 

@@ -1,6 +1,7 @@
-"""Tokenizers behind one interface: GPT-2 through tiktoken, or a byte-level BPE trained with `tokenizers`.
+"""Tokenizers behind one interface: GPT-2 through tiktoken, a byte-level BPE trained with `tokenizers`, or a
+released model's own tokenizer (`ModelTokenizer`, below).
 
-Id layout, the same for both (n = the tokenizer's own vocabulary, which includes BOS/EOS):
+Id layout of the first two (n = the tokenizer's own vocabulary, which includes BOS/EOS):
 
     0 .. n-1   text ids (BOS = EOS = `<|endoftext|>`, as in GPT-2)
     n          [MASK]   the absorbing state of the diffusion process
@@ -8,15 +9,18 @@ Id layout, the same for both (n = the tokenizer's own vocabulary, which includes
     .. vocab_size - 1   unused rows that round the embedding up to a multiple of 64
 
 [MASK] and [PAD] lie outside the text vocabulary, so the model can be told never to predict them.
+A released model's tokenizer keeps that model's ids instead: its mask token inside the tokenizer, PAD = EOS.
 """
 from __future__ import annotations
 
+import hashlib
+import inspect
 import json
 import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from core.files import UserError, write_text_atomic
+from core.files import UserError, read_json, write_text_atomic
 
 # The Rust tokenizers use their own thread pool; worker processes are this project's one knob for
 # parallel tokenization, so benchmarks measure what they claim to.
@@ -93,13 +97,7 @@ class Tokenizer:
         if (fast.mask_token_id, fast.pad_token_id) != (self.mask_id, self.pad_id):
             raise UserError(f"the transformers tokenizer put [MASK]/[PAD] at {fast.mask_token_id}/"
                             f"{fast.pad_token_id}, not {self.mask_id}/{self.pad_id}")
-        fast.save_pretrained(str(folder))
-        # transformers 5 names the class "TokenizersBackend", which transformers 4 cannot load; both load this
-        # name to the same fast tokenizer (tests/test_export_tokenizer.py)
-        config = Path(folder) / "tokenizer_config.json"
-        values = json.loads(config.read_text())
-        values["tokenizer_class"] = "PreTrainedTokenizerFast"
-        write_text_atomic(config, json.dumps(values, indent=2, sort_keys=True) + "\n")
+        _save_fast(fast, folder)
 
     def _transformers_tokenizer(self):
         raise NotImplementedError
@@ -122,6 +120,17 @@ class Tokenizer:
         if run:
             out.append(self._decode_text(run))
         return "".join(out)
+
+
+def _save_fast(fast, folder: str | os.PathLike) -> None:
+    """save_pretrained, with tokenizer_config.json naming the class both transformers 4 and 5 load."""
+    fast.save_pretrained(str(folder))
+    # transformers 5 names the class "TokenizersBackend", which transformers 4 cannot load; both load this
+    # name to the same fast tokenizer (tests/test_export_tokenizer.py)
+    config = Path(folder) / "tokenizer_config.json"
+    values = json.loads(config.read_text())
+    values["tokenizer_class"] = "PreTrainedTokenizerFast"
+    write_text_atomic(config, json.dumps(values, indent=2, sort_keys=True) + "\n")
 
 
 class TiktokenTokenizer(Tokenizer):
@@ -187,15 +196,7 @@ class BPETokenizer(Tokenizer):
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "BPETokenizer":
-        from tokenizers import Tokenizer as HFTokenizer
-
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"tokenizer file {path} does not exist")
-        try:
-            return cls(HFTokenizer.from_file(str(path)))
-        except Exception as e:  # the Rust side raises plain Exception on a malformed file
-            raise UserError(f"{path} is not a valid tokenizer.json ({str(e).splitlines()[0][:120]})") from None
+        return cls(_from_json_file(Path(path)))
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -222,6 +223,207 @@ class BPETokenizer(Tokenizer):
         write_text_atomic(Path(folder) / TOKENIZER_FILE, self.tok.to_str(pretty=True))
 
 
+HF_PREFIX = "hf:"  # --tokenizer hf:<folder>: a released model's own tokenizer
+MODEL_IDS = ("n_vocab", "bos_id", "eos_id", "mask_id", "pad_id")
+
+
+def _model_ids(folder: Path) -> dict[str, int]:
+    """A released model's ids, from its config.json: n_vocab = the embedding rows (embedding_size, else
+    vocab_size: every row gets a logit), EOS, mask, pad (EOS when unset), and BOS (bos_token_id, else that of
+    generation_config.json, where LLaDA keeps it)."""
+    path = folder / "config.json"
+    if not path.is_file():
+        raise UserError(f"{folder} has no config.json: not a released model's folder")
+    cfg = read_json(path)
+    generation = folder / "generation_config.json"
+    gen = read_json(generation) if generation.is_file() else {}
+    keys = {"n_vocab": [cfg.get("embedding_size"), cfg.get("vocab_size")], "eos_id": [cfg.get("eos_token_id")],
+            "mask_id": [cfg.get("mask_token_id")], "bos_id": [cfg.get("bos_token_id"), gen.get("bos_token_id")]}
+    found = {k: next((v for v in values if v is not None), None) for k, values in keys.items()}
+    found["pad_id"] = cfg["pad_token_id"] if cfg.get("pad_token_id") is not None else found["eos_id"]
+    shown = {"n_vocab": "vocab_size", "eos_id": "eos_token_id", "mask_id": "mask_token_id",
+             "bos_id": "bos_token_id (nor generation_config.json)", "pad_id": "pad_token_id"}
+    ids: dict[str, int] = {}
+    for key in MODEL_IDS:
+        value = found[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise UserError(f"{path} has no usable {shown[key]} (got {value!r})")
+        ids[key] = value
+    return ids
+
+
+def _source_files(folder: Path) -> list[Path]:
+    """The files the tokenizer is built from: tokenizer.json, else vocab.json + merges.txt (+ added_tokens.json)."""
+    if not folder.is_dir():
+        raise UserError(f"model folder {folder} does not exist")
+    if (folder / TOKENIZER_FILE).is_file():
+        return [folder / TOKENIZER_FILE]
+    pair = [folder / "vocab.json", folder / "merges.txt"]
+    if all(p.is_file() for p in pair):
+        return pair + [p for p in [folder / "added_tokens.json"] if p.is_file()]
+    raise UserError(f"{folder} has no tokenizer files ({TOKENIZER_FILE}, or vocab.json with merges.txt)")
+
+
+def _qwen2_bpe(folder: Path):
+    """vocab.json + merges.txt as transformers' Qwen2 byte-level BPE (Qwen2's pre-tokenizer and NFC), then the
+    added tokens of added_tokens.json, each checked to land at its id; the `tokenizers` object inside."""
+    from tokenizers import AddedToken
+    from transformers import Qwen2TokenizerFast  # type: ignore[attr-defined]  # (transformers' lazy exports)
+
+    vocab, merges = folder / "vocab.json", folder / "merges.txt"
+    if "vocab" in inspect.signature(Qwen2TokenizerFast.__init__).parameters:  # transformers 5 takes the contents
+        lines = merges.read_text(encoding="utf-8").splitlines()
+        pairs = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+        fast = Qwen2TokenizerFast(vocab=read_json(vocab), merges=pairs)
+    else:
+        fast = Qwen2TokenizerFast(vocab_file=str(vocab), merges_file=str(merges))
+    added_file = folder / "added_tokens.json"
+    added = read_json(added_file) if added_file.is_file() else {}
+    for content, want in sorted(added.items(), key=lambda kv: kv[1]):
+        fast.add_tokens([AddedToken(content, special=True, normalized=False)], special_tokens=True)
+        if (got := fast.convert_tokens_to_ids(content)) != want:
+            raise UserError(f"{added_file} puts {content!r} at id {want}, but after vocab.json it lands at {got}")
+    return fast.backend_tokenizer
+
+
+class ModelTokenizer(Tokenizer):
+    """A released model's own tokenizer (kind "hf"): LLaDA's tokenizer.json, or Dream's vocab.json + merges.txt
+    + added_tokens.json (read as transformers' Qwen2 BPE, no remote code), with the model's ids from its
+    config.json: n_vocab = vocab_size = the embedding rows (every row gets a logit), the mask token inside the
+    tokenizer, PAD = EOS (a real, predictable token), BOS as the config says. Ids from n_text (the tokenizer's
+    size) up are unused rows. A run or dataset folder keeps it as one tokenizer.json; `name` ("hf-" and a hash
+    of the source files and ids) tells two such tokenizers apart."""
+
+    KIND = "hf"
+
+    def __init__(self, tok, ids: dict, name: str) -> None:
+        tok.encode_special_tokens = True  # a special token's text typed in a document stays text
+        self.tok, self.name = tok, name
+        self.n_text = tok.get_vocab_size(with_added_tokens=True)
+        self.n_vocab, self.bos_id = int(ids["n_vocab"]), int(ids["bos_id"])
+        self._eos, self._mask, self._pad = int(ids["eos_id"]), int(ids["mask_id"]), int(ids["pad_id"])
+        if self.n_text > self.n_vocab:
+            raise UserError(f"the tokenizer has {self.n_text} ids, more than the model's {self.n_vocab} rows")
+        for key, value in (("BOS", self.bos_id), ("EOS", self._eos), ("mask", self._mask), ("pad", self._pad)):
+            if not 0 <= value < self.n_text:
+                raise UserError(f"the model's {key} id {value} is not a token of its tokenizer ({self.n_text} ids)")
+        self._added = {int(i): t.content for i, t in tok.get_added_tokens_decoder().items()}
+        self._byte_level = "ByteLevel" in repr(tok.decoder)
+        self._to_byte = _byte_level_alphabet()
+
+    @classmethod
+    def tag(cls, folder: str | os.PathLike) -> str:
+        """The name a tokenizer from `folder` gets: 'hf-' and a hash of its source files and the model's ids."""
+        folder = Path(folder)
+        digest = hashlib.sha256(json.dumps(_model_ids(folder), sort_keys=True).encode())
+        for path in _source_files(folder):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+        return f"hf-{digest.hexdigest()[:12]}"
+
+    @classmethod
+    def from_model_folder(cls, folder: str | os.PathLike) -> "ModelTokenizer":
+        """The tokenizer of a released model folder (never with remote code)."""
+        folder = Path(folder)
+        source = _source_files(folder)[0]
+        try:
+            tok = _from_json_file(source) if source.name == TOKENIZER_FILE else _qwen2_bpe(folder)
+        except UserError:
+            raise
+        except Exception as e:  # tokenizers and transformers raise plain Exceptions on malformed files
+            raise UserError(f"{folder}'s tokenizer files cannot be read ({str(e).splitlines()[0][:120]})") from None
+        return cls(tok, _model_ids(folder), cls.tag(folder))
+
+    @classmethod
+    def from_spec(cls, spec: dict, folder: str | os.PathLike | None) -> "ModelTokenizer":
+        missing = [k for k in ("file", "name", *MODEL_IDS) if k not in spec]
+        if missing:
+            raise UserError(f"the tokenizer spec {json.dumps(spec)} has no {missing[0]!r}")
+        return cls(_from_json_file(Path(folder or ".") / spec["file"]), spec, spec["name"])
+
+    @property
+    def eos_id(self) -> int:
+        return self._eos
+
+    @property
+    def mask_id(self) -> int:
+        return self._mask
+
+    @property
+    def pad_id(self) -> int:
+        return self._pad
+
+    @property
+    def vocab_size(self) -> int:
+        """The model's embedding rows (= n_vocab: the specials lie inside)."""
+        return self.n_vocab
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def _decode_text(self, ids: Sequence[int]) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=False)
+
+    def decode(self, ids: Iterable[int], mask_text: str = "_") -> str:
+        """Text of `ids`; the mask token shows as `mask_text`, the unused rows as nothing, every other token
+        (BOS, EOS = PAD included) as its text."""
+        out, run = [], []
+        for i in map(int, ids):
+            if i < self.n_text and i != self.mask_id:
+                run.append(i)
+                continue
+            if run:
+                out.append(self._decode_text(run))
+                run = []
+            if i == self.mask_id:
+                out.append(mask_text)
+        if run:
+            out.append(self._decode_text(run))
+        return "".join(out)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        if token_id in self._added:
+            return self._added[token_id].encode()
+        if token_id >= self.n_text:
+            return b""
+        piece = self.tok.id_to_token(token_id)
+        if self._byte_level and all(ch in self._to_byte for ch in piece):
+            return bytes(self._to_byte[ch] for ch in piece)
+        return self.tok.decode([token_id]).encode()  # not a byte-level vocabulary: its text
+
+    def spec(self) -> dict:
+        ids = {"n_vocab": self.n_vocab, "bos_id": self.bos_id, "eos_id": self.eos_id, "mask_id": self.mask_id,
+               "pad_id": self.pad_id}
+        return {"kind": self.KIND, "file": TOKENIZER_FILE, "name": self.name, **ids, "n_text": self.n_text}
+
+    def save(self, folder: str | os.PathLike) -> None:
+        write_text_atomic(Path(folder) / TOKENIZER_FILE, self.tok.to_str(pretty=True))
+
+    def _transformers_tokenizer(self):
+        from tokenizers import Tokenizer as HFTokenizer
+        from transformers import PreTrainedTokenizerFast
+
+        name = self.tok.id_to_token
+        return PreTrainedTokenizerFast(tokenizer_object=HFTokenizer.from_str(self.tok.to_str()),
+                                       bos_token=name(self.bos_id), eos_token=name(self.eos_id),
+                                       pad_token=name(self.pad_id), mask_token=name(self.mask_id))
+
+    def save_for_transformers(self, folder: str | os.PathLike) -> None:
+        """Save as a `transformers` fast tokenizer with the model's BOS, EOS, pad and mask tokens registered."""
+        _save_fast(self._transformers_tokenizer(), folder)
+
+
+def _from_json_file(path: Path):
+    """A `tokenizers` Tokenizer from a tokenizer.json (one-line errors)."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    if not path.is_file():
+        raise UserError(f"tokenizer file {path} does not exist")
+    try:
+        return HFTokenizer.from_file(str(path))
+    except Exception as e:  # the Rust side raises plain Exception on a malformed file
+        raise UserError(f"{path} is not a valid tokenizer.json ({str(e).splitlines()[0][:120]})") from None
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int) -> BPETokenizer:
     """Train a byte-level BPE (every byte is in the alphabet, so any text round-trips)."""
     from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
@@ -238,7 +440,12 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> BPETokenizer:
 
 
 def parse_tokenizer_name(name: str) -> tuple[str, int | str | None]:
-    """'gpt2' → ('tiktoken', 'gpt2'); 'bpe' / 'bpe:4096' → ('bpe', size); a path → ('file', path)."""
+    """'gpt2' → ('tiktoken', 'gpt2'); 'bpe' / 'bpe:4096' → ('bpe', size); a path → ('file', path);
+    'hf:<model folder>' → ('hf', folder): a released model's own tokenizer."""
+    if name.startswith(HF_PREFIX):
+        if not name[len(HF_PREFIX):]:
+            raise UserError(f"tokenizer {name!r}: give the model folder after {HF_PREFIX}")
+        return ModelTokenizer.KIND, name[len(HF_PREFIX):]
     if name in ("gpt2", "cl100k_base", "o200k_base", "r50k_base", "p50k_base"):
         return "tiktoken", name
     if name == "bpe" or name.startswith("bpe:"):
@@ -249,8 +456,8 @@ def parse_tokenizer_name(name: str) -> tuple[str, int | str | None]:
             raise UserError(f"tokenizer {name!r}: the BPE vocabulary size must be an integer, as in bpe:4096") from None
     if name.endswith(".json"):
         return "file", name
-    raise UserError(f"unknown tokenizer {name!r}; use gpt2, bpe:<vocab size> (trained on the corpus) "
-                    "or the path of a tokenizer.json")
+    raise UserError(f"unknown tokenizer {name!r}; use gpt2, bpe:<vocab size> (trained on the corpus), "
+                    f"the path of a tokenizer.json or {HF_PREFIX}<a released model's folder>")
 
 
 def load_tokenizer(spec: dict, folder: str | os.PathLike | None = None) -> Tokenizer:
@@ -260,4 +467,6 @@ def load_tokenizer(spec: dict, folder: str | os.PathLike | None = None) -> Token
         return TiktokenTokenizer.from_name(spec["name"])
     if kind == "bpe":
         return BPETokenizer.from_file(Path(folder or ".") / spec["file"])
+    if kind == ModelTokenizer.KIND:
+        return ModelTokenizer.from_spec(spec, folder)
     raise UserError(f"unknown tokenizer spec {json.dumps(spec)}")

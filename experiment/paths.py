@@ -2,6 +2,9 @@
 
     experiments/<stamp>_<name>/                 config.json, metadata.json, metrics.jsonl, log.txt, loss.png,
                                                 tokenizer.json, state_stepNNNNNN.pt
+                                                (a run made from a released model by experiment.init_base:
+                                                config.json, metadata.json, tokenizer.json; its one checkpoint,
+                                                "released", is the model folder config.json names)
         transcoders/<checkpoint stem>/          config.json, metrics.jsonl, metrics.json, transcoders.png,
                                                 state_stepNNNNNN.pt, blocks.N.mlp/{cfg.json, sae.safetensors}
                                                 (older runs: layer_XX/, still read)
@@ -24,7 +27,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.files import UserError
+from core.files import UserError, read_json
 from model.transcoder import WEIGHTS_FILE
 
 RUNS_DIR = "experiments"
@@ -34,6 +37,8 @@ METRICS_FILE = "metrics.jsonl"
 LOG_FILE = "log.txt"
 LOSS_PLOT = "loss.png"
 CHECKPOINT_RE = re.compile(r"^state_step(\d{6,})\.pt$")
+RELEASED = "released"  # the one checkpoint name of a run made from a released model
+BASE_MODEL_KEY = "base_model"  # config.json's record of that model: {"source": ..., "folder": ...}
 
 TRANSCODERS_DIR = "transcoders"
 TRANSCODER_SUMMARY_FILE = "metrics.json"  # the last validation, per layer
@@ -169,9 +174,29 @@ def resolve_run_folder(folder: str | os.PathLike) -> Path:
     return folder
 
 
+def base_model(folder: str | os.PathLike) -> dict | None:
+    """config.json's base_model record when the run was made from a released model, else None."""
+    config = Path(folder) / CONFIG_FILE
+    if not config.is_file():
+        return None
+    values = read_json(config)
+    found = values.get(BASE_MODEL_KEY) if isinstance(values, dict) else None
+    if found is not None and not (isinstance(found, dict) and isinstance(found.get("folder"), str)):
+        raise UserError(f"{config}: {BASE_MODEL_KEY} must be an object with the model's folder, got {found!r}")
+    return found
+
+
 def resolve_checkpoint(folder: str | os.PathLike, name: str) -> Path:
-    """`name` inside `folder`, or its newest checkpoint for `latest`; a missing one lists what exists."""
+    """`name` inside `folder`, or its newest checkpoint for `latest`; a missing one lists what exists. A run made
+    from a released model has one checkpoint, `released` (also its `latest`): the path `<folder>/released`,
+    which names the later stages' outputs; the weights stay in the model folder."""
     folder = Path(folder)
+    base = base_model(folder)
+    if base is not None:
+        if name not in (RELEASED, "latest"):
+            raise UserError(f"{folder} is the released model {base.get('source', base['folder'])}: its one checkpoint "
+                            f"is {RELEASED!r} (or 'latest'), not {name!r}")
+        return folder / RELEASED
     available = list_checkpoints(folder)
     if name == "latest":
         if not available:

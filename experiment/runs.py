@@ -1,8 +1,10 @@
-"""Opening what earlier stages left in a run folder: the trained model, its tokenizer and data, and
-the transcoders of one of its checkpoints. Everything loads strictly."""
+"""Opening what earlier stages left in a run folder: the trained model (or, for a run made from a released
+model by experiment.init_base, that model read from its own folder), its tokenizer and data, and the
+transcoders of one of its checkpoints. Everything loads strictly."""
 from __future__ import annotations
 
 import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -14,6 +16,7 @@ from data.prepare import PrepareConfig, PreparedData, prepare_dataset
 from data.tokenizer import load_tokenizer
 from experiment.flags import check_shape_flags
 from experiment.paths import (
+    BASE_MODEL_KEY,
     CONFIG_FILE,
     finished_transcoder_layers,
     resolve_checkpoint,
@@ -21,6 +24,7 @@ from experiment.paths import (
     transcoder_dir,
 )
 from model.diffusion import DiffusionLM, ModelConfig
+from model.public_models import load_public_model
 from model.transcoder import Transcoder
 
 
@@ -31,8 +35,28 @@ def _open_model(train_folder: str | os.PathLike, checkpoint: str, device: Any,
     config = read_json(folder / CONFIG_FILE)
     check_shape_flags(config["model"], shape_flags)
     path = resolve_checkpoint(folder, checkpoint)
+    if BASE_MODEL_KEY in config:
+        return folder, config, path, open_released(config, device)
     model = DiffusionLM.load(path, device, expected=ModelConfig(**config["model"])).eval()
     return folder, config, path, model
+
+
+def run_seq_len(config: dict) -> int | None:
+    """The sequence length a run's model was made for: the training length of a trained run, the released
+    config's stated maximum for a run made by experiment.init_base (None when it states none)."""
+    if BASE_MODEL_KEY in config:
+        return config[BASE_MODEL_KEY].get("max_seq_len")
+    return config["train"]["train_seq_len"]
+
+
+def open_released(config: dict, device: Any) -> DiffusionLM:
+    """The released model a run made by experiment.init_base names (float32 on the CPU, bfloat16 on CUDA), in
+    eval mode, checked to be the model its config.json records."""
+    model = load_public_model(config[BASE_MODEL_KEY]["folder"], device)
+    if asdict(model.cfg) != config["model"]:
+        raise UserError(f"the model in {config[BASE_MODEL_KEY]['folder']} is no longer the one this run was made "
+                        "from (its config.json changed): make a new run with python -m experiment.init_base")
+    return model
 
 
 def load_run(train_folder: str | os.PathLike, checkpoint: str, device: Any, shape_flags: dict | None = None):
