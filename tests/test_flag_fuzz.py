@@ -48,6 +48,7 @@ COMMANDS = {
     "interp.exports.sparsify": RUN,
     "interp.exports.neuronpedia": RUN,
     "experiment.hub": RUN,
+    "experiment.init_base": {"--model": "{dir}", "--data_dir": "{ws}/data", "--experiments_dir": "{ws}/exp"},
 }
 # the stage scripts at the top of the repository → the library module whose `command` each runs
 SCRIPTS = {
