@@ -38,7 +38,7 @@ from experiment.settings import refuse_other_settings
 from model.attention import FLEX_BLOCK
 from model.diffusion import DiffusionLM, ModelConfig
 from model.distributed import Dist
-from model.objective import VAL_SEED, count_masked, diffusion_loss, train_noise, val_noise
+from model.objective import VAL_SEED, count_masked, diffusion_loss, train_noise, unmaskable_ids, val_noise
 from model.optim import build_optimizers, lr_factor, set_lr
 from model.precision import autocast as autocast_for, describe
 from training.config import TrainConfig
@@ -110,7 +110,7 @@ def evaluate(model: DiffusionLM, loader: ShardLoader, max_tokens: int, device: t
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     for batch in loader.sequential(max_tokens):
         t, u = val_noise(batch.index, n_total, VAL_SEED, loader.seq_len)
-        n_masked = count_masked(batch.tokens, t, u, model.cfg.bos_id, model.cfg.pad_id)  # on the host: no sync
+        n_masked = count_masked(batch.tokens, t, u, *unmaskable_ids(model.cfg))  # on the host: no sync
         with autocast:
             terms = diffusion_loss(model, batch.tokens.to(device), t.to(device), u.to(device), n_masked)
         sums += torch.stack([x.double() for x in terms])
@@ -195,7 +195,7 @@ def step_forwards(r: Run, index: int) -> list[Forward]:
         tokens = batches[0].tokens if r.group == 1 else torch.cat([b.tokens for b in batches])
         slots = np.concatenate([b.index for b in batches])
         t, u = train_noise(slots, index, r.per_step, cfg.seed, cfg.train_seq_len)
-        n_masked = count_masked(tokens, t, u, r.model.cfg.bos_id, r.model.cfg.pad_id)
+        n_masked = count_masked(tokens, t, u, *unmaskable_ids(r.model.cfg))
         if r.device.type == "cuda":
             tokens, t, u = tokens.pin_memory(), t.pin_memory(), u.pin_memory()
         forwards.append((tokens, t, u, n_masked))

@@ -50,7 +50,7 @@ from experiment.settings import refuse_other_settings
 from model.diffusion import DiffusionLM
 from model.distributed import Dist
 from model.hooks import capture_mlps, replace_mlps
-from model.objective import VAL_SEED, apply_noise, at_mask_ratio, diffusion_loss, train_noise, val_noise
+from model.objective import VAL_SEED, at_mask_ratio, diffusion_loss, is_padding, noise_for_model, train_noise, val_noise
 from model.optim import lr_factor
 from model.precision import autocast as autocast_for
 from model.transcoder import Transcoder, TranscoderConfig, Transcoders
@@ -68,18 +68,19 @@ def noise_for(cfg: TranscoderTrainConfig, batch, step: int, per_step: int, seq_l
 
 
 class LayerPairs:
-    """MLP (input, output) pairs of one noised batch as (N, D) float, every position in order. `padded`: drop
-    the padding positions (a boolean selection, whose size the host must read); training windows hold no
-    padding and pass False."""
+    """MLP (input, output) pairs of one noised batch as (N, D) float, every position in order. The noise masks
+    what `noise_for_model` masks (for the public models their EOS too). `padded`: drop the padding positions
+    (`is_padding`: none for the public models, whose [PAD] is their EOS; a boolean selection, whose size the
+    host must read); training windows hold no padding and pass False."""
 
     def __init__(self, model: DiffusionLM, layers: list[int], tokens: torch.Tensor, t, u, autocast,
                  padded: bool = True) -> None:
         mc = model.cfg
-        noised = apply_noise(tokens, t, u, mc.mask_id, mc.bos_id, mc.pad_id)
+        noised = noise_for_model(tokens, t, u, mc)
         with torch.no_grad(), capture_mlps(model, layers) as seen, autocast:
             model(noised.inputs, select=noised.inputs.new_zeros(0))  # no head needed: select no position
         if padded:
-            keep = noised.inputs != mc.pad_id
+            keep = ~is_padding(tokens, mc)
             self.pairs = {layer: (x[keep].float(), y[keep].float()) for layer, (x, y) in seen.items()}
             self.n_tokens = int(keep.sum())
         else:

@@ -58,7 +58,7 @@ from interp.contexts.windows import document_bounds, window_columns
 from model.diffusion import DiffusionLM
 from model.distributed import Dist
 from model.hooks import capture_mlps
-from model.objective import apply_noise, at_mask_ratio, train_noise
+from model.objective import at_mask_ratio, noise_for_model, train_noise
 from model.transcoder import Transcoder
 
 CATEGORIES = ("top", "quantile", "random")
@@ -158,7 +158,7 @@ class Batch:
         self.indices, self.per_batch = host.indices, host.per_batch
         self.tokens, self.t = to_device(host.tokens, device), to_device(host.t, device)
         self.row_start = to_device(host.row_start, device)
-        noised = apply_noise(self.tokens, self.t, to_device(host.u, device), mc.mask_id, mc.bos_id, mc.pad_id)
+        noised = noise_for_model(self.tokens, self.t, to_device(host.u, device), mc)
         with torch.no_grad(), capture_mlps(model, layers) as seen, autocast:
             model(noised.inputs, select=torch.zeros(0, dtype=torch.long, device=self.tokens.device))
         self.x = {layer: seen[layer][0].reshape(B * T, -1) for layer in layers}

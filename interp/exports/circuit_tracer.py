@@ -7,7 +7,9 @@ Writes (default `experiments/X/exports/circuit-tracer/<checkpoint stem>/`) one `
 layer with circuit-tracer's names (`W_enc` (M, D), `b_enc`, `W_dec` (M, D), `b_dec`, and `W_skip` where the
 transcoder has one) and `config.yaml` (`model_kind: transcoder_set`, the hook names, and the activation under
 upstream circuit-tracer's keys: `activation: topk`, `k`). The folder is what circuit-tracer's cache and Hub
-loaders read (`load_transcoder_from_hub`, `load_transcoders_from_cache`).
+loaders read (`load_transcoder_from_hub`, `load_transcoders_from_cache`). Only this project's models have
+those hooks: a run made from LLaDA or Dream is refused in one line (circuit-tracer would need a model_name it
+can run and that model's hook names).
 
 This project's activation is ReLU then TopK(k). Upstream's Hub loader (v0.5.0) builds `TopK(k)` alone from
 config.yaml, which keeps negative latents where a token has fewer than k positive pre-activations. Its cache
@@ -68,6 +70,11 @@ def export(train_folder: str, checkpoint_name: str = "latest", output: str = "")
     ckpt = resolve_checkpoint(folder, checkpoint_name)
     tc_dir = StagePaths(folder, ckpt.name).transcoders
     model_cfg = read_json(folder / CONFIG_FILE)["model"]
+    if (family := model_cfg.get("family", "diffusionlm")) != "diffusionlm":
+        raise UserError(f"circuit-tracer describes the base model by config.yaml's model_name, feature_input_hook and "
+                        f"feature_output_hook, a model and TransformerLens hooks it can run; this {family} run has "
+                        "none (its MLPs read a norm with a gain, which ln2.hook_normalized is not): export the "
+                        "transcoders with python -m interp.exports.sparsify instead")
     n = model_cfg["num_layers"]
     have = finished_transcoder_layers(tc_dir)
     if have != list(range(n)):

@@ -16,7 +16,9 @@ SAE (one hook, reconstructing its input): nothing in the files but the metadata 
 elsewhere, and SAELens's hooked models do not know DiffusionLM's modules. Its transcoders (`transcoder`,
 `skip_transcoder`, `jumprelu_*`) are ReLU or JumpReLU only, and its TopK SAE has no skip term, so a transcoder
 trained with a skip connection (`W_skip`) has no SAELens equivalent: the export refuses it rather than drop
-the skip term (the circuit-tracer export keeps it).
+the skip term (the circuit-tracer export keeps it). Only this project's models have the hooks the metadata
+names: a run made from LLaDA or Dream is refused in one line (SAELens would need a model_name it can run and
+that model's hook names).
 """
 from __future__ import annotations
 
@@ -67,10 +69,16 @@ def export(train_folder: str, checkpoint_name: str = "latest", output: str = "")
     folder = resolve_run_folder(train_folder)
     ckpt = resolve_checkpoint(folder, checkpoint_name)
     tc_dir = StagePaths(folder, ckpt.name).transcoders
+    model_cfg = read_json(folder / CONFIG_FILE)["model"]
+    if (family := model_cfg.get("family", "diffusionlm")) != "diffusionlm":
+        raise UserError(f"SAELens describes the base model by cfg.json's metadata.model_name, hook_name and "
+                        f"hook_name_out, a model and TransformerLens hooks it can run; this {family} run has none "
+                        "(its MLPs read a norm with a gain, which ln2.hook_normalized is not): export the "
+                        "transcoders with python -m interp.exports.sparsify instead")
     layers = finished_transcoder_layers(tc_dir)
     if not layers:
         raise UserError(f"no finished transcoders in {tc_dir}: run train_transcoders.py for this checkpoint first")
-    transcoders = load_transcoders(tc_dir, layers, "cpu", read_json(folder / CONFIG_FILE)["model"]["model_dim"])
+    transcoders = load_transcoders(tc_dir, layers, "cpu", model_cfg["model_dim"])
     skip = [layer for layer, tc in transcoders.items() if tc.W_skip is not None]
     if skip:
         raise UserError(f"the transcoders of layers {skip} have a skip connection (W_skip), which SAELens "

@@ -45,7 +45,7 @@ from experiment import (
     resolve_run_folder,
     transcoder_layers,
 )
-from experiment.paths import GROUND_TRUTH_FILE
+from experiment.paths import BASE_MODEL_KEY, CONFIG_FILE, GROUND_TRUTH_FILE
 from interp.descriptions.records import TOKENS, read_records
 from interp.ground_truth.counts import (
     Positions,
@@ -63,7 +63,7 @@ from interp.ground_truth.probe import sparse_probes
 from interp.ground_truth.report import print_table
 from model.fact_eval import fact_accuracy
 from model.hooks import capture_mlps
-from model.objective import apply_noise, val_noise
+from model.objective import noise_for_model, val_noise
 
 RECOVERED_F1 = 0.8
 TARGET_T, TARGET_CEILING = 0.5, 0.5
@@ -102,8 +102,7 @@ def collect(model, transcoders: dict, loader: ShardLoader, max_tokens: int, t: f
     for b, batch in enumerate(loader.sequential(max_tokens)):
         _, u = val_noise(batch.index, n_total, NOISE_SEED, loader.seq_len)
         tokens = batch.tokens.to(device)
-        noised = apply_noise(tokens, torch.full((len(tokens),), t, device=device), u.to(device), mc.mask_id,
-                             mc.bos_id, mc.pad_id)
+        noised = noise_for_model(tokens, torch.full((len(tokens),), t, device=device), u.to(device), mc)
         with torch.no_grad(), capture_mlps(model, list(transcoders)) as seen:
             logits = model(noised.inputs, select=noised.mask).logits  # (masked positions, n_vocab)
             predicted = torch.full_like(tokens, -1)
@@ -231,6 +230,14 @@ def name_check(rows: list[dict], by_feature: dict, explainers: list[str], member
                                        for ex in explainers}}
 
 
+def window_length(config: dict, transcoders_dir: Path) -> int:
+    """The validation windows' length: the run's training length, or for a run made from a released model
+    (which states no training length of its own) the length its transcoders were trained on."""
+    if BASE_MODEL_KEY not in config:
+        return config["train"]["train_seq_len"]
+    return json.loads((transcoders_dir / CONFIG_FILE).read_text())["train_seq_len"]
+
+
 def run_ground_truth(cfg: GroundTruthConfig) -> dict:
     device = resolve_device(cfg.cuda, cfg.device)
     config, model, tok, ckpt = load_run(cfg.train_folder, cfg.checkpoint_name, device)
@@ -257,7 +264,7 @@ def run_ground_truth(cfg: GroundTruthConfig) -> dict:
         i = int(torch.searchsorted(starts, torch.tensor(g), right=True)) - 1
         return layers[i], g - int(starts[i])
 
-    loader = ShardLoader(data_dir, "val", config["train"]["train_seq_len"], 8)
+    loader = ShardLoader(data_dir, "val", window_length(config, paths.transcoders), 8)
     have = loader.n_windows * loader.seq_len
     if cfg.val_tokens is not None and cfg.val_tokens > have:
         raise UserError(f"--val_tokens {cfg.val_tokens:,}: the validation split of {data_dir} holds {have:,} tokens "
