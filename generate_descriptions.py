@@ -5,6 +5,9 @@
     python generate_descriptions.py --train_folder experiments/X --checkpoint_name latest --explainer tokens \\
         --device cpu --prompt "The capital of France is"
 
+A run made from a released model (python -m experiment.init_base) generates with that model's own sampler;
+LLaDA's classifier-free guidance (--cfg_scale) is refused: a graph explains one forward pass.
+
 Needs the checkpoint's transcoders (train_transcoders.py) and the explainer's feature descriptions
 (get_activation_descriptions.py). Writes experiments/X/explanations/<stamp>/explanations.json and report.html.
 """

@@ -125,26 +125,44 @@ class ScanFlags(NoiseFlag):
 class SamplingFlags(FlagGroup):
     """The prompts, and how the diffusion sampler unmasks their continuations."""
 
-    prompt: list[str] = arg([], "a prompt (repeat the flag for several)", c.TEXT)
+    prompt: list[str] = arg([], "a prompt (repeat the flag for several); a released model reads it as its tokenizer "
+                                "encodes it, without BOS: a Base model continues plain text, an Instruct model "
+                                "expects its chat template written out in the prompt", c.TEXT)
     prompts_file: str = arg("", "a text file with one prompt per line", c.TEXT_FILE)
     gen_length: int = arg(32, "tokens to generate after each prompt", c.COUNT)
     num_generate_steps: int = arg(32, "denoising steps", c.COUNT)
-    block_length: Optional[int] = arg(None, "semi-autoregressive block length (LLaDA); default one block", c.COUNT)
-    remasking: Literal["low_confidence", "random"] = arg("low_confidence", "which positions to commit each step")
+    block_length: Optional[int] = arg(None, "semi-autoregressive block length (this project's and LLaDA's samplers); "
+                                            "default one block", c.COUNT)
+    remasking: Literal["low_confidence", "random"] = arg("low_confidence", "which positions to commit each step (this "
+                                                                           "project's and LLaDA's samplers)")
     temperature: float = arg(0.0, "sampling temperature (0: the most probable token)", c.Range(0.0, 100.0))
-    top_k: int = arg(0, "sample among the k most probable tokens (0: off)", c.COUNT_OR_ZERO)
-    top_p: float = arg(1.0, "nucleus sampling mass (1: off)", c.fraction(low_open=True))
+    top_k: int = arg(0, "sample among the k most probable tokens (0: off; this project's and Dream's samplers)",
+                     c.COUNT_OR_ZERO)
+    top_p: float = arg(1.0, "nucleus sampling mass (1: off; this project's and Dream's samplers)",
+                       c.fraction(low_open=True))
     seed: int = arg(0, "random seed", c.SEED)
-    max_seq_len: Optional[int] = arg(None, "longest prompt + continuation allowed (default: the run's train_seq_len)",
-                                    c.COUNT)
+    max_seq_len: Optional[int] = arg(None, "longest prompt + continuation allowed (default: the run's train_seq_len, "
+                                           "or the released model's stated maximum)", c.COUNT)
+    sampler: Literal["auto", "diffusionlm", "llada", "dream"] = arg(
+        "auto", "the sampler: auto (the model's own), diffusionlm (this project's, for its models), llada or dream "
+                "(the released samplers, for a run made from LLaDA or Dream)")
+    cfg_scale: float = arg(0.0, "LLaDA's sampler: classifier-free guidance scale (0: off)", c.Range(0.0, 1e6))
+    alg: Literal["origin", "maskgit_plus", "topk_margin", "entropy"] = arg(
+        "origin", "Dream's sampler: how it picks the positions to commit")
+    alg_temp: float = arg(0.0, "Dream's sampler: 0 commits the most confident positions, > 0 samples them at this "
+                               "temperature", c.Range(0.0, 100.0))
+    eps: float = arg(1e-3, "Dream's sampler: the last of its timesteps linspace(1, eps, steps + 1)",
+                     c.Range(0.0, 1.0))
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.sampler()  # validates the sampling flags
+        self.sampler_config()  # validates the sampling flags
 
-    def sampler(self) -> SamplerConfig:
-        return SamplerConfig(self.gen_length, self.num_generate_steps, self.block_length, self.remasking,
-                             self.temperature, self.top_k, self.top_p, self.seed)
+    def sampler_config(self) -> SamplerConfig:
+        return SamplerConfig(gen_length=self.gen_length, steps=self.num_generate_steps, block_length=self.block_length,
+                             remasking=self.remasking, temperature=self.temperature, top_k=self.top_k,
+                             top_p=self.top_p, seed=self.seed, sampler=self.sampler, cfg_scale=self.cfg_scale,
+                             alg=self.alg, alg_temp=self.alg_temp, eps=self.eps)
 
     def prompts(self) -> list[str]:
         """--prompt, then --prompts_file's lines; a few example prompts when neither is given."""
@@ -156,11 +174,14 @@ class SamplingFlags(FlagGroup):
             prompts += [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         return prompts or EXAMPLE_PROMPTS
 
-    def check_lengths(self, prompts: list[str], tok, train_seq_len: int) -> None:
-        """Every prompt with BOS and its continuation must fit --max_seq_len (default: the training length)."""
-        limit = self.max_seq_len or train_seq_len
+    def check_lengths(self, prompts: list[str], tok, run_len: int | None, adds_bos: bool) -> None:
+        """Every prompt (with the BOS this project's sampler adds, `adds_bos`) and its continuation must fit
+        --max_seq_len (default `run_len`: the training length, or the released model's stated maximum)."""
+        limit = self.max_seq_len or run_len
+        if limit is None:
+            raise UserError("the released model states no maximum sequence length: give --max_seq_len")
         for p in prompts:
-            n = 1 + len(tok.encode(p)) + self.gen_length
+            n = int(adds_bos) + len(tok.encode(p)) + self.gen_length
             if n > limit:
                 raise UserError(f"prompt {p[:40]!r}... needs {n} tokens with its continuation, more than "
                                 f"--max_seq_len {limit}")

@@ -16,10 +16,10 @@ from pathlib import Path
 
 from core import checks as c, cli
 from core.cli import arg
-from core.files import UserError, write_text_atomic
+from core.files import UserError, read_json, write_text_atomic
 from core.locks import hold
 from experiment.flags import FlagGroup, RunFlags
-from experiment.paths import CHECKPOINT_RE
+from experiment.paths import BASE_MODEL_KEY, CHECKPOINT_RE, CONFIG_FILE, resolve_run_folder
 from experiment.record import read_metrics
 from experiment.runs import load_run
 
@@ -58,7 +58,16 @@ tok = AutoTokenizer.from_pretrained("{repo or 'DIR'}")
 """
 
 
+def refuse_released(train_folder: str) -> None:
+    """A run made from a released model (experiment.init_base) holds someone else's weights: no export."""
+    config = read_json(resolve_run_folder(train_folder) / CONFIG_FILE)
+    if BASE_MODEL_KEY in config:
+        raise UserError(f"{train_folder} was made from the released model {config[BASE_MODEL_KEY]['source']}: its "
+                        "weights are that release's, not this run's, so there is nothing of its own to export")
+
+
 def export(train_folder: str, checkpoint_name: str = "latest", output: str = "", repo: str = "") -> Path:
+    refuse_released(train_folder)
     config, model, tok, ckpt = load_run(train_folder, checkpoint_name, "cpu")
     out = Path(output) if output else Path(train_folder) / HUB_DIR / ckpt.stem
     with hold(out):  # released before any upload: the lock file never reaches the Hub

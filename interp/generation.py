@@ -1,5 +1,7 @@
-"""Stage 2 (generate.py): step-by-step diffusion sampling from a trained checkpoint, every intermediate
-state printed and, with --output, written as JSON. Its flags (`GenerateConfig`), its work, `main(cfg)` and
+"""Stage 2 (generate.py): step-by-step diffusion sampling from a trained checkpoint, or from the released
+LLaDA or Dream model of a run made by experiment.init_base (with that model's own sampler, on the prompt's ids
+as its tokenizer encodes them, no BOS added), every intermediate state printed and, with --output, written as
+JSON. Its flags (`GenerateConfig`), its work, `main(cfg)` and
 the console script `diffusion-interp-generate` (also what `python generate.py` and `python -m
 interp.generation` run)."""
 from __future__ import annotations
@@ -13,6 +15,7 @@ from core.cli import arg
 from core.files import write_json_atomic
 from core.progress import progress
 from experiment import RunFlags, SamplingFlags, ShapeFlags, load_run, resolve_device
+from experiment.runs import run_seq_len
 from model.precision import autocast
 from model.sampler import generate
 
@@ -36,7 +39,7 @@ def run_generation(cfg: GenerateConfig, model, tok, prompts: list[str]) -> list[
         batch = prompts[i:i + cfg.batch_size]
         ids = [tok.encode(p) for p in batch]
         with autocast(next(model.parameters()).device):
-            out = generate(model, ids, cfg.sampler())
+            out = generate(model, ids, cfg.sampler_config())
         for b, (prompt, pid) in enumerate(zip(batch, ids)):
             states = [s[b].tolist() for s in out.states]
             records.append({
@@ -64,15 +67,17 @@ def main(cfg: GenerateConfig) -> list[dict]:
     device = resolve_device(cfg.cuda, cfg.device)
     config, model, tok, path = load_run(cfg.train_folder, cfg.checkpoint_name, device, cfg.shape_flags())
     prompts = cfg.prompts()
-    cfg.check_lengths(prompts, tok, config["train"]["train_seq_len"])
+    rule = cfg.sampler_config().rule(model.cfg)
+    cfg.check_lengths(prompts, tok, run_seq_len(config), adds_bos=rule == "diffusionlm")
+    how = f"{cfg.alg} order" if rule == "dream" else f"{cfg.remasking} remasking"
     if not cfg.quiet:
         print(f"model: {path} ({model.n_params():,} parameters); {cfg.gen_length} tokens in {cfg.num_generate_steps} "
-              f"steps, {cfg.remasking} remasking, temperature {cfg.temperature}\n")
+              f"steps, the {rule} sampler ({how}), temperature {cfg.temperature}\n")
     records = run_generation(cfg, model, tok, prompts)
     for rec in records:
         print_record(rec, tok, cfg.quiet)
     if cfg.output:
-        write_json_atomic(cfg.output, {"checkpoint": str(path), "sampler": dataclasses.asdict(cfg.sampler()),
+        write_json_atomic(cfg.output, {"checkpoint": str(path), "sampler": dataclasses.asdict(cfg.sampler_config()),
                                        "mask_shown_as": MASK_SHOWN, "generations": records})
         if not cfg.quiet:
             print(f"wrote {cfg.output}")

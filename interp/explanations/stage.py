@@ -15,6 +15,7 @@ from core.files import UserError, write_json_atomic
 from core.locks import hold, hold_output
 from experiment import StagePaths, load_run, load_transcoders, resolve_device, transcoder_layers
 from experiment.paths import EXPLANATIONS_FILE, FEATURES_FILE, GRAPHS_DIR, PAGE_FILE, REPORT_FILE, layer_name
+from experiment.runs import run_seq_len
 from interp.contexts.store import read_jsonl
 from interp.descriptions.records import TOKENS, read_records
 from interp.explanations.config import ExplainConfig
@@ -309,6 +310,9 @@ def feature_frequencies(topk: Path, layers: list[int]) -> dict[tuple[int, int], 
 
 
 def run_explanations(cfg: ExplainConfig, explainer_factory=None) -> Path:
+    if cfg.cfg_scale > 0:
+        raise UserError(f"--cfg_scale {cfg.cfg_scale}: a guided step commits by logits mixed from two forward passes, "
+                        "and the graphs explain only the model's one forward pass; explain with --cfg_scale 0")
     device = resolve_device(cfg.cuda, cfg.device)
     config, model, tok, ckpt = load_run(cfg.train_folder, cfg.checkpoint_name, device, cfg.shape_flags())
     folder = Path(cfg.train_folder)
@@ -319,9 +323,10 @@ def run_explanations(cfg: ExplainConfig, explainer_factory=None) -> Path:
     descriptions = load_descriptions(paths.records, tag)
     transcoders = load_transcoders(paths.transcoders, layers, device, model.cfg.model_dim)
     prompts = cfg.prompts()
-    cfg.check_lengths(prompts, tok, config["train"]["train_seq_len"])
+    adds_bos = cfg.sampler_config().rule(model.cfg) == "diffusionlm"
+    cfg.check_lengths(prompts, tok, run_seq_len(config), adds_bos)
     changes = parse_changes(cfg.intervene)  # every node checked against the run before the explainer loads
-    check_changes(changes, transcoders, 1 + min(len(tok.encode(p)) for p in prompts) + cfg.gen_length)
+    check_changes(changes, transcoders, int(adds_bos) + min(len(tok.encode(p)) for p in prompts) + cfg.gen_length)
     make = explainer_factory or (lambda name: Explainer(name, device, cfg.dtype, cfg.load_in_8bit,
                                                         cfg.trust_remote_code))
     explainer = None if cfg.explainer == TOKENS else make(cfg.explainer)
@@ -354,19 +359,25 @@ def _explain_all(cfg: ExplainConfig, paths: StagePaths, layers, descriptions, tr
     results = []
     for p, prompt in enumerate(prompts):
         with autocast(device):
-            out = generate(model, [tok.encode(prompt)], cfg.sampler())
+            out = generate(model, [tok.encode(prompt)], cfg.sampler_config())
         prefix = out.tokens[0, :out.prompt_width].tolist()
         states = [s[0].tolist() for s in out.states]
         print(f"input: {prompt}")
         steps = []
         for step in range(1, len(states)):
             new = [i for i, c in enumerate(out.committed_at[0].tolist()) if c == step]
+            masks = [i for i in new if states[step][i] == model.cfg.mask_id]
+            if masks:  # a public model's sampler may draw its own mask id: nothing was unmasked there
+                print(f"step {step}: the sampler committed the mask token at position(s) "
+                      f"{[out.prompt_width + i for i in masks]}; they are no target of this step's graph")
+                new = [i for i in new if i not in masks]
             positions = [out.prompt_width + i for i in new]
             targets = [states[step][i] for i in new]
             probs = [float(out.probs[0, i]) for i in new]
             s, export = explain_step(model, transcoders, tok, prefix + states[step - 1], positions, targets, probs,
                                      descriptions, explainer, cfg, prompt, settings, page_of, frequency)
             s["step"] = step
+            s["mask_commits"] = [out.prompt_width + i for i in masks]  # positions left out of the graph
             s["input_ids"] = prefix + states[step - 1]  # what the model read at this step
             s["state_ids"] = states[step]
             s["state_text"] = tok.decode(states[step], mask_text=" _")
@@ -388,7 +399,7 @@ def _explain_all(cfg: ExplainConfig, paths: StagePaths, layers, descriptions, tr
                         "score_summary": summary})
     json_path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(json_path, {"checkpoint": str(ckpt), "explainer": tag, "layers": layers,
-                                  "sampler": cfg.sampler().__dict__, "settings": asdict(settings),
+                                  "sampler": cfg.sampler_config().__dict__, "settings": asdict(settings),
                                   "mi_score_formula": MI_FORMULA, "prompts": results})
     report = write_report(json_path.with_name(json_path.stem + "_report.html" if cfg.output else REPORT_FILE),
                           results, tag, str(ckpt))

@@ -70,8 +70,9 @@ def total_prompt(committed: str, context: str, layer_texts: list[str], path: str
 
 def compose_layer(info: dict, n: int = 3) -> str:
     """The deterministic per-layer description: the layer's direct part of the target value (logit units)
-    split into features, error and decoder bias, then its strongest cited features for and against the
-    committed tokens, with their total effects; generic and negligible ones flagged."""
+    split into features, error and bias (the decoder bias and the attention's value bias), then its strongest
+    cited features for and against the committed tokens, with their total effects; generic and negligible ones
+    flagged."""
     head = (f"{info['part']:+.2f} logit ({info['share']:+.0%} of the gross flow) = features {info['features']:+.2f}"
             f" + error {info['error']:+.2f} + bias {info['bias']:+.2f}")
     sides = [f"{side}: " + "; ".join(_cited(c) for c in info[side][:n]) for side in ("for", "against") if info[side]]
