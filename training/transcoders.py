@@ -67,6 +67,12 @@ def noise_for(cfg: TranscoderTrainConfig, batch, step: int, per_step: int, seq_l
     return at_mask_ratio(train_noise(batch.index, step, per_step, cfg.seed + 1, seq_len), cfg.mask_ratio)
 
 
+def in_float32(tc: Transcoder):
+    """The transcoder as an MLP replacement for any base model: the MLP's input (bf16 for a bf16 model) cast to
+    float32, the transcoder's dtype (replace_mlps casts its output back to the MLP's)."""
+    return lambda x: tc(x.float())
+
+
 class LayerPairs:
     """MLP (input, output) pairs of one noised batch as (N, D) float, every position in order. The noise masks
     what `noise_for_model` masks (for the public models their EOS too). `padded`: drop the padding positions
@@ -196,7 +202,7 @@ def evaluate(model, transcoders: dict[int, Transcoder], layers, loader: ShardLoa
             s[4] += (enc.acts > 0).sum()
         for v in variants:
             chosen = [] if v == "base" else layers if v == "all" else [int(v.split("_")[1])]
-            with replace_mlps(model, {layer: transcoders[layer] for layer in chosen}), autocast:
+            with replace_mlps(model, {layer: in_float32(transcoders[layer]) for layer in chosen}), autocast:
                 terms = diffusion_loss(model, tokens, t, u)
             nelbo[v] += torch.stack([terms.weighted_ce.double(), terms.n_maskable.double()])
     result: dict[str, Any] = {"base_nelbo": None, "all_nelbo": None, "layers": {}}

@@ -10,7 +10,9 @@ measured change is the model's, and the graph's prediction (its total effects, c
 and norms frozen) is checked against it, not against itself. The same intervention in the replacement
 model (every MLP its transcoder plus the frozen error, attention and norms live) separates the two
 ways a prediction can miss: frozen attention and norms (graph vs replacement model) and the
-transcoders' imperfect imitation of the MLPs (replacement model vs model).
+transcoders' imperfect imitation of the MLPs (replacement model vs model). A model held in bf16 is re-run
+in bf16, its own numbers (the hooks cast their float32 writes to the MLP's dtype), so its measured changes
+carry bf16's rounding, about 1% of the largest logit (tests/test_bf16_model.py).
 """
 from __future__ import annotations
 

@@ -17,6 +17,10 @@ document mask for "documents" attention, none for "full"); with grouped-query at
 reads the values of its key/value head. Every row of P sums to 1, so the value bias b_v is a constant
 write W_o b_v at every position: a bias term like b_dec, not a node.
 
+Everything here is float32 whatever the model's dtype: each weight is read as float32 for the one
+matmul that needs it (`linear`, `head_logits`, `committable_mean`), so a bf16 model is frozen in float32
+math with no float32 copy of the model, and the graph is exact for the frozen float32 model.
+
 `linear_forward` reproduces the model's last residual and logits exactly (tested), and a node's direct
 effect on another is a dot product with a cotangent carried back through the frozen attention and skip
 paths (`backward`), batched over many targets at once. A feature's pre-activation is `W_enc · m + b_enc`,
@@ -30,8 +34,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from model.diffusion import Attention, DiffusionLM, RMSNorm, norm
+from model.diffusion import MLP, Attention, DiffusionLM, RMSNorm, norm
 from model.rotary import rotate
 from model.transcoder import Transcoder
 
@@ -72,6 +77,41 @@ def gain(module: RMSNorm, like: torch.Tensor) -> torch.Tensor:
     return module.weight.detach().to(like.dtype)
 
 
+HEAD_ROWS = 8192  # rows of the head read as float32 at a time (LLaDA's shape: 8192 · 4096 · 4 B = 128 MiB)
+
+
+def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """layer(x) in x's dtype: the weight (and bias) are cast to it for this call only."""
+    bias = layer.bias
+    return F.linear(x, layer.weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+def mlp_forward(mlp: MLP, x: torch.Tensor) -> torch.Tensor:
+    """mlp(x) in x's dtype, each weight cast for its own matmul (equal to the module's forward on float32 weights)."""
+    if mlp.kind == "swiglu":
+        return linear(F.silu(linear(x, mlp.gate)) * linear(x, mlp.up), mlp.proj)
+    return linear(F.relu(linear(x, mlp.fc)).square(), mlp.proj)
+
+
+def head_logits(model: DiffusionLM, h: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+    """(..., D) float32 → (..., n_vocab) float32 pre-cap logits, the head's rows read as float32 `rows` (default
+    HEAD_ROWS) at a time."""
+    W, rows = model.head.weight, rows or HEAD_ROWS
+    return torch.cat([F.linear(h, W[s:min(s + rows, model.cfg.n_vocab)].to(h.dtype))
+                      for s in range(0, model.cfg.n_vocab, rows)], -1)
+
+
+def committable_mean(model: DiffusionLM, rows: int | None = None) -> torch.Tensor:
+    """(D,) float32: the mean of the head's rows over the tokens a step can commit, summed `rows` (default
+    HEAD_ROWS) rows at a time."""
+    W, n, rows = model.head.weight, model.cfg.n_vocab, rows or HEAD_ROWS
+    keep = committable(n, model.cfg.never_predicted(), W.device)
+    total = torch.zeros(W.shape[1], device=W.device)
+    for s in range(0, n, rows):
+        total += W[s:min(s + rows, n)].float()[keep[s:s + rows]].sum(0)
+    return total / keep.sum()
+
+
 def _heads(x: torch.Tensor, h: int) -> torch.Tensor:
     """(..., T, D) → (..., H, T, Dh)"""
     *lead, T, D = x.shape
@@ -101,16 +141,16 @@ def _sum_groups(x: torch.Tensor, att: Attention) -> torch.Tensor:
 
 def _values(att: Attention, probs: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """W_o · P · W_v a for the normed input a (T, D): the attention output without the value bias."""
-    v = _expand(_heads(F.linear(a, att.v.weight), att.h_kv), att)
-    return att.out(_merge(probs @ v))
+    v = _expand(_heads(F.linear(a, att.v.weight.to(a.dtype)), att.h_kv), att)
+    return linear(_merge(probs @ v), att.out)
 
 
 @torch.no_grad()
 def freeze(model: DiffusionLM, transcoders: dict[int, Transcoder], tokens: torch.Tensor) -> FrozenStep:
     """Run the model once on `tokens` (T,), recording everything the local replacement model freezes."""
     mc = model.cfg
-    x = model.embed(tokens[None])
-    x = (norm(x) if mc.embed_norm else x)[0].float()  # (T, D)
+    x = model.embed(tokens[None])[0].float()  # (T, D)
+    x = norm(x) if mc.embed_norm else x
     embed = x.clone()
     T = len(tokens)
     allowed = None
@@ -125,7 +165,7 @@ def freeze(model: DiffusionLM, transcoders: dict[int, Transcoder], tokens: torch
         att = block.attn
         inv, a_gain = inv_rms(x, mc.norm_eps), gain(block.attn_norm, x)
         a = x * inv * a_gain
-        q, k = _heads(att.q(a), att.h), _heads(att.k(a), att.h_kv)
+        q, k = _heads(linear(a, att.q), att.h), _heads(linear(a, att.k), att.h_kv)
         if mc.qk_norm:
             q, k = norm(q), norm(k)
         q, k = rotate(q, rope, att.rope_fp32), _expand(rotate(k, rope, att.rope_fp32), att)
@@ -133,13 +173,13 @@ def freeze(model: DiffusionLM, transcoders: dict[int, Transcoder], tokens: torch
         if allowed is not None:
             scores = scores.masked_fill(~allowed, float("-inf"))
         probs = torch.softmax(scores, -1)  # (H, T, T)
-        x = x + att.out(_merge(probs @ _expand(_heads(att.v(a), att.h_kv), att)))
+        x = x + linear(_merge(probs @ _expand(_heads(linear(a, att.v), att.h_kv), att)), att.out)
         bias = x.new_zeros(x.shape[-1])  # (D,) W_o · b_v, each query head's share from its key/value head
         if att.v.bias is not None:
-            bias = att.out(_merge(_expand(_heads(att.v.bias.float()[None], att.h_kv), att)))[0]
+            bias = linear(_merge(_expand(_heads(att.v.bias.float()[None], att.h_kv), att)), att.out)[0]
         m_inv, m_gain = inv_rms(x, mc.norm_eps), gain(block.mlp_norm, x)
         m = x * m_inv * m_gain
-        out = block.mlp(m)
+        out = mlp_forward(block.mlp, m)
         tc = transcoders.get(layer)
         if tc is None:
             acts = m.new_zeros(m.shape[0], 0)
@@ -153,7 +193,7 @@ def freeze(model: DiffusionLM, transcoders: dict[int, Transcoder], tokens: torch
             fz[key].append(value)
         x = x + out
     final_inv, final_gain = inv_rms(x, mc.norm_eps), gain(model.final_norm, x)
-    logits = model.logits(x * final_inv * final_gain)
+    logits = model.soft_cap(head_logits(model, x * final_inv * final_gain))
     if mc.logit_shift:
         logits = logits[model.readout_rows(torch.arange(T, device=tokens.device))]
     return FrozenStep(tokens, embed, **fz, final_inv=final_inv, residual=x, logits=logits, final_gain=final_gain)
@@ -196,9 +236,9 @@ def _attention_vjp(model: DiffusionLM, fz: FrozenStep, layer: int, g: torch.Tens
     """Cotangent on r_l from a cotangent g (R, T, D) on the attention's output (frozen pattern and scale): the
     query heads that share a key/value head add their cotangents on its values."""
     att = model.block(layer).attn
-    gy = _heads(g @ att.out.weight, att.h)  # (R, H, T, Dh)
+    gy = _heads(g @ att.out.weight.to(g.dtype), att.h)  # (R, H, T, Dh)
     gv = _sum_groups(fz.probs[layer].transpose(-1, -2) @ gy, att)  # Pᵀ: cotangent on the values (R, H_kv, T, Dh)
-    return (_merge(gv) @ att.v.weight) * fz.attn_inv[layer] * fz.attn_gain[layer]
+    return (_merge(gv) @ att.v.weight.to(g.dtype)) * fz.attn_inv[layer] * fz.attn_gain[layer]
 
 
 def backward(model: DiffusionLM, transcoders: dict[int, Transcoder], fz: FrozenStep, g: torch.Tensor,
@@ -266,7 +306,7 @@ def target_cotangents(model: DiffusionLM, fz: FrozenStep, positions: list[int],
     where the model caps its logits (c·tanh(z/c)): the cap compresses logits of that order, and the more
     probable the token already is, the less log p can rise."""
     rows = model.readout_rows(torch.tensor(positions, device=fz.residual.device))
-    W = model.head.weight[:model.cfg.n_vocab].float()
-    keep = committable(len(W), model.cfg.never_predicted(), W.device)
-    grad = (W[torch.tensor(targets, device=W.device)] - W[keep].mean(0)) * fz.final_gain * fz.final_inv[rows]
+    W = model.head.weight
+    direction = W[torch.tensor(targets, device=W.device)].float() - committable_mean(model)  # (n, D)
+    grad = direction * fz.final_gain * fz.final_inv[rows]
     return grad, (grad * fz.residual[rows]).sum(-1)
