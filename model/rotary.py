@@ -34,14 +34,18 @@ class Rotary(torch.nn.Module):
     def __init__(self, head_dim: int, base: float = 10_000.0, reciprocal: bool = False) -> None:
         super().__init__()
         self.head_dim, self.base, self.reciprocal = head_dim, base, reciprocal
+        self._on: dict[torch.device, torch.Tensor] = {}  # the inverse frequencies copied to each device used
 
     def inverse_frequencies(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """(Dh/2,) float32: the angle per position of each rotated pair."""
-        half = self.head_dim // 2
-        j = torch.arange(0, half, dtype=torch.float32, device=device)
-        if self.reciprocal:
-            return 1.0 / self.base ** (2 * j / self.head_dim)
-        return self.base ** (-j / half)
+        """(Dh/2,) float32: the angle per position of each rotated pair. Always computed on the CPU (a device's
+        pow may round differently in the last bit) and copied to `device` once."""
+        device = torch.device(device)
+        if device not in self._on:
+            half = self.head_dim // 2
+            j = torch.arange(0, half, dtype=torch.float32)
+            inv = 1.0 / self.base ** (2 * j / self.head_dim) if self.reciprocal else self.base ** (-j / half)
+            self._on[device] = inv.to(device)
+        return self._on[device]
 
     @property
     def inv_freq(self) -> torch.Tensor:

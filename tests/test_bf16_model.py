@@ -118,7 +118,9 @@ def test_the_head_is_read_in_chunks_of_rows(step, monkeypatch):
     n, W = upcast.cfg.n_vocab, upcast.head.weight
     keep = committable(n, upcast.cfg.never_predicted(), "cpu")
     h = torch.randn(4, upcast.cfg.model_dim)
-    torch.testing.assert_close(head_logits(upcast, h, rows=7), upcast.raw_logits(h), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(head_logits(bf16, h, rows=7), h @ bf16.head.weight[:n].float().T, atol=1e-5,
+                               rtol=1e-5)
+    assert torch.equal(head_logits(upcast, h), upcast.raw_logits(h))  # a float32 head: the model's own matmul
     torch.testing.assert_close(committable_mean(bf16, rows=7), W[:n][keep].mean(0), atol=1e-6, rtol=1e-5)
     monkeypatch.setattr(replacement, "HEAD_ROWS", 16)
     weights = {name: p for name, p in bf16.named_parameters()}

@@ -94,18 +94,22 @@ def mlp_forward(mlp: MLP, x: torch.Tensor) -> torch.Tensor:
 
 
 def head_logits(model: DiffusionLM, h: torch.Tensor, rows: int | None = None) -> torch.Tensor:
-    """(..., D) float32 → (..., n_vocab) float32 pre-cap logits, the head's rows read as float32 `rows` (default
-    HEAD_ROWS) at a time."""
+    """(..., D) float32 → (..., n_vocab) float32 pre-cap logits; a head of another dtype is read as float32
+    `rows` (default HEAD_ROWS) rows at a time."""
     W, rows = model.head.weight, rows or HEAD_ROWS
+    if W.dtype == h.dtype:  # nothing to cast: one matmul, the model's own numbers
+        return F.linear(h, W[:model.cfg.n_vocab])
     return torch.cat([F.linear(h, W[s:min(s + rows, model.cfg.n_vocab)].to(h.dtype))
                       for s in range(0, model.cfg.n_vocab, rows)], -1)
 
 
 def committable_mean(model: DiffusionLM, rows: int | None = None) -> torch.Tensor:
-    """(D,) float32: the mean of the head's rows over the tokens a step can commit, summed `rows` (default
-    HEAD_ROWS) rows at a time."""
+    """(D,) float32: the mean of the head's rows over the tokens a step can commit; a head of another dtype is
+    summed as float32 `rows` (default HEAD_ROWS) rows at a time."""
     W, n, rows = model.head.weight, model.cfg.n_vocab, rows or HEAD_ROWS
     keep = committable(n, model.cfg.never_predicted(), W.device)
+    if W.dtype == torch.float32:  # nothing to cast: one reduction, as the graph's targets always had it
+        return W[:n][keep].mean(0)
     total = torch.zeros(W.shape[1], device=W.device)
     for s in range(0, n, rows):
         total += W[s:min(s + rows, n)].float()[keep[s:s + rows]].sum(0)
