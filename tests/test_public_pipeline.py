@@ -116,10 +116,11 @@ def test_generate_descriptions_explains_every_step(public_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_mask_commits_are_no_targets(public_run, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("which", ["mask", "never predicted"])
+def test_commits_of_the_mask_or_a_never_predicted_id_are_no_targets(public_run, tmp_path, monkeypatch, capsys, which):
     _, run = public_run
     _, model, _, _ = load_run(run, RELEASED, "cpu")
-    mask = model.cfg.mask_id
+    mask = model.cfg.mask_id if which == "mask" else max(model.cfg.never_predicted())
     chosen: list[int] = []
 
     def commits_a_mask(model, prompts, cfg):
@@ -137,9 +138,9 @@ def test_mask_commits_are_no_targets(public_run, tmp_path, monkeypatch, capsys):
                         num_generate_steps=4, random_draws=2, output=str(tmp_path / "x.json"))
     path = explain_stage.run_explanations(cfg)
     step1 = json.loads(path.read_text())["prompts"][0]["steps"][0]
-    assert step1["mask_commits"] == chosen
+    assert step1["skipped_commits"] == chosen
     assert chosen[0] not in [c["position"] for c in step1["committed"]]
-    assert f"committed the mask token at position(s) {chosen}" in capsys.readouterr().out
+    assert f"an id the model never predicts at position(s) {chosen}" in capsys.readouterr().out
 
 
 @pytest.mark.slow

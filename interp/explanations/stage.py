@@ -326,7 +326,8 @@ def run_explanations(cfg: ExplainConfig, explainer_factory=None) -> Path:
     adds_bos = cfg.sampler_config().rule(model.cfg) == "diffusionlm"
     cfg.check_lengths(prompts, tok, run_seq_len(config), adds_bos)
     changes = parse_changes(cfg.intervene)  # every node checked against the run before the explainer loads
-    check_changes(changes, transcoders, int(adds_bos) + min(len(tok.encode(p)) for p in prompts) + cfg.gen_length)
+    shortest = min(len(tok.encode_prompt(p)) for p in prompts)
+    check_changes(changes, transcoders, int(adds_bos) + shortest + cfg.gen_length)
     make = explainer_factory or (lambda name: Explainer(name, device, cfg.dtype, cfg.load_in_8bit,
                                                         cfg.trust_remote_code))
     explainer = None if cfg.explainer == TOKENS else make(cfg.explainer)
@@ -357,27 +358,30 @@ def _explain_all(cfg: ExplainConfig, paths: StagePaths, layers, descriptions, tr
         return Path(os.path.relpath(page.resolve(), json_path.parent.resolve())).as_posix() + f"#{feature}"
     frequency = feature_frequencies(paths.topk, layers)
     results = []
+    unexplained = {model.cfg.mask_id, *model.cfg.never_predicted()}
     for p, prompt in enumerate(prompts):
         with autocast(device):
-            out = generate(model, [tok.encode(prompt)], cfg.sampler_config())
+            out = generate(model, [tok.encode_prompt(prompt)], cfg.sampler_config())
         prefix = out.tokens[0, :out.prompt_width].tolist()
         states = [s[0].tolist() for s in out.states]
         print(f"input: {prompt}")
         steps = []
         for step in range(1, len(states)):
             new = [i for i, c in enumerate(out.committed_at[0].tolist()) if c == step]
-            masks = [i for i in new if states[step][i] == model.cfg.mask_id]
-            if masks:  # a public model's sampler may draw its own mask id: nothing was unmasked there
-                print(f"step {step}: the sampler committed the mask token at position(s) "
-                      f"{[out.prompt_width + i for i in masks]}; they are no target of this step's graph")
-                new = [i for i in new if i not in masks]
+            # a released model's sampler excludes nothing: it may draw its mask id, or an id the model never predicts
+            # (BOS, the rows above the tokenizer), whose log p the graph leaves undefined
+            skipped = [i for i in new if states[step][i] in unexplained]
+            if skipped:
+                print(f"step {step}: the sampler committed the mask token or an id the model never predicts at "
+                      f"position(s) {[out.prompt_width + i for i in skipped]}; they are no target of this step's graph")
+                new = [i for i in new if i not in skipped]
             positions = [out.prompt_width + i for i in new]
             targets = [states[step][i] for i in new]
             probs = [float(out.probs[0, i]) for i in new]
             s, export = explain_step(model, transcoders, tok, prefix + states[step - 1], positions, targets, probs,
                                      descriptions, explainer, cfg, prompt, settings, page_of, frequency)
             s["step"] = step
-            s["mask_commits"] = [out.prompt_width + i for i in masks]  # positions left out of the graph
+            s["skipped_commits"] = [out.prompt_width + i for i in skipped]  # positions left out of the graph
             s["input_ids"] = prefix + states[step - 1]  # what the model read at this step
             s["state_ids"] = states[step]
             s["state_text"] = tok.decode(states[step], mask_text=" _")
