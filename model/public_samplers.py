@@ -250,10 +250,12 @@ def generate_public(model: DiffusionLM, prompts: list[list[int]], cfg: SamplerCo
     device = next(model.parameters()).device
     run = Batch(prompts, cfg.gen_length, model.cfg.pad_id, model.cfg.mask_id, device)
 
+    dtype = model.head.weight.dtype  # the released samplers compute confidences in the logits' dtype (bf16 on a card)
+
     def logits_of(x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
         region = torch.zeros_like(x, dtype=torch.bool)
         region[:, run.P:] = True
-        return model(x, select=region, key_mask=key_mask).logits.view(x.shape[0], run.L, -1)
+        return model(x, select=region, key_mask=key_mask).logits.view(x.shape[0], run.L, -1).to(dtype)
 
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     return (llada_generate if rule == "llada" else dream_generate)(logits_of, run, cfg, gen)

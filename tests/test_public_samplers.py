@@ -352,3 +352,24 @@ def test_probs_are_the_models_probabilities_as_sampled(llada, dream, family, kno
             logits = model(torch.cat([prefix, out.states[s - 1]], 1)).logits[0, out.prompt_width:][new]
             p = torch.softmax(as_sampled(logits, model.cfg), -1).gather(-1, out.states[s][0, new, None])[:, 0]
             torch.testing.assert_close(out.probs[0][new], p, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_confidences_are_computed_in_the_models_dtype(family, llada, dream, monkeypatch):
+    """The released samplers rank positions by confidences computed in the logits' dtype (bf16 for a bf16 model),
+    which decides ties and near-ties: the sampler sees the bf16 model's logits in bf16."""
+    import copy
+
+    import model.public_samplers as ps
+
+    model = copy.deepcopy(llada if family == "llada" else dream).to(torch.bfloat16)
+    seen = []
+    real = ps.llada_generate if family == "llada" else ps.dream_generate
+
+    def spy(logits_of, run, cfg, gen):
+        seen.append(logits_of(run.x, run.key_mask).dtype)
+        return real(logits_of, run, cfg, gen)
+
+    monkeypatch.setattr(ps, f"{family}_generate", spy)
+    generate(model, [[5, 6, 7]], SamplerConfig(gen_length=4, steps=4, sampler=family))
+    assert seen == [torch.bfloat16]
