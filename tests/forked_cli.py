@@ -17,18 +17,26 @@ import runpy
 import subprocess
 import sys
 import tempfile
+import threading
 import traceback
 from pathlib import Path
 
 PRELOAD = ["torch", "numpy", "huggingface_hub", "safetensors.torch", "tqdm"]  # third-party only
 _context = None
+_server_env: dict[str, str] = {}  # the environment the server imported PRELOAD in
+VOLATILE = {"PYTEST_CURRENT_TEST"}  # pytest changes it at every test: no library reads it
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in VOLATILE}
 
 
 def _server():
-    global _context
+    global _context, _server_env
     if _context is None:
         _context = multiprocessing.get_context("forkserver")
         _context.set_forkserver_preload(PRELOAD)
+        _server_env = _env()
     return _context
 
 
@@ -65,6 +73,7 @@ def _child(args: list[str], cwd: str, env: dict[str, str], out: str, err: str) -
         traceback.print_exc()
         code = 1
     try:
+        threading._shutdown()  # type: ignore[attr-defined]  # as at interpreter exit: wait for non-daemon threads
         atexit._run_exitfuncs()  # what the script registered, as at a normal interpreter exit
     finally:
         sys.stdout.flush()
@@ -74,10 +83,11 @@ def _child(args: list[str], cwd: str, env: dict[str, str], out: str, err: str) -
 
 def forkable(args: list[str], env: dict | None) -> bool:
     """Whether `run_forked` gives what a fresh interpreter would: a script or module (not torchrun, whose own
-    launcher should be seen as a user starts it), and no environment variables of the caller's own that torch
-    reads when it is imported."""
-    return not env and bool(args) and (args[0].endswith(".py") or (args[0] == "-m" and len(args) > 1
-                                                                   and not args[1].startswith("torch.")))
+    launcher should be seen as a user starts it), no environment variables of the caller's own, and the
+    environment the server imported its libraries in (they read some variables when imported)."""
+    same_env = _context is None or _env() == _server_env
+    return not env and same_env and bool(args) and (
+        args[0].endswith(".py") or (args[0] == "-m" and len(args) > 1 and not args[1].startswith("torch.")))
 
 
 def run_forked(args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
