@@ -128,7 +128,10 @@ def public_config(folder: str | Path) -> ModelConfig:
     if model_type not in FAMILY_OF_MODEL_TYPE:
         raise UserError(f"{cfg.path}: model_type {model_type!r} is not supported (this loader reads "
                         f"{' and '.join(repr(k) for k in FAMILY_OF_MODEL_TYPE)})")
-    n_text = tokenizer_size(folder)
+    try:
+        n_text = tokenizer_size(folder)
+    except (AttributeError, TypeError, KeyError) as e:  # valid JSON of another shape
+        raise UserError(f"{folder}'s tokenizer files are not a tokenizer's: {type(e).__name__}: {e}") from None
     try:
         values = FAMILY_OF_MODEL_TYPE[model_type](cfg, folder)
         if n_text is not None:

@@ -107,6 +107,8 @@ def test_killed_two_process_scan_resumes(tiny_run, tiny_transcoders, tmp_path):
     time.sleep(0.3)
     kill_job(proc)
     assert not (out / "index.json").exists()
+    saved = [torch.load(out / f"scan_state.rank{r}of2.pt", weights_only=True)["next_batch"] for r in (0, 1)]
+    assert min(saved) < 40, saved  # killed mid-scan (a finished process saves 40 before the merge)
     done = run_cli(TORCHRUN + topk_args(two, **flags), timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming the scan" in done.stdout

@@ -443,6 +443,9 @@ def test_missing_shard_folder_and_index_are_refused(dream, tmp_path):
     one_line_error(lambda: load_public_model(folder), "model-00002-of-00003.safetensors does not exist")
     one_line_error(lambda: load_public_model(tmp_path / "nowhere"), "is no folder here")
     one_line_error(lambda: load_public_model(config_only(tmp_path / "c", DREAM_TINY)), "holds neither")
+    odd = config_only(tmp_path / "t", DREAM_TINY)
+    (odd / "tokenizer.json").write_text('{"model": null}')  # valid JSON, not a tokenizer's
+    one_line_error(lambda: public_config(odd), "are not a tokenizer's")
 
 
 @pytest.mark.parametrize("family,key,value", [
