@@ -78,6 +78,10 @@ class Tokenizer:
         """Text ids of `text`; special-token strings inside it are treated as plain text."""
         raise NotImplementedError
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """The ids of a prompt a user typed: as `encode` (a released model's tokenizer reads its special tokens)."""
+        return self.encode(text)
+
     def _decode_text(self, ids: Sequence[int]) -> str:
         raise NotImplementedError
 
@@ -359,6 +363,15 @@ class ModelTokenizer(Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A prompt's ids with the special tokens typed in it read as themselves (a chat template such as
+        `<|im_start|>user ...`, or BOS), where `encode` keeps a document's text as text."""
+        self.tok.encode_special_tokens = False
+        try:
+            return self.tok.encode(text, add_special_tokens=False).ids
+        finally:
+            self.tok.encode_special_tokens = True
 
     def _decode_text(self, ids: Sequence[int]) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=False)

@@ -181,7 +181,7 @@ class SamplingFlags(FlagGroup):
         if limit is None:
             raise UserError("the released model states no maximum sequence length: give --max_seq_len")
         for p in prompts:
-            n = int(adds_bos) + len(tok.encode(p)) + self.gen_length
+            n = int(adds_bos) + len(tok.encode_prompt(p)) + self.gen_length
             if n > limit:
                 raise UserError(f"prompt {p[:40]!r}... needs {n} tokens with its continuation, more than "
                                 f"--max_seq_len {limit}")

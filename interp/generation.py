@@ -37,7 +37,7 @@ def run_generation(cfg: GenerateConfig, model, tok, prompts: list[str]) -> list[
     quiet = cfg.quiet or len(prompts) <= cfg.batch_size
     for i in progress(range(0, len(prompts), cfg.batch_size), desc="generating", show=not quiet):
         batch = prompts[i:i + cfg.batch_size]
-        ids = [tok.encode(p) for p in batch]
+        ids = [tok.encode_prompt(p) for p in batch]
         with autocast(next(model.parameters()).device):
             out = generate(model, ids, cfg.sampler_config())
         for b, (prompt, pid) in enumerate(zip(batch, ids)):

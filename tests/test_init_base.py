@@ -92,6 +92,10 @@ def test_tokenizer_round_trips_with_the_models_ids(made):
     assert tok.decode([*ids[:2], tok.mask_id, ROWS - 1, *ids[2:]], mask_text="?") == \
         tok.decode(ids[:2]) + "?" + tok.decode(ids[2:])  # the mask shows as mask_text, unused rows as nothing
     assert tok.decode([tok.eos_id]) == "<|endoftext|>"  # EOS = PAD is a real token
+    plain = "The capital of France is"
+    typed = "<|endoftext|>" + plain  # a prompt that types a special token (a chat template, BOS)
+    assert tok.encode_prompt(typed) == [tok.eos_id, *tok.encode(plain)]  # read as the token itself
+    assert tok.eos_id not in tok.encode(typed)  # in a document, the same text stays text
 
 
 def test_prepared_data_holds_the_model_tokenizers_ids(made):
