@@ -116,8 +116,15 @@ def apply_noise(tokens: torch.Tensor, t: torch.Tensor, u: torch.Tensor, mask_id:
 
 
 def noise_for_model(tokens: torch.Tensor, t: torch.Tensor, u: torch.Tensor, cfg: ModelConfig) -> Noised:
-    """`apply_noise` with the model config's [MASK] and `unmaskable_ids`."""
-    return apply_noise(tokens, t, u, cfg.mask_id, *unmaskable_ids(cfg))
+    """`apply_noise` with the model config's [MASK] and `unmaskable_ids`. With a read-out shift (Dream) the
+    first column is never masked either: its own hidden row stands in for a prediction no position makes."""
+    noised = apply_noise(tokens, t, u, cfg.mask_id, *unmaskable_ids(cfg))
+    if not cfg.logit_shift:
+        return noised
+    first = torch.zeros_like(noised.mask)
+    first[:, 0] = True
+    maskable = noised.maskable & ~first
+    return Noised(torch.where(first, tokens, noised.inputs), noised.mask & ~first, maskable)
 
 
 def count_masked(tokens: torch.Tensor, t: torch.Tensor, u: torch.Tensor, *kept: int) -> int:

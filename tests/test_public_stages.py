@@ -135,12 +135,15 @@ def test_the_public_models_mask_their_eos_and_never_their_specials(family, tmp_p
     tokens = torch.tensor([[cfg.bos_id, 3, eos, 4, eos, eos, n_text - 1, n_text, n_text + 1, cfg.n_vocab - 1]])
     t, u = torch.ones(1), torch.zeros(1, 10)  # t = 1: every maskable position is masked
     noised = noise_for_model(tokens, t, u, cfg)
-    bos_masked = family == "dream"  # Dream's BOS is its EOS
     last_text_masked = n_text - 1 != mask  # the tokenizer's last id is Dream's [MASK]
-    assert noised.mask[0].tolist() == [bos_masked, True, True, True, True, True, last_text_masked, False, False,
-                                       False]
-    assert count_masked(tokens, t, u, *unmaskable_ids(cfg)) == int(noised.mask.sum())
-    assert (noised.inputs[noised.mask] == mask).all()
+    # position 0: LLaDA's BOS; for Dream (BOS = EOS, maskable) the first column, which no prediction reads
+    assert noised.mask[0].tolist() == [False, True, True, True, True, True, last_text_masked, False, False, False]
+    assert (noised.inputs[noised.mask] == mask).all() and torch.equal(noised.inputs[~noised.mask], tokens[~noised.mask])
+    text_first = tokens.clone()
+    text_first[0, 0] = 3
+    assert noise_for_model(text_first, t, u, cfg).mask[0, 0] == (family == "llada")  # Dream's shift: never column 0
+    if family == "llada":  # stage 1's host count (this project's models; no shift) counts the same positions
+        assert count_masked(tokens, t, u, *unmaskable_ids(cfg)) == int(noised.mask.sum())
 
 
 @pytest.mark.parametrize("family", FAMILIES)
