@@ -23,12 +23,15 @@ from pathlib import Path
 
 PRELOAD = ["torch", "numpy", "huggingface_hub", "safetensors.torch", "tqdm"]  # third-party only
 _context = None
-_server_env: dict[str, str] = {}  # the environment the server imported PRELOAD in
-VOLATILE = {"PYTEST_CURRENT_TEST"}  # pytest changes it at every test: no library reads it
+_server_env: dict[str, str] = {}  # what the server imported PRELOAD with, of the variables below
+# the variables torch, numpy and the other preloaded libraries (and the C libraries under them) may read when
+# imported; the child's own environment is the caller's in full either way
+IMPORT_TIME = ("OMP_", "MKL_", "KMP_", "OPENBLAS_", "GOMP_", "TORCH", "PYTORCH_", "CUDA_", "NVIDIA_", "HF_",
+               "HUGGINGFACE_", "TQDM_", "NUMPY_", "LD_", "PYTHON")
 
 
 def _env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in VOLATILE}
+    return {k: v for k, v in os.environ.items() if k.startswith(IMPORT_TIME)}
 
 
 def _server():
@@ -83,8 +86,8 @@ def _child(args: list[str], cwd: str, env: dict[str, str], out: str, err: str) -
 
 def forkable(args: list[str], env: dict | None) -> bool:
     """Whether `run_forked` gives what a fresh interpreter would: a script or module (not torchrun, whose own
-    launcher should be seen as a user starts it), no environment variables of the caller's own, and the
-    environment the server imported its libraries in (they read some variables when imported)."""
+    launcher should be seen as a user starts it), no environment variables of the caller's own, and the values
+    the server imported its libraries with of the variables they may read then (IMPORT_TIME)."""
     same_env = _context is None or _env() == _server_env
     return not env and same_env and bool(args) and (
         args[0].endswith(".py") or (args[0] == "-m" and len(args) > 1 and not args[1].startswith("torch.")))

@@ -178,7 +178,7 @@ def test_ground_truth_benchmark_runs_on_a_released_run(public_run):
 
 
 class WordTokenizer:
-    def encode(self, text: str) -> list[int]:
+    def encode_prompt(self, text: str) -> list[int]:
         return list(range(len(text.split())))
 
 
