@@ -38,6 +38,7 @@ from experiment import (
 )
 from experiment.hub import UploadFlags, check_repo_id
 from experiment.paths import export_folder, resolve_run_folder
+from interp.exports import refuse_unhooked_family
 
 EXPORT_NAME = "circuit-tracer"
 # TransformerLens's names of the points a transcoder reads and writes: the MLP's input here is the
@@ -70,11 +71,8 @@ def export(train_folder: str, checkpoint_name: str = "latest", output: str = "")
     ckpt = resolve_checkpoint(folder, checkpoint_name)
     tc_dir = StagePaths(folder, ckpt.name).transcoders
     model_cfg = read_json(folder / CONFIG_FILE)["model"]
-    if (family := model_cfg.get("family", "diffusionlm")) != "diffusionlm":
-        raise UserError(f"circuit-tracer describes the base model by config.yaml's model_name, feature_input_hook and "
-                        f"feature_output_hook, a model and TransformerLens hooks it can run; this {family} run has "
-                        "none (its MLPs read a norm with a gain, which ln2.hook_normalized is not): export the "
-                        "transcoders with python -m interp.exports.sparsify instead")
+    refuse_unhooked_family(model_cfg, "circuit-tracer",
+                           "config.yaml's model_name, feature_input_hook and feature_output_hook")
     n = model_cfg["num_layers"]
     have = finished_transcoder_layers(tc_dir)
     if have != list(range(n)):

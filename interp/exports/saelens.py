@@ -35,6 +35,7 @@ from core.locks import hold
 from experiment import CONFIG_FILE, RunFlags, StagePaths, finished_transcoder_layers, hookpoint, load_transcoders
 from experiment.hub import UploadFlags, check_repo_id
 from experiment.paths import export_folder, resolve_checkpoint, resolve_run_folder
+from interp.exports import refuse_unhooked_family
 from model.transcoder import Transcoder
 
 EXPORT_NAME = "saelens"
@@ -70,11 +71,7 @@ def export(train_folder: str, checkpoint_name: str = "latest", output: str = "")
     ckpt = resolve_checkpoint(folder, checkpoint_name)
     tc_dir = StagePaths(folder, ckpt.name).transcoders
     model_cfg = read_json(folder / CONFIG_FILE)["model"]
-    if (family := model_cfg.get("family", "diffusionlm")) != "diffusionlm":
-        raise UserError(f"SAELens describes the base model by cfg.json's metadata.model_name, hook_name and "
-                        f"hook_name_out, a model and TransformerLens hooks it can run; this {family} run has none "
-                        "(its MLPs read a norm with a gain, which ln2.hook_normalized is not): export the "
-                        "transcoders with python -m interp.exports.sparsify instead")
+    refuse_unhooked_family(model_cfg, "SAELens", "cfg.json's metadata.model_name, hook_name and hook_name_out")
     layers = finished_transcoder_layers(tc_dir)
     if not layers:
         raise UserError(f"no finished transcoders in {tc_dir}: run train_transcoders.py for this checkpoint first")
