@@ -28,12 +28,24 @@ from model.public_models import load_public_model
 from model.transcoder import Transcoder
 
 
-def _open_model(train_folder: str | os.PathLike, checkpoint: str, device: Any,
-                shape_flags: dict) -> tuple[Path, dict, Path, DiffusionLM]:
-    """(run folder, run config, checkpoint path, model in eval mode), loaded strictly."""
+def check_released_length(config: dict, lengths: dict[str, int | None]) -> None:
+    """A run made from a released model refuses sequences longer than the maximum its config.json states
+    (`lengths`: flag name → tokens per sequence, None where unset); a trained run takes any length."""
+    limit = config[BASE_MODEL_KEY].get("max_seq_len") if BASE_MODEL_KEY in config else None
+    for flag, n in lengths.items():
+        if limit is not None and n is not None and n > limit:
+            raise UserError(f"--{flag} {n} is longer than the {limit:,} tokens the released model states as its "
+                            f"maximum ({config[BASE_MODEL_KEY]['folder']}/config.json)")
+
+
+def _open_model(train_folder: str | os.PathLike, checkpoint: str, device: Any, shape_flags: dict,
+                lengths: dict[str, int | None] | None = None) -> tuple[Path, dict, Path, DiffusionLM]:
+    """(run folder, run config, checkpoint path, model in eval mode), loaded strictly; the shape flags and the
+    sequence `lengths` (`check_released_length`) are checked before anything is loaded."""
     folder = resolve_run_folder(train_folder)
     config = read_json(folder / CONFIG_FILE)
     check_shape_flags(config["model"], shape_flags)
+    check_released_length(config, lengths or {})
     path = resolve_checkpoint(folder, checkpoint)
     if BASE_MODEL_KEY in config:
         return folder, config, path, open_released(config, device)
@@ -75,8 +87,12 @@ class BaseRunFlags(Protocol):
 
 
 def open_base_run(cfg: BaseRunFlags, device) -> tuple[Path, dict, Path, DiffusionLM]:
-    """(run folder, run config, checkpoint path, frozen base model) for a stage with RunFlags and ShapeFlags."""
-    folder, run_cfg, path, model = _open_model(cfg.train_folder, cfg.checkpoint_name, device, cfg.shape_flags())
+    """(run folder, run config, checkpoint path, frozen base model) for a stage with RunFlags and ShapeFlags;
+    a released model's run first checks the stage's --train_seq_len and --val_seq_len, where it has them,
+    against its stated maximum."""
+    lengths = {flag: getattr(cfg, flag, None) for flag in ("train_seq_len", "val_seq_len")}
+    folder, run_cfg, path, model = _open_model(cfg.train_folder, cfg.checkpoint_name, device, cfg.shape_flags(),
+                                               lengths)
     model.requires_grad_(False)
     return folder, run_cfg, path, model
 

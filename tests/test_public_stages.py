@@ -289,3 +289,38 @@ def test_exports_of_a_public_run_work_or_refuse_in_one_line(staged, tool, tmp_pa
     else:
         out = module.main(cfg)
         assert out == tmp_path / tool and any(out.iterdir())
+
+
+def test_a_released_run_refuses_sequences_past_its_stated_maximum():
+    """The check on the config alone: over the stated maximum is refused in one line naming flag and file; at
+    it, unset, without a stated maximum, or in a trained run, anything goes."""
+    from core.files import UserError
+    from experiment.paths import BASE_MODEL_KEY
+    from experiment.runs import check_released_length
+
+    released = {BASE_MODEL_KEY: {"folder": "/models/LLaDA", "max_seq_len": 4096}}
+    check_released_length(released, {"train_seq_len": 4096, "val_seq_len": None})
+    with pytest.raises(UserError) as e:
+        check_released_length(released, {"train_seq_len": 4096, "val_seq_len": 8192})
+    assert str(e.value) == ("--val_seq_len 8192 is longer than the 4,096 tokens the released model states as its "
+                            "maximum (/models/LLaDA/config.json)")
+    check_released_length({BASE_MODEL_KEY: {"folder": "/m", "max_seq_len": None}}, {"train_seq_len": 10**6})
+    check_released_length({"train": {"train_seq_len": 256}}, {"train_seq_len": 4096})
+
+
+@pytest.mark.slow
+def test_stages_3_and_4_refuse_a_length_past_the_released_maximum(staged):
+    """The tiny configs state 64 tokens: 128 is refused by both stages before the model is read."""
+    from core.files import UserError
+    from interp.contexts.command import main as topk
+    from tests.helpers import tiny_topk_config, tiny_transcoder_config
+    from training.transcoders_command import main as transcoders
+
+    _, run, _, _ = staged
+    attempts = [("train_seq_len", lambda: transcoders(tiny_transcoder_config(run, train_seq_len=128, batch_size=4))),
+                ("val_seq_len", lambda: transcoders(tiny_transcoder_config(run, train_seq_len=64, val_seq_len=128,
+                                                                           batch_size=4))),
+                ("train_seq_len", lambda: topk(tiny_topk_config(run, train_seq_len=128, batch_size=4)))]
+    for flag, attempt in attempts:
+        with pytest.raises(UserError, match=f"^--{flag} 128 is longer than the 64 tokens the released model"):
+            attempt()
