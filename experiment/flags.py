@@ -12,6 +12,8 @@ from typing import Literal, Optional
 from core import checks as c
 from core.cli import Flags, arg
 from core.files import UserError
+from data.chat import chat_template, render_chat, special_tokens
+from experiment.paths import BASE_MODEL_KEY
 from model.sampler import SamplerConfig
 
 SHAPE_FLAGS = ("num_layers", "num_heads", "model_dim")
@@ -127,8 +129,10 @@ class SamplingFlags(FlagGroup):
 
     prompt: list[str] = arg([], "a prompt (repeat the flag for several); a released model reads it as its tokenizer "
                                 "encodes it, without BOS: a Base model continues plain text, an Instruct model "
-                                "expects its chat template written out in the prompt", c.TEXT)
+                                "expects its chat template (--chat, or written out in the prompt)", c.TEXT)
     prompts_file: str = arg("", "a text file with one prompt per line", c.TEXT_FILE)
+    chat: bool = arg(False, "a run made from a released Instruct model: each prompt becomes a user message in the "
+                            "model's own chat template (from its folder), the assistant's turn opened")
     gen_length: int = arg(32, "tokens to generate after each prompt", c.COUNT)
     num_generate_steps: int = arg(32, "denoising steps", c.COUNT)
     block_length: Optional[int] = arg(None, "semi-autoregressive block length (this project's and LLaDA's samplers); "
@@ -173,6 +177,23 @@ class SamplingFlags(FlagGroup):
                 raise UserError(f"--prompts_file {path} does not exist")
             prompts += [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         return prompts or EXAMPLE_PROMPTS
+
+    def model_prompts(self, config: dict) -> list[str]:
+        """`prompts()`, each rendered in the run's chat template with --chat (a run made from a released model
+        whose folder has one; anything else is refused in one line)."""
+        prompts = self.prompts()
+        if not self.chat:
+            return prompts
+        base = config.get(BASE_MODEL_KEY)
+        if base is None:
+            raise UserError("--chat: this run's model was trained here and has no chat template (the flag is for a "
+                            "run made from a released Instruct model by python -m experiment.init_base)")
+        template = chat_template(base["folder"])
+        if template is None:
+            raise UserError(f"--chat: {base['folder']} has no chat template (no chat_template in "
+                            "tokenizer_config.json, no chat_template.jinja): a Base model continues plain text")
+        tokens = special_tokens(base["folder"])
+        return [render_chat(template, p, tokens) for p in prompts]
 
     def check_lengths(self, prompts: list[str], tok, run_len: int | None, adds_bos: bool) -> None:
         """Every prompt (with the BOS this project's sampler adds, `adds_bos`) and its continuation must fit

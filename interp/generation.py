@@ -66,7 +66,7 @@ def print_record(rec: dict, tok, quiet: bool) -> None:
 def main(cfg: GenerateConfig) -> list[dict]:
     device = resolve_device(cfg.cuda, cfg.device)
     config, model, tok, path = load_run(cfg.train_folder, cfg.checkpoint_name, device, cfg.shape_flags())
-    prompts = cfg.prompts()
+    prompts = cfg.model_prompts(config)
     rule = cfg.sampler_config().rule(model.cfg)
     cfg.check_lengths(prompts, tok, run_seq_len(config), adds_bos=rule == "diffusionlm")
     how = f"{cfg.alg} order" if rule == "dream" else f"{cfg.remasking} remasking"

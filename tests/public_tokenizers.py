@@ -14,7 +14,8 @@ from tests.public_fixtures import DREAM_TINY, LLADA_TINY, write_public_folder
 
 BPE_SIZE = 300  # ids 0..299: the byte symbols and the merges
 ROWS = 320  # embedding rows; the ids above the tokenizer's are unused
-LLADA_SPECIALS = ["<|startoftext|>", "<|endoftext|>", "[CLS]", "[gMASK]", "<|reserved_token_0|>", "<|mdm_mask|>"]
+LLADA_SPECIALS = ["<|startoftext|>", "<|endoftext|>", "[CLS]", "[gMASK]", "<|reserved_token_0|>", "<|mdm_mask|>",
+                  "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 DREAM_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|beginoftext|>", "<|mask|>"]
 LLADA_BPE_BOS = BPE_SIZE  # <|startoftext|>, in generation_config.json
 LLADA_BPE = {**LLADA_TINY, "vocab_size": ROWS, "embedding_size": ROWS, "eos_token_id": BPE_SIZE + 1,
@@ -22,6 +23,16 @@ LLADA_BPE = {**LLADA_TINY, "vocab_size": ROWS, "embedding_size": ROWS, "eos_toke
 DREAM_BPE = {**DREAM_TINY, "vocab_size": ROWS, "bos_token_id": BPE_SIZE, "eos_token_id": BPE_SIZE,
              "pad_token_id": BPE_SIZE, "mask_token_id": BPE_SIZE + 4}
 TEXT_SIZE = {"llada": BPE_SIZE + len(LLADA_SPECIALS), "dream": BPE_SIZE + len(DREAM_SPECIALS)}
+# LLaDA-8B-Instruct's chat template, as its tokenizer_config.json has it (the release's own data)
+LLADA_CHAT = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+              "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
+              "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+              "{{ content }}{% endfor %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}")
+# a ChatML template of the Qwen2 kind Dream-v0-Instruct uses (a default system message, then the turns)
+DREAM_CHAT = ("{%- if messages[0]['role'] != 'system' %}{{- '<|im_start|>system\nYou are a helpful assistant."
+              "<|im_end|>\n' }}{%- endif %}{%- for message in messages %}{{- '<|im_start|>' + message.role + '\n' + "
+              "message.content + '<|im_end|>\n' }}{%- endfor %}{%- if add_generation_prompt %}"
+              "{{- '<|im_start|>assistant\n' }}{%- endif %}")
 
 CORPUS = ["The quick brown fox jumps over the lazy dog.", "A masked diffusion model unmasks tokens step by step.",
           "Paris is the capital of France; Berlin is the capital of Germany.", "Numbers: 12, 345, 6789 and 3.14.",
@@ -54,7 +65,8 @@ def write_tokenizer(folder: Path, family: str, corpus: list[str] | None = None) 
         tok.save(str(folder / "tokenizer.json"))
         (folder / "tokenizer_config.json").write_text(json.dumps({
             "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": specials[0], "eos_token": specials[1],
-            "pad_token": specials[1], "add_bos_token": False, "add_eos_token": False}, indent=2))
+            "pad_token": specials[1], "add_bos_token": False, "add_eos_token": False, "chat_template": LLADA_CHAT},
+            indent=2))
         return
     tok.model.save(str(folder))  # vocab.json and merges.txt
     added = {s: BPE_SIZE + i for i, s in enumerate(specials)}
@@ -65,7 +77,8 @@ def write_tokenizer(folder: Path, family: str, corpus: list[str] | None = None) 
         "tokenizer_class": "DreamTokenizer", "auto_map": {"AutoTokenizer": ["tokenization_dream.DreamTokenizer",
                                                                             None]},
         "added_tokens_decoder": decoder, "bos_token": "<|beginoftext|>", "eos_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>", "mask_token": "<|mask|>", "unk_token": None, "add_bos_token": False},
+        "pad_token": "<|endoftext|>", "mask_token": "<|mask|>", "unk_token": None, "add_bos_token": False,
+        "chat_template": DREAM_CHAT},
         indent=2))
 
 

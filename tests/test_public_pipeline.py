@@ -116,6 +116,28 @@ def test_generate_descriptions_explains_every_step(public_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_chat_renders_the_prompt_in_the_models_template_in_stages_2_and_6(public_run, tmp_path):
+    """--chat: the prompt the stages show, encode and explain is the template's rendering of the typed one."""
+    from data.chat import chat_template, render_chat, special_tokens
+    from experiment.paths import BASE_MODEL_KEY
+
+    _, run = public_run
+    config, _, tok, _ = load_run(run, RELEASED, "cpu")
+    folder = config[BASE_MODEL_KEY]["folder"]
+    rendered = render_chat(chat_template(folder), PROMPT, special_tokens(folder))
+    assert rendered != PROMPT and PROMPT in rendered
+    gen, explained = tmp_path / "gen.json", tmp_path / "explanations.json"
+    chat = ["--chat", "--max_seq_len", "128"]  # Dream's default system message alone is ~60 tiny-BPE tokens
+    ok(run_cli(["generate.py", "--train_folder", str(run), *SAMPLING, *chat, "--output", str(gen)]))
+    (rec,) = json.loads(gen.read_text())["generations"]
+    assert rec["prompt"] == rendered and rec["prompt_ids"] == tok.encode_prompt(rendered)
+    ok(run_cli(["generate_descriptions.py", "--train_folder", str(run), *SAMPLING, *chat, "--explainer", "tokens",
+                "--random_draws", "2", "--output", str(explained)]))
+    (prompt,) = json.loads(explained.read_text())["prompts"]
+    assert prompt["prompt"] == rendered
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["mask", "never predicted"])
 def test_commits_of_the_mask_or_a_never_predicted_id_are_no_targets(public_run, tmp_path, monkeypatch, capsys, which):
     _, run = public_run

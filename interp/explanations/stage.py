@@ -322,7 +322,7 @@ def run_explanations(cfg: ExplainConfig, explainer_factory=None) -> Path:
     tag = str(Path(cfg.explainer).expanduser()) if is_path and cfg.explainer != TOKENS else cfg.explainer
     descriptions = load_descriptions(paths.records, tag)
     transcoders = load_transcoders(paths.transcoders, layers, device, model.cfg.model_dim)
-    prompts = cfg.prompts()
+    prompts = cfg.model_prompts(config)
     adds_bos = cfg.sampler_config().rule(model.cfg) == "diffusionlm"
     cfg.check_lengths(prompts, tok, run_seq_len(config), adds_bos)
     changes = parse_changes(cfg.intervene)  # every node checked against the run before the explainer loads

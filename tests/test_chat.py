@@ -1,0 +1,69 @@
+"""--chat: a prompt rendered in a released Instruct model's own chat template (read from its folder, rendered by
+transformers' apply_chat_template), then encoded with its special tokens read as themselves; refusals in one
+line where there is no template."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from core.files import UserError
+from data.chat import chat_template, render_chat, special_tokens
+from data.tokenizer import ModelTokenizer
+from experiment.flags import SamplingFlags
+from experiment.paths import BASE_MODEL_KEY
+from tests.public_tokenizers import BPE_SIZE, LLADA_CHAT, LLADA_SPECIALS, write_bpe_public_folder
+
+LLADA_RENDERED = ("<|startoftext|><|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|>"
+                  "<|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+def released(folder) -> dict:
+    return {BASE_MODEL_KEY: {"folder": str(folder), "max_seq_len": 64}}
+
+
+def test_llada_s_template_renders_as_its_chat_script_would(tmp_path):
+    """LLaDA-8B-Instruct's own template: BOS first, the content trimmed, the assistant's header opened."""
+    folder = write_bpe_public_folder(tmp_path / "llada", "llada")
+    assert chat_template(folder) == LLADA_CHAT
+    assert special_tokens(folder)["bos_token"] == "<|startoftext|>"
+    text = render_chat(LLADA_CHAT, "  What is 2+2? ", special_tokens(folder))
+    assert text == LLADA_RENDERED
+    assert SamplingFlags(prompt=["  What is 2+2? "], chat=True).model_prompts(released(folder)) == [text]
+    tok = ModelTokenizer.from_model_folder(folder)
+    ids, tail = tok.encode_prompt(text), tok.encode("\n\n")
+    special = {s: BPE_SIZE + i for i, s in enumerate(LLADA_SPECIALS)}
+    assert ids[:2] == [special["<|startoftext|>"], special["<|start_header_id|>"]]  # each a single id
+    assert ids[-len(tail) - 1:] == [special["<|end_header_id|>"], *tail] and ids.count(special["<|eot_id|>"]) == 1
+
+
+def test_dream_s_chatml_template_opens_the_assistant_turn(tmp_path):
+    folder = write_bpe_public_folder(tmp_path / "dream", "dream")
+    (text,) = SamplingFlags(prompt=["Hi"], chat=True).model_prompts(released(folder))
+    assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+                    "<|im_start|>assistant\n")
+    ids = ModelTokenizer.from_model_folder(folder).encode_prompt(text)
+    assert ids.count(BPE_SIZE + 1) == 3  # <|im_start|> read as itself, three times
+
+
+def test_templates_in_a_list_or_a_jinja_file_and_none(tmp_path):
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": [
+        {"name": "tool_use", "template": "tools"}, {"name": "default", "template": "{{ messages[0].content }}!"}]}))
+    assert chat_template(tmp_path) == "{{ messages[0].content }}!"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": {"content": "<s>"}}))
+    assert chat_template(tmp_path) is None and special_tokens(tmp_path) == {"bos_token": "<s>"}
+    (tmp_path / "chat_template.jinja").write_text("[{{ messages[0].content }}]")
+    assert render_chat(chat_template(tmp_path), "x", {}) == "[x]"
+
+
+def test_chat_is_refused_in_one_line_without_a_template(tmp_path):
+    plain = SamplingFlags(prompt=["a b"])
+    assert plain.model_prompts({"train": {}}) == ["a b"]  # without --chat the prompt is as typed
+    with pytest.raises(UserError, match="^--chat: this run's model was trained here and has no chat template"):
+        SamplingFlags(prompt=["a b"], chat=True).model_prompts({"train": {}})
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>"}))  # a Base model
+    with pytest.raises(UserError, match=f"^--chat: {tmp_path} has no chat template .*a Base model continues"):
+        SamplingFlags(prompt=["a b"], chat=True).model_prompts(released(tmp_path))
+    with pytest.raises(UserError, match="^the chat template cannot render a prompt") as e:
+        render_chat("{{ raise_exception('only system and user roles') }}", "a", {})
+    assert "\n" not in str(e.value)
