@@ -67,3 +67,14 @@ def test_chat_is_refused_in_one_line_without_a_template(tmp_path):
     with pytest.raises(UserError, match="^the chat template cannot render a prompt") as e:
         render_chat("{{ raise_exception('only system and user roles') }}", "a", {})
     assert "\n" not in str(e.value)
+
+
+def test_the_rendering_is_the_same_under_transformers_4():
+    """Users on transformers 4 (circuit-tracer's pinned 4.57.3, in a subprocess) get the same text."""
+    from tests.helpers import side_package_python
+
+    code = ("import json, sys, transformers\nfrom data.chat import render_chat\nfrom tests.public_tokenizers import "
+            "LLADA_CHAT\nassert transformers.__version__.startswith('4.'), transformers.__version__\n"
+            "print(json.dumps(render_chat(LLADA_CHAT, sys.argv[1], {'bos_token': '<|startoftext|>'})))")
+    proc = side_package_python("circuit-tracer", code, "  What is 2+2? ")
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == LLADA_RENDERED
