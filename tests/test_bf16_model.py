@@ -237,3 +237,24 @@ def test_transcoders_and_scan_on_a_bf16_base_model(family, tmp_path, monkeypatch
     assert index["complete"] and index["n_tokens"] == 2 * 4 * 64
     features = [json.loads(line) for line in (Path(scan) / "layer_00" / "features.jsonl").read_text().splitlines()]
     assert sum(f["fire_count"] for f in features) > 0
+
+
+def test_the_noise_floor_is_the_bf16_models_own_rounding(step):
+    """A bf16 model resolves changes of a target value only down to its own rounding, measured at the step as it
+    ran against the float32 frozen step; the same weights in float32 keep float32's floor. The step's analysis
+    scores agreement above that floor and records it."""
+    from interp.explanations.interventions import NOISE, agreement, noise_floor
+    from interp.explanations.step_analysis import StepSettings, analyse_step
+
+    bf16, upcast, tcs, tokens, positions, targets = step
+    g, fz = build_graph(bf16, tcs, tokens, positions, targets)
+    base = run_step(bf16, tcs, fz, positions, targets)
+    floor = noise_floor(base, g.target_values)
+    assert floor == pytest.approx(float((base.value - g.target_values).abs().max()))
+    assert 1e-3 < floor <= bf16_tolerance(g.target_values)  # bf16 rounding: well above float32's 1e-5
+    g32, fz32 = build_graph(upcast, tcs, tokens, positions, targets)
+    assert noise_floor(run_step(upcast, tcs, fz32, positions, targets), g32.target_values) == NOISE
+    assert agreement(floor / 3, -floor / 3, floor) == 1.0 and agreement(floor, -floor, floor) == 0.0
+    res = analyse_step(bf16, tcs, tokens, positions, targets, StepSettings(features_per_layer=2, random_draws=2,
+                                                                           faithfulness_features=2))
+    assert res.noise_floor == pytest.approx(floor)

@@ -198,12 +198,19 @@ def random_like(g: Graph, nodes: list[int], rng: random.Random) -> list[int] | N
 NOISE = 1e-5  # below this a change of a target value (logit units) is float32 noise
 
 
-def agreement(measured: float, predicted: float) -> float:
+def noise_floor(base: StepRun, target_values: torch.Tensor) -> float:
+    """The smallest change of a target value the model resolves: NOISE, or the model's own rounding where it is
+    larger, measured as the largest |value in the model − value in the float32 frozen step| at the step as it
+    ran (a model held in bf16 rounds its residual at every layer: about 1% of the logits)."""
+    return max(NOISE, float((base.value.float() - target_values.to(base.value.device)).abs().max()))
+
+
+def agreement(measured: float, predicted: float, floor: float = NOISE) -> float:
     """1 − |measured − predicted| / (|measured| + |predicted|): 1 when the graph predicted the change
     exactly, 0.5 when off by a factor of 3, 0 for opposite signs or a change it did not see at all; 1
-    when both are below the noise floor."""
+    when both together stay within the noise `floor` (`noise_floor`)."""
     size = abs(measured) + abs(predicted)
-    return 1.0 - abs(measured - predicted) / size if size > NOISE else 1.0
+    return 1.0 - abs(measured - predicted) / size if size > floor else 1.0
 
 
 @dataclass

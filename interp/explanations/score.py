@@ -29,7 +29,7 @@ import torch
 
 from interp.descriptions.scoring import pearson
 from interp.explanations.graph import Graph
-from interp.explanations.interventions import Check, StepRun, ablate, agreement, random_like
+from interp.explanations.interventions import NOISE, Check, StepRun, ablate, agreement, random_like
 
 
 def shares(check: Check, values: list[float]) -> list[float]:
@@ -43,10 +43,10 @@ def carried(check: Check, values: list[float], clip: bool = True) -> float | Non
     return sum(xs) / len(xs) if xs else None
 
 
-def mean_agreement(check: Check) -> float:
+def mean_agreement(check: Check, floor: float = NOISE) -> float:
     """Per committed token, then averaged: errors of opposite sign on two tokens cannot cancel."""
     pairs = list(zip(check.measured, check.predicted))
-    return sum(agreement(m, p) for m, p in pairs) / len(pairs) if pairs else 1.0
+    return sum(agreement(m, p, floor) for m, p in pairs) / len(pairs) if pairs else 1.0
 
 
 @dataclass
@@ -119,27 +119,29 @@ class ExplanationScore:
 
 
 def score_explanation(model, transcoders, fz, g: Graph, effects: torch.Tensor, nodes: list[int], base: StepRun,
-                      draws: int, seed: int = 0) -> ExplanationScore:
+                      draws: int, seed: int = 0, floor: float = NOISE) -> ExplanationScore:
     """Ablate the cited `nodes` together, then `draws` random sets drawn like them and the most active set
-    like them (one batch of forward passes): each set's score, by the same formula."""
+    like them (one batch of forward passes): each set's score, by the same formula (agreement above the
+    noise `floor`)."""
     rng = random.Random(seed)
     randoms = [o for o in (random_like(g, nodes, rng) for _ in range(draws)) if o]
     active = most_active(g, nodes)
     checks = ablate(model, transcoders, fz, g, effects, [nodes, active] + randoms, base, replacement=False)
     values = g.target_values.tolist()
-    sets = [CitedSet(name, c, carried(c, values), carried(c, values, clip=False), mean_agreement(c))
+    sets = [CitedSet(name, c, carried(c, values), carried(c, values, clip=False), mean_agreement(c, floor))
             for name, c in zip(["explanation", "most active"] + ["random"] * len(randoms), checks)]
     return ExplanationScore(sets[0], sets[2:], sets[1])
 
 
-def single_ablation_agreement(checks: list[Check]) -> dict:
+def single_ablation_agreement(checks: list[Check], floor: float = NOISE) -> dict:
     """Over the single ablations of the cited features (every committed token a point): how the graph's
     predicted Δ value compares with the model's and the replacement model's measured ones. graph vs
-    replacement isolates frozen attention and norms; replacement vs model, the transcoders' misses."""
+    replacement isolates frozen attention and norms; replacement vs model, the transcoders' misses. Signs are
+    compared where the change or its prediction exceeds the noise `floor`."""
     pred = [x for c in checks for x in c.predicted]
     real = [x for c in checks for x in c.measured]
     repl = [x for c in checks for x in c.replacement]
-    signs = [(p > 0) == (m > 0) for p, m in zip(pred, real) if abs(m) > 1e-5 or abs(p) > 1e-5]
+    signs = [(p > 0) == (m > 0) for p, m in zip(pred, real) if abs(m) > floor or abs(p) > floor]
 
     def r(x: list[float], y: list[float]) -> float | None:  # two points always correlate ±1: say nothing
         return _round(pearson(x, y)) if len(x) >= 3 else None

@@ -127,6 +127,7 @@ def graph_record(res: StepAnalysis, tok, descriptions: dict, page_of=lambda laye
             "nodes": int(g.adjacency.shape[0]), "feature_nodes": g.n_features,
             "pruned_nodes": int(pr.node_mask.sum()), "pruned_edges": pr.n_edges,
             "graph_quality": res.graph_quality, "single_ablations": res.single_ablations,
+            "noise_floor": res.noise_floor,
             "explanation_score": scored,
             "scores": headline_scores(scored, res.graph_quality),
             "logprobs": [round(x, 5) for x in res.base.logp.tolist()], "intervention": res.intervention}

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from interp.explanations.graph import MASK, Graph, Pruned, build_graph, graph_scores, prune, total_effects
-from interp.explanations.interventions import Check, StepRun, ablate, intervene, run_step
+from interp.explanations.interventions import Check, StepRun, ablate, intervene, noise_floor, run_step
 from interp.explanations.score import ExplanationScore, score_explanation, single_ablation_agreement
 
 
@@ -150,6 +150,7 @@ class StepAnalysis:
     path_value: float | None  # what it carries into its target
     base: StepRun  # the step as it ran
     intervention: dict | None  # the --intervene changes' measured and predicted effects (None: none asked)
+    noise_floor: float  # the smallest change of a target value the model resolves (interventions.noise_floor)
 
 
 def analyse_step(model, transcoders, tokens: torch.Tensor, positions: list[int], targets: list[int],
@@ -161,18 +162,19 @@ def analyse_step(model, transcoders, tokens: torch.Tensor, positions: list[int],
     mean_effect = effects.mean(0)
     replacement, completeness = graph_scores(g, pr.influence)
     base = run_step(model, transcoders, fz, positions, targets)
+    floor = noise_floor(base, g.target_values)
     cited = cite(g, mean_effect, st.features_per_layer)
     singles = [i for sides in cited.values() for side in sides.values() for i in side]
     checks = dict(zip(singles, ablate(model, transcoders, fz, g, effects, [[i] for i in singles], base)
                       if singles else []))
     pushing = sorted((i for sides in cited.values() for i in sides["for"]), key=lambda i: -float(mean_effect[i]))
     top = pushing[:st.faithfulness_features]
-    score = (score_explanation(model, transcoders, fz, g, effects, top, base, st.random_draws, st.seed)
+    score = (score_explanation(model, transcoders, fz, g, effects, top, base, st.random_draws, st.seed, floor)
              if top else None)
     asked = intervene(model, transcoders, fz, g, effects, st.changes, base) if st.changes else None
     path = strongest_path(g, pr)
     return StepAnalysis(graph=g, pruned=pr, effects=effects, cited=cited, checks=checks, score=score,
-                        single_ablations=single_ablation_agreement(list(checks.values())),
+                        single_ablations=single_ablation_agreement(list(checks.values()), floor),
                         graph_quality={"replacement": replacement, "completeness": completeness},
                         parts=layer_parts(g), path=path, path_value=path_value(g, path), base=base,
-                        intervention=asked)
+                        intervention=asked, noise_floor=floor)
