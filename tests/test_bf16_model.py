@@ -239,11 +239,12 @@ def test_transcoders_and_scan_on_a_bf16_base_model(family, tmp_path, monkeypatch
     assert sum(f["fire_count"] for f in features) > 0
 
 
-def test_the_noise_floor_is_the_bf16_models_own_rounding(step):
+def test_the_noise_floor_is_the_bf16_models_own_rounding(step, capsys):
     """A bf16 model resolves changes of a target value only down to its own rounding, measured at the step as it
     ran against the float32 frozen step; the same weights in float32 keep float32's floor. The step's analysis
     scores agreement above that floor and records it."""
     from interp.explanations.interventions import NOISE, agreement, noise_floor
+    from interp.explanations.stage import graph_record, print_graph
     from interp.explanations.step_analysis import StepSettings, analyse_step
 
     bf16, upcast, tcs, tokens, positions, targets = step
@@ -258,3 +259,12 @@ def test_the_noise_floor_is_the_bf16_models_own_rounding(step):
     res = analyse_step(bf16, tcs, tokens, positions, targets, StepSettings(features_per_layer=2, random_draws=2,
                                                                            faithfulness_features=2))
     assert res.noise_floor == pytest.approx(floor)
+    record = graph_record(res, Pieces(), {})
+    assert record["noise_floor"] == res.noise_floor
+    print_graph(record)
+    assert f"resolves changes of a value down to {floor:.3g} logit (its own rounding)" in capsys.readouterr().out
+
+
+class Pieces:
+    def decode(self, ids) -> str:
+        return "".join(f"<{i}>" for i in ids)

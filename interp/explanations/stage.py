@@ -21,7 +21,7 @@ from interp.descriptions.records import TOKENS, read_records
 from interp.explanations.config import ExplainConfig
 from interp.explanations.graph import FEATURE, MASK, TARGET, TOKEN
 from interp.explanations.graph_export import FEATURE_SCAN, cited_features, graph_json, write_feature_files, write_graph
-from interp.explanations.interventions import check_changes, parse_changes
+from interp.explanations.interventions import NOISE, check_changes, parse_changes
 from interp.explanations.report import write_report
 from interp.explanations.step_analysis import EFFECT_FLOOR, MI_FORMULA, StepAnalysis, StepSettings, analyse_step
 from interp.explanations.wording import (
@@ -236,7 +236,9 @@ def print_graph(g: dict) -> None:
     print(f"          single ablations of the cited features ({a['n']} points): graph vs model Pearson "
           f"{fmt(a['pearson_graph_model'])}, sign agreement {fmt(a['sign_agreement'])}; graph vs replacement "
           f"model {fmt(a['pearson_graph_replacement'])}, replacement model vs model "
-          f"{fmt(a['pearson_replacement_model'])}")
+          f"{fmt(a['pearson_replacement_model'])}"
+          + (f"; the model resolves changes of a value down to {g['noise_floor']:.3g} logit (its own rounding)"
+             if g["noise_floor"] > NOISE else ""))
     e = g["explanation_score"]
     if e:
         x, r = e["explanation"], e["random"]
