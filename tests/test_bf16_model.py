@@ -241,20 +241,28 @@ def test_transcoders_and_scan_on_a_bf16_base_model(family, tmp_path, monkeypatch
 
 def test_the_noise_floor_is_the_bf16_models_own_rounding(step, capsys):
     """A bf16 model resolves changes of a target value only down to its own rounding, measured at the step as it
-    ran against the float32 frozen step; the same weights in float32 keep float32's floor. The step's analysis
-    scores agreement above that floor and records it."""
-    from interp.explanations.interventions import NOISE, agreement, noise_floor
+    ran against the float32 frozen step over every committable token at the positions read: every single and
+    pairwise feature ablation's measured change differs from the same change in the same weights held in float32
+    by less than that floor. The same weights in float32 keep float32's floor. The step's analysis scores
+    agreement above the floor, records it and prints it."""
+    from interp.explanations.graph import total_effects
+    from interp.explanations.interventions import NOISE, ablate, agreement, noise_floor
     from interp.explanations.stage import graph_record, print_graph
     from interp.explanations.step_analysis import StepSettings, analyse_step
 
     bf16, upcast, tcs, tokens, positions, targets = step
     g, fz = build_graph(bf16, tcs, tokens, positions, targets)
-    base = run_step(bf16, tcs, fz, positions, targets)
-    floor = noise_floor(base, g.target_values)
-    assert floor == pytest.approx(float((base.value - g.target_values).abs().max()))
+    floor = noise_floor(bf16, tcs, fz, positions)
     assert 1e-3 < floor <= bf16_tolerance(g.target_values)  # bf16 rounding: well above float32's 1e-5
     g32, fz32 = build_graph(upcast, tcs, tokens, positions, targets)
-    assert noise_floor(run_step(upcast, tcs, fz32, positions, targets), g32.target_values) == NOISE
+    assert noise_floor(upcast, tcs, fz32, positions) == NOISE
+    n = g.n_features
+    sets = [[i] for i in range(n)] + [[i, j] for i in range(0, n, 3) for j in range(1, n, 5) if i != j]
+    ours = ablate(bf16, tcs, fz, g, total_effects(g), sets, run_step(bf16, tcs, fz, positions, targets), False)
+    exact = ablate(upcast, tcs, fz32, g32, total_effects(g32), sets, run_step(upcast, tcs, fz32, positions, targets),
+                   False)
+    errors = [abs(a - b) for x, y in zip(ours, exact) for a, b in zip(x.measured, y.measured)]
+    assert len(errors) > 20 and max(errors) < floor, (max(errors), floor)
     assert agreement(floor / 3, -floor / 3, floor) == 1.0 and agreement(floor, -floor, floor) == 0.0
     res = analyse_step(bf16, tcs, tokens, positions, targets, StepSettings(features_per_layer=2, random_draws=2,
                                                                            faithfulness_features=2))

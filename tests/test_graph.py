@@ -266,6 +266,11 @@ def test_the_explanation_score_and_its_measured_chance_level(setup):
             assert c.score == pytest.approx(10 * c.carried * c.agreement)
         d = s.as_dict()
         assert d["percentile"] == pytest.approx(percentile(s.explanation.score, s.random_scores()))
+    # the noise floor reaches every set alike: below a floor larger than every change and value, every set's
+    # agreement is 1 and no token has a share to carry (the controls never keep float32's floor)
+    blind = score_explanation(model, tcs, fz, g, effects, best, base, draws=12, floor=1e6)
+    for c in [blind.explanation, blind.most_active, *blind.random]:
+        assert c.agreement == 1.0 and c.carried is None and c.score is None
         assert d["random"]["mean"] == pytest.approx(sum(s.random_scores()) / 12, abs=1e-4)
         assert min(s.random_scores()) - 1e-4 <= d["random"]["p95"] <= max(s.random_scores()) + 1e-4  # rounded
     assert good.as_dict()["percentile"] > 50 > bad.as_dict()["percentile"]

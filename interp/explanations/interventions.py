@@ -26,7 +26,7 @@ import torch
 
 from core.files import UserError
 from interp.explanations.graph import Graph
-from interp.explanations.replacement import FrozenStep, demean, log_probs
+from interp.explanations.replacement import FrozenStep, committable, demean, head_logits, log_probs
 from model.diffusion import DiffusionLM
 from model.transcoder import Transcoder
 
@@ -111,21 +111,28 @@ class StepRun(NamedTuple):
 
 
 @torch.no_grad()
+def step_logits(model: DiffusionLM, transcoders: dict[int, Transcoder], fz: FrozenStep, positions: list[int],
+                settings: list[Setting], replacement: bool = False) -> torch.Tensor:
+    """(S, n, n_vocab) float32 pre-cap logits the model reads at `positions`, one forward of all `settings`."""
+    rows = model.readout_rows(torch.tensor(positions, device=fz.tokens.device))  # where each prediction is read
+    no_vocab = torch.zeros(0, dtype=torch.long, device=fz.tokens.device)  # the head only where it is read (below)
+    with patched(model, transcoders, fz, settings, replacement):
+        hidden = model(fz.tokens.expand(len(settings), -1), select=no_vocab).hidden
+    return model.raw_logits(hidden[:, rows])
+
+
+@torch.no_grad()
 def run_step_settings(model: DiffusionLM, transcoders: dict[int, Transcoder], fz: FrozenStep, positions: list[int],
                       targets: list[int], settings: list[Setting], replacement: bool = False, batch_size: int = 64
                       ) -> StepRun:
     """Re-run the step once per setting, `batch_size` settings at a time (one forward each)."""
-    rows = model.readout_rows(torch.tensor(positions, device=fz.tokens.device))  # where each prediction is read
     never = model.cfg.never_predicted()
     wanted = torch.tensor(targets, device=fz.tokens.device)[None, :, None]
-    no_vocab = torch.zeros(0, dtype=torch.long, device=fz.tokens.device)  # the head only where it is read (below)
     logps, values, tops = [], [], []
     for i in range(0, len(settings), batch_size):
         part = settings[i:i + batch_size]
         B = len(part)
-        with patched(model, transcoders, fz, part, replacement):
-            hidden = model(fz.tokens.expand(B, -1), select=no_vocab).hidden
-        z = model.raw_logits(hidden[:, rows])  # (B, n, n_vocab)
+        z = step_logits(model, transcoders, fz, positions, part, replacement)  # (B, n, n_vocab)
         logp = log_probs(model.soft_cap(z), never)
         logps.append(logp.gather(-1, wanted.expand(B, -1, -1))[..., 0])
         values.append(demean(z, never).gather(-1, wanted.expand(B, -1, -1))[..., 0])
@@ -198,11 +205,19 @@ def random_like(g: Graph, nodes: list[int], rng: random.Random) -> list[int] | N
 NOISE = 1e-5  # below this a change of a target value (logit units) is float32 noise
 
 
-def noise_floor(base: StepRun, target_values: torch.Tensor) -> float:
+@torch.no_grad()
+def noise_floor(model: DiffusionLM, transcoders: dict[int, Transcoder], fz: FrozenStep, positions: list[int]) -> float:
     """The smallest change of a target value the model resolves: NOISE, or the model's own rounding where it is
-    larger, measured as the largest |value in the model − value in the float32 frozen step| at the step as it
-    ran (a model held in bf16 rounds its residual at every layer: about 1% of the logits)."""
-    return max(NOISE, float((base.value.float() - target_values.to(base.value.device)).abs().max()))
+    larger, measured at the step as it ran as the largest |demeaned pre-cap logit in the model − in the float32
+    frozen step| over every token a step can commit at every position the step reads (a model held in bf16
+    rounds its residual at every layer: about 1% of the logits). Over the whole vocabulary, not the few
+    committed tokens only: their handful of values can miss the rounding's reach."""
+    never = model.cfg.never_predicted()
+    rows = model.readout_rows(torch.tensor(positions, device=fz.tokens.device))
+    own = step_logits(model, transcoders, fz, positions, [{}])[0]
+    frozen = head_logits(model, fz.residual[rows] * fz.final_inv[rows] * fz.final_gain)
+    keep = committable(own.shape[-1], never, own.device)
+    return max(NOISE, float((demean(own, never) - demean(frozen.to(own.device), never))[:, keep].abs().max()))
 
 
 def agreement(measured: float, predicted: float, floor: float = NOISE) -> float:

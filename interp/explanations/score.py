@@ -32,14 +32,15 @@ from interp.explanations.graph import Graph
 from interp.explanations.interventions import NOISE, Check, StepRun, ablate, agreement, random_like
 
 
-def shares(check: Check, values: list[float]) -> list[float]:
-    """Each token's measured value drop as a share of its value (tokens with a positive value only)."""
-    return [-d / v for d, v in zip(check.measured, values) if v > 0]
+def shares(check: Check, values: list[float], floor: float = NOISE) -> list[float]:
+    """Each token's measured value drop as a share of its value (tokens whose value exceeds `floor` only: a
+    value within the noise floor would make the share a ratio of rounding)."""
+    return [-d / v for d, v in zip(check.measured, values) if v > floor]
 
 
-def carried(check: Check, values: list[float], clip: bool = True) -> float | None:
-    """The mean share (each clipped to [0, 1] with `clip`); None when no token has a positive value."""
-    xs = [min(1.0, max(0.0, x)) if clip else x for x in shares(check, values)]
+def carried(check: Check, values: list[float], clip: bool = True, floor: float = NOISE) -> float | None:
+    """The mean share (each clipped to [0, 1] with `clip`); None when no token's value exceeds `floor`."""
+    xs = [min(1.0, max(0.0, x)) if clip else x for x in shares(check, values, floor)]
     return sum(xs) / len(xs) if xs else None
 
 
@@ -128,7 +129,8 @@ def score_explanation(model, transcoders, fz, g: Graph, effects: torch.Tensor, n
     active = most_active(g, nodes)
     checks = ablate(model, transcoders, fz, g, effects, [nodes, active] + randoms, base, replacement=False)
     values = g.target_values.tolist()
-    sets = [CitedSet(name, c, carried(c, values), carried(c, values, clip=False), mean_agreement(c, floor))
+    sets = [CitedSet(name, c, carried(c, values, floor=floor), carried(c, values, clip=False, floor=floor),
+                     mean_agreement(c, floor))
             for name, c in zip(["explanation", "most active"] + ["random"] * len(randoms), checks)]
     return ExplanationScore(sets[0], sets[2:], sets[1])
 
@@ -145,6 +147,6 @@ def single_ablation_agreement(checks: list[Check], floor: float = NOISE) -> dict
 
     def r(x: list[float], y: list[float]) -> float | None:  # two points always correlate ±1: say nothing
         return _round(pearson(x, y)) if len(x) >= 3 else None
-    return {"n": len(pred), "pearson_graph_model": r(pred, real),
+    return {"n": len(pred), "n_signed": len(signs), "pearson_graph_model": r(pred, real),
             "pearson_graph_replacement": r(pred, repl), "pearson_replacement_model": r(repl, real),
             "sign_agreement": _round(sum(signs) / len(signs)) if signs else None}

@@ -234,7 +234,8 @@ def print_graph(g: dict) -> None:
     a = g["single_ablations"]
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
     print(f"          single ablations of the cited features ({a['n']} points): graph vs model Pearson "
-          f"{fmt(a['pearson_graph_model'])}, sign agreement {fmt(a['sign_agreement'])}; graph vs replacement "
+          f"{fmt(a['pearson_graph_model'])}, sign agreement {fmt(a['sign_agreement'])} (over the {a['n_signed']} "
+          f"points above the noise floor); graph vs replacement "
           f"model {fmt(a['pearson_graph_replacement'])}, replacement model vs model "
           f"{fmt(a['pearson_replacement_model'])}"
           + (f"; the model resolves changes of a value down to {g['noise_floor']:.3g} logit (its own rounding)"

@@ -162,7 +162,7 @@ def analyse_step(model, transcoders, tokens: torch.Tensor, positions: list[int],
     mean_effect = effects.mean(0)
     replacement, completeness = graph_scores(g, pr.influence)
     base = run_step(model, transcoders, fz, positions, targets)
-    floor = noise_floor(base, g.target_values)
+    floor = noise_floor(model, transcoders, fz, positions)
     cited = cite(g, mean_effect, st.features_per_layer)
     singles = [i for sides in cited.values() for side in sides.values() for i in side]
     checks = dict(zip(singles, ablate(model, transcoders, fz, g, effects, [[i] for i in singles], base)
