@@ -1,11 +1,11 @@
 """A released Instruct model's chat template (LLaDA-8B-Instruct, Dream-v0-Instruct-7B): a prompt is rendered
 as one user message followed by the assistant's header, as the models' own chat scripts do before encoding.
 
-The template is read from the model's folder: tokenizer_config.json's `chat_template` (a string, or a list of
-named templates, the one named "default" taken), else chat_template.jinja. It is rendered by transformers'
-own `apply_chat_template`, with the special tokens (`bos_token`, `eos_token`, ...) tokenizer_config.json names,
-so the text is what transformers would give for that folder; the stages then encode it with `encode_prompt`,
-which reads the special tokens in it as themselves.
+The template is read from the model's folder as transformers reads it: chat_template.jinja, else
+tokenizer_config.json's `chat_template` (a string, or a list of named templates, the one named "default"
+taken). It is rendered by transformers' own `apply_chat_template`, with the special tokens (`bos_token`,
+`eos_token`, ...) tokenizer_config.json names, so the text is what transformers would give for that folder;
+the stages then encode it with `encode_prompt`, which reads the special tokens in it as themselves.
 """
 from __future__ import annotations
 
@@ -26,16 +26,20 @@ def _config(folder: Path) -> dict:
 
 
 def chat_template(folder: str | Path) -> str | None:
-    """The chat template of a released model's folder, or None when it has none (a Base model)."""
+    """The chat template of a released model's folder, or None when it has none (a Base model). As transformers
+    reads them: chat_template.jinja first, then tokenizer_config.json's `chat_template` (a list of named
+    templates: the one named "default"; a list without one is refused in one line)."""
     folder = Path(folder)
-    found = _config(folder).get("chat_template")
-    if isinstance(found, list):  # [{"name": ..., "template": ...}, ...]
-        found = next((t.get("template") for t in found if isinstance(t, dict) and t.get("name") == "default"), None)
-    if isinstance(found, str) and found:
-        return found
     if (folder / JINJA_FILE).is_file():
         return (folder / JINJA_FILE).read_text(encoding="utf-8")
-    return None
+    found = _config(folder).get("chat_template")
+    if isinstance(found, list):  # [{"name": ..., "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in found if isinstance(t, dict)}
+        if "default" not in named:
+            raise UserError(f"{folder / CONFIG_FILE} has chat templates named {sorted(map(str, named))} and none "
+                            "named 'default': --chat uses the default one")
+        found = named["default"]
+    return found if isinstance(found, str) and found else None
 
 
 def special_tokens(folder: str | Path) -> dict[str, str]:

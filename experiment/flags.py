@@ -197,12 +197,13 @@ class SamplingFlags(FlagGroup):
 
     def check_lengths(self, prompts: list[str], tok, run_len: int | None, adds_bos: bool) -> None:
         """Every prompt (with the BOS this project's sampler adds, `adds_bos`) and its continuation must fit
-        --max_seq_len (default `run_len`: the training length, or the released model's stated maximum)."""
+        --max_seq_len (default `run_len`: the training length, or the released model's stated maximum). The
+        refusal names the prompt as typed (with --chat, `prompts` are their renderings)."""
         limit = self.max_seq_len or run_len
         if limit is None:
             raise UserError("the released model states no maximum sequence length: give --max_seq_len")
-        for p in prompts:
+        for p, typed in zip(prompts, self.prompts()):
             n = int(adds_bos) + len(tok.encode_prompt(p)) + self.gen_length
             if n > limit:
-                raise UserError(f"prompt {p[:40]!r}... needs {n} tokens with its continuation, more than "
-                                f"--max_seq_len {limit}")
+                raise UserError(f"prompt {typed[:40]!r}... needs {n} tokens with its continuation"
+                                f"{' in the chat template' if self.chat else ''}, more than --max_seq_len {limit}")

@@ -38,12 +38,17 @@ def check_released_length(config: dict, lengths: dict[str, int | None]) -> None:
                             f"maximum ({config[BASE_MODEL_KEY]['folder']}/config.json)")
 
 
+def run_config(train_folder: str | os.PathLike) -> dict:
+    """A run folder's config.json, read without loading anything (UserError when it is no run folder)."""
+    return read_json(resolve_run_folder(train_folder) / CONFIG_FILE)
+
+
 def _open_model(train_folder: str | os.PathLike, checkpoint: str, device: Any, shape_flags: dict,
                 lengths: dict[str, int | None] | None = None) -> tuple[Path, dict, Path, DiffusionLM]:
     """(run folder, run config, checkpoint path, model in eval mode), loaded strictly; the shape flags and the
     sequence `lengths` (`check_released_length`) are checked before anything is loaded."""
     folder = resolve_run_folder(train_folder)
-    config = read_json(folder / CONFIG_FILE)
+    config = run_config(folder)
     check_shape_flags(config["model"], shape_flags)
     check_released_length(config, lengths or {})
     path = resolve_checkpoint(folder, checkpoint)

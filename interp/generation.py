@@ -15,7 +15,7 @@ from core.cli import arg
 from core.files import write_json_atomic
 from core.progress import progress
 from experiment import RunFlags, SamplingFlags, ShapeFlags, load_run, resolve_device
-from experiment.runs import run_seq_len
+from experiment.runs import run_config, run_seq_len
 from model.precision import autocast
 from model.sampler import generate
 
@@ -65,8 +65,8 @@ def print_record(rec: dict, tok, quiet: bool) -> None:
 
 def main(cfg: GenerateConfig) -> list[dict]:
     device = resolve_device(cfg.cuda, cfg.device)
+    prompts = cfg.model_prompts(run_config(cfg.train_folder))  # --chat refused before the model loads
     config, model, tok, path = load_run(cfg.train_folder, cfg.checkpoint_name, device, cfg.shape_flags())
-    prompts = cfg.model_prompts(config)
     rule = cfg.sampler_config().rule(model.cfg)
     cfg.check_lengths(prompts, tok, run_seq_len(config), adds_bos=rule == "diffusionlm")
     how = f"{cfg.alg} order" if rule == "dream" else f"{cfg.remasking} remasking"
@@ -74,6 +74,8 @@ def main(cfg: GenerateConfig) -> list[dict]:
         print(f"model: {path} ({model.n_params():,} parameters); {cfg.gen_length} tokens in {cfg.num_generate_steps} "
               f"steps, the {rule} sampler ({how}), temperature {cfg.temperature}\n")
     records = run_generation(cfg, model, tok, prompts)
+    if cfg.chat:  # the prompt as typed beside its rendering in the chat template
+        records = [{"typed_prompt": typed, **rec} for typed, rec in zip(cfg.prompts(), records)]
     for rec in records:
         print_record(rec, tok, cfg.quiet)
     if cfg.output:

@@ -54,6 +54,12 @@ def test_templates_in_a_list_or_a_jinja_file_and_none(tmp_path):
     assert chat_template(tmp_path) is None and special_tokens(tmp_path) == {"bos_token": "<s>"}
     (tmp_path / "chat_template.jinja").write_text("[{{ messages[0].content }}]")
     assert render_chat(chat_template(tmp_path), "x", {}) == "[x]"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ 'config' }}"}))
+    assert chat_template(tmp_path) == "[{{ messages[0].content }}]"  # the .jinja file first, as transformers
+    (tmp_path / "chat_template.jinja").unlink()
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": [{"name": "rag", "template": "x"}]}))
+    with pytest.raises(UserError, match=r"chat templates named \['rag'\] and none named 'default'"):
+        chat_template(tmp_path)
 
 
 def test_chat_is_refused_in_one_line_without_a_template(tmp_path):
@@ -78,3 +84,26 @@ def test_the_rendering_is_the_same_under_transformers_4():
             "print(json.dumps(render_chat(LLADA_CHAT, sys.argv[1], {'bos_token': '<|startoftext|>'})))")
     proc = side_package_python("circuit-tracer", code, "  What is 2+2? ")
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == LLADA_RENDERED
+
+
+@pytest.mark.parametrize("stage", ["generate", "explain"])
+def test_chat_is_refused_before_the_model_is_read(stage, tmp_path, monkeypatch):
+    """Stages 2 and 6 render (or refuse) the prompts from the run's config.json alone: an 8B model is not read
+    only to be refused."""
+    import interp.explanations.stage as explain_stage
+    import interp.generation as generation
+    from interp.explanations.config import ExplainConfig
+    from interp.generation import GenerateConfig
+
+    (tmp_path / "config.json").write_text(json.dumps({"train": {"train_seq_len": 64}, "model": {}}))
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was read before --chat was checked")
+    for module in (generation, explain_stage):
+        monkeypatch.setattr(module, "load_run", never)
+    flags = dict(train_folder=str(tmp_path), device="cpu", prompt=["x"], chat=True)
+    with pytest.raises(UserError, match="^--chat: this run's model was trained here"):
+        if stage == "generate":
+            generation.main(GenerateConfig(**flags))
+        else:
+            explain_stage.run_explanations(ExplainConfig(explainer="tokens", **flags))

@@ -131,10 +131,11 @@ def test_chat_renders_the_prompt_in_the_models_template_in_stages_2_and_6(public
     ok(run_cli(["generate.py", "--train_folder", str(run), *SAMPLING, *chat, "--output", str(gen)]))
     (rec,) = json.loads(gen.read_text())["generations"]
     assert rec["prompt"] == rendered and rec["prompt_ids"] == tok.encode_prompt(rendered)
+    assert rec["typed_prompt"] == PROMPT
     ok(run_cli(["generate_descriptions.py", "--train_folder", str(run), *SAMPLING, *chat, "--explainer", "tokens",
                 "--random_draws", "2", "--output", str(explained)]))
     (prompt,) = json.loads(explained.read_text())["prompts"]
-    assert prompt["prompt"] == rendered
+    assert prompt["prompt"] == rendered and prompt["typed_prompt"] == PROMPT
 
 
 @pytest.mark.slow
@@ -209,6 +210,13 @@ def test_lengths_count_bos_only_for_this_projects_sampler():
     flags.check_lengths(flags.prompts(), WordTokenizer(), 8, adds_bos=False)  # 3 + 5 tokens fit 8
     with pytest.raises(UserError, match="needs 9 tokens with its continuation, more than --max_seq_len 8"):
         flags.check_lengths(flags.prompts(), WordTokenizer(), 8, adds_bos=True)
+
+
+def test_a_chat_prompt_too_long_is_named_as_typed():
+    flags = SamplingFlags(prompt=["a b c"], gen_length=5, chat=True)
+    with pytest.raises(UserError, match=r"^prompt 'a b c'\.\.\. needs 10 tokens with its continuation in the chat "
+                                        "template, more than --max_seq_len 8"):
+        flags.check_lengths(["<user> a b c <assistant>"], WordTokenizer(), 8, adds_bos=False)
 
 
 def test_a_release_without_a_stated_length_needs_max_seq_len():

@@ -15,7 +15,7 @@ from core.files import UserError, write_json_atomic
 from core.locks import hold, hold_output
 from experiment import StagePaths, load_run, load_transcoders, resolve_device, transcoder_layers
 from experiment.paths import EXPLANATIONS_FILE, FEATURES_FILE, GRAPHS_DIR, PAGE_FILE, REPORT_FILE, layer_name
-from experiment.runs import run_seq_len
+from experiment.runs import run_config, run_seq_len
 from interp.contexts.store import read_jsonl
 from interp.descriptions.records import TOKENS, read_records
 from interp.explanations.config import ExplainConfig
@@ -318,6 +318,7 @@ def run_explanations(cfg: ExplainConfig, explainer_factory=None) -> Path:
         raise UserError(f"--cfg_scale {cfg.cfg_scale}: a guided step commits by logits mixed from two forward passes, "
                         "and the graphs explain only the model's one forward pass; explain with --cfg_scale 0")
     device = resolve_device(cfg.cuda, cfg.device)
+    prompts = cfg.model_prompts(run_config(cfg.train_folder))  # --chat refused before the model loads
     config, model, tok, ckpt = load_run(cfg.train_folder, cfg.checkpoint_name, device, cfg.shape_flags())
     folder = Path(cfg.train_folder)
     paths = StagePaths(folder, ckpt.name)
@@ -326,7 +327,6 @@ def run_explanations(cfg: ExplainConfig, explainer_factory=None) -> Path:
     tag = str(Path(cfg.explainer).expanduser()) if is_path and cfg.explainer != TOKENS else cfg.explainer
     descriptions = load_descriptions(paths.records, tag)
     transcoders = load_transcoders(paths.transcoders, layers, device, model.cfg.model_dim)
-    prompts = cfg.model_prompts(config)
     adds_bos = cfg.sampler_config().rule(model.cfg) == "diffusionlm"
     cfg.check_lengths(prompts, tok, run_seq_len(config), adds_bos)
     changes = parse_changes(cfg.intervene)  # every node checked against the run before the explainer loads
@@ -403,8 +403,9 @@ def _explain_all(cfg: ExplainConfig, paths: StagePaths, layers, descriptions, tr
         summary = score_summary(steps)
         print_score_summary(summary)
         print(f"final: {prompt}{completion}\n")
-        results.append({"prompt": prompt, "completion": completion, "steps": steps, "recurring": recurring(steps),
-                        "score_summary": summary})
+        typed = {"typed_prompt": cfg.prompts()[p]} if cfg.chat else {}  # the prompt as typed, beside its rendering
+        results.append({**typed, "prompt": prompt, "completion": completion, "steps": steps,
+                        "recurring": recurring(steps), "score_summary": summary})
     json_path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(json_path, {"checkpoint": str(ckpt), "explainer": tag, "layers": layers,
                                   "sampler": cfg.sampler_config().__dict__, "settings": asdict(settings),
