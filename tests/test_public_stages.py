@@ -309,9 +309,14 @@ def test_a_released_run_refuses_sequences_past_its_stated_maximum():
 
 
 @pytest.mark.slow
-def test_stages_3_and_4_refuse_a_length_past_the_released_maximum(staged):
+def test_stages_3_and_4_refuse_a_length_past_the_released_maximum(staged, monkeypatch):
     """The tiny configs state 64 tokens: 128 is refused by both stages before the model is read."""
+    import experiment.runs
     from core.files import UserError
+
+    def never(*args, **kwargs):
+        raise AssertionError("the released model was read before the length was checked")
+    monkeypatch.setattr(experiment.runs, "open_released", never)
     from interp.contexts.command import main as topk
     from tests.helpers import tiny_topk_config, tiny_transcoder_config
     from training.transcoders_command import main as transcoders
