@@ -202,7 +202,7 @@ class SamplingFlags(FlagGroup):
         limit = self.max_seq_len or run_len
         if limit is None:
             raise UserError("the released model states no maximum sequence length: give --max_seq_len")
-        for p, typed in zip(prompts, self.prompts()):
+        for p, typed in zip(prompts, self.prompts(), strict=True):
             n = int(adds_bos) + len(tok.encode_prompt(p)) + self.gen_length
             if n > limit:
                 raise UserError(f"prompt {typed[:40]!r}... needs {n} tokens with its continuation"

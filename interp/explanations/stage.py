@@ -363,6 +363,7 @@ def _explain_all(cfg: ExplainConfig, paths: StagePaths, layers, descriptions, tr
     frequency = feature_frequencies(paths.topk, layers)
     results = []
     unexplained = {model.cfg.mask_id, *model.cfg.never_predicted()}
+    typed = cfg.prompts()  # as typed (with --chat, `prompts` are their renderings)
     for p, prompt in enumerate(prompts):
         with autocast(device):
             out = generate(model, [tok.encode_prompt(prompt)], cfg.sampler_config())
@@ -403,8 +404,8 @@ def _explain_all(cfg: ExplainConfig, paths: StagePaths, layers, descriptions, tr
         summary = score_summary(steps)
         print_score_summary(summary)
         print(f"final: {prompt}{completion}\n")
-        typed = {"typed_prompt": cfg.prompts()[p]} if cfg.chat else {}  # the prompt as typed, beside its rendering
-        results.append({**typed, "prompt": prompt, "completion": completion, "steps": steps,
+        as_typed = {"typed_prompt": typed[p]} if cfg.chat else {}  # the prompt as typed, beside its rendering
+        results.append({**as_typed, "prompt": prompt, "completion": completion, "steps": steps,
                         "recurring": recurring(steps), "score_summary": summary})
     json_path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(json_path, {"checkpoint": str(ckpt), "explainer": tag, "layers": layers,
