@@ -28,11 +28,11 @@ from interp.explanations.replacement import (
     mlp_forward,
     target_cotangents,
 )
-from interp.explanations.step_analysis import layer_parts
 from model.diffusion import DiffusionLM, ModelConfig
 from model.public_models import load_public_model
 from tests import test_replacement_public as float32_tests
 from tests.public_fixtures import write_public_folder
+from tests.test_graph import assert_graph_adds_up
 from tests.test_replacement_public import ARCHS, STEPS, random_transcoders
 
 # the bf16 model's own logits against its frozen float32 step, as a share of the largest logit: measured 0.011
@@ -143,13 +143,7 @@ def test_the_graph_of_a_bf16_model_is_that_of_its_float32_weights(step):
     for name in ("adjacency", "activations", "target_values", "bias_inputs", "encoder_bias", "logprobs"):
         torch.testing.assert_close(getattr(g, name), getattr(ref, name), atol=1e-5, rtol=1e-5, msg=name)
     float32_tests.test_the_batched_backward_equals_autograd((upcast, tcs, tokens, positions, targets))
-    parts = layer_parts(g)
-    for t, whole in enumerate(parts.whole):
-        total = parts.tokens[t] + parts.masks[t] + sum(p.features[t] + p.error[t] + p.bias[t]
-                                                       for p in parts.layers.values())
-        assert abs(total - whole) < 1e-4 * max(1.0, abs(whole)), (total, whole)
-    rows = g.adjacency[:g.n_features].sum(1) + g.bias_inputs[:g.n_features].sum(1) + g.encoder_bias
-    torch.testing.assert_close(rows, g.activations, atol=1e-4, rtol=1e-4)
+    assert_graph_adds_up(g)
 
 
 def test_interventions_rerun_the_bf16_model(step):

@@ -143,18 +143,23 @@ def test_direct_and_total_effects_match_autograd(setup):
                                atol=1e-5, rtol=1e-4)
 
 
-def test_parts_add_up_to_the_whole(setup):
-    model, tcs, tokens = setup
-    g, _ = build_graph(model, tcs, tokens, POSITIONS, TARGETS)
+def assert_graph_adds_up(g) -> None:
+    """Each target's value is the sum of its parts (inputs, and per layer features, error and bias), and an
+    active feature's direct inputs plus its biases are its activation."""
     parts = layer_parts(g)
     assert list(parts.layers) == list(range(g.num_layers))
     for t, whole in enumerate(parts.whole):
         total = parts.tokens[t] + parts.masks[t] + sum(p.features[t] + p.error[t] + p.bias[t]
                                                        for p in parts.layers.values())
         assert abs(total - whole) < 1e-4 * max(1.0, abs(whole)), (total, whole)
-    # an active feature's direct inputs, plus its biases, are its activation
     rows = g.adjacency[:g.n_features].sum(1) + g.bias_inputs[:g.n_features].sum(1) + g.encoder_bias
     torch.testing.assert_close(rows, g.activations, atol=1e-4, rtol=1e-4)
+
+
+def test_parts_add_up_to_the_whole(setup):
+    model, tcs, tokens = setup
+    g, _ = build_graph(model, tcs, tokens, POSITIONS, TARGETS)
+    assert_graph_adds_up(g)
     # node kinds: three [MASK] inputs, one error node per layer and position, one target per committed token
     kinds = [g.kind(i) for i in range(len(g.adjacency))]
     assert kinds.count(MASK) == 3 and kinds.count(TOKEN) == 6 and kinds.count(TARGET) == 3

@@ -12,12 +12,12 @@ import torch
 from interp.explanations.graph import build_graph, total_effects
 from interp.explanations.interventions import run_step
 from interp.explanations.replacement import freeze, linear_forward, target_cotangents
-from interp.explanations.step_analysis import layer_parts
 from model.diffusion import DiffusionLM, ModelConfig
 from model.hooks import capture_mlps, replace_mlps
 from model.public_models import load_public_model
 from model.transcoder import Transcoder, TranscoderConfig
 from tests.public_fixtures import write_public_folder
+from tests.test_graph import assert_graph_adds_up
 
 ARCHS = ["diffusionlm", "llada", "dream"]
 # per architecture: the step's input, the committed positions and tokens, and which layers have a transcoder
@@ -196,13 +196,7 @@ def test_the_batched_backward_equals_autograd(step):
 def test_the_graphs_parts_add_up_to_each_target(step):
     model, tcs, tokens, positions, targets = step
     g, fz = build_graph(model, tcs, tokens, positions, targets)
-    parts = layer_parts(g)
-    for t, whole in enumerate(parts.whole):
-        total = parts.tokens[t] + parts.masks[t] + sum(p.features[t] + p.error[t] + p.bias[t]
-                                                       for p in parts.layers.values())
-        assert abs(total - whole) < 1e-4 * max(1.0, abs(whole)), (total, whole)
-    rows = g.adjacency[:g.n_features].sum(1) + g.bias_inputs[:g.n_features].sum(1) + g.encoder_bias
-    torch.testing.assert_close(rows, g.activations, atol=1e-4, rtol=1e-4)
+    assert_graph_adds_up(g)
     assert g.n_features > 0 and set(g.feature_nodes[:, 0].tolist()) == set(tcs)
     # log p over the ids a step can commit, as the model gives them; uniform over as many
     never = model.cfg.never_predicted()
