@@ -28,12 +28,10 @@ from interp.explanations.replacement import (
     mlp_forward,
     target_cotangents,
 )
-from model.diffusion import DiffusionLM, ModelConfig
 from model.public_models import load_public_model
 from tests import test_replacement_public as float32_tests
-from tests.public_fixtures import write_public_folder
 from tests.test_graph import assert_graph_adds_up
-from tests.test_replacement_public import ARCHS, STEPS, random_transcoders
+from tests.test_replacement_public import ARCHS, STEPS, random_transcoders, tiny_model
 
 # the bf16 model's own logits against its frozen float32 step, as a share of the largest logit: measured 0.011
 # (ours), 0.0084 (LLaDA), 0.0076 (Dream); the model's bf16 residual is rounded (2^-8 relative) at every layer and
@@ -49,16 +47,7 @@ def bf16_tolerance(x: torch.Tensor) -> float:
 def step(request, tmp_path_factory):
     """(bf16 model, the same weights held in float32, transcoders (float32), tokens, positions, targets)."""
     arch = request.param
-    if arch == "diffusionlm":
-        torch.manual_seed(0)
-        model = DiffusionLM(ModelConfig(n_vocab=60, vocab_size=64, mask_id=60, pad_id=61, bos_id=0, num_layers=3,
-                                        num_heads=2, model_dim=32))
-        with torch.no_grad():
-            for p in model.parameters():
-                p.normal_(0, 0.3)
-    else:
-        model = load_public_model(write_public_folder(tmp_path_factory.mktemp(arch), arch), "cpu", torch.bfloat16)
-    bf16 = model.to(torch.bfloat16).requires_grad_(False)
+    bf16 = tiny_model(arch, tmp_path_factory, torch.bfloat16).to(torch.bfloat16)
     upcast = copy.deepcopy(bf16).float()
     tokens, positions, targets, layers = STEPS[arch]
     return bf16, upcast, random_transcoders(bf16.cfg.model_dim, layers, 1), torch.tensor(tokens), positions, targets

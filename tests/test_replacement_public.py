@@ -39,19 +39,25 @@ def random_transcoders(d: int, layers: dict[int, bool], seed: int) -> dict[int, 
     return tcs
 
 
-@pytest.fixture(scope="module", params=ARCHS)
-def step(request, tmp_path_factory):
-    arch = request.param
+def tiny_model(arch: str, tmp_path_factory, dtype: torch.dtype = torch.float32) -> DiffusionLM:
+    """A tiny model of the architecture with random weights, frozen: this project's (every weight drawn, the
+    zero-initialised projections too), or a released-style LLaDA / Dream folder loaded in `dtype`."""
     if arch == "diffusionlm":
         torch.manual_seed(0)
         model = DiffusionLM(ModelConfig(n_vocab=60, vocab_size=64, mask_id=60, pad_id=61, bos_id=0, num_layers=3,
                                         num_heads=2, model_dim=32))
         with torch.no_grad():
             for p in model.parameters():
-                p.normal_(0, 0.3)  # the zero-initialised projections too
+                p.normal_(0, 0.3)
     else:
-        model = load_public_model(write_public_folder(tmp_path_factory.mktemp(arch), arch), "cpu", torch.float32)
-    model.requires_grad_(False)
+        model = load_public_model(write_public_folder(tmp_path_factory.mktemp(arch), arch), "cpu", dtype)
+    return model.requires_grad_(False)
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def step(request, tmp_path_factory):
+    arch = request.param
+    model = tiny_model(arch, tmp_path_factory)
     tokens, positions, targets, layers = STEPS[arch]
     return model, random_transcoders(model.cfg.model_dim, layers, 1), torch.tensor(tokens), positions, targets
 
