@@ -55,30 +55,12 @@ from model.distributed import Dist  # noqa: E402
 from model.objective import at_mask_ratio, train_noise  # noqa: E402
 from model.precision import autocast as autocast_for  # noqa: E402
 from model.public_models import LLADA_BOS, public_config  # noqa: E402
+from model.released_configs import DREAM_7B, LLADA_8B, RELEASED  # noqa: E402
 from model.transcoder import Transcoder, TranscoderConfig, Transcoders  # noqa: E402
 from training.config import TranscoderTrainConfig  # noqa: E402
 from training.transcoders import train_step  # noqa: E402
 
-# the released config.json files (docs/notes/public-diffusion-lms.md §1)
-LLADA_8B = {
-    "model_type": "llada", "architectures": ["LLaDAModelLM"], "d_model": 4096, "n_layers": 32, "n_heads": 32,
-    "n_kv_heads": 32, "multi_query_attention": None, "mlp_hidden_size": 12288, "mlp_ratio": 4, "vocab_size": 126464,
-    "embedding_size": 126464, "mask_token_id": 126336, "eos_token_id": 126081, "pad_token_id": 126081,
-    "rope_theta": 500000.0, "rope_full_precision": True, "rms_norm_eps": 1e-05, "layer_norm_type": "rms",
-    "layer_norm_with_affine": True, "bias_for_layer_norm": False, "attention_layer_norm": False, "include_bias": False,
-    "include_qkv_bias": False, "weight_tying": False, "activation_type": "silu", "block_type": "llama",
-    "scale_logits": False, "input_emb_norm": False, "alibi": False, "rope": True, "block_group_size": 1,
-    "flash_attention": False, "max_sequence_length": 4096, "precision": "amp_bf16",
-}
-DREAM_7B = {
-    "model_type": "Dream", "architectures": ["DreamModel"], "hidden_size": 3584, "num_hidden_layers": 28,
-    "num_attention_heads": 28, "num_key_value_heads": 4, "intermediate_size": 18944, "vocab_size": 152064,
-    "mask_token_id": 151666, "bos_token_id": 151643, "eos_token_id": 151643, "pad_token_id": 151643,
-    "rope_theta": 1000000.0, "rope_scaling": None, "rms_norm_eps": 1e-06, "tie_word_embeddings": False,
-    "hidden_act": "silu", "max_position_embeddings": 131072, "use_sliding_window": False, "sliding_window": None,
-    "use_mrope": False, "torch_dtype": "bfloat16",
-}
-FULL = {"llada": LLADA_8B, "dream": DREAM_7B}
+FULL = RELEASED  # the released config.json files
 # the release's flags at tiny shapes (LLaDA plain multi-head, Dream 7 query heads per key/value head)
 TINY = {
     "llada": {**LLADA_8B, "d_model": 64, "n_layers": 4, "n_heads": 4, "n_kv_heads": 4, "mlp_hidden_size": 192,

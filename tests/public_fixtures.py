@@ -3,7 +3,7 @@ config.json (every flag of the release, tiny shapes with the release's ratios), 
 weights (norm gains included) under the released tensor names, sharded with an index. Any test that needs a
 public model writes one with `write_public_folder`.
 
-The full-size config.json values are those of docs/notes/public-diffusion-lms.md §1.
+The full-size config.json values are model/released_configs.py's (docs/notes/public-diffusion-lms.md §1).
 """
 from __future__ import annotations
 
@@ -15,27 +15,8 @@ from safetensors.torch import save_file
 
 from model.diffusion import DiffusionLM
 from model.public_models import key_map, public_config
+from model.released_configs import DREAM_7B, LLADA_8B
 
-LLADA_8B = {
-    "model_type": "llada", "architectures": ["LLaDAModelLM"], "d_model": 4096, "n_layers": 32, "n_heads": 32,
-    "n_kv_heads": 32, "multi_query_attention": None, "mlp_hidden_size": 12288, "mlp_ratio": 4, "vocab_size": 126464,
-    "embedding_size": 126464, "mask_token_id": 126336, "eos_token_id": 126081, "pad_token_id": 126081,
-    "rope_theta": 500000.0, "rope_full_precision": True, "rms_norm_eps": 1e-05, "layer_norm_type": "rms",
-    "layer_norm_with_affine": True, "bias_for_layer_norm": False, "attention_layer_norm": False, "include_bias": False,
-    "include_qkv_bias": False, "weight_tying": False, "activation_type": "silu", "block_type": "llama",
-    "scale_logits": False, "input_emb_norm": False, "alibi": False, "rope": True, "block_group_size": 1,
-    "flash_attention": False, "max_sequence_length": 4096, "attention_dropout": 0.0, "embedding_dropout": 0.0,
-    "residual_dropout": 0.0, "precision": "amp_bf16", "use_cache": False, "transformers_version": "4.46.3",
-}
-DREAM_7B = {
-    "model_type": "Dream", "architectures": ["DreamModel"], "hidden_size": 3584, "num_hidden_layers": 28,
-    "num_attention_heads": 28, "num_key_value_heads": 4, "intermediate_size": 18944, "vocab_size": 152064,
-    "mask_token_id": 151666, "bos_token_id": 151643, "eos_token_id": 151643, "pad_token_id": 151643,
-    "rope_theta": 1000000.0, "rope_scaling": None, "rms_norm_eps": 1e-06, "tie_word_embeddings": False,
-    "hidden_act": "silu", "max_position_embeddings": 131072, "use_sliding_window": False, "sliding_window": None,
-    "max_window_layers": 28, "attention_dropout": 0.0, "use_mrope": False, "use_cache": True,
-    "torch_dtype": "bfloat16", "transformers_version": "4.46.2",
-}
 # tiny shapes with the release's flags: LLaDA plain multi-head, Dream 7 query heads per key/value head
 LLADA_TINY = {**LLADA_8B, "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 4, "mlp_hidden_size": 192,
               "vocab_size": 160, "embedding_size": 160, "mask_token_id": 150, "eos_token_id": 141,
